@@ -1,0 +1,31 @@
+"""lmopt: train and fine-tune language models in less memory, with optimizers that converge as well as AdamW.
+
+Public API (everything else is internal):
+
+* optimizers: :class:`AdamW`, :class:`Adam` (and every registry entry via :func:`create_optimizer`)
+* registry: :func:`create_optimizer`, :func:`list_optimizers`, :func:`get_spec`, :class:`OptimizerSpec`
+* parameter groups: :func:`param_groups`, :func:`classify_parameters`
+"""
+
+from .optim import Adam, AdamW, LmoptOptimizer, NonFiniteGradientError
+from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
+from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adam",
+    "AdamW",
+    "LmoptOptimizer",
+    "NonFiniteGradientError",
+    "OptimizerSpec",
+    "ParamGroups",
+    "ParamInfo",
+    "StateTensor",
+    "__version__",
+    "classify_parameters",
+    "create_optimizer",
+    "get_spec",
+    "list_optimizers",
+    "param_groups",
+]

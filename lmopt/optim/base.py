@@ -1,0 +1,303 @@
+"""The shared optimizer engine: validation, lazy state, non-finite policy, dtype-safe state dicts.
+
+Every lmopt optimizer subclasses :class:`LmoptOptimizer`. A subclass provides
+
+* ``_init_state(group, param, state)`` -- create the state of one parameter the first time it has a gradient,
+  using torch's key names (``step``, ``exp_avg``, ``exp_avg_sq``, ...);
+* ``_step_group(group, params, grads)`` -- apply one update to the parameters of one group that have a
+  gradient (already checked: dense, and finite unless the policy says otherwise), usually by calling the
+  algorithm's functional entry point.
+
+The base class does the rest, the same way for every algorithm:
+
+* ``step(closure)`` evaluates the closure, collects parameters with gradients, rejects sparse gradients,
+  applies the non-finite policy (``nonfinite="raise"`` names the parameter and changes nothing;
+  ``"skip"`` skips the whole step and counts it in ``skipped_steps``), then calls ``_step_group``.
+* ``state_dict`` / ``load_state_dict`` keep every state tensor's dtype (torch's loader casts floating state to
+  the parameter's dtype, which would corrupt bf16 or quantized state) and round-trip through
+  ``torch.load(weights_only=True)``.
+* ``record_grad_norm(norm)`` lets a global-norm computation done anyway (gradient clipping) stand in for the
+  finiteness check, so a step does not read every gradient twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "LmoptOptimizer",
+    "NonFiniteGradientError",
+    "check_betas",
+    "check_choice",
+    "check_nonnegative",
+    "check_positive",
+    "check_range",
+    "Implementation",
+    "is_dtensor",
+]
+
+Implementation = Literal["auto", "for_loop", "foreach", "fused"]
+NonFinitePolicy = Literal["raise", "skip"]
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds inf or NaN; the step was not applied (parameters and state are unchanged)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation helpers: every message names the argument and says what would be valid
+# --------------------------------------------------------------------------------------------------------------
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0."""
+    if _as_float(name, value) <= 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a finite number >= 0."""
+    if _as_float(name, value) < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_range(name: str, value: Any, low: float, high: float, *, high_inclusive: bool = False) -> None:
+    """Raise ValueError unless ``low <= value < high`` (or ``<= high``)."""
+    v = _as_float(name, value)
+    ok = low <= v <= high if high_inclusive else low <= v < high
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+def check_betas(name: str, betas: Any, count: int = 2) -> None:
+    """Raise ValueError unless ``betas`` is a tuple of ``count`` numbers in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"{name} must be a tuple of {count} numbers in [0, 1), got {betas!r}")
+    for i, b in enumerate(betas):
+        check_range(f"{name}[{i}]", b, 0.0, 1.0)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """True for a torch.distributed DTensor (FSDP2 parameters)."""
+    return type(t).__name__ == "DTensor"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the base class
+# --------------------------------------------------------------------------------------------------------------
+class LmoptOptimizer(Optimizer):
+    """Base class of lmopt's optimizers (see the module docstring for the contract).
+
+    Args:
+        params: parameters or param-group dicts, as for any torch optimizer.
+        defaults: the algorithm's hyperparameters (already validated by the subclass).
+        nonfinite: ``"raise"`` (default) raises :class:`NonFiniteGradientError` naming the first parameter
+            whose gradient holds inf/NaN, before anything is changed; ``"skip"`` leaves parameters and state
+            untouched for that step and increments :attr:`skipped_steps`.
+        check_finite: set False to skip the finiteness check entirely (the caller guarantees finite
+            gradients, e.g. with a GradScaler that already skips such steps).
+    """
+
+    #: implementations this optimizer has; the first is the plain reference path.
+    implementations: tuple[str, ...] = ("for_loop",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        nonfinite: NonFinitePolicy = "raise",
+        check_finite: bool = True,
+    ) -> None:
+        check_choice("nonfinite", nonfinite, ("raise", "skip"))
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
+        impl = defaults.get("implementation", "auto")
+        check_choice("implementation", impl, ("auto", *self.implementations))
+        self.nonfinite = nonfinite
+        self.check_finite = check_finite
+        self.skipped_steps = 0
+        self._recorded_grad_norm: Tensor | None = None
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._validate_group(group)
+            for p in group["params"]:
+                if p.is_floating_point() and p.dtype not in _FLOAT_DTYPES:
+                    raise ValueError(f"parameter dtype {p.dtype} is not supported; use one of {_FLOAT_DTYPES}")
+
+    # -- hooks for subclasses ------------------------------------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Validate one group's hyperparameters (groups may override the defaults)."""
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "skipped_steps"):  # after __init__: validate groups added later too
+            self._validate_group(self.param_groups[-1])
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _param_name(self, group_index: int, index_in_group: int) -> str:
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        p = group["params"][index_in_group]
+        where = f"param_groups[{group_index}]['params'][{index_in_group}] (shape {tuple(p.shape)})"
+        if names is not None and index_in_group < len(names):
+            return f"'{names[index_in_group]}' {where}"
+        return where
+
+    def record_grad_norm(self, norm: Tensor | float) -> None:
+        """Record the global gradient norm computed for the coming step (e.g. by lmopt's clipping).
+
+        A finite norm proves every gradient is finite, so the next ``step()`` skips its own check; a non-finite
+        norm makes it apply the non-finite policy. The record is consumed by that one step.
+        """
+        self._recorded_grad_norm = torch.as_tensor(norm).detach()
+
+    def _collect(self) -> list[tuple[int, dict[str, Any], list[Tensor], list[Tensor], list[int]]]:
+        collected = []
+        for gi, group in enumerate(self.param_groups):
+            params, grads, indices = [], [], []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"({self._param_name(gi, i)}); use nn.Embedding(sparse=False) or torch.optim.SparseAdam"
+                    )
+                params.append(p)
+                grads.append(p.grad)
+                indices.append(i)
+            collected.append((gi, group, params, grads, indices))
+        return collected
+
+    def _first_nonfinite(self, collected) -> str | None:
+        """Name of the first parameter with a non-finite gradient, or None. One read of the gradients."""
+        for gi, _group, _params, grads, indices in collected:
+            dense = [g for g in grads if g.numel() > 0]
+            if not dense:
+                continue
+            # the max-norm propagates NaN and inf, allocates one scalar per tensor and no temporaries
+            norms = torch._foreach_norm(dense, float("inf")) if not any(map(is_dtensor, dense)) else [
+                torch.linalg.vector_norm(g, float("inf")) for g in dense
+            ]
+            flags = torch.stack([n.float() for n in norms]).isfinite()
+            if not bool(flags.all()):
+                bad = int((~flags).nonzero()[0])
+                nonempty = [i for i, g in zip(indices, grads) if g.numel() > 0]
+                return self._param_name(gi, nonempty[bad])
+        return None
+
+    def _grads_nonfinite(self, collected) -> str | None:
+        recorded, self._recorded_grad_norm = self._recorded_grad_norm, None
+        if not self.check_finite:
+            return None
+        if recorded is not None and bool(torch.isfinite(recorded)):
+            return None
+        name = self._first_nonfinite(collected)
+        if name is None and recorded is not None:
+            return "the recorded global gradient norm (not finite)"
+        return name
+
+    # -- the step ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        collected = self._collect()
+        bad = self._grads_nonfinite(collected)
+        if bad is not None:
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"non-finite gradient in {bad}; the step was not applied. Lower the learning rate, check the "
+                    f"batch, or construct the optimizer with nonfinite='skip' to skip such steps"
+                )
+            self.skipped_steps += 1
+            return loss
+        for _gi, group, params, grads, _indices in collected:
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(group, p, state)
+            self._step_group(group, params, grads)
+        return loss
+
+    # -- state dicts that keep dtypes ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["lmopt"] = {"skipped_steps": self.skipped_steps, "nonfinite": self.nonfinite}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("lmopt", {})
+        saved_state = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype: put each saved tensor back as it was saved
+        ids = [p for group in self.param_groups for p in group["params"]]
+        for key, values in saved_state.items():
+            p = ids[key] if isinstance(key, int) else None
+            if p is None or p not in self.state:
+                continue
+            restored = self.state[p]
+            for name, value in values.items():
+                if isinstance(value, Tensor) and value.dtype != restored[name].dtype:
+                    restored[name] = value.to(device=p.device, copy=True)
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "raise")
+        self.__dict__.setdefault("check_finite", True)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_recorded_grad_norm", None)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} (nonfinite={self.nonfinite!r}, skipped_steps={self.skipped_steps})"]
+        for i, group in enumerate(self.param_groups):
+            n = sum(p.numel() for p in group["params"])
+            keys = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters, {keys}")
+        return "\n".join(lines)
+
+
+def fp32_view(t: Tensor) -> Tensor:
+    """``t`` itself when it is fp32/fp64, else an fp32 copy (the math of low-precision tensors runs in fp32)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
