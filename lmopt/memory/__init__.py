@@ -1,0 +1,41 @@
+"""Training-memory planning: how many bytes a training step needs, per device, for any registry optimizer.
+
+* :func:`plan` -- parameters, master weights, gradients, optimizer state (exact, from the registry's state
+  rules), activations and temporaries, for a named model, a transformers config or an ``nn.Module``, under a
+  precision mode, LoRA, micro-batch, sequence length, checkpointing, accumulation, ZeRO/FSDP sharding and offload.
+* :func:`recommend` -- feasible configurations for a model on N devices of a given memory, ranked.
+* :func:`measure_training_step` -- the same components measured on a real step (CPU or CUDA), to check plans.
+* :func:`model_shape` / :func:`named_shapes` -- per-tensor shapes of named models.
+
+See docs/memory-planning.md.
+"""
+
+from .activations import ACTIVATION_MODELS, ActivationEstimate, estimate_activations
+from .planner import PRECISIONS, SHARDING, MemoryPlan, Precision, plan, resolve_optimizer
+from .shapes import Architecture, ModelShape, ParamShape, generic_decoder, model_shape, named_shapes
+from .measure import MeasuredMemory, measure_training_step, optimizer_state_bytes, tensor_bytes
+from .units import format_bytes, parse_bytes
+
+__all__ = [
+    "ACTIVATION_MODELS",
+    "PRECISIONS",
+    "SHARDING",
+    "ActivationEstimate",
+    "Architecture",
+    "MeasuredMemory",
+    "MemoryPlan",
+    "ModelShape",
+    "ParamShape",
+    "Precision",
+    "estimate_activations",
+    "format_bytes",
+    "generic_decoder",
+    "measure_training_step",
+    "model_shape",
+    "named_shapes",
+    "optimizer_state_bytes",
+    "parse_bytes",
+    "plan",
+    "resolve_optimizer",
+    "tensor_bytes",
+]

@@ -1,0 +1,492 @@
+"""The training-memory planner: bytes per device for parameters, master weights, gradients, optimizer state,
+activations and the step's temporaries, for any registry optimizer.
+
+Optimizer state is never looked up in a bytes-per-parameter table: for every trainable tensor (or its shard),
+the planner asks the optimizer's registry entry (:meth:`lmopt.OptimizerSpec.state_tensors` rule) which tensors
+it keeps for that shape, dtype and hyperparameters, and adds their bytes. Factored statistics, quantized codes
+with their block scales and full-precision state kept for small tensors are therefore counted exactly, for
+optimizers registered later too (a test checks the plan against the bytes the real optimizer allocates).
+
+Precision modes (``precision=``), bytes per trainable parameter before optimizer state:
+
+================  ========  ========  ========  =========================================================
+mode              weights   master    grads     what it is
+================  ========  ========  ========  =========================================================
+``fp32``          4         --        4         everything fp32
+``amp-bf16``      4         --        4         fp32 weights, torch.autocast bf16 compute (``amp-fp16``):
+                                                autocast caches 16-bit weight copies during forward/backward
+``mixed-bf16``    2         4         2         16-bit weights and gradients, fp32 master weights stepped by
+                                                the optimizer (``mixed-fp16``; ``mixed`` = bf16). The
+                                                published "16 bytes per parameter with Adam" accounting
+                                                (Rajbhandari et al. 2020, ZeRO) is ``mixed`` + AdamW
+``bf16``          2         --        2         pure bf16, no master copy (plain rounding); state follows the
+                                                bf16 parameters unless the optimizer sets its state dtype
+``bf16-sr``       2         --        2         pure bf16 with stochastic rounding of the update (no extra
+                                                memory; Kahan summation, where an optimizer offers it, is
+                                                counted by its state rule)
+``bf16-master``   2         4         2         pure bf16 compute with an fp32 master copy in the optimizer
+                                                (same bytes as ``mixed-bf16``)
+``fp16``          2         --        2         pure fp16, no master
+================  ========  ========  ========  =========================================================
+
+Data parallelism (``devices=N``, ``sharding=``): ``zero1`` shards master weights and optimizer state, ``zero2``
+also gradients, ``zero3``/``fsdp`` also parameters (Rajbhandari et al. 2020). Sharding is planned as FSDP2 does it,
+per tensor along dimension 0 (device 0 holds ``ceil(d0 / N)`` rows), and the optimizer's state rule is applied to
+the local shard's shape -- the bytes that device's optimizer allocates. Gradient reduce-scatter buckets and
+ZeRO-3's gathered layers (current + prefetched) are counted as temporaries. ``offload="optimizer"`` keeps master
+weights, optimizer state and the step on the host (ZeRO-Offload, Ren et al. 2021).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..registry import OptimizerSpec, list_optimizers, resolve_name
+from .activations import ACTIVATION_MODELS, CHECKPOINTING, ActivationEstimate, estimate_activations
+from .shapes import ModelShape, ParamShape, model_shape
+from .units import format_bytes, parse_bytes
+
+__all__ = [
+    "PRECISIONS",
+    "SHARDING",
+    "MemoryPlan",
+    "Precision",
+    "plan",
+    "resolve_optimizer",
+]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A precision mode: dtypes of weights, gradients, the optimizer's copy and activations."""
+
+    name: str
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    master: bool
+    activation_bytes: int
+    autocast: bool = False
+    description: str = ""
+
+    @property
+    def optimizer_dtype(self) -> torch.dtype:
+        """dtype of the tensors the optimizer steps (the master copy when there is one)."""
+        return torch.float32 if self.master else self.param_dtype
+
+
+PRECISIONS: dict[str, Precision] = {
+    p.name: p
+    for p in (
+        Precision("fp32", torch.float32, torch.float32, False, 4, description="fp32 weights, gradients, compute"),
+        Precision("amp-bf16", torch.float32, torch.float32, False, 2, autocast=True,
+                  description="fp32 weights, torch.autocast bf16 compute"),
+        Precision("amp-fp16", torch.float32, torch.float32, False, 2, autocast=True,
+                  description="fp32 weights, torch.autocast fp16 compute (with a GradScaler)"),
+        Precision("mixed-bf16", torch.bfloat16, torch.bfloat16, True, 2,
+                  description="bf16 weights and gradients, fp32 master weights"),
+        Precision("mixed-fp16", torch.float16, torch.float16, True, 2,
+                  description="fp16 weights and gradients, fp32 master weights (loss scaling)"),
+        Precision("bf16", torch.bfloat16, torch.bfloat16, False, 2, description="pure bf16, no master weights"),
+        Precision("bf16-sr", torch.bfloat16, torch.bfloat16, False, 2,
+                  description="pure bf16, stochastic rounding of the update, no master weights"),
+        Precision("bf16-master", torch.bfloat16, torch.bfloat16, True, 2,
+                  description="pure bf16 compute, fp32 master weights kept by the optimizer"),
+        Precision("fp16", torch.float16, torch.float16, False, 2, description="pure fp16, no master weights"),
+    )
+}
+_PRECISION_ALIASES = {"mixed": "mixed-bf16", "amp": "amp-bf16", "bf16-mixed": "mixed-bf16",
+                      "fp16-mixed": "mixed-fp16", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                      "pure-bf16": "bf16", "stochastic-rounding": "bf16-sr"}
+
+#: sharding name -> ZeRO stage (0: replicated)
+SHARDING: dict[str, int] = {"none": 0, "ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3,
+                            "fsdp-grad-op": 2}
+OFFLOAD = ("none", "optimizer", "optimizer+params")
+TRAINABLE = ("full", "lora")
+
+
+def _precision(name: str | None, shape: ModelShape) -> Precision:
+    if name is None:
+        dtypes = {p.dtype for p in shape.params if p.dtype is not None}
+        if not dtypes:
+            return PRECISIONS["mixed-bf16"]
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(max(
+            dtypes, key=lambda d: sum(p.numel for p in shape.params if p.dtype == d)), "fp32")
+    if not isinstance(name, str):
+        raise ValueError(f"precision must be a string, one of {list(PRECISIONS)}, got {name!r}")
+    key = name.strip().lower().replace("_", "-")
+    key = _PRECISION_ALIASES.get(key, key)
+    if key not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)} (or {list(_PRECISION_ALIASES)}), "
+                         f"got {name!r}")
+    return PRECISIONS[key]
+
+
+def resolve_optimizer(name: str) -> tuple[OptimizerSpec, dict[str, Any]]:
+    """The registry entry and implied hyperparameters of ``name``; an unknown name lists what is registered."""
+    try:
+        return resolve_name(name)
+    except ValueError as err:
+        registered = ", ".join(s.name for s in list_optimizers())
+        raise ValueError(f"{err} Registered optimizers: {registered}") from None
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A planned training step, in bytes per device (device 0, which holds the largest shards).
+
+    Components (each at its full size):
+        parameters, master_weights, gradients, optimizer_state, activations (stored by the forward pass of one
+        micro-batch), temporaries (the largest transient of the step: loss gradients, a block's backward
+        workspace, gathered ZeRO-3 layers, optimizer-step buffers).
+
+    Peak: gradients and activations never exist in full at the same time (the backward pass frees activations
+    as it creates gradients), so ``peak`` is the maximum over the phases of the step (``phases``), and
+    ``at_peak`` says what is live at that moment. ``static`` is parameters + master + gradients + state (the
+    figure published tables quote). With offload, master weights and state are counted in their components
+    and in ``host_memory``, not in ``peak`` (device memory).
+    """
+
+    model: str
+    optimizer: str
+    precision: str
+    trainable: str
+    num_parameters: int
+    trainable_parameters: int
+    parameters: int
+    master_weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    temporaries: int
+    peak: int
+    peak_phase: str
+    at_peak: Mapping[str, int]
+    phases: Mapping[str, int]
+    host_memory: int
+    state_by_name: Mapping[str, int]
+    devices: int
+    sharding: str
+    offload: str
+    micro_batch: int
+    seq_len: int
+    grad_accumulation: int
+    activation_checkpointing: str
+    flash_attention: bool
+    device_memory: int | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def static(self) -> int:
+        """Parameters + master weights + gradients + optimizer state."""
+        return self.parameters + self.master_weights + self.gradients + self.optimizer_state
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether ``peak`` fits ``device_memory`` (None when no device memory was given)."""
+        return None if self.device_memory is None else self.peak <= self.device_memory
+
+    def bytes_per_parameter(self, component: str) -> float:
+        """``component`` bytes (e.g. ``"optimizer_state"``) divided by the model's parameter count."""
+        return getattr(self, component) / max(1, self.num_parameters)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["static"] = self.static
+        out["fits"] = self.fits
+        return out
+
+    def summary(self) -> str:
+        """A few readable lines."""
+        fits = "" if self.fits is None else (" - fits" if self.fits else " - does NOT fit") + (
+            f" in {format_bytes(self.device_memory)}" if self.device_memory else "")
+        lines = [
+            f"{self.model} / {self.optimizer} / {self.precision} / {self.trainable} on {self.devices} device(s) "
+            f"({self.sharding}, offload {self.offload}), micro-batch {self.micro_batch} x {self.seq_len}",
+            f"  parameters {format_bytes(self.parameters)}, master {format_bytes(self.master_weights)}, "
+            f"gradients {format_bytes(self.gradients)}, optimizer state {format_bytes(self.optimizer_state)}",
+            f"  activations {format_bytes(self.activations)}, temporaries {format_bytes(self.temporaries)}",
+            f"  static {format_bytes(self.static)}, peak {format_bytes(self.peak)} ({self.peak_phase}){fits}",
+        ]
+        if self.host_memory:
+            lines.append(f"  host (offloaded) {format_bytes(self.host_memory)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _shard(shape: tuple[int, ...], n: int) -> tuple[int, ...]:
+    if n == 1 or not shape:
+        return shape
+    return (math.ceil(shape[0] / n), *shape[1:])
+
+
+def _lora_params(shape: ModelShape, rank: int, modules: Sequence[str] | str | None) -> tuple[ParamShape, ...]:
+    """Base weights frozen; rank-``rank`` adapters A (r x in) and B (out x r) on the chosen modules."""
+    gpt2 = shape.architecture is not None and shape.architecture.family == "gpt2"
+    all_linear = modules is None or modules == "all-linear"
+    targets = set() if all_linear else {modules} if isinstance(modules, str) else set(modules)
+    out, matched = [], set()
+    for p in shape.params:
+        out.append(replace(p, trainable=False))
+        if p.role != "matrix" or len(p.shape) != 2 or not p.name.endswith(".weight"):
+            continue
+        if not all_linear and p.module not in targets:
+            continue
+        matched.add(p.module)
+        rows, cols = p.shape
+        d_out, d_in = (cols, rows) if gpt2 else (rows, cols)  # transformers' Conv1D stores (in, out)
+        base = p.name[: -len(".weight")]
+        out.append(ParamShape(f"{base}.lora_A.weight", (rank, d_in), "matrix", p.dtype, True))
+        out.append(ParamShape(f"{base}.lora_B.weight", (d_out, rank), "matrix", p.dtype, True))
+    if not all_linear and not matched:
+        names = sorted({p.module for p in shape.params if p.role == "matrix"})
+        raise ValueError(f"lora_modules {sorted(targets)} match no matrix of {shape.name}; its modules: {names}")
+    return tuple(out)
+
+
+def _state(spec: OptimizerSpec, hyper: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], torch.dtype]]
+           ) -> tuple[int, dict[str, int]]:
+    total, by_name, cache = 0, {}, {}
+    for shape, dtype in shapes:
+        key = (shape, dtype)
+        if key not in cache:
+            cache[key] = [(t.name, t.nbytes) for t in spec.state(shape, dtype, hyper)]
+        for name, nbytes in cache[key]:
+            total += nbytes
+            by_name[name] = by_name.get(name, 0) + nbytes
+    return total, by_name
+
+
+def _step_buffer_mode(spec: OptimizerSpec, hyper: Mapping[str, Any], device: str) -> str:
+    """Whether the step allocates buffers per tensor or for whole lists of tensors (foreach)."""
+    impl, foreach = hyper.get("implementation"), hyper.get("foreach")
+    torch_builtin = spec.cls.__module__.startswith("torch.optim")
+    if impl == "foreach" or foreach is True:
+        return "foreach"
+    if torch_builtin and foreach is None and not hyper.get("fused") and device == "cuda":
+        return "foreach"  # torch defaults to foreach for CUDA tensors
+    return "per-tensor"
+
+
+def plan(
+    model: str | nn.Module | ModelShape | Any,
+    optimizer: str = "adamw",
+    *,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    precision: str | None = None,
+    trainable: str = "full",
+    lora_rank: int = 16,
+    lora_modules: Sequence[str] | str | None = None,
+    micro_batch: int = 1,
+    seq_len: int | None = None,
+    activation_checkpointing: str = "none",
+    flash_attention: bool | None = None,
+    activation_model: str | None = None,
+    grad_accumulation: int = 1,
+    devices: int = 1,
+    sharding: str = "none",
+    offload: str = "none",
+    device: str = "cuda",
+    device_memory: str | int | None = None,
+) -> MemoryPlan:
+    """Plan the memory of one training step, per device.
+
+    Args:
+        model: a name (``"llama-2-7b"``, ``"gpt2-xl"``, ``"7B"``; see :func:`lmopt.memory.named_shapes`), a
+            transformers config, an ``nn.Module`` or a :class:`~lmopt.memory.ModelShape`.
+        optimizer: a registry name or alias (``lmopt list``); its state is read from its registry entry.
+        optimizer_kwargs: hyperparameters that change the state (``amsgrad=True``, ``state_dtype="bf16"``, ...).
+        precision: a mode of :data:`PRECISIONS` (default: the module's dtype, else ``"mixed-bf16"``).
+        trainable: ``"full"`` or ``"lora"`` (base weights frozen, adapters of rank ``lora_rank`` on
+            ``lora_modules``: module names like ``("q_proj", "v_proj")``, default every hidden matrix --
+            QLoRA's "all linear layers" practice, Dettmers et al. 2023).
+        micro_batch, seq_len: sequences per micro-batch and their length (default the model's context,
+            capped at 4096).
+        activation_checkpointing: ``"none"``, ``"selective"`` or ``"full"`` (see :mod:`~lmopt.memory.activations`).
+        flash_attention: attention keeps no ``s x s`` scores (default: True, or what a transformers model's
+            ``attn_implementation`` says).
+        activation_model: ``"korthikanti"`` (default for names) or ``"transformers"`` (default for transformers
+            models and configs: what their modules save).
+        grad_accumulation: micro-batches per optimizer step; > 1 keeps gradients alive through every forward.
+        devices, sharding: data-parallel devices and ``"none"``, ``"zero1"``, ``"zero2"``, ``"zero3"``/
+            ``"fsdp"`` (``"fsdp-grad-op"`` = zero2).
+        offload: ``"none"``, ``"optimizer"`` (master weights, state and the step on the host) or
+            ``"optimizer+params"`` (also the sharded parameters; needs zero3).
+        device: ``"cuda"`` or ``"cpu"``: which implementation torch.optim picks by default (foreach on CUDA).
+        device_memory: memory per device (``"80GB"``), to say whether the plan fits.
+
+    Returns:
+        :class:`MemoryPlan`.
+
+    Example:
+        >>> p = lmopt.memory.plan("7B", "adamw", precision="mixed")
+        >>> print(p.summary())   # static 112.0 GB: 14 + 28 + 14 + 56
+    """
+    # ---- validate
+    shape = model_shape(model)
+    spec, implied = resolve_optimizer(optimizer)
+    prec = _precision(precision, shape)
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {list(TRAINABLE)}, got {trainable!r}")
+    for name, value in (("micro_batch", micro_batch), ("grad_accumulation", grad_accumulation),
+                        ("devices", devices), ("lora_rank", lora_rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+    if sharding not in SHARDING:
+        raise ValueError(f"sharding must be one of {list(SHARDING)}, got {sharding!r}")
+    if offload not in OFFLOAD:
+        raise ValueError(f"offload must be one of {list(OFFLOAD)}, got {offload!r}")
+    if activation_checkpointing not in CHECKPOINTING:
+        raise ValueError(f"activation_checkpointing must be one of {list(CHECKPOINTING)}, "
+                         f"got {activation_checkpointing!r}")
+    if activation_model is not None and activation_model not in ACTIVATION_MODELS:
+        raise ValueError(f"activation_model must be one of {list(ACTIVATION_MODELS)}, got {activation_model!r}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    stage = SHARDING[sharding]
+    if offload == "optimizer+params" and stage != 3:
+        raise ValueError("offload='optimizer+params' needs sharding='zero3' (or 'fsdp')")
+    memory_limit = None if device_memory is None else parse_bytes(device_memory)
+    hyper = spec.hyperparameters(**{**implied, **dict(optimizer_kwargs or {})})
+    notes: list[str] = list(shape.notes)
+
+    params = _lora_params(shape, lora_rank, lora_modules) if trainable == "lora" else shape.params
+    n = devices if stage else 1
+    p_bytes, g_bytes, o_dtype = (_element_size(prec.param_dtype), _element_size(prec.grad_dtype),
+                                 prec.optimizer_dtype)
+    frozen_bytes = p_bytes  # frozen weights are kept in the working dtype
+
+    # ---- static components (device 0)
+    parameters = sum(math.prod(_shard(p.shape, n if stage == 3 else 1)) * (p_bytes if p.trainable else frozen_bytes)
+                     for p in params)
+    train = [p for p in params if p.trainable]
+    local = [_shard(p.shape, n if stage >= 1 else 1) for p in train]
+    gradients = sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) * g_bytes for p in train)
+    master = sum(math.prod(s) * 4 for s in local) if prec.master else 0
+    state, state_by_name = _state(spec, hyper, [(s, o_dtype) for s in local])
+    host = 0
+    if offload != "none":
+        host = master + state + sum(math.prod(s) * 4 for s in local)  # + fp32 gradients for the host step
+        master_dev, state_dev = 0, 0
+        notes.append("offload: master weights, optimizer state and the step run on the host (ZeRO-Offload)")
+    else:
+        master_dev, state_dev = master, state
+    params_dev = parameters
+    if offload == "optimizer+params":
+        host += parameters
+        params_dev = 0
+
+    # ---- activations
+    arch = shape.architecture
+    seq = seq_len or (min(arch.max_seq_len, 4096) if arch else 1)
+    if arch is not None:
+        flash = (arch.attention != "eager") if flash_attention is None else bool(flash_attention)
+        act_model = activation_model or ("transformers" if arch.implementation == "transformers" else "korthikanti")
+        act = estimate_activations(arch, micro_batch=micro_batch, seq_len=seq, element_size=prec.activation_bytes,
+                                   flash_attention=flash, checkpointing=activation_checkpointing, model=act_model)
+        notes.extend(act.notes)
+        vocab_tokens_fp32 = 4 * arch.vocab_size * micro_batch * seq
+    else:
+        flash = bool(flash_attention)
+        act = ActivationEstimate(0, 0, 0, 0, 0, 0, 0, 0, "none", ())
+        vocab_tokens_fp32 = 0
+        notes.append("architecture unknown (a module without a transformers config): activations not planned")
+
+    # ---- the step, phase by phase (device 0)
+    layers = shape.layers()
+    layer_param_bytes = max((sum(p.numel for p in ps) * p_bytes for k, ps in layers.items() if k), default=0)
+    layer_grads = max((sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) for p in ps if p.trainable) * g_bytes
+                       for k, ps in layers.items() if k), default=0)
+    layer_grads_full = max((sum(p.numel for p in ps if p.trainable) * g_bytes for k, ps in layers.items() if k),
+                           default=0)
+    head = [p for p in train if p.role == "head"] or [p for p in train if p.role == "embedding"
+                                                       and shape.architecture is not None
+                                                       and p.shape[0] == shape.architecture.vocab_size]
+    head_grads = sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) for p in head[:1]) * g_bytes
+    tied = bool(head) and head[0].role == "embedding"
+
+    resident = params_dev + master_dev + state_dev
+    kept_grads = gradients if grad_accumulation > 1 else 0
+    fwd_extra = 0
+    if prec.autocast:  # autocast keeps a 16-bit copy of each matmul weight for the forward and backward
+        fwd_extra += sum(p.numel for p in params if p.role in ("matrix", "head") and len(p.shape) == 2) * 2
+        notes.append("amp: autocast's cache of 16-bit weight copies is counted during forward/backward")
+    if stage == 3:
+        fwd_extra += 2 * layer_param_bytes  # the gathered block and the prefetched next one
+    comm = layer_grads_full if stage >= 2 else 0  # one block's unsharded gradients before reduce-scatter
+    A = act.stored
+    e = prec.activation_bytes
+    tokens_V = vocab_tokens_fp32 // 4
+    events: dict[str, dict[str, int]] = {
+        "forward end": {"gradients": kept_grads, "activations": A, "temporaries": fwd_extra + act.logits},
+        "loss backward": {"gradients": kept_grads, "activations": A,
+                          "temporaries": fwd_extra + act.loss_backward},
+        "head backward": {"gradients": max(kept_grads, head_grads), "activations": A - vocab_tokens_fp32,
+                          "temporaries": fwd_extra + e * tokens_V + (head_grads if kept_grads else 0)},
+        "block backward": {"gradients": max(kept_grads, head_grads + layer_grads),
+                           "activations": A - vocab_tokens_fp32,
+                           "temporaries": fwd_extra + act.layer_backward + comm},
+        "backward end": {"gradients": gradients, "activations": 0,
+                         "temporaries": (head_grads if tied else 0) + comm},
+    }
+    mode = _step_buffer_mode(spec, hyper, device)
+    largest = max((math.prod(s) for s in local), default=0)
+    step_buffers = (sum(math.prod(s) for s in local) if mode == "foreach" else 2 * largest) * 4
+    events["optimizer step"] = {"gradients": gradients, "activations": 0,
+                                "temporaries": 0 if offload != "none" else step_buffers}
+    if offload != "none":
+        host += step_buffers
+    phases = {k: resident + sum(v.values()) for k, v in events.items()}
+    peak_phase = max(phases, key=phases.get)
+    temporaries = max(v["temporaries"] for v in events.values())
+    at_peak = {"parameters": params_dev, "master_weights": master_dev, "optimizer_state": state_dev,
+               **events[peak_phase]}
+    notes.append(f"optimizer step buffers: {mode}")
+    if prec.name == "bf16-sr":
+        notes.append("stochastic rounding needs no memory beyond pure bf16")
+
+    return MemoryPlan(
+        model=shape.name,
+        optimizer=spec.name if not implied else optimizer.strip().lower(),
+        precision=prec.name,
+        trainable=trainable if trainable == "full" else f"lora r={lora_rank}",
+        num_parameters=shape.num_parameters,
+        trainable_parameters=sum(p.numel for p in train),
+        parameters=parameters,
+        master_weights=master,
+        gradients=gradients,
+        optimizer_state=state,
+        activations=A,
+        temporaries=temporaries,
+        peak=phases[peak_phase],
+        peak_phase=peak_phase,
+        at_peak=at_peak,
+        phases=phases,
+        host_memory=host,
+        state_by_name=state_by_name,
+        devices=devices,
+        sharding=sharding,
+        offload=offload,
+        micro_batch=micro_batch,
+        seq_len=seq,
+        grad_accumulation=grad_accumulation,
+        activation_checkpointing=activation_checkpointing,
+        flash_attention=flash,
+        device_memory=memory_limit,
+        notes=tuple(notes),
+    )
