@@ -12,12 +12,14 @@ See docs/memory-planning.md.
 
 from .activations import ACTIVATION_MODELS, ActivationEstimate, estimate_activations
 from .planner import PRECISIONS, SHARDING, MemoryPlan, Precision, plan, resolve_optimizer
+from .recommend import OPTIMIZER_LADDER, Recommendation, RecommendationReport, recommend
 from .shapes import Architecture, ModelShape, ParamShape, generic_decoder, model_shape, named_shapes
 from .measure import MeasuredMemory, measure_training_step, optimizer_state_bytes, tensor_bytes
 from .units import format_bytes, parse_bytes
 
 __all__ = [
     "ACTIVATION_MODELS",
+    "OPTIMIZER_LADDER",
     "PRECISIONS",
     "SHARDING",
     "ActivationEstimate",
@@ -27,6 +29,8 @@ __all__ = [
     "ModelShape",
     "ParamShape",
     "Precision",
+    "Recommendation",
+    "RecommendationReport",
     "estimate_activations",
     "format_bytes",
     "generic_decoder",
@@ -36,6 +40,7 @@ __all__ = [
     "optimizer_state_bytes",
     "parse_bytes",
     "plan",
+    "recommend",
     "resolve_optimizer",
     "tensor_bytes",
 ]

@@ -61,8 +61,8 @@ class ActivationEstimate:
         layers: ``per_layer`` times the number of blocks (encoder and decoder).
         ends: token ids, final norm, LM-head input and the fp32 log-softmax of the loss.
         stored: everything kept at the end of the forward pass (``layers + ends``).
-        loss_backward: transient at the start of backward: gradient of the log-softmax output and of its input
-            (fp32), plus the cast to the activation dtype when that is not fp32.
+        loss_backward: transient at the start of backward: the fp32 gradients of the log-softmax output and of
+            its input.
         layer_backward: transient while one block runs backward (gradients of its activations; under full
             checkpointing plus the recomputed block).
         logits: bytes of the logits (activation dtype) and their fp32 copy, alive at the end of the forward pass.
@@ -81,8 +81,7 @@ class ActivationEstimate:
     notes: tuple[str, ...] = ()
 
 
-def _attention(arch: Architecture, s: int, e: int, *, flash: bool, model: str, mask: float,
-               eager_fp32_softmax: bool) -> float:
+def _attention(arch: Architecture, s: int, e: int, *, flash: bool, model: str, mask: float) -> float:
     """Bytes per token kept by one attention block, norm input included."""
     h, a, kv, att = arch.hidden_size, arch.num_heads, arch.kv_size, arch.attention_size
     drop = arch.dropout
@@ -167,8 +166,8 @@ def estimate_activations(
     h, V = arch.hidden_size, arch.vocab_size
     flash = flash_attention or checkpointing == "selective"
     kw = dict(model=model, mask=mask_bytes)
-    attn_full = _attention(arch, s, e, flash=flash_attention, eager_fp32_softmax=True, **kw)
-    attn_kept = _attention(arch, s, e, flash=flash, eager_fp32_softmax=True, **kw)
+    attn_full = _attention(arch, s, e, flash=flash_attention, **kw)
+    attn_kept = _attention(arch, s, e, flash=flash, **kw)
     mlp = _mlp(arch, e, **kw)
     per_layer_full = attn_full + mlp
     per_layer = attn_kept + mlp
@@ -183,7 +182,8 @@ def estimate_activations(
     ends = 8 + norm_final + e * h + 4 * V  # token ids, final norm, head input, fp32 log-softmax
     if arch.encoder_layers:
         ends += 8 + norm_final  # encoder ids and final norm
-    loss_backward = 8 * V + (0 if e == 4 else e * V)
+    # the fp32 gradients of the log-softmax output and input (the cast to e happens after the first is freed)
+    loss_backward = 8 * V
     # one block's backward: gradients of its widest activations (two of width f) and of its input/output
     workspace = e * (2 * h + 2 * arch.intermediate_size)
     layer_backward = workspace + (per_layer_full + decoder_extra if checkpointing == "full" else 0)

@@ -40,6 +40,7 @@ weights, optimizer state and the step on the host (ZeRO-Offload, Ren et al. 2021
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -257,28 +258,82 @@ def _lora_params(shape: ModelShape, rank: int, modules: Sequence[str] | str | No
     return tuple(out)
 
 
+_STATE_CACHE: dict[tuple, list[tuple[str, tuple[int, ...], torch.dtype, int]]] = {}
+
+
+def _hyper_key(spec: OptimizerSpec, hyper: Mapping[str, Any]) -> tuple | None:
+    try:
+        key = (spec.name, id(spec.state), repr(sorted(hyper.items(), key=lambda kv: kv[0])))
+        hash(key)
+        return key
+    except TypeError:
+        return None
+
+
+def _state_tensors(spec: OptimizerSpec, hyper: Mapping[str, Any], hyper_key: tuple | None, shape: tuple[int, ...],
+                   dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype, int]]:
+    """``spec``'s state rule for one tensor, as (name, shape, dtype, bytes); memoised (rules are pure)."""
+    key = None if hyper_key is None else (*hyper_key, shape, dtype)
+    if key is not None and key in _STATE_CACHE:
+        return _STATE_CACHE[key]
+    out = [(t.name, tuple(t.shape), t.dtype, t.nbytes) for t in spec.state(shape, dtype, hyper)]
+    if key is not None:
+        if len(_STATE_CACHE) > 100_000:
+            _STATE_CACHE.clear()
+        _STATE_CACHE[key] = out
+    return out
+
+
 def _state(spec: OptimizerSpec, hyper: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], torch.dtype]]
            ) -> tuple[int, dict[str, int]]:
-    total, by_name, cache = 0, {}, {}
-    for shape, dtype in shapes:
-        key = (shape, dtype)
-        if key not in cache:
-            cache[key] = [(t.name, t.nbytes) for t in spec.state(shape, dtype, hyper)]
-        for name, nbytes in cache[key]:
-            total += nbytes
-            by_name[name] = by_name.get(name, 0) + nbytes
+    total, by_name, key = 0, {}, _hyper_key(spec, hyper)
+    for (shape, dtype), count in Counter(shapes).items():
+        for name, _, _, nbytes in _state_tensors(spec, hyper, key, shape, dtype):
+            total += nbytes * count
+            by_name[name] = by_name.get(name, 0) + nbytes * count
     return total, by_name
 
 
-def _step_buffer_mode(spec: OptimizerSpec, hyper: Mapping[str, Any], device: str) -> str:
-    """Whether the step allocates buffers per tensor or for whole lists of tensors (foreach)."""
-    impl, foreach = hyper.get("implementation"), hyper.get("foreach")
-    torch_builtin = spec.cls.__module__.startswith("torch.optim")
-    if impl == "foreach" or foreach is True:
-        return "foreach"
-    if torch_builtin and foreach is None and not hyper.get("fused") and device == "cuda":
-        return "foreach"  # torch defaults to foreach for CUDA tensors
-    return "per-tensor"
+def _step_implementation(spec: OptimizerSpec, hyper: Mapping[str, Any], fused_ok: bool, device: str) -> str:
+    """The implementation the optimizer's step will use: ``fused``, ``foreach`` or ``for_loop``."""
+    if spec.cls.__module__.startswith("torch.optim"):
+        if hyper.get("fused"):
+            return "fused"
+        foreach = hyper.get("foreach")
+        return "foreach" if foreach or (foreach is None and device == "cuda") else "for_loop"
+    impl = hyper.get("implementation", "for_loop")
+    available = tuple(getattr(spec.cls, "implementations", ("for_loop",)))
+    if impl == "auto":  # lmopt's rule: fused where it applies, else the multi-tensor path, else the plain one
+        if "fused" in available and fused_ok:
+            return "fused"
+        return "foreach" if "foreach" in available else available[0]
+    return str(impl)
+
+
+def _step_buffers(spec: OptimizerSpec, hyper: Mapping[str, Any], local: list[tuple[int, ...]],
+                  dtype: torch.dtype, upcast_grads: bool, device: str) -> tuple[int, str]:
+    """Bytes the optimizer step allocates on top of its state, and the implementation assumed.
+
+    Per parameter: one fp32 intermediate (Adam's denominator, RMSprop's average, ...), fp32 copies of a
+    low-precision parameter and gradient, and an fp32 copy of each parameter-sized state tensor kept in another
+    dtype (bf16 or quantized moments are upcast for the math). A fused kernel allocates none; the multi-tensor
+    (foreach) path holds these for a whole list of tensors at once, the per-tensor path for one tensor at a time.
+    """
+    per_param, fused_ok, key = [], True, _hyper_key(spec, hyper)
+    for shape, count in Counter(local).items():
+        numel = math.prod(shape)
+        wide = [t_dtype for _, t_shape, t_dtype, _ in _state_tensors(spec, hyper, key, shape, dtype)
+                if math.prod(t_shape) == numel and numel > 1]
+        fused_ok &= all(t_dtype == dtype for t_dtype in wide)
+        extra = 4 * numel * (1 + (2 if dtype != torch.float32 else (1 if upcast_grads else 0)))
+        extra += sum(4 * numel for t_dtype in wide if t_dtype != torch.float32)
+        per_param.append((extra, count))
+    impl = _step_implementation(spec, hyper, fused_ok, device)
+    if impl == "fused":
+        return (4 * max((math.prod(s) for s in local), default=0) if upcast_grads else 0), impl
+    if impl == "foreach":
+        return sum(extra * count for extra, count in per_param), impl
+    return max((extra for extra, _ in per_param), default=0), impl
 
 
 def plan(
@@ -383,7 +438,8 @@ def plan(
     if offload != "none":
         host = master + state + sum(math.prod(s) * 4 for s in local)  # + fp32 gradients for the host step
         master_dev, state_dev = 0, 0
-        notes.append("offload: master weights, optimizer state and the step run on the host (ZeRO-Offload)")
+        notes.append("offload: gradients stream to the host, where master weights, optimizer state and the step "
+                     "live (ZeRO-Offload); the device keeps one block's gradients at a time")
     else:
         master_dev, state_dev = master, state
     params_dev = parameters
@@ -421,7 +477,12 @@ def plan(
     tied = bool(head) and head[0].role == "embedding"
 
     resident = params_dev + master_dev + state_dev
-    kept_grads = gradients if grad_accumulation > 1 else 0
+    grads_dev = gradients
+    if offload != "none":  # only the block being reduced is on the device
+        grads_dev = layer_grads_full
+        head_grads = min(head_grads, grads_dev)
+        layer_grads = 0
+    kept_grads = grads_dev if grad_accumulation > 1 else 0
     fwd_extra = 0
     if prec.autocast:  # autocast keeps a 16-bit copy of each matmul weight for the forward and backward
         fwd_extra += sum(p.numel for p in params if p.role in ("matrix", "head") and len(p.shape) == 2) * 2
@@ -441,13 +502,12 @@ def plan(
         "block backward": {"gradients": max(kept_grads, head_grads + layer_grads),
                            "activations": A - vocab_tokens_fp32,
                            "temporaries": fwd_extra + act.layer_backward + comm},
-        "backward end": {"gradients": gradients, "activations": 0,
-                         "temporaries": (head_grads if tied else 0) + comm},
+        # a tied embedding's second gradient (from the lookup) is summed into the head's out of place
+        "backward end": {"gradients": grads_dev, "activations": 0,
+                         "temporaries": (2 * head_grads if tied else 0) + comm},
     }
-    mode = _step_buffer_mode(spec, hyper, device)
-    largest = max((math.prod(s) for s in local), default=0)
-    step_buffers = (sum(math.prod(s) for s in local) if mode == "foreach" else 2 * largest) * 4
-    events["optimizer step"] = {"gradients": gradients, "activations": 0,
+    step_buffers, impl = _step_buffers(spec, hyper, local, o_dtype, prec.master, device)
+    events["optimizer step"] = {"gradients": grads_dev, "activations": 0,
                                 "temporaries": 0 if offload != "none" else step_buffers}
     if offload != "none":
         host += step_buffers
@@ -456,7 +516,7 @@ def plan(
     temporaries = max(v["temporaries"] for v in events.values())
     at_peak = {"parameters": params_dev, "master_weights": master_dev, "optimizer_state": state_dev,
                **events[peak_phase]}
-    notes.append(f"optimizer step buffers: {mode}")
+    notes.append(f"optimizer step: {impl} implementation assumed")
     if prec.name == "bf16-sr":
         notes.append("stochastic rounding needs no memory beyond pure bf16")
 

@@ -125,10 +125,14 @@ class ModelShape:
     def layers(self) -> dict[str, list[ParamShape]]:
         """Parameters grouped by transformer block (``...layers.3.``/``...h.3.``/``...block.3.``), the rest
         under ``""`` -- the unit FSDP wraps and ZeRO-3 gathers."""
+        cached = self.__dict__.get("_layers")
+        if cached is not None:
+            return cached
         out: dict[str, list[ParamShape]] = {}
         for p in self.params:
             m = re.search(r"^(.*?\.(?:layers|h|block|blocks)\.\d+)\.", p.name)
             out.setdefault(m.group(1) if m else "", []).append(p)
+        object.__setattr__(self, "_layers", out)  # frozen dataclass: a private memo
         return out
 
 
