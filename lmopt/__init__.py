@@ -7,6 +7,7 @@ Public API (everything else is internal):
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
 """
 
+from . import memory
 from .optim import Adam, AdamW, LmoptOptimizer, NonFiniteGradientError
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
@@ -27,5 +28,6 @@ __all__ = [
     "create_optimizer",
     "get_spec",
     "list_optimizers",
+    "memory",
     "param_groups",
 ]

@@ -7,9 +7,9 @@ optimizer offload, activation checkpointing and the largest micro-batch (up to t
 
 Ranking (a lexicographic key, stated in each result's ``reason``):
 
-1. no ZeRO-3 and no offload before either: ZeRO-1/2 move as many bytes as plain data parallelism (all-reduce =
-   reduce-scatter + all-gather; Rajbhandari et al. 2020), ZeRO-3 moves 1.5x that and offload runs the step on
-   the host over PCIe;
+1. the cost of the memory saving in speed: none / ZeRO-1 / ZeRO-2 first (they move as many bytes as plain data
+   parallelism: all-reduce = reduce-scatter + all-gather; Rajbhandari et al. 2020), then ZeRO-3 (1.5x the
+   traffic), then optimizer offload (the step runs on the host, gradients cross PCIe), then parameter offload;
 2. the optimizer's tier: full-precision AdamW (the reference), then 8-bit AdamW (Dettmers et al. 2022: matches
    AdamW), then the factored / block / 4-bit / sign optimizers (Adafactor, CAME, Adam-mini, 4-bit AdamW, Lion);
 3. mixed precision with fp32 master weights before pure bf16 with stochastic rounding;
@@ -175,7 +175,8 @@ def recommend(
                             if closest is None or p.peak < closest.peak:
                                 closest = p
                             if p.peak <= limit:
-                                heavy = sharding == "zero3" or offload != "none"
+                                heavy = {"none": 0, "optimizer": 2, "optimizer+params": 3}[offload] or int(
+                                    sharding == "zero3")
                                 key = (heavy, tier, prec_tier, ckpt != "none", -mb, p.peak)
                                 parts = [why, prec_why]
                                 if sharding != "none":
