@@ -28,11 +28,14 @@ REGISTERED = {s.name for s in list_optimizers()}
 
 
 def needs(name: str):
-    return pytest.mark.skipif(name not in REGISTERED, reason=f"optimizer {name!r} is not registered on this branch "
-                              f"(its registry entry lands with another issue); this test runs once it is")
+    return pytest.mark.skipif(
+        name not in REGISTERED,
+        reason=f"optimizer {name!r} is not registered on this branch "
+        f"(its registry entry lands with another issue); this test runs once it is",
+    )
 
 
-# ---------------------------------------------------------------------------------------------- published figures
+# ---------------------------------------------------------------------------------- published figures
 def test_7b_mixed_precision_adam_is_112_gb():
     """2 + 4 + 2 + (4 + 4) bytes per parameter: 14 + 28 + 14 + 56 = 112 GB (ZeRO, Rajbhandari et al. 2020)."""
     p = plan("7B", "adamw", precision="mixed")
@@ -76,14 +79,16 @@ def test_8bit_adam_state_7b_is_about_14_gb():
 def test_adafactor_state_is_rows_plus_cols():
     shape = model_shape("7B")
     p = plan(shape, "adafactor", precision="mixed", optimizer_kwargs={"beta1": None})
-    expected = sum(4 * (s.shape[-2] + s.shape[-1]) if len(s.shape) >= 2 else 4 * s.numel for s in shape.params)
+    expected = sum(
+        4 * (s.shape[-2] + s.shape[-1]) if len(s.shape) >= 2 else 4 * s.numel for s in shape.params
+    )
     # factored second moment only; scalars (step, RMS) may add a few bytes per tensor
     assert expected <= p.optimizer_state <= expected + 64 * len(shape.params)
     assert p.optimizer_state < 0.001 * plan(shape, "adamw", precision="mixed").optimizer_state
 
 
 def test_state_comes_from_the_registry_rule_for_every_optimizer():
-    """No table: every registered optimizer's planned state is the sum of its rule over the model's tensors."""
+    """No table: every registered optimizer's planned state is its rule summed over the model's tensors."""
     shape = model_shape("gpt2-small")
     for spec in list_optimizers():
         p = plan(shape, spec.name, precision="fp32")
@@ -93,19 +98,33 @@ def test_state_comes_from_the_registry_rule_for_every_optimizer():
 
 def test_state_options_change_the_plan():
     base = plan("gpt2-small", "adamw", precision="fp32")
-    assert plan("gpt2-small", "adamw", precision="fp32", optimizer_kwargs={"amsgrad": True}).optimizer_state == (
-        base.optimizer_state + 4 * base.num_parameters)
-    assert plan("gpt2-small", "adamw_bf16", precision="fp32").state_by_name["exp_avg"] == 2 * base.num_parameters
+    assert plan(
+        "gpt2-small", "adamw", precision="fp32", optimizer_kwargs={"amsgrad": True}
+    ).optimizer_state == (base.optimizer_state + 4 * base.num_parameters)
+    assert (
+        plan("gpt2-small", "adamw_bf16", precision="fp32").state_by_name["exp_avg"] == 2 * base.num_parameters
+    )
     assert plan("gpt2-small", "sgd", precision="fp32").optimizer_state == 0
 
 
-# -------------------------------------------------------------------------------------------------------- shapes
-@pytest.mark.parametrize(("name", "count"), [
-    ("gpt2-small", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
-    ("gpt2-xl", 1_557_611_200), ("llama-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320),
-    ("llama-2-70b", 68_976_648_192), ("llama-3-8b", 8_030_261_248), ("llama-3-70b", 70_553_706_496),
-    ("mistral-7b", 7_241_732_096), ("t5-3b", 2_851_598_336), ("t5-11b", 11_307_321_344),
-])
+# --------------------------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        ("gpt2-small", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+        ("llama-7b", 6_738_415_616),
+        ("llama-2-13b", 13_015_864_320),
+        ("llama-2-70b", 68_976_648_192),
+        ("llama-3-8b", 8_030_261_248),
+        ("llama-3-70b", 70_553_706_496),
+        ("mistral-7b", 7_241_732_096),
+        ("t5-3b", 2_851_598_336),
+        ("t5-11b", 11_307_321_344),
+    ],
+)
 def test_named_shapes_have_the_published_parameter_counts(name, count):
     assert model_shape(name).num_parameters == count
 
@@ -113,7 +132,9 @@ def test_named_shapes_have_the_published_parameter_counts(name, count):
 def _meta_from_config(config):
     import transformers
 
-    auto = (transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM)
+    auto = (
+        transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    )
     with torch.device("meta"):
         return auto.from_config(config)
 
@@ -121,9 +142,14 @@ def _meta_from_config(config):
 def _transformers_configs(layers: int) -> dict:
     transformers = pytest.importorskip("transformers")
     return {
-        "llama-2-70b": transformers.LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                                                num_hidden_layers=layers, num_attention_heads=64,
-                                                num_key_value_heads=8),
+        "llama-2-70b": transformers.LlamaConfig(
+            vocab_size=32000,
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=layers,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+        ),
         "mistral-7b": transformers.MistralConfig(num_hidden_layers=layers),
         "gpt2-xl": transformers.GPT2Config(n_embd=1600, n_layer=layers, n_head=25),
         "t5-3b": transformers.T5Config(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=layers),
@@ -138,11 +164,24 @@ def _with_layers(name: str, layers: int):
     if arch.family == "gpt2":
         return shapes._gpt2(name, layers=layers, hidden=arch.hidden_size, heads=arch.num_heads)
     if arch.family == "t5":
-        return shapes._t5(name, layers=layers, d_model=arch.hidden_size, d_ff=arch.intermediate_size,
-                          d_kv=arch.head_dim, heads=arch.num_heads)
-    return shapes._llama(name, layers=layers, hidden=arch.hidden_size, heads=arch.num_heads,
-                         kv_heads=arch.num_kv_heads, ffn=arch.intermediate_size, vocab=arch.vocab_size,
-                         context=arch.max_seq_len)
+        return shapes._t5(
+            name,
+            layers=layers,
+            d_model=arch.hidden_size,
+            d_ff=arch.intermediate_size,
+            d_kv=arch.head_dim,
+            heads=arch.num_heads,
+        )
+    return shapes._llama(
+        name,
+        layers=layers,
+        hidden=arch.hidden_size,
+        heads=arch.num_heads,
+        kv_heads=arch.num_kv_heads,
+        ffn=arch.intermediate_size,
+        vocab=arch.vocab_size,
+        context=arch.max_seq_len,
+    )
 
 
 def test_named_shapes_match_transformers_models_tensor_by_tensor():
@@ -189,15 +228,19 @@ def test_module_input_uses_its_tensors_and_dtypes():
     assert plan(model.to(torch.bfloat16), "adamw").precision == "bf16"
 
 
-# ------------------------------------------------------------------------------------------------------- options
+# -------------------------------------------------------------------------------------------- options
 def test_lora_trains_only_the_adapters():
     shape = model_shape("llama-2-7b")
-    p = plan(shape, "adamw", precision="mixed", trainable="lora", lora_rank=8, lora_modules=("q_proj", "v_proj"))
+    p = plan(
+        shape, "adamw", precision="mixed", trainable="lora", lora_rank=8, lora_modules=("q_proj", "v_proj")
+    )
     expected = 32 * 2 * 8 * (4096 + 4096)
     assert p.trainable_parameters == expected
     assert p.gradients == 2 * expected and p.master_weights == 4 * expected
     assert p.parameters == 2 * (shape.num_parameters + expected)
-    assert plan(shape, "adamw", trainable="lora").trainable_parameters > expected  # default: all hidden matrices
+    assert (
+        plan(shape, "adamw", trainable="lora").trainable_parameters > expected
+    )  # default: all hidden matrices
     with pytest.raises(ValueError, match="lora_modules"):
         plan(shape, "adamw", trainable="lora", lora_modules=("c_attn",))
 
@@ -225,8 +268,10 @@ def test_offload_moves_state_to_the_host():
 
 def test_precision_modes():
     n = model_shape("gpt2-small").num_parameters
-    b = {m: plan("gpt2-small", "adamw", precision=m) for m in
-         ("fp32", "amp", "mixed-fp16", "mixed-bf16", "bf16", "bf16-sr", "bf16-master")}
+    b = {
+        m: plan("gpt2-small", "adamw", precision=m)
+        for m in ("fp32", "amp", "mixed-fp16", "mixed-bf16", "bf16", "bf16-sr", "bf16-master")
+    }
     assert b["bf16"].parameters == b["bf16"].gradients == 2 * n and b["bf16"].master_weights == 0
     assert b["bf16"].state_by_name["exp_avg"] == 2 * n  # state follows the bf16 parameters
     assert b["bf16-sr"].static == b["bf16"].static
@@ -254,11 +299,16 @@ def test_device_memory_and_fits():
 
 
 def test_invalid_arguments_name_themselves():
-    for kwargs, arg in [({"micro_batch": 0}, "micro_batch"), ({"devices": 0}, "devices"),
-                        ({"sharding": "zero4"}, "sharding"), ({"offload": "disk"}, "offload"),
-                        ({"activation_checkpointing": "some"}, "activation_checkpointing"),
-                        ({"trainable": "half"}, "trainable"), ({"seq_len": -1}, "seq_len"),
-                        ({"activation_model": "guess"}, "activation_model")]:
+    for kwargs, arg in [
+        ({"micro_batch": 0}, "micro_batch"),
+        ({"devices": 0}, "devices"),
+        ({"sharding": "zero4"}, "sharding"),
+        ({"offload": "disk"}, "offload"),
+        ({"activation_checkpointing": "some"}, "activation_checkpointing"),
+        ({"trainable": "half"}, "trainable"),
+        ({"seq_len": -1}, "seq_len"),
+        ({"activation_model": "guess"}, "activation_model"),
+    ]:
         with pytest.raises(ValueError, match=arg):
             plan("gpt2-small", "adamw", **kwargs)
 
@@ -270,7 +320,7 @@ def test_unknown_optimizer_lists_the_registered_ones():
         assert spec.name in str(err.value)
 
 
-# --------------------------------------------------------------------------------------------------- activations
+# ---------------------------------------------------------------------------------------- activations
 def _gpt_arch(h=1024, a=16, layers=24, V=50257):
     return Architecture("gpt2", layers, h, a, a, h // a, 4 * h, V, gated_mlp=False, dropout=True)
 
@@ -284,11 +334,13 @@ def test_korthikanti_formula_per_layer(s, b):
     assert est.per_layer == s * b * h * (34 + 5 * a * s / h)
     flash = estimate_activations(arch, micro_batch=b, seq_len=s, element_size=2, flash_attention=True)
     assert flash.per_layer == s * b * h * 34 + 4 * a * s * b  # no s^2 term; log-sum-exp instead
-    selective = estimate_activations(arch, micro_batch=b, seq_len=s, element_size=2, flash_attention=False,
-                                     checkpointing="selective")
+    selective = estimate_activations(
+        arch, micro_batch=b, seq_len=s, element_size=2, flash_attention=False, checkpointing="selective"
+    )
     assert selective.per_layer == flash.per_layer
-    full = estimate_activations(arch, micro_batch=b, seq_len=s, element_size=2, flash_attention=False,
-                                checkpointing="full")
+    full = estimate_activations(
+        arch, micro_batch=b, seq_len=s, element_size=2, flash_attention=False, checkpointing="full"
+    )
     assert full.per_layer == 2 * s * b * h  # the paper's 2sbh per layer
     assert full.stored < selective.stored < est.stored
 
@@ -297,26 +349,33 @@ def test_activations_scale_with_tokens_and_checkpointing_lowers_the_peak():
     a = plan("llama-2-7b", "adamw", precision="mixed", micro_batch=1, seq_len=2048)
     b = plan("llama-2-7b", "adamw", precision="mixed", micro_batch=2, seq_len=2048)
     assert b.activations == pytest.approx(2 * a.activations, rel=1e-6)
-    c = plan("llama-2-7b", "adamw", precision="mixed", micro_batch=8, seq_len=4096, activation_checkpointing="full")
+    c = plan(
+        "llama-2-7b", "adamw", precision="mixed", micro_batch=8, seq_len=4096, activation_checkpointing="full"
+    )
     d = plan("llama-2-7b", "adamw", precision="mixed", micro_batch=8, seq_len=4096)
     assert c.activations < d.activations / 10 and c.peak < d.peak
 
 
-# ------------------------------------------------------------------------------------------------------ recommend
+# ------------------------------------------------------------------------------------------ recommend
 def test_recommend_prefers_full_adamw_when_it_fits():
     report = recommend("gpt2-small", devices=1, device_memory="80GB", task="pretrain")
     assert report.fits and report[0].optimizer == "adamw" and report[0].sharding == "none"
     assert report[0].offload == "none" and report[0].checkpointing == "none"
     assert all(r.peak <= 0.95 * 80e9 for r in report)
     assert [r.rank for r in report] == list(range(1, len(report) + 1))
-    assert "peak" in report[0].reason
+    assert "reference" in report[0].reason
 
 
 def test_recommend_says_plainly_when_nothing_fits():
-    report = recommend("llama-2-70b", devices=1, device_memory="16GB", task="pretrain")
+    report = recommend(
+        "llama-2-70b", devices=1, device_memory="16GB", task="pretrain", host_memory="512GB", micro_batch=1
+    )
     assert not report.fits and len(report) == 0
     assert report.message.startswith("Nothing fits") and report.closest is not None
-    assert report.closest.peak > 16e9
+    assert report.closest.peak > 16e9 or report.closest.host_memory > 512e9
+    offloaded = recommend("llama-2-70b", devices=1, device_memory="24GB", micro_batch=1)
+    assert offloaded.fits and all(r.offload == "optimizer+params" for r in offloaded)
+    assert "host needs" in offloaded[0].reason
 
 
 def test_recommend_uses_sharding_or_lora_to_fit():
@@ -347,3 +406,59 @@ def test_public_api():
     for name in memory.__all__:
         assert hasattr(memory, name), name
     assert math.isclose(plan("7B").static, lmopt.memory.plan("7B", "adamw", precision="mixed").static)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_plan_compare_plot_and_unknown_names(tmp_path, capsys, monkeypatch):
+    from lmopt.cli import main
+
+    monkeypatch.setenv("COLUMNS", "160")
+    png = tmp_path / "plans.png"
+    assert (
+        main(
+            [
+                "plan",
+                "7B",
+                "--compare",
+                "adamw,amsgrad,sgd",
+                "--precision",
+                "mixed",
+                "--device-memory",
+                "80GB",
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "112.00 GB" in out and "16.00 B/p" in out and "amsgrad" in out
+    assert png.exists() and png.stat().st_size > 10_000
+    assert main(["plan", "7B", "--optimizer", "no_such_optimizer"]) == 2
+    err = capsys.readouterr().err
+    assert "Registered optimizers:" in err and "adamw" in err
+
+
+def test_cli_recommend(capsys, monkeypatch):
+    from lmopt.cli import main
+
+    monkeypatch.setenv("COLUMNS", "160")
+    assert main(["recommend", "gpt2-small", "--devices", "1", "--device-memory", "24GB", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "adamw" in out and "configuration(s) fit" in out
+    assert (
+        main(
+            [
+                "recommend",
+                "llama-2-70b",
+                "--device-memory",
+                "8GB",
+                "--host-memory",
+                "64GB",
+                "--micro-batch",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert "Nothing fits" in capsys.readouterr().out

@@ -36,14 +36,31 @@ def tiny(arch: str, attention: str = "sdpa", dtype: torch.dtype = torch.float32)
     """Small real architectures: tensors above and below the 4096-element small-tensor threshold."""
     torch.manual_seed(0)
     if arch == "llama":
-        config = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=176,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=256, attn_implementation=attention)
+        config = transformers.LlamaConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            attn_implementation=attention,
+        )
         model = transformers.LlamaForCausalLM(config)
     else:
-        config = transformers.GPT2Config(vocab_size=1024, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                         attn_implementation=attention, bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            vocab_size=1024,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            attn_implementation=attention,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = transformers.GPT2LMHeadModel(config)
     return model.to(dtype).train()
 
@@ -60,11 +77,13 @@ def _batch(b: int, s: int) -> torch.Tensor:
 
 
 STATE_CASES = [(n, a, torch.float32) for n in ALL for a in ("llama", "gpt2")] + [
-    (n, "llama", torch.bfloat16) for n in ALL if torch.bfloat16 in getattr(BY_NAME.get(n), "dtypes", ())]
+    (n, "llama", torch.bfloat16) for n in ALL if torch.bfloat16 in getattr(BY_NAME.get(n), "dtypes", ())
+]
 
 
-@pytest.mark.parametrize(("name", "arch", "dtype"), STATE_CASES,
-                         ids=[f"{n}-{a}-{str(d)[6:]}" for n, a, d in STATE_CASES])
+@pytest.mark.parametrize(
+    ("name", "arch", "dtype"), STATE_CASES, ids=[f"{n}-{a}-{str(d)[6:]}" for n, a, d in STATE_CASES]
+)
 def test_planned_state_equals_allocated_state(name, arch, dtype):
     model = tiny(arch, dtype=dtype)
     opt, variant = _build(name, model)
@@ -79,7 +98,9 @@ def test_planned_state_equals_allocated_state(name, arch, dtype):
     params = tensor_bytes(list(model.parameters()))
     grads = tensor_bytes([p.grad for p in model.parameters() if p.grad is not None])
     measured = params + grads + measured_state
-    assert planned.parameters + planned.gradients + planned.optimizer_state == pytest.approx(measured, rel=0.02)
+    assert planned.parameters + planned.gradients + planned.optimizer_state == pytest.approx(
+        measured, rel=0.02
+    )
 
 
 PEAK_CASES = [
@@ -94,8 +115,11 @@ PEAK_CASES = [
 ] + [("llama", "sdpa", name, torch.float32, 1, 8) for name in ALL if name != "adamw"]
 
 
-@pytest.mark.parametrize(("arch", "attention", "name", "dtype", "b", "s"), PEAK_CASES,
-                         ids=[f"{a}-{att}-{n}-{str(d)[6:]}-{b}x{s}" for a, att, n, d, b, s in PEAK_CASES])
+@pytest.mark.parametrize(
+    ("arch", "attention", "name", "dtype", "b", "s"),
+    PEAK_CASES,
+    ids=[f"{a}-{att}-{n}-{str(d)[6:]}-{b}x{s}" for a, att, n, d, b, s in PEAK_CASES],
+)
 def test_planned_step_peak_is_within_15_percent_of_measured(arch, attention, name, dtype, b, s):
     model = tiny(arch, attention, dtype)
     opt, variant = _build(name, model)

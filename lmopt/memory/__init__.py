@@ -2,7 +2,8 @@
 
 * :func:`plan` -- parameters, master weights, gradients, optimizer state (exact, from the registry's state
   rules), activations and temporaries, for a named model, a transformers config or an ``nn.Module``, under a
-  precision mode, LoRA, micro-batch, sequence length, checkpointing, accumulation, ZeRO/FSDP sharding and offload.
+  precision mode, LoRA, micro-batch, sequence length, checkpointing, accumulation, ZeRO/FSDP sharding and
+  offload.
 * :func:`recommend` -- feasible configurations for a model on N devices of a given memory, ranked.
 * :func:`measure_training_step` -- the same components measured on a real step (CPU or CUDA), to check plans.
 * :func:`model_shape` / :func:`named_shapes` -- per-tensor shapes of named models.
@@ -11,10 +12,10 @@ See docs/memory-planning.md.
 """
 
 from .activations import ACTIVATION_MODELS, ActivationEstimate, estimate_activations
+from .measure import MeasuredMemory, measure_training_step, optimizer_state_bytes, tensor_bytes
 from .planner import PRECISIONS, SHARDING, MemoryPlan, Precision, plan, resolve_optimizer
 from .recommend import OPTIMIZER_LADDER, Recommendation, RecommendationReport, recommend
 from .shapes import Architecture, ModelShape, ParamShape, generic_decoder, model_shape, named_shapes
-from .measure import MeasuredMemory, measure_training_step, optimizer_state_bytes, tensor_bytes
 from .units import format_bytes, parse_bytes
 
 __all__ = [

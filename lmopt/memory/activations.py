@@ -18,19 +18,19 @@ MLP block                   ``e(h + h) + 2 e f + m h``             norm input, f
                                                                    input, dropout mask (gated MLP: ``4 e f``)
 ==========================  =====================================  =========================================
 
-With ``e = 2``, ``A = kv = h``, ``f = 4h`` and 1-byte masks ``m`` this is exactly the paper's ``34 s b h`` plus
-``5 a s^2 b``. Flash attention (Dao et al. 2022) keeps no ``s^2`` tensor (it recomputes the scores and
+With ``e = 2``, ``A = kv = h``, ``f = 4h`` and 1-byte masks ``m`` this is exactly the paper's ``34 s b h``
+plus ``5 a s^2 b``. Flash attention (Dao et al. 2022) keeps no ``s^2`` tensor (it recomputes the scores and
 regenerates the dropout mask) -- the paper's "selective recomputation" of the attention core gives the same
 saving. *Full* recomputation (activation checkpointing of every layer) keeps only each layer's input,
 ``e h`` per token (the paper's ``2 s b h``), and recomputes one layer at a time in the backward pass.
 
 ``"transformers"`` -- what transformers' PyTorch modules actually save (counted with
 ``torch.autograd.graph.saved_tensors_hooks`` on LlamaForCausalLM and GPT2LMHeadModel, transformers 5.x):
-their RMSNorm upcasts its input to fp32 and keeps it (``4 + e`` per element per norm instead of ``e``), GPT-2's
-``gelu_new`` is written in Python and keeps 4 tensors of width ``f`` (5 with the fc2 input), GPT-2's fused QKV
-output is kept whole (``3A``) beside copies of Q and the attention output; SDPA on Llama keeps Q, K, V, the
-output and the log-sum-exp (no ``s^2``), eager attention keeps Q, the repeated K and V, the fp32 softmax and a
-copy of the output.
+their RMSNorm upcasts its input to fp32 and keeps it (``4 + e`` per element per norm instead of ``e``),
+GPT-2's ``gelu_new`` is written in Python and keeps 4 tensors of width ``f`` (5 with the fc2 input), GPT-2's
+fused QKV output is kept whole (``3A``) beside copies of Q and the attention output; SDPA on Llama keeps Q,
+K, V, the output and the log-sum-exp (no ``s^2``), eager attention keeps Q, the repeated K and V, the fp32
+softmax and a copy of the output.
 
 Both add the model's ends: token ids (8 bytes per token), the final norm and LM-head input, and the fp32
 log-softmax of the cross-entropy (``4 V`` per token; transformers and Megatron both compute the loss in fp32).
@@ -65,7 +65,8 @@ class ActivationEstimate:
             its input.
         layer_backward: transient while one block runs backward (gradients of its activations; under full
             checkpointing plus the recomputed block).
-        logits: bytes of the logits (activation dtype) and their fp32 copy, alive at the end of the forward pass.
+        logits: bytes of the logits (activation dtype) and their fp32 copy, alive at the end of the forward
+            pass.
         model: the activation model used; ``notes``: what was assumed.
     """
 
@@ -121,7 +122,9 @@ def _mlp(arch: Architecture, e: int, *, model: str, mask: float) -> float:
     if model == "korthikanti":
         out = e * 2 * h + (4 if arch.gated_mlp else 2) * e * f
     elif arch.family == "gpt2":
-        out = e * 2 * h + 8 + 5 * e * f  # LayerNorm input and stats, c_fc input, gelu_new's 4 tensors + c_proj input
+        out = (
+            e * 2 * h + 8 + 5 * e * f
+        )  # LayerNorm input and stats, c_fc input, gelu_new's 4 tensors + c_proj input
     else:
         out = (4 + e) * h + e * h + (4 if arch.gated_mlp else 2) * e * f
     return out + (mask * h if arch.dropout else 0)
@@ -144,10 +147,10 @@ def estimate_activations(
         arch: the model's :class:`~lmopt.memory.shapes.Architecture`.
         micro_batch, seq_len: sequences per micro-batch and tokens per sequence.
         element_size: bytes per activation element (2 for fp16/bf16 autocast or pure 16-bit, 4 for fp32).
-        flash_attention: attention keeps no ``s x s`` scores (FlashAttention / SDPA's flash or memory-efficient
-            kernels).
-        checkpointing: ``"none"``, ``"selective"`` (recompute the attention core: no ``s x s`` tensors kept) or
-            ``"full"`` (keep each block's input only; recompute one block at a time in backward).
+        flash_attention: attention keeps no ``s x s`` scores (FlashAttention / SDPA's flash or
+            memory-efficient kernels).
+        checkpointing: ``"none"``, ``"selective"`` (recompute the attention core: no ``s x s`` tensors kept)
+            or ``"full"`` (keep each block's input only; recompute one block at a time in backward).
         model: ``"korthikanti"`` or ``"transformers"``.
         mask_bytes: bytes per dropout-mask element (1 on CUDA).
 
@@ -159,7 +162,9 @@ def estimate_activations(
     if model not in ACTIVATION_MODELS:
         raise ValueError(f"activation_model must be one of {list(ACTIVATION_MODELS)}, got {model!r}")
     if checkpointing not in CHECKPOINTING:
-        raise ValueError(f"activation_checkpointing must be one of {list(CHECKPOINTING)}, got {checkpointing!r}")
+        raise ValueError(
+            f"activation_checkpointing must be one of {list(CHECKPOINTING)}, got {checkpointing!r}"
+        )
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch} and {seq_len}")
     e, s, tokens = element_size, seq_len, micro_batch * seq_len
@@ -178,7 +183,7 @@ def estimate_activations(
         per_layer, decoder_extra = e * h, 0.0
     n_blocks = arch.num_layers + arch.encoder_layers
     layers = n_blocks * per_layer + arch.num_layers * decoder_extra
-    norm_final = ((4 + e) * h if model == "transformers" and arch.family != "gpt2" else e * h + 8)
+    norm_final = (4 + e) * h if model == "transformers" and arch.family != "gpt2" else e * h + 8
     ends = 8 + norm_final + e * h + 4 * V  # token ids, final norm, head input, fp32 log-softmax
     if arch.encoder_layers:
         ends += 8 + norm_final  # encoder ids and final norm
@@ -188,8 +193,10 @@ def estimate_activations(
     workspace = e * (2 * h + 2 * arch.intermediate_size)
     layer_backward = workspace + (per_layer_full + decoder_extra if checkpointing == "full" else 0)
     logits = (e + (0 if e == 4 else 4)) * V
-    notes = [f"activations: {model} model, {'flash' if flash_attention else 'materialised'} attention, "
-             f"checkpointing {checkpointing}, {e}-byte activations"]
+    notes = [
+        f"activations: {model} model, {'flash' if flash_attention else 'materialised'} attention, "
+        f"checkpointing {checkpointing}, {e}-byte activations"
+    ]
     return ActivationEstimate(
         per_layer=round(per_layer * tokens),
         per_layer_full=round(per_layer_full * tokens),

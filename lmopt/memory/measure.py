@@ -50,7 +50,7 @@ def _storages(t: Tensor) -> Iterable[tuple[int, int, str]]:
 
 
 def tensor_bytes(tensors: Iterable[Any], seen: set[int] | None = None) -> int:
-    """Bytes of the storages behind ``tensors`` (nested lists/tuples/dicts allowed), each storage counted once.
+    """Bytes of the storages behind ``tensors`` (nested lists/tuples/dicts allowed), each storage once.
 
     ``seen`` (addresses already counted) lets several calls share the once-only rule.
     """
@@ -111,8 +111,10 @@ def _cpu_peak_from_profile(prof: Any) -> int:
             events = json.load(fh)["traceEvents"]
     finally:
         os.unlink(path)
-    mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
-                 key=lambda e: e["ts"])
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+        key=lambda e: e["ts"],
+    )
     if not mem:
         return 0
     start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
@@ -190,5 +192,12 @@ def measure_training_step(
             step()
         peak = baseline + _cpu_peak_from_profile(prof)
         method = "CPU allocator events (torch.profiler profile_memory)"
-    return MeasuredMemory(parameters=parameters, gradients=grads, optimizer_state=state,
-                          activations=sum(saved.values()), peak=peak, baseline=baseline, method=method)
+    return MeasuredMemory(
+        parameters=parameters,
+        gradients=grads,
+        optimizer_state=state,
+        activations=sum(saved.values()),
+        peak=peak,
+        baseline=baseline,
+        method=method,
+    )

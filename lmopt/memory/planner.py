@@ -29,12 +29,13 @@ mode              weights   master    grads     what it is
 ``fp16``          2         --        2         pure fp16, no master
 ================  ========  ========  ========  =========================================================
 
-Data parallelism (``devices=N``, ``sharding=``): ``zero1`` shards master weights and optimizer state, ``zero2``
-also gradients, ``zero3``/``fsdp`` also parameters (Rajbhandari et al. 2020). Sharding is planned as FSDP2 does it,
-per tensor along dimension 0 (device 0 holds ``ceil(d0 / N)`` rows), and the optimizer's state rule is applied to
-the local shard's shape -- the bytes that device's optimizer allocates. Gradient reduce-scatter buckets and
-ZeRO-3's gathered layers (current + prefetched) are counted as temporaries. ``offload="optimizer"`` keeps master
-weights, optimizer state and the step on the host (ZeRO-Offload, Ren et al. 2021).
+Data parallelism (``devices=N``, ``sharding=``): ``zero1`` shards master weights and optimizer state,
+``zero2`` also gradients, ``zero3``/``fsdp`` also parameters (Rajbhandari et al. 2020). Sharding is planned
+as FSDP2 does it, per tensor along dimension 0 (device 0 holds ``ceil(d0 / N)`` rows), and the optimizer's
+state rule is applied to the local shard's shape -- the bytes that device's optimizer allocates. Gradient
+reduce-scatter buckets and ZeRO-3's gathered layers (current + prefetched) are counted as temporaries.
+``offload="optimizer"`` keeps master weights, optimizer state, gradients and the step on the host
+(ZeRO-Offload, Ren et al. 2021); ``"optimizer+params"`` also the parameters (ZeRO-Infinity).
 """
 
 from __future__ import annotations
@@ -84,30 +85,87 @@ class Precision:
 PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
-        Precision("fp32", torch.float32, torch.float32, False, 4, description="fp32 weights, gradients, compute"),
-        Precision("amp-bf16", torch.float32, torch.float32, False, 2, autocast=True,
-                  description="fp32 weights, torch.autocast bf16 compute"),
-        Precision("amp-fp16", torch.float32, torch.float32, False, 2, autocast=True,
-                  description="fp32 weights, torch.autocast fp16 compute (with a GradScaler)"),
-        Precision("mixed-bf16", torch.bfloat16, torch.bfloat16, True, 2,
-                  description="bf16 weights and gradients, fp32 master weights"),
-        Precision("mixed-fp16", torch.float16, torch.float16, True, 2,
-                  description="fp16 weights and gradients, fp32 master weights (loss scaling)"),
-        Precision("bf16", torch.bfloat16, torch.bfloat16, False, 2, description="pure bf16, no master weights"),
-        Precision("bf16-sr", torch.bfloat16, torch.bfloat16, False, 2,
-                  description="pure bf16, stochastic rounding of the update, no master weights"),
-        Precision("bf16-master", torch.bfloat16, torch.bfloat16, True, 2,
-                  description="pure bf16 compute, fp32 master weights kept by the optimizer"),
+        Precision(
+            "fp32", torch.float32, torch.float32, False, 4, description="fp32 weights, gradients, compute"
+        ),
+        Precision(
+            "amp-bf16",
+            torch.float32,
+            torch.float32,
+            False,
+            2,
+            autocast=True,
+            description="fp32 weights, torch.autocast bf16 compute",
+        ),
+        Precision(
+            "amp-fp16",
+            torch.float32,
+            torch.float32,
+            False,
+            2,
+            autocast=True,
+            description="fp32 weights, torch.autocast fp16 compute (with a GradScaler)",
+        ),
+        Precision(
+            "mixed-bf16",
+            torch.bfloat16,
+            torch.bfloat16,
+            True,
+            2,
+            description="bf16 weights and gradients, fp32 master weights",
+        ),
+        Precision(
+            "mixed-fp16",
+            torch.float16,
+            torch.float16,
+            True,
+            2,
+            description="fp16 weights and gradients, fp32 master weights (loss scaling)",
+        ),
+        Precision(
+            "bf16", torch.bfloat16, torch.bfloat16, False, 2, description="pure bf16, no master weights"
+        ),
+        Precision(
+            "bf16-sr",
+            torch.bfloat16,
+            torch.bfloat16,
+            False,
+            2,
+            description="pure bf16, stochastic rounding of the update, no master weights",
+        ),
+        Precision(
+            "bf16-master",
+            torch.bfloat16,
+            torch.bfloat16,
+            True,
+            2,
+            description="pure bf16 compute, fp32 master weights kept by the optimizer",
+        ),
         Precision("fp16", torch.float16, torch.float16, False, 2, description="pure fp16, no master weights"),
     )
 }
-_PRECISION_ALIASES = {"mixed": "mixed-bf16", "amp": "amp-bf16", "bf16-mixed": "mixed-bf16",
-                      "fp16-mixed": "mixed-fp16", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
-                      "pure-bf16": "bf16", "stochastic-rounding": "bf16-sr"}
+_PRECISION_ALIASES = {
+    "mixed": "mixed-bf16",
+    "amp": "amp-bf16",
+    "bf16-mixed": "mixed-bf16",
+    "fp16-mixed": "mixed-fp16",
+    "float32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "pure-bf16": "bf16",
+    "stochastic-rounding": "bf16-sr",
+}
 
 #: sharding name -> ZeRO stage (0: replicated)
-SHARDING: dict[str, int] = {"none": 0, "ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3,
-                            "fsdp-grad-op": 2}
+SHARDING: dict[str, int] = {
+    "none": 0,
+    "ddp": 0,
+    "zero1": 1,
+    "zero2": 2,
+    "zero3": 3,
+    "fsdp": 3,
+    "fsdp-grad-op": 2,
+}
 OFFLOAD = ("none", "optimizer", "optimizer+params")
 TRAINABLE = ("full", "lora")
 
@@ -117,20 +175,22 @@ def _precision(name: str | None, shape: ModelShape) -> Precision:
         dtypes = {p.dtype for p in shape.params if p.dtype is not None}
         if not dtypes:
             return PRECISIONS["mixed-bf16"]
-        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(max(
-            dtypes, key=lambda d: sum(p.numel for p in shape.params if p.dtype == d)), "fp32")
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+            max(dtypes, key=lambda d: sum(p.numel for p in shape.params if p.dtype == d)), "fp32"
+        )
     if not isinstance(name, str):
         raise ValueError(f"precision must be a string, one of {list(PRECISIONS)}, got {name!r}")
     key = name.strip().lower().replace("_", "-")
     key = _PRECISION_ALIASES.get(key, key)
     if key not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)} (or {list(_PRECISION_ALIASES)}), "
-                         f"got {name!r}")
+        raise ValueError(
+            f"precision must be one of {list(PRECISIONS)} (or {list(_PRECISION_ALIASES)}), got {name!r}"
+        )
     return PRECISIONS[key]
 
 
 def resolve_optimizer(name: str) -> tuple[OptimizerSpec, dict[str, Any]]:
-    """The registry entry and implied hyperparameters of ``name``; an unknown name lists what is registered."""
+    """The registry entry and implied hyperparameters of ``name``; an unknown name lists the registered."""
     try:
         return resolve_name(name)
     except ValueError as err:
@@ -209,10 +269,15 @@ class MemoryPlan:
 
     def summary(self) -> str:
         """A few readable lines."""
-        fits = "" if self.fits is None else (" - fits" if self.fits else " - does NOT fit") + (
-            f" in {format_bytes(self.device_memory)}" if self.device_memory else "")
+        fits = (
+            ""
+            if self.fits is None
+            else (" - fits" if self.fits else " - does NOT fit")
+            + (f" in {format_bytes(self.device_memory)}" if self.device_memory else "")
+        )
         lines = [
-            f"{self.model} / {self.optimizer} / {self.precision} / {self.trainable} on {self.devices} device(s) "
+            f"{self.model} / {self.optimizer} / {self.precision} / {self.trainable} "
+            f"on {self.devices} device(s) "
             f"({self.sharding}, offload {self.offload}), micro-batch {self.micro_batch} x {self.seq_len}",
             f"  parameters {format_bytes(self.parameters)}, master {format_bytes(self.master_weights)}, "
             f"gradients {format_bytes(self.gradients)}, optimizer state {format_bytes(self.optimizer_state)}",
@@ -227,7 +292,7 @@ class MemoryPlan:
         return self.summary()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 def _shard(shape: tuple[int, ...], n: int) -> tuple[int, ...]:
     if n == 1 or not shape:
         return shape
@@ -254,7 +319,9 @@ def _lora_params(shape: ModelShape, rank: int, modules: Sequence[str] | str | No
         out.append(ParamShape(f"{base}.lora_B.weight", (d_out, rank), "matrix", p.dtype, True))
     if not all_linear and not matched:
         names = sorted({p.module for p in shape.params if p.role == "matrix"})
-        raise ValueError(f"lora_modules {sorted(targets)} match no matrix of {shape.name}; its modules: {names}")
+        raise ValueError(
+            f"lora_modules {sorted(targets)} match no matrix of {shape.name}; its modules: {names}"
+        )
     return tuple(out)
 
 
@@ -270,8 +337,13 @@ def _hyper_key(spec: OptimizerSpec, hyper: Mapping[str, Any]) -> tuple | None:
         return None
 
 
-def _state_tensors(spec: OptimizerSpec, hyper: Mapping[str, Any], hyper_key: tuple | None, shape: tuple[int, ...],
-                   dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype, int]]:
+def _state_tensors(
+    spec: OptimizerSpec,
+    hyper: Mapping[str, Any],
+    hyper_key: tuple | None,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+) -> list[tuple[str, tuple[int, ...], torch.dtype, int]]:
     """``spec``'s state rule for one tensor, as (name, shape, dtype, bytes); memoised (rules are pure)."""
     key = None if hyper_key is None else (*hyper_key, shape, dtype)
     if key is not None and key in _STATE_CACHE:
@@ -284,8 +356,9 @@ def _state_tensors(spec: OptimizerSpec, hyper: Mapping[str, Any], hyper_key: tup
     return out
 
 
-def _state(spec: OptimizerSpec, hyper: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], torch.dtype]]
-           ) -> tuple[int, dict[str, int]]:
+def _state(
+    spec: OptimizerSpec, hyper: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], torch.dtype]]
+) -> tuple[int, dict[str, int]]:
     total, by_name, key = 0, {}, _hyper_key(spec, hyper)
     for (shape, dtype), count in Counter(shapes).items():
         for name, _, _, nbytes in _state_tensors(spec, hyper, key, shape, dtype):
@@ -310,23 +383,39 @@ def _step_implementation(spec: OptimizerSpec, hyper: Mapping[str, Any], fused_ok
     return str(impl)
 
 
-def _step_buffers(spec: OptimizerSpec, hyper: Mapping[str, Any], local: list[tuple[int, ...]],
-                  dtype: torch.dtype, upcast_grads: bool, device: str) -> tuple[int, str]:
+def _step_buffers(
+    spec: OptimizerSpec,
+    hyper: Mapping[str, Any],
+    local: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    upcast_grads: bool,
+    device: str,
+) -> tuple[int, str]:
     """Bytes the optimizer step allocates on top of its state, and the implementation assumed.
 
-    Per parameter: one fp32 intermediate (Adam's denominator, RMSprop's average, ...), fp32 copies of a
-    low-precision parameter and gradient, and an fp32 copy of each parameter-sized state tensor kept in another
-    dtype (bf16 or quantized moments are upcast for the math). A fused kernel allocates none; the multi-tensor
-    (foreach) path holds these for a whole list of tensors at once, the per-tensor path for one tensor at a time.
+    Per parameter: one fp32 intermediate (Adam's denominator, RMSprop's average, ...; none for SGD, whose
+    state is at most a momentum buffer updated in place), fp32 copies of a low-precision parameter and
+    gradient, and an fp32 copy of each parameter-sized state tensor kept in another dtype (bf16 or quantized
+    moments are upcast for the math). A fused kernel allocates none; the multi-tensor (foreach) path holds
+    these for a whole list of tensors at once, the per-tensor path for one tensor at a time.
     """
     per_param, fused_ok, key = [], True, _hyper_key(spec, hyper)
     for shape, count in Counter(local).items():
         numel = math.prod(shape)
-        wide = [t_dtype for _, t_shape, t_dtype, _ in _state_tensors(spec, hyper, key, shape, dtype)
-                if math.prod(t_shape) == numel and numel > 1]
-        fused_ok &= all(t_dtype == dtype for t_dtype in wide)
-        extra = 4 * numel * (1 + (2 if dtype != torch.float32 else (1 if upcast_grads else 0)))
-        extra += sum(4 * numel for t_dtype in wide if t_dtype != torch.float32)
+        wide = [
+            (name, t_dtype)
+            for name, t_shape, t_dtype, _ in _state_tensors(spec, hyper, key, shape, dtype)
+            if math.prod(t_shape) == numel and numel > 1
+        ]
+        fused_ok &= all(t_dtype == dtype for _, t_dtype in wide)
+        # SGD (no state, or only a momentum buffer) updates in place; the others build a denominator/direction
+        in_place = all(name == "momentum_buffer" for name, _ in wide)
+        extra = (
+            4
+            * numel
+            * ((0 if in_place else 1) + (2 if dtype != torch.float32 else (1 if upcast_grads else 0)))
+        )
+        extra += sum(4 * numel for _, t_dtype in wide if t_dtype != torch.float32)
         per_param.append((extra, count))
     impl = _step_implementation(spec, hyper, fused_ok, device)
     if impl == "fused":
@@ -363,18 +452,19 @@ def plan(
         model: a name (``"llama-2-7b"``, ``"gpt2-xl"``, ``"7B"``; see :func:`lmopt.memory.named_shapes`), a
             transformers config, an ``nn.Module`` or a :class:`~lmopt.memory.ModelShape`.
         optimizer: a registry name or alias (``lmopt list``); its state is read from its registry entry.
-        optimizer_kwargs: hyperparameters that change the state (``amsgrad=True``, ``state_dtype="bf16"``, ...).
+        optimizer_kwargs: hyperparameters that change the state (``amsgrad=True``, ``state_dtype="bf16"``).
         precision: a mode of :data:`PRECISIONS` (default: the module's dtype, else ``"mixed-bf16"``).
         trainable: ``"full"`` or ``"lora"`` (base weights frozen, adapters of rank ``lora_rank`` on
             ``lora_modules``: module names like ``("q_proj", "v_proj")``, default every hidden matrix --
             QLoRA's "all linear layers" practice, Dettmers et al. 2023).
         micro_batch, seq_len: sequences per micro-batch and their length (default the model's context,
             capped at 4096).
-        activation_checkpointing: ``"none"``, ``"selective"`` or ``"full"`` (see :mod:`~lmopt.memory.activations`).
+        activation_checkpointing: ``"none"``, ``"selective"`` or ``"full"`` (see
+            :mod:`~lmopt.memory.activations`).
         flash_attention: attention keeps no ``s x s`` scores (default: True, or what a transformers model's
             ``attn_implementation`` says).
-        activation_model: ``"korthikanti"`` (default for names) or ``"transformers"`` (default for transformers
-            models and configs: what their modules save).
+        activation_model: ``"korthikanti"`` (default for names) or ``"transformers"`` (default for
+            transformers models and configs: what their modules save).
         grad_accumulation: micro-batches per optimizer step; > 1 keeps gradients alive through every forward.
         devices, sharding: data-parallel devices and ``"none"``, ``"zero1"``, ``"zero2"``, ``"zero3"``/
             ``"fsdp"`` (``"fsdp-grad-op"`` = zero2).
@@ -396,8 +486,12 @@ def plan(
     prec = _precision(precision, shape)
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {list(TRAINABLE)}, got {trainable!r}")
-    for name, value in (("micro_batch", micro_batch), ("grad_accumulation", grad_accumulation),
-                        ("devices", devices), ("lora_rank", lora_rank)):
+    for name, value in (
+        ("micro_batch", micro_batch),
+        ("grad_accumulation", grad_accumulation),
+        ("devices", devices),
+        ("lora_rank", lora_rank),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
@@ -407,10 +501,13 @@ def plan(
     if offload not in OFFLOAD:
         raise ValueError(f"offload must be one of {list(OFFLOAD)}, got {offload!r}")
     if activation_checkpointing not in CHECKPOINTING:
-        raise ValueError(f"activation_checkpointing must be one of {list(CHECKPOINTING)}, "
-                         f"got {activation_checkpointing!r}")
+        raise ValueError(
+            f"activation_checkpointing must be one of {list(CHECKPOINTING)}, got {activation_checkpointing!r}"
+        )
     if activation_model is not None and activation_model not in ACTIVATION_MODELS:
-        raise ValueError(f"activation_model must be one of {list(ACTIVATION_MODELS)}, got {activation_model!r}")
+        raise ValueError(
+            f"activation_model must be one of {list(ACTIVATION_MODELS)}, got {activation_model!r}"
+        )
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     stage = SHARDING[sharding]
@@ -422,13 +519,18 @@ def plan(
 
     params = _lora_params(shape, lora_rank, lora_modules) if trainable == "lora" else shape.params
     n = devices if stage else 1
-    p_bytes, g_bytes, o_dtype = (_element_size(prec.param_dtype), _element_size(prec.grad_dtype),
-                                 prec.optimizer_dtype)
+    p_bytes, g_bytes, o_dtype = (
+        _element_size(prec.param_dtype),
+        _element_size(prec.grad_dtype),
+        prec.optimizer_dtype,
+    )
     frozen_bytes = p_bytes  # frozen weights are kept in the working dtype
 
     # ---- static components (device 0)
-    parameters = sum(math.prod(_shard(p.shape, n if stage == 3 else 1)) * (p_bytes if p.trainable else frozen_bytes)
-                     for p in params)
+    parameters = sum(
+        math.prod(_shard(p.shape, n if stage == 3 else 1)) * (p_bytes if p.trainable else frozen_bytes)
+        for p in params
+    )
     train = [p for p in params if p.trainable]
     local = [_shard(p.shape, n if stage >= 1 else 1) for p in train]
     gradients = sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) * g_bytes for p in train)
@@ -438,8 +540,10 @@ def plan(
     if offload != "none":
         host = master + state + sum(math.prod(s) * 4 for s in local)  # + fp32 gradients for the host step
         master_dev, state_dev = 0, 0
-        notes.append("offload: gradients stream to the host, where master weights, optimizer state and the step "
-                     "live (ZeRO-Offload); the device keeps one block's gradients at a time")
+        notes.append(
+            "offload: gradients stream to the host, where master weights, optimizer state and the step "
+            "live (ZeRO-Offload); the device keeps one block's gradients at a time"
+        )
     else:
         master_dev, state_dev = master, state
     params_dev = parameters
@@ -452,9 +556,18 @@ def plan(
     seq = seq_len or (min(arch.max_seq_len, 4096) if arch else 1)
     if arch is not None:
         flash = (arch.attention != "eager") if flash_attention is None else bool(flash_attention)
-        act_model = activation_model or ("transformers" if arch.implementation == "transformers" else "korthikanti")
-        act = estimate_activations(arch, micro_batch=micro_batch, seq_len=seq, element_size=prec.activation_bytes,
-                                   flash_attention=flash, checkpointing=activation_checkpointing, model=act_model)
+        act_model = activation_model or (
+            "transformers" if arch.implementation == "transformers" else "korthikanti"
+        )
+        act = estimate_activations(
+            arch,
+            micro_batch=micro_batch,
+            seq_len=seq,
+            element_size=prec.activation_bytes,
+            flash_attention=flash,
+            checkpointing=activation_checkpointing,
+            model=act_model,
+        )
         notes.extend(act.notes)
         vocab_tokens_fp32 = 4 * arch.vocab_size * micro_batch * seq
     else:
@@ -466,13 +579,24 @@ def plan(
     # ---- the step, phase by phase (device 0)
     layers = shape.layers()
     layer_param_bytes = max((sum(p.numel for p in ps) * p_bytes for k, ps in layers.items() if k), default=0)
-    layer_grads = max((sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) for p in ps if p.trainable) * g_bytes
-                       for k, ps in layers.items() if k), default=0)
-    layer_grads_full = max((sum(p.numel for p in ps if p.trainable) * g_bytes for k, ps in layers.items() if k),
-                           default=0)
-    head = [p for p in train if p.role == "head"] or [p for p in train if p.role == "embedding"
-                                                       and shape.architecture is not None
-                                                       and p.shape[0] == shape.architecture.vocab_size]
+    layer_grads = max(
+        (
+            sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) for p in ps if p.trainable) * g_bytes
+            for k, ps in layers.items()
+            if k
+        ),
+        default=0,
+    )
+    layer_grads_full = max(
+        (sum(p.numel for p in ps if p.trainable) * g_bytes for k, ps in layers.items() if k), default=0
+    )
+    head = [p for p in train if p.role == "head"] or [
+        p
+        for p in train
+        if p.role == "embedding"
+        and shape.architecture is not None
+        and p.shape[0] == shape.architecture.vocab_size
+    ]
     head_grads = sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) for p in head[:1]) * g_bytes
     tied = bool(head) and head[0].role == "embedding"
 
@@ -495,27 +619,45 @@ def plan(
     tokens_V = vocab_tokens_fp32 // 4
     events: dict[str, dict[str, int]] = {
         "forward end": {"gradients": kept_grads, "activations": A, "temporaries": fwd_extra + act.logits},
-        "loss backward": {"gradients": kept_grads, "activations": A,
-                          "temporaries": fwd_extra + act.loss_backward},
-        "head backward": {"gradients": max(kept_grads, head_grads), "activations": A - vocab_tokens_fp32,
-                          "temporaries": fwd_extra + e * tokens_V + (head_grads if kept_grads else 0)},
-        "block backward": {"gradients": max(kept_grads, head_grads + layer_grads),
-                           "activations": A - vocab_tokens_fp32,
-                           "temporaries": fwd_extra + act.layer_backward + comm},
+        "loss backward": {
+            "gradients": kept_grads,
+            "activations": A,
+            "temporaries": fwd_extra + act.loss_backward,
+        },
+        "head backward": {
+            "gradients": max(kept_grads, head_grads),
+            "activations": A - vocab_tokens_fp32,
+            "temporaries": fwd_extra + e * tokens_V + (head_grads if kept_grads else 0),
+        },
+        "block backward": {
+            "gradients": max(kept_grads, head_grads + layer_grads),
+            "activations": A - vocab_tokens_fp32,
+            "temporaries": fwd_extra + act.layer_backward + comm,
+        },
         # a tied embedding's second gradient (from the lookup) is summed into the head's out of place
-        "backward end": {"gradients": grads_dev, "activations": 0,
-                         "temporaries": (2 * head_grads if tied else 0) + comm},
+        "backward end": {
+            "gradients": grads_dev,
+            "activations": 0,
+            "temporaries": (2 * head_grads if tied else 0) + comm,
+        },
     }
     step_buffers, impl = _step_buffers(spec, hyper, local, o_dtype, prec.master, device)
-    events["optimizer step"] = {"gradients": grads_dev, "activations": 0,
-                                "temporaries": 0 if offload != "none" else step_buffers}
+    events["optimizer step"] = {
+        "gradients": grads_dev,
+        "activations": 0,
+        "temporaries": 0 if offload != "none" else step_buffers,
+    }
     if offload != "none":
         host += step_buffers
     phases = {k: resident + sum(v.values()) for k, v in events.items()}
     peak_phase = max(phases, key=phases.get)
     temporaries = max(v["temporaries"] for v in events.values())
-    at_peak = {"parameters": params_dev, "master_weights": master_dev, "optimizer_state": state_dev,
-               **events[peak_phase]}
+    at_peak = {
+        "parameters": params_dev,
+        "master_weights": master_dev,
+        "optimizer_state": state_dev,
+        **events[peak_phase],
+    }
     notes.append(f"optimizer step: {impl} implementation assumed")
     if prec.name == "bf16-sr":
         notes.append("stochastic rounding needs no memory beyond pure bf16")

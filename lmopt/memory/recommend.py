@@ -11,13 +11,14 @@ Ranking (a lexicographic key, stated in each result's ``reason``):
    parallelism: all-reduce = reduce-scatter + all-gather; Rajbhandari et al. 2020), then ZeRO-3 (1.5x the
    traffic), then optimizer offload (the step runs on the host, gradients cross PCIe), then parameter offload;
 2. the optimizer's tier: full-precision AdamW (the reference), then 8-bit AdamW (Dettmers et al. 2022: matches
-   AdamW), then the factored / block / 4-bit / sign optimizers (Adafactor, CAME, Adam-mini, 4-bit AdamW, Lion);
+   AdamW), then the factored / block / 4-bit / sign optimizers (Adafactor, CAME, Adam-mini, 4-bit AdamW,
+   Lion);
 3. mixed precision with fp32 master weights before pure bf16 with stochastic rounding;
 4. no activation checkpointing before full checkpointing (~1/3 more compute; Korthikanti et al. 2022);
 5. the larger micro-batch, then the smaller peak.
 
-A plan fits when its peak is at most ``usable_fraction`` (default 0.95) of the device memory: the CUDA context,
-allocator fragmentation and communication buffers take the rest.
+A plan fits when its peak is at most ``usable_fraction`` (default 0.95) of the device memory: the CUDA
+context, allocator fragmentation and communication buffers take the rest.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ __all__ = ["OPTIMIZER_LADDER", "Recommendation", "RecommendationReport", "recomm
 
 #: (registry name, tier, why) in the order the recommender prefers them
 OPTIMIZER_LADDER: tuple[tuple[str, int, str], ...] = (
-    ("adamw", 0, "full-precision AdamW, the reference optimizer"),
-    ("adamw8bit", 1, "8-bit AdamW: state 4x smaller, matches AdamW (Dettmers et al. 2022)"),
-    ("adam_mini", 2, "Adam-mini: one second moment per block, half of AdamW's state (Zhang et al. 2024)"),
-    ("adamw4bit", 2, "4-bit AdamW: state 8x smaller (Li et al. 2023)"),
-    ("came", 2, "CAME: factored, confidence-guided (Luo et al. 2023)"),
-    ("adafactor", 2, "Adafactor: factored second moment, almost no state (Shazeer & Stern 2018)"),
-    ("lion", 2, "Lion: one momentum (Chen et al. 2023)"),
+    ("adamw", 0, "AdamW, the reference"),
+    ("adamw8bit", 1, "8-bit AdamW: 1/4 of the state, AdamW's quality (Dettmers et al. 2022)"),
+    ("adam_mini", 2, "Adam-mini: 1/2 of the state (Zhang et al. 2024)"),
+    ("adamw4bit", 2, "4-bit AdamW: 1/8 of the state (Li et al. 2023)"),
+    ("came", 2, "CAME: factored state (Luo et al. 2023)"),
+    ("adafactor", 2, "Adafactor: factored state (Shazeer & Stern 2018)"),
+    ("lion", 2, "Lion: one moment (Chen et al. 2023)"),
 )
 TASKS = ("pretrain", "finetune", "lora")
 
@@ -93,7 +94,8 @@ class RecommendationReport:
 
 
 def _shardings(devices: int) -> list[str]:
-    return ["none"] if devices == 1 else ["none", "zero1", "zero2", "zero3"]
+    # on one device ZeRO-3 only matters with parameter offload (ZeRO-Infinity)
+    return ["none", "zero3"] if devices == 1 else ["none", "zero1", "zero2", "zero3"]
 
 
 def recommend(
@@ -107,13 +109,14 @@ def recommend(
     lora_rank: int = 16,
     optimizers: Sequence[str] | None = None,
     usable_fraction: float = 0.95,
+    host_memory: str | int | None = None,
     max_results: int = 10,
 ) -> RecommendationReport:
     """Feasible training configurations for ``model`` on ``devices`` devices of ``device_memory`` each.
 
     Args:
-        model: anything :func:`~lmopt.memory.plan` takes (a name like ``"13B"`` or ``"llama-2-13b"``, a config,
-            a module).
+        model: anything :func:`~lmopt.memory.plan` takes (a name like ``"13B"`` or ``"llama-2-13b"``, a
+            config, a module).
         devices: data-parallel devices.
         device_memory: memory of one device (``"80GB"``, ``"24GiB"``, or bytes).
         task: ``"pretrain"``, ``"finetune"`` (all weights trained) or ``"lora"`` (adapters of ``lora_rank``).
@@ -121,6 +124,8 @@ def recommend(
         seq_len: sequence length (default: the model's context, capped at 4096).
         optimizers: registry names to consider (default: :data:`OPTIMIZER_LADDER`, those registered).
         usable_fraction: share of ``device_memory`` a plan's peak may use.
+        host_memory: host memory per device available to offloading (default: not limited; offloaded
+            configurations say how much they need).
         max_results: how many configurations to return.
 
     Returns:
@@ -140,6 +145,7 @@ def recommend(
     if not 0 < usable_fraction <= 1:
         raise ValueError(f"usable_fraction must be in (0, 1], got {usable_fraction!r}")
     memory = parse_bytes(device_memory)
+    host_limit = None if host_memory is None else parse_bytes(host_memory, "host_memory")
     limit = int(memory * usable_fraction)
     shape = model_shape(model)
     registered = {s.name for s in list_optimizers()}
@@ -152,10 +158,11 @@ def recommend(
     skipped = tuple(n for n, _, _ in ladder if n not in registered)
     ladder = [entry for entry in ladder if entry[0] in registered]
     if not ladder:
-        raise ValueError(f"none of the optimizers to consider is registered; registered: {sorted(registered)}")
+        raise ValueError(
+            f"none of the optimizers to consider is registered; registered: {sorted(registered)}"
+        )
 
-    precisions = [("mixed-bf16", 0, "bf16 mixed precision with fp32 master weights"),
-                  ("bf16-sr", 1, "pure bf16 with stochastic rounding (no fp32 master copy)")]
+    precisions = [("mixed-bf16", 0, ""), ("bf16-sr", 1, "no fp32 master copy")]
     batches = [micro_batch]
     while batches[-1] > 1:
         batches.append(batches[-1] // 2)
@@ -167,48 +174,88 @@ def recommend(
         for prec, prec_tier, prec_why in precisions:
             for sharding in _shardings(devices):
                 for offload in ("none", "optimizer") + (("optimizer+params",) if sharding == "zero3" else ()):
+                    if devices == 1 and sharding == "zero3" and offload != "optimizer+params":
+                        continue
                     for ckpt in ("none", "full"):
                         for mb in batches:  # largest micro-batch that fits
-                            p = plan(shape, opt, precision=prec, trainable=trainable, lora_rank=lora_rank,
-                                     micro_batch=mb, seq_len=seq_len, activation_checkpointing=ckpt,
-                                     devices=devices, sharding=sharding, offload=offload, device_memory=memory)
+                            p = plan(
+                                shape,
+                                opt,
+                                precision=prec,
+                                trainable=trainable,
+                                lora_rank=lora_rank,
+                                micro_batch=mb,
+                                seq_len=seq_len,
+                                activation_checkpointing=ckpt,
+                                devices=devices,
+                                sharding=sharding,
+                                offload=offload,
+                                device_memory=memory,
+                            )
                             if closest is None or p.peak < closest.peak:
                                 closest = p
-                            if p.peak <= limit:
+                            if p.peak <= limit and (host_limit is None or p.host_memory <= host_limit):
                                 heavy = {"none": 0, "optimizer": 2, "optimizer+params": 3}[offload] or int(
-                                    sharding == "zero3")
+                                    sharding == "zero3"
+                                )
                                 key = (heavy, tier, prec_tier, ckpt != "none", -mb, p.peak)
-                                parts = [why, prec_why]
-                                if sharding != "none":
-                                    parts.append({"zero1": "ZeRO-1 shards master weights and state",
-                                                  "zero2": "ZeRO-2 also shards gradients",
-                                                  "zero3": "ZeRO-3 also shards parameters (1.5x the traffic)"}
-                                                 [sharding])
-                                if offload != "none":
-                                    parts.append("optimizer state and step on the host (slower steps)")
+                                parts = [why] + ([prec_why] if prec_why else [])
+                                light = (
+                                    "no speed cost"
+                                    if sharding == "none"
+                                    else f"ZeRO-{sharding[-1]}: data parallelism's traffic"
+                                )
+                                parts.append(
+                                    (
+                                        light,
+                                        "ZeRO-3: 1.5x the traffic",
+                                        "offload: the step runs on the host",
+                                        "offload of parameters and state: slowest",
+                                    )[heavy]
+                                )
                                 if ckpt != "none":
-                                    parts.append("full activation checkpointing (~1/3 more compute)")
-                                parts.append(f"peak {format_bytes(p.peak)} of {format_bytes(memory)}")
-                                rec = Recommendation(0, opt, prec, sharding, offload, ckpt, mb, p, "; ".join(parts))
+                                    parts.append("recompute: ~1/3 more compute")
+                                if p.host_memory:
+                                    parts.append(f"host needs {format_bytes(p.host_memory)}")
+                                rec = Recommendation(
+                                    0, opt, prec, sharding, offload, ckpt, mb, p, "; ".join(parts)
+                                )
                                 found.append((key, rec))
                                 break
     found.sort(key=lambda kv: kv[0])
     # keep the best entry per (optimizer, precision, sharding, offload, checkpointing) and renumber
-    ranked = [Recommendation(i + 1, r.optimizer, r.precision, r.sharding, r.offload, r.checkpointing,
-                             r.micro_batch, r.plan, r.reason) for i, (_, r) in enumerate(found[:max_results])]
+    ranked = [
+        Recommendation(
+            i + 1,
+            r.optimizer,
+            r.precision,
+            r.sharding,
+            r.offload,
+            r.checkpointing,
+            r.micro_batch,
+            r.plan,
+            r.reason,
+        )
+        for i, (_, r) in enumerate(found[:max_results])
+    ]
     usable = f"{format_bytes(limit)} usable of {format_bytes(memory)}"
     if ranked:
         best = ranked[0]
-        message = (f"{len(found)} configuration(s) fit {shape.name} on {devices} x {format_bytes(memory)} "
-                   f"({usable}); best: {best.optimizer}, {best.precision}, sharding {best.sharding}, offload "
-                   f"{best.offload}, checkpointing {best.checkpointing}, micro-batch {best.micro_batch}.")
+        message = (
+            f"{len(found)} configuration(s) fit {shape.name} on {devices} x {format_bytes(memory)} "
+            f"({usable}); best: {best.optimizer}, {best.precision}, sharding {best.sharding}, offload "
+            f"{best.offload}, checkpointing {best.checkpointing}, micro-batch {best.micro_batch}."
+        )
     else:
         assert closest is not None
-        message = (f"Nothing fits: {shape.name} ({task}) needs at least {format_bytes(closest.peak)} per device "
-                   f"(with {closest.optimizer}, {closest.precision}, sharding {closest.sharding}, offload "
-                   f"{closest.offload}, checkpointing {closest.activation_checkpointing}, micro-batch 1), but "
-                   f"{devices} x {format_bytes(memory)} gives {usable}. Use more or larger devices"
-                   + (", LoRA (task='lora')" if task != "lora" else "") + " or shorter sequences.")
+        message = (
+            f"Nothing fits: {shape.name} ({task}) needs at least {format_bytes(closest.peak)} per device "
+            f"(with {closest.optimizer}, {closest.precision}, sharding {closest.sharding}, offload "
+            f"{closest.offload}, checkpointing {closest.activation_checkpointing}, micro-batch 1), but "
+            f"{devices} x {format_bytes(memory)} gives {usable}. Use more or larger devices"
+            + (", LoRA (task='lora')" if task != "lora" else "")
+            + " or shorter sequences."
+        )
     if skipped:
         message += f" Not registered here, so not considered: {', '.join(skipped)}."
     return RecommendationReport(shape.name, devices, memory, task, tuple(ranked), message, closest, skipped)

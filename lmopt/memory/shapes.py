@@ -1,15 +1,15 @@
 """Model shapes for memory planning: every parameter tensor's shape, plus what activations depend on.
 
-The planner needs the per-tensor shapes, not only a parameter count: factored optimizers (Adafactor, CAME) keep
-``rows + cols`` statistics per matrix, quantized optimizers keep one scale per block of a tensor and full-precision
-state for small tensors, so state bytes are only exact when computed tensor by tensor.
+The planner needs the per-tensor shapes, not only a parameter count: factored optimizers (Adafactor, CAME)
+keep ``rows + cols`` statistics per matrix, quantized optimizers keep one scale per block of a tensor and
+full-precision state for small tensors, so state bytes are only exact when computed tensor by tensor.
 
 A :class:`ModelShape` comes from
 
-* a name (:func:`model_shape`): GPT-2 small/medium/large/XL, LLaMA-1/2 7B/13B/70B (LLaMA-1 65B), Llama-3 8B/70B,
-  Mistral 7B, T5-3B/11B, and ``"NB"`` (e.g. ``"7B"``, ``"1.5B"``) for a generic LLaMA-style decoder of N billion
-  parameters. The tensors are generated in pure Python with the names and shapes transformers gives them
-  (tests check this against transformers' models built on the meta device);
+* a name (:func:`model_shape`): GPT-2 small/medium/large/XL, LLaMA-1/2 7B/13B/70B (LLaMA-1 65B), Llama-3
+  8B/70B, Mistral 7B, T5-3B/11B, and ``"NB"`` (e.g. ``"7B"``, ``"1.5B"``) for a generic LLaMA-style decoder
+  of N billion parameters. The tensors are generated in pure Python with the names and shapes transformers
+  gives them (tests check this against transformers' models built on the meta device);
 * a transformers config (``LlamaConfig``, ``GPT2Config``, ...): the model is built on the meta device (no
   memory) and read like a module;
 * an ``nn.Module``: its parameters, roles from :func:`lmopt.classify_parameters`, and architecture from
@@ -136,10 +136,21 @@ class ModelShape:
         return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # generators, with transformers' parameter names
-def _llama(name: str, *, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int,
-           context: int, tied: bool = False, family: str = "llama") -> ModelShape:
+def _llama(
+    name: str,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    ffn: int,
+    vocab: int,
+    context: int,
+    tied: bool = False,
+    family: str = "llama",
+) -> ModelShape:
     hd = hidden // heads
     params = [ParamShape("model.embed_tokens.weight", (vocab, hidden), "embedding")]
     for i in range(layers):
@@ -158,38 +169,67 @@ def _llama(name: str, *, layers: int, hidden: int, heads: int, kv_heads: int, ff
     params.append(ParamShape("model.norm.weight", (hidden,), "norm"))
     if not tied:
         params.append(ParamShape("lm_head.weight", (vocab, hidden), "head"))
-    arch = Architecture(family, layers, hidden, heads, kv_heads, hd, ffn, vocab, gated_mlp=True,
-                        max_seq_len=context)
+    arch = Architecture(
+        family, layers, hidden, heads, kv_heads, hd, ffn, vocab, gated_mlp=True, max_seq_len=context
+    )
     return ModelShape(name, tuple(params), arch)
 
 
-def _gpt2(name: str, *, layers: int, hidden: int, heads: int, vocab: int = 50257, context: int = 1024) -> ModelShape:
+def _gpt2(
+    name: str, *, layers: int, hidden: int, heads: int, vocab: int = 50257, context: int = 1024
+) -> ModelShape:
     # transformers' GPT-2 uses Conv1D: weights are stored (in, out); the LM head is tied to wte
-    params = [ParamShape("transformer.wte.weight", (vocab, hidden), "embedding"),
-              ParamShape("transformer.wpe.weight", (context, hidden), "embedding")]
+    params = [
+        ParamShape("transformer.wte.weight", (vocab, hidden), "embedding"),
+        ParamShape("transformer.wpe.weight", (context, hidden), "embedding"),
+    ]
     for i in range(layers):
         p = f"transformer.h.{i}."
         params += [
-            ParamShape(p + "ln_1.weight", (hidden,), "norm"), ParamShape(p + "ln_1.bias", (hidden,), "norm"),
+            ParamShape(p + "ln_1.weight", (hidden,), "norm"),
+            ParamShape(p + "ln_1.bias", (hidden,), "norm"),
             ParamShape(p + "attn.c_attn.weight", (hidden, 3 * hidden), "matrix"),
             ParamShape(p + "attn.c_attn.bias", (3 * hidden,), "bias"),
             ParamShape(p + "attn.c_proj.weight", (hidden, hidden), "matrix"),
             ParamShape(p + "attn.c_proj.bias", (hidden,), "bias"),
-            ParamShape(p + "ln_2.weight", (hidden,), "norm"), ParamShape(p + "ln_2.bias", (hidden,), "norm"),
+            ParamShape(p + "ln_2.weight", (hidden,), "norm"),
+            ParamShape(p + "ln_2.bias", (hidden,), "norm"),
             ParamShape(p + "mlp.c_fc.weight", (hidden, 4 * hidden), "matrix"),
             ParamShape(p + "mlp.c_fc.bias", (4 * hidden,), "bias"),
             ParamShape(p + "mlp.c_proj.weight", (4 * hidden, hidden), "matrix"),
             ParamShape(p + "mlp.c_proj.bias", (hidden,), "bias"),
         ]
-    params += [ParamShape("transformer.ln_f.weight", (hidden,), "norm"),
-               ParamShape("transformer.ln_f.bias", (hidden,), "norm")]
-    arch = Architecture("gpt2", layers, hidden, heads, heads, hidden // heads, 4 * hidden, vocab, gated_mlp=False,
-                        dropout=True, max_seq_len=context)
+    params += [
+        ParamShape("transformer.ln_f.weight", (hidden,), "norm"),
+        ParamShape("transformer.ln_f.bias", (hidden,), "norm"),
+    ]
+    arch = Architecture(
+        "gpt2",
+        layers,
+        hidden,
+        heads,
+        heads,
+        hidden // heads,
+        4 * hidden,
+        vocab,
+        gated_mlp=False,
+        dropout=True,
+        max_seq_len=context,
+    )
     return ModelShape(name, tuple(params), arch)
 
 
-def _t5(name: str, *, layers: int, d_model: int, d_ff: int, d_kv: int, heads: int, vocab: int = 32128,
-        buckets: int = 32) -> ModelShape:
+def _t5(
+    name: str,
+    *,
+    layers: int,
+    d_model: int,
+    d_ff: int,
+    d_kv: int,
+    heads: int,
+    vocab: int = 32128,
+    buckets: int = 32,
+) -> ModelShape:
     # T5 v1.0: shared embedding tied to the LM head, ReLU MLP, RMS layer norms without bias,
     # relative position bias in the first block of each stack
     inner = heads * d_kv
@@ -202,16 +242,33 @@ def _t5(name: str, *, layers: int, d_model: int, d_ff: int, d_kv: int, heads: in
                 params += [ParamShape(f"{p}{j}.{kind}.{w}.weight", (inner, d_model), "matrix") for w in "qkv"]
                 params.append(ParamShape(f"{p}{j}.{kind}.o.weight", (d_model, inner), "matrix"))
                 if kind == "SelfAttention" and i == 0:
-                    params.append(ParamShape(f"{p}{j}.{kind}.relative_attention_bias.weight", (buckets, heads),
-                                             "embedding"))
+                    params.append(
+                        ParamShape(
+                            f"{p}{j}.{kind}.relative_attention_bias.weight", (buckets, heads), "embedding"
+                        )
+                    )
                 params.append(ParamShape(f"{p}{j}.layer_norm.weight", (d_model,), "norm"))
             j = len(attn)
-            params += [ParamShape(f"{p}{j}.DenseReluDense.wi.weight", (d_ff, d_model), "matrix"),
-                       ParamShape(f"{p}{j}.DenseReluDense.wo.weight", (d_model, d_ff), "matrix"),
-                       ParamShape(f"{p}{j}.layer_norm.weight", (d_model,), "norm")]
+            params += [
+                ParamShape(f"{p}{j}.DenseReluDense.wi.weight", (d_ff, d_model), "matrix"),
+                ParamShape(f"{p}{j}.DenseReluDense.wo.weight", (d_model, d_ff), "matrix"),
+                ParamShape(f"{p}{j}.layer_norm.weight", (d_model,), "norm"),
+            ]
         params.append(ParamShape(f"{stack}.final_layer_norm.weight", (d_model,), "norm"))
-    arch = Architecture("t5", layers, d_model, heads, heads, d_kv, d_ff, vocab, gated_mlp=False, dropout=True,
-                        max_seq_len=512, encoder_layers=layers)
+    arch = Architecture(
+        "t5",
+        layers,
+        d_model,
+        heads,
+        heads,
+        d_kv,
+        d_ff,
+        vocab,
+        gated_mlp=False,
+        dropout=True,
+        max_seq_len=512,
+        encoder_layers=layers,
+    )
     return ModelShape(name, tuple(params), arch)
 
 
@@ -220,10 +277,10 @@ def generic_decoder(billions: float) -> ModelShape:
 
     Shape rule (stated so results can be reproduced): hidden size ``d = (128 N / 12)^(1/3)`` rounded to a
     multiple of 256 (so ``12 L d^2 ~ N`` at LLaMA's aspect ratio ``d / L = 128``), ``L = d / 128`` blocks
-    (fewer if the blocks alone would exceed 95% of N), ``d / 128`` heads of 128, SwiGLU width ``8d/3`` rounded up
-    to a multiple of 256, untied head; the vocabulary takes up the rest, so the total is exactly N x 1e9 up to
-    one vocabulary row pair. Published tables (e.g. "7B needs 112 GB with mixed-precision Adam") assume N x 1e9
-    parameters, which is what this shape reproduces.
+    (fewer if the blocks alone would exceed 95% of N), ``d / 128`` heads of 128, SwiGLU width ``8d/3``
+    rounded up to a multiple of 256, untied head; the vocabulary takes up the rest, so the total is exactly N
+    x 1e9 up to one vocabulary row pair. Published tables (e.g. "7B needs 112 GB with mixed-precision Adam")
+    assume N x 1e9 parameters, which is what this shape reproduces.
     """
     if not isinstance(billions, (int, float)) or isinstance(billions, bool) or not 0.01 <= billions <= 2000:
         raise ValueError(f"billions must be a number in [0.01, 2000], got {billions!r}")
@@ -236,10 +293,23 @@ def generic_decoder(billions: float) -> ModelShape:
         layers -= 1
     vocab = max(256, round((target - layers * per_layer - hidden) / (2 * hidden)))
     label = f"{billions:g}B"
-    shape = _llama(label, layers=layers, hidden=hidden, heads=hidden // 128, kv_heads=hidden // 128, ffn=ffn,
-                   vocab=vocab, context=4096)
-    return replace(shape, notes=(f"generic {label} decoder: {layers} layers, hidden {hidden}, SwiGLU {ffn}, "
-                                 f"vocab {vocab} (sized to {shape.num_parameters:,} parameters)",))
+    shape = _llama(
+        label,
+        layers=layers,
+        hidden=hidden,
+        heads=hidden // 128,
+        kv_heads=hidden // 128,
+        ffn=ffn,
+        vocab=vocab,
+        context=4096,
+    )
+    return replace(
+        shape,
+        notes=(
+            f"generic {label} decoder: {layers} layers, hidden {hidden}, SwiGLU {ffn}, "
+            f"vocab {vocab} (sized to {shape.num_parameters:,} parameters)",
+        ),
+    )
 
 
 _NAMED: dict[str, Any] = {
@@ -247,27 +317,45 @@ _NAMED: dict[str, Any] = {
     "gpt2-medium": lambda: _gpt2("gpt2-medium", layers=24, hidden=1024, heads=16),
     "gpt2-large": lambda: _gpt2("gpt2-large", layers=36, hidden=1280, heads=20),
     "gpt2-xl": lambda: _gpt2("gpt2-xl", layers=48, hidden=1600, heads=25),
-    "llama-7b": lambda: _llama("llama-7b", layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000,
-                               context=2048),
-    "llama-13b": lambda: _llama("llama-13b", layers=40, hidden=5120, heads=40, kv_heads=40, ffn=13824,
-                                vocab=32000, context=2048),
-    "llama-65b": lambda: _llama("llama-65b", layers=80, hidden=8192, heads=64, kv_heads=64, ffn=22016,
-                                vocab=32000, context=2048),
-    "llama-2-7b": lambda: _llama("llama-2-7b", layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008,
-                                 vocab=32000, context=4096),
-    "llama-2-13b": lambda: _llama("llama-2-13b", layers=40, hidden=5120, heads=40, kv_heads=40, ffn=13824,
-                                  vocab=32000, context=4096),
-    "llama-2-70b": lambda: _llama("llama-2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672,
-                                  vocab=32000, context=4096),
-    "llama-3-8b": lambda: _llama("llama-3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336,
-                                 vocab=128256, context=8192),
-    "llama-3-70b": lambda: _llama("llama-3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672,
-                                  vocab=128256, context=8192),
-    "mistral-7b": lambda: _llama("mistral-7b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336,
-                                 vocab=32000, context=32768, family="llama"),
+    "llama-7b": lambda: _llama(
+        "llama-7b", layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000, context=2048
+    ),
+    "llama-13b": lambda: _llama(
+        "llama-13b", layers=40, hidden=5120, heads=40, kv_heads=40, ffn=13824, vocab=32000, context=2048
+    ),
+    "llama-65b": lambda: _llama(
+        "llama-65b", layers=80, hidden=8192, heads=64, kv_heads=64, ffn=22016, vocab=32000, context=2048
+    ),
+    "llama-2-7b": lambda: _llama(
+        "llama-2-7b", layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000, context=4096
+    ),
+    "llama-2-13b": lambda: _llama(
+        "llama-2-13b", layers=40, hidden=5120, heads=40, kv_heads=40, ffn=13824, vocab=32000, context=4096
+    ),
+    "llama-2-70b": lambda: _llama(
+        "llama-2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672, vocab=32000, context=4096
+    ),
+    "llama-3-8b": lambda: _llama(
+        "llama-3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256, context=8192
+    ),
+    "llama-3-70b": lambda: _llama(
+        "llama-3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672, vocab=128256, context=8192
+    ),
+    "mistral-7b": lambda: _llama(
+        "mistral-7b",
+        layers=32,
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        ffn=14336,
+        vocab=32000,
+        context=32768,
+        family="llama",
+    ),
     "t5-3b": lambda: _t5("t5-3b", layers=24, d_model=1024, d_ff=16384, d_kv=128, heads=32),
     "t5-11b": lambda: _t5("t5-11b", layers=24, d_model=1024, d_ff=65536, d_kv=128, heads=128),
 }
+
 
 def named_shapes() -> list[str]:
     """The names :func:`model_shape` knows (besides ``"NB"``)."""
@@ -323,18 +411,23 @@ def model_shape(model: str | nn.Module | Any, *, trainable_only: bool = False) -
         m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*m", key)
         if m:
             return generic_decoder(float(m.group(1)) / 1000)
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(named_shapes())}, or 'NB' for a generic "
-                         f"N-billion-parameter decoder (e.g. '7B', '1.5B')")
+        raise ValueError(
+            f"unknown model {model!r}; known: {', '.join(named_shapes())}, or 'NB' for a generic "
+            f"N-billion-parameter decoder (e.g. '7B', '1.5B')"
+        )
     if isinstance(model, nn.Module):
         return _from_module(model, trainable_only=trainable_only)
     if hasattr(model, "to_dict") and hasattr(model, "model_type"):
         return _from_config(model)
-    raise ValueError(f"model must be a name, a transformers config or an nn.Module, got {type(model).__name__}")
+    raise ValueError(
+        f"model must be a name, a transformers config or an nn.Module, got {type(model).__name__}"
+    )
 
 
 def _architecture_from_config(config: Any, implementation: str = "transformers") -> Architecture | None:
     get = lambda *names, default=None: next(  # noqa: E731
-        (getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
+        (getattr(config, n) for n in names if getattr(config, n, None) is not None), default
+    )
     hidden = get("hidden_size", "n_embd", "d_model")
     layers = get("num_hidden_layers", "n_layer", "num_layers")
     heads = get("num_attention_heads", "n_head", "num_heads")
@@ -352,27 +445,57 @@ def _architecture_from_config(config: Any, implementation: str = "transformers")
         family, gated, enc = "gpt2", False, 0
         ffn = get("n_inner", "intermediate_size", "ffn_dim", default=4 * hidden) or 4 * hidden
     else:
-        family, enc = ("llama" if model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral")
-                       else "decoder"), 0
+        family, enc = (
+            (
+                "llama"
+                if model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral")
+                else "decoder"
+            ),
+            0,
+        )
         ffn = get("intermediate_size", default=4 * hidden)
         act = str(get("hidden_act", "activation_function", default=""))
         gated = family == "llama" or "glu" in act
-    drops = [get(n, default=0.0) for n in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout",
-                                            "hidden_dropout", "dropout_rate", "hidden_dropout_prob")]
+    drops = [
+        get(n, default=0.0)
+        for n in (
+            "resid_pdrop",
+            "embd_pdrop",
+            "attn_pdrop",
+            "attention_dropout",
+            "hidden_dropout",
+            "dropout_rate",
+            "hidden_dropout_prob",
+        )
+    ]
     dropout = any(isinstance(d, (int, float)) and d > 0 for d in drops)
     context = get("max_position_embeddings", "n_positions", "n_ctx", default=512)
     attention = getattr(config, "_attn_implementation", None)
-    return Architecture(family, int(layers), int(hidden), int(heads), int(kv_heads), int(head_dim), int(ffn),
-                        int(vocab), gated_mlp=gated, dropout=dropout, max_seq_len=int(context),
-                        encoder_layers=int(enc), implementation=implementation, attention=attention)
+    return Architecture(
+        family,
+        int(layers),
+        int(hidden),
+        int(heads),
+        int(kv_heads),
+        int(head_dim),
+        int(ffn),
+        int(vocab),
+        gated_mlp=gated,
+        dropout=dropout,
+        max_seq_len=int(context),
+        encoder_layers=int(enc),
+        implementation=implementation,
+        attention=attention,
+    )
 
 
 def _from_module(model: nn.Module, *, trainable_only: bool) -> ModelShape:
     from ..param_groups import classify_parameters
 
     infos = classify_parameters(model, trainable_only=trainable_only)
-    params = tuple(ParamShape(i.name, tuple(i.param.shape), i.role, i.param.dtype, i.param.requires_grad)
-                   for i in infos)
+    params = tuple(
+        ParamShape(i.name, tuple(i.param.shape), i.role, i.param.dtype, i.param.requires_grad) for i in infos
+    )
     config = getattr(model, "config", None)
     arch = _architecture_from_config(config) if config is not None else None
     return ModelShape(type(model).__name__, params, arch)
@@ -384,9 +507,14 @@ def _from_config(config: Any) -> ModelShape:
     except ImportError as err:  # pragma: no cover - transformers is a test dependency
         raise ValueError("planning from a transformers config needs transformers installed") from err
     model_type = getattr(config, "model_type", "")
-    auto = (transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False)
-            else transformers.AutoModelForCausalLM)
+    auto = (
+        transformers.AutoModelForSeq2SeqLM
+        if getattr(config, "is_encoder_decoder", False)
+        else transformers.AutoModelForCausalLM
+    )
     with torch.device("meta"):
         model = auto.from_config(config)
     shape = _from_module(model, trainable_only=False)
-    return replace(shape, name=f"{model_type} config", params=tuple(replace(p, dtype=None) for p in shape.params))
+    return replace(
+        shape, name=f"{model_type} config", params=tuple(replace(p, dtype=None) for p in shape.params)
+    )

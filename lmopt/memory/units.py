@@ -6,8 +6,22 @@ import re
 
 __all__ = ["format_bytes", "parse_bytes"]
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+}
 
 
 def parse_bytes(value: str | int | float, name: str = "device_memory") -> int:
@@ -23,7 +37,9 @@ def parse_bytes(value: str | int | float, name: str = "device_memory") -> int:
             raise ValueError(f"{name} must be > 0, got {value!r}")
         return int(value)
     if not isinstance(value, str):
-        raise ValueError(f"{name} must be a size like '80GB' or a number of bytes, got {type(value).__name__}")
+        raise ValueError(
+            f"{name} must be a size like '80GB' or a number of bytes, got {type(value).__name__}"
+        )
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", value)
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{name} must be a size like '80GB', '24GiB' or '512MB', got {value!r}")
