@@ -109,7 +109,7 @@ def render(plans: list[MemoryPlan], console: Console) -> None:
             *[_gb(getattr(p, key), n if key not in ("activations", "temporaries") else 0) for p in plans],
         )
     table.add_section()
-    table.add_row("static (params+master+grads+state)", *[_gb(p.static, n) for p in plans])
+    table.add_row("static (p+m+g+s)", *[_gb(p.static, n) for p in plans])
     table.add_row("[bold]peak[/bold]", *[f"[bold]{p.peak / 1e9:,.2f} GB[/bold]" for p in plans])
     table.add_row("peak phase", *[p.peak_phase for p in plans])
     if any(p.host_memory for p in plans):

@@ -77,6 +77,7 @@ class RecommendationReport:
     recommendations: tuple[Recommendation, ...]
     message: str
     closest: MemoryPlan | None = None
+    closest_key: tuple = ()
     skipped_optimizers: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -170,6 +171,7 @@ def recommend(
 
     found: list[tuple[tuple, Recommendation]] = []
     closest: MemoryPlan | None = None
+    closest_key: tuple = ()
     for opt, tier, why in ladder:
         for prec, prec_tier, prec_why in precisions:
             for sharding in _shardings(devices):
@@ -192,8 +194,9 @@ def recommend(
                                 offload=offload,
                                 device_memory=memory,
                             )
-                            if closest is None or p.peak < closest.peak:
-                                closest = p
+                            rank_closest = (p.peak > limit, p.host_memory if p.peak <= limit else p.peak)
+                            if closest is None or rank_closest < closest_key:
+                                closest, closest_key = p, rank_closest
                             if p.peak <= limit and (host_limit is None or p.host_memory <= host_limit):
                                 heavy = {"none": 0, "optimizer": 2, "optimizer+params": 3}[offload] or int(
                                     sharding == "zero3"
@@ -248,11 +251,23 @@ def recommend(
         )
     else:
         assert closest is not None
-        message = (
-            f"Nothing fits: {shape.name} ({task}) needs at least {format_bytes(closest.peak)} per device "
+        setup = (
             f"(with {closest.optimizer}, {closest.precision}, sharding {closest.sharding}, offload "
-            f"{closest.offload}, checkpointing {closest.activation_checkpointing}, micro-batch 1), but "
-            f"{devices} x {format_bytes(memory)} gives {usable}. Use more or larger devices"
+            f"{closest.offload}, checkpointing {closest.activation_checkpointing}, micro-batch "
+            f"{closest.micro_batch})"
+        )
+        if closest.peak <= limit and host_limit is not None:
+            need = (
+                f"fits the devices only by offloading, which needs {format_bytes(closest.host_memory)} of "
+                f"host memory {setup}, but {format_bytes(host_limit)} is available"
+            )
+        else:
+            need = (
+                f"needs at least {format_bytes(closest.peak)} per device {setup}, but {devices} x "
+                f"{format_bytes(memory)} gives {usable}"
+            )
+        message = (
+            f"Nothing fits: {shape.name} ({task}) {need}. Use more or larger devices"
             + (", LoRA (task='lora')" if task != "lora" else "")
             + " or shorter sequences."
         )
