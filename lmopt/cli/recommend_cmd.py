@@ -58,26 +58,19 @@ def run(args: argparse.Namespace) -> int:
             title=f"{report.model}, {args.task}: {report.devices} x {format_bytes(report.device_memory)}",
             title_justify="left",
         )
-        for col, kw in (
-            ("#", {"justify": "right"}),
-            ("optimizer", {"style": "bold cyan"}),
-            ("precision", {}),
-            ("sharding", {}),
-            ("offload", {}),
-            ("ckpt", {}),
-            ("micro-batch", {"justify": "right"}),
-            ("peak/device", {"justify": "right"}),
-            ("why", {"overflow": "fold", "ratio": 1}),
-        ):
-            table.add_column(col, **kw)
+        columns = ("#", "optimizer", "precision", "shard", "offload", "ckpt", "mb", "peak", "why")
+        for col in columns:
+            kw = {"overflow": "fold", "ratio": 1} if col == "why" else {"no_wrap": True}
+            table.add_column(col, justify="right" if col in ("#", "mb", "peak") else "left", **kw)
+        short = {"none": "-", "optimizer": "optimizer", "optimizer+params": "opt+params", "full": "full"}
         for r in report:
             table.add_row(
                 str(r.rank),
                 r.optimizer,
                 r.precision,
-                r.sharding,
-                r.offload,
-                r.checkpointing,
+                short.get(r.sharding, r.sharding),
+                short[r.offload],
+                short[r.checkpointing],
                 str(r.micro_batch),
                 format_bytes(r.peak),
                 r.reason,

@@ -204,7 +204,7 @@ def recommend(
                                 key = (heavy, tier, prec_tier, ckpt != "none", -mb, p.peak)
                                 parts = [why] + ([prec_why] if prec_why else [])
                                 light = (
-                                    "no speed cost"
+                                    "no sharding or offload"
                                     if sharding == "none"
                                     else f"ZeRO-{sharding[-1]}: data parallelism's traffic"
                                 )
