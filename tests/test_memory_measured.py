@@ -144,3 +144,23 @@ def test_measurement_sees_what_it_should():
     assert m.method.startswith("CPU allocator")
     with pytest.raises(ValueError, match="warmup_steps"):
         measure_training_step(model, opt, lambda: model(input_ids=x, labels=x).loss, warmup_steps=0)
+
+
+def test_state_of_wrapped_optimizers_is_counted():
+    """A wrapper (Lookahead-style) that holds a torch optimizer: the inner state is counted too, once."""
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, inner):
+            self.optimizer = inner
+            self.param_groups = inner.param_groups
+            self.defaults = inner.defaults
+            self.state = {}
+
+    model = tiny("llama")
+    inner = lmopt.create_optimizer("adamw", list(model.parameters()))
+    x = _batch(1, 8)
+    model(input_ids=x, labels=x).loss.backward()
+    inner.step()
+    wrapper = Wrapper(inner)
+    wrapper.state[next(model.parameters())] = {"slow": torch.zeros(3)}
+    assert optimizer_state_bytes(wrapper) == optimizer_state_bytes(inner) + 12

@@ -76,9 +76,22 @@ def tensor_bytes(tensors: Iterable[Any], seen: set[int] | None = None) -> int:
     return total
 
 
+def _optimizer_states(optimizer: torch.optim.Optimizer, seen_ids: set[int]) -> list[Any]:
+    """``optimizer.state`` and that of optimizers it wraps (Lookahead's inner optimizer, ...)."""
+    if id(optimizer) in seen_ids:
+        return []
+    seen_ids.add(id(optimizer))
+    out: list[Any] = list(optimizer.state.values())
+    for value in vars(optimizer).values():
+        if isinstance(value, torch.optim.Optimizer):
+            out += _optimizer_states(value, seen_ids)
+    return out
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (inner tensors of subclasses included, storages once)."""
-    return tensor_bytes(list(optimizer.state.values()))
+    """Bytes of every tensor in ``optimizer.state`` (inner tensors of subclasses included, storages once),
+    and in the state of optimizers it wraps (an attribute holding a torch optimizer)."""
+    return tensor_bytes(_optimizer_states(optimizer, set()))
 
 
 @dataclass(frozen=True)
@@ -154,7 +167,7 @@ def measure_training_step(
     seen: set[int] = set()
     parameters = tensor_bytes(params, seen)
     buffers = tensor_bytes(list(model.buffers()), seen)
-    state = tensor_bytes(list(optimizer.state.values()), seen)
+    state = tensor_bytes(_optimizer_states(optimizer, set()), seen)
     baseline = parameters + buffers + state
     saved: dict[int, int] = {}
     param_ptrs = {ptr for p in params for ptr, _, _ in _storages(p)}
