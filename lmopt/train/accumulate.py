@@ -66,9 +66,10 @@ class GradientAccumulator:
         self.weighting = weighting
         self.scaler = scaler
         self.model = model
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Forget the micro-batches of the current step (the gradients are left as they are)."""
         self.micro_step = 0
         self.tokens = 0
         self._loss_sum: Tensor | None = None
@@ -121,5 +122,5 @@ class GradientAccumulator:
             if grads:
                 torch._foreach_div_(grads, float(self.tokens))
             loss = loss / self.tokens
-        self._reset()
+        self.reset()
         return loss

@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 __all__ = ["HealthEvent", "HealthMonitor", "SUGGESTIONS"]
 
 logger = logging.getLogger("lmopt.train")
+logger.addHandler(logging.NullHandler())  # a library logs; the application decides what is shown
 
 Severity = Literal["info", "warning", "error"]
 
