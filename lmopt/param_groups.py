@@ -36,19 +36,8 @@ __all__ = ["ParamGroups", "ParamInfo", "classify_parameters", "param_groups"]
 
 _TORCH_NORMS: tuple[type[nn.Module], ...] = tuple(
     getattr(nn, n)
-    for n in (
-        "LayerNorm",
-        "RMSNorm",
-        "GroupNorm",
-        "BatchNorm1d",
-        "BatchNorm2d",
-        "BatchNorm3d",
-        "SyncBatchNorm",
-        "InstanceNorm1d",
-        "InstanceNorm2d",
-        "InstanceNorm3d",
-        "LocalResponseNorm",
-    )
+    for n in ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+              "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm")
     if hasattr(nn, n)
 )
 _NORM_NAME = re.compile(r"norm", re.IGNORECASE)
@@ -103,9 +92,7 @@ def classify_parameters(model: nn.Module, *, trainable_only: bool = True) -> lis
                 role = "norm"
             elif p.ndim < 2:
                 role = "bias" if pname == "bias" else "vector"
-            elif module is head or (
-                isinstance(module, nn.Linear) and module_name.split(".")[-1] in _HEAD_NAMES
-            ):
+            elif module is head or (isinstance(module, nn.Linear) and module_name.split(".")[-1] in _HEAD_NAMES):
                 role = "head"
             else:
                 role = "matrix"
@@ -174,9 +161,7 @@ def param_groups(
         >>> opt = lmopt.AdamW(groups, lr=3e-4)
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(
-            f"model must be an nn.Module, got {type(model).__name__}; pass model, not parameters"
-        )
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}; pass model, not parameters")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     lr_multipliers = dict(lr_multipliers or {})
@@ -191,10 +176,8 @@ def param_groups(
         used = {p for p in lr_multipliers if any(_matches(i.name, p) for i in infos)}
         unused = sorted(set(lr_multipliers) - used)
         if unused:
-            raise ValueError(
-                f"lr_multipliers patterns {unused} match no trainable parameter name; names look "
-                f"like {[i.name for i in infos[:3]]}"
-            )
+            raise ValueError(f"lr_multipliers patterns {unused} match no trainable parameter name; names look "
+                             f"like {[i.name for i in infos[:3]]}")
 
     buckets: dict[tuple[bool, float], dict[str, Any]] = {}
     for info in infos:

@@ -11,13 +11,13 @@ import sys
 
 __all__ = ["main", "SUBCOMMANDS"]
 
-SUBCOMMANDS: tuple[str, ...] = ("lmopt.cli.list_cmd",)
+SUBCOMMANDS: tuple[str, ...] = (
+    "lmopt.cli.list_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmopt", description="Optimizers, schedules and memory planning for LLMs"
-    )
+    parser = argparse.ArgumentParser(prog="lmopt", description="Optimizers, schedules and memory planning for LLMs")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"lmopt {__version__}")

@@ -28,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     for spec in list_optimizers():
         if args.family and spec.family != args.family:
             continue
-        table.add_row(
-            spec.name, f"{spec.bytes_per_parameter():.3f}", spec.summary, spec.paper, ", ".join(spec.aliases)
-        )
+        table.add_row(spec.name, f"{spec.bytes_per_parameter():.3f}", spec.summary, spec.paper,
+                      ", ".join(spec.aliases))
     Console().print(table)
     return 0

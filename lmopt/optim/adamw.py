@@ -61,23 +61,8 @@ def resolve_state_dtype(state_dtype: str | None, param_dtype: torch.dtype) -> to
     return param_dtype if resolved is None else resolved
 
 
-def _single_tensor_adamw(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled,
-    amsgrad,
-    maximize,
-):
+def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,
+                         beta2, eps, weight_decay, decoupled, amsgrad, maximize):
     for i, p in enumerate(params):
         grad = grads[i].to(torch.float64 if p.dtype == torch.float64 else torch.float32)
         if maximize:
@@ -95,11 +80,7 @@ def _single_tensor_adamw(
         m.lerp_(grad, 1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         if amsgrad:
-            vmax = (
-                max_exp_avg_sqs[i]
-                if max_exp_avg_sqs[i].dtype == p32.dtype
-                else max_exp_avg_sqs[i].to(p32.dtype)
-            )
+            vmax = max_exp_avg_sqs[i] if max_exp_avg_sqs[i].dtype == p32.dtype else max_exp_avg_sqs[i].to(p32.dtype)
             torch.maximum(vmax, v, out=vmax)
             if vmax is not max_exp_avg_sqs[i]:
                 max_exp_avg_sqs[i].copy_(vmax)
@@ -128,23 +109,8 @@ def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
         torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
 
-def _multi_tensor_adamw(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled,
-    amsgrad,
-    maximize,
-):
+def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,
+                        beta2, eps, weight_decay, decoupled, amsgrad, maximize):
     # one foreach pass per (device, parameter dtype, state dtype) bucket
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -190,23 +156,8 @@ def _multi_tensor_adamw(
         _copy_back(p_, p32)
 
 
-def _fused_adamw(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled,
-    amsgrad,
-    maximize,
-):
+def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
+                 weight_decay, decoupled, amsgrad, maximize):
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -273,20 +224,8 @@ def adamw(
             "use implementation='foreach' or 'auto'"
         )
     _IMPLEMENTATIONS[implementation](
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled=decoupled,
-        amsgrad=amsgrad,
-        maximize=maximize,
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
     )
 
 
@@ -332,16 +271,8 @@ class AdamW(LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            state_dtype=state_dtype,
-            implementation=implementation,
-        )
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, state_dtype=state_dtype, implementation=implementation)
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -360,9 +291,7 @@ class AdamW(LmoptOptimizer):
         state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(
-                param, dtype=dtype, memory_format=torch.preserve_format
-            )
+            state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
@@ -411,19 +340,9 @@ class Adam(AdamW):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            state_dtype=state_dtype,
-            implementation=implementation,
-            nonfinite=nonfinite,
-            check_finite=check_finite,
-        )
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
+                         state_dtype=state_dtype, implementation=implementation, nonfinite=nonfinite,
+                         check_finite=check_finite)
 
 
 # ---------------------------------------------------------------------------------------------------------------

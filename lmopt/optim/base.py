@@ -58,9 +58,8 @@ class NonFiniteGradientError(FloatingPointError):
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}"
-            )
+            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape "
+                             f"{tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
@@ -151,9 +150,7 @@ class LmoptOptimizer(Optimizer):
             self._validate_group(group)
             for p in group["params"]:
                 if p.is_floating_point() and p.dtype not in _FLOAT_DTYPES:
-                    raise ValueError(
-                        f"parameter dtype {p.dtype} is not supported; use one of {_FLOAT_DTYPES}"
-                    )
+                    raise ValueError(f"parameter dtype {p.dtype} is not supported; use one of {_FLOAT_DTYPES}")
 
     # -- hooks for subclasses ------------------------------------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -213,11 +210,9 @@ class LmoptOptimizer(Optimizer):
             if not dense:
                 continue
             # the max-norm propagates NaN and inf, allocates one scalar per tensor and no temporaries
-            norms = (
-                torch._foreach_norm(dense, float("inf"))
-                if not any(map(is_dtensor, dense))
-                else [torch.linalg.vector_norm(g, float("inf")) for g in dense]
-            )
+            norms = torch._foreach_norm(dense, float("inf")) if not any(map(is_dtensor, dense)) else [
+                torch.linalg.vector_norm(g, float("inf")) for g in dense
+            ]
             flags = torch.stack([n.float() for n in norms]).isfinite()
             if not bool(flags.all()):
                 bad = int((~flags).nonzero()[0])
