@@ -227,7 +227,7 @@ def save_checkpoint(
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "lmopt_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "step": step,
         "model": model_state,
         "model_shapes": {k: list(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)},
@@ -300,9 +300,10 @@ def _read(path: Path, map_location: Any, verify: bool) -> dict[str, Any]:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Unsupported global" in str(err):
+            detail = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
             raise CheckpointError(
-                f"checkpoint {path} holds objects that safe loading (weights_only=True) "
-                f"refuses to unpickle: {str(err).splitlines()[0]}"
+                f"checkpoint {path} holds objects that safe loading (weights_only=True) refuses to "
+                f"unpickle; lmopt never loads arbitrary pickles. {detail}"
             ) from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({err})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
