@@ -54,16 +54,29 @@ def test_round_trip_restores_everything(tmp_path):
     random.seed(5)
     np.random.seed(6)
     torch.manual_seed(7)
-    path = save_checkpoint(tmp_path / "c.pt", step=3, model=model, optimizer=opt, scheduler=sched, scaler=scaler,
-                           data_position={"shard": 2, "offset": 17}, config={"lr": 1e-2}, extra={"note": "x"})
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        step=3,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        data_position={"shard": 2, "offset": 17},
+        config={"lr": 1e-2},
+        extra={"note": "x"},
+    )
     expected = (random.random(), np.random.rand(), torch.rand(2))
     assert json.loads((tmp_path / "c.pt.json").read_text())["step"] == 3
 
     model2, opt2, sched2 = _setup(seed=9)
     scaler2 = torch.amp.GradScaler("cpu", init_scale=4.0)
     state = load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2, scaler=scaler2)
-    assert (state.step, state.data_position, state.config, state.extra) == (3, {"shard": 2, "offset": 17},
-                                                                          {"lr": 1e-2}, {"note": "x"})
+    assert (state.step, state.data_position, state.config, state.extra) == (
+        3,
+        {"shard": 2, "offset": 17},
+        {"lr": 1e-2},
+        {"note": "x"},
+    )
     assert state.lmopt_version == lmopt.__version__ and state.rng_restored
     got = (random.random(), np.random.rand(), torch.rand(2))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
@@ -112,8 +125,13 @@ _KILL_CHILD = textwrap.dedent(
 
 def test_killing_a_saving_process_leaves_the_previous_checkpoint_intact(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILL_CHILD, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = child.stdout.readline()
         assert line.strip() == "WRITING", child.stderr.read()
@@ -138,10 +156,18 @@ def test_killing_a_saving_process_leaves_the_previous_checkpoint_intact(tmp_path
 def test_error_other_model_shape(tmp_path):
     model, opt, _ = _setup()
     path = save_checkpoint(tmp_path / "c.pt", step=1, model=model, optimizer=opt, config={"width": 16})
-    other = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
-                                torch.nn.Linear(32, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    other = torch.nn.Sequential(
+        torch.nn.Linear(6, 32),
+        torch.nn.LayerNorm(32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 12),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 3),
+    )
     before = [p.detach().clone() for p in other.parameters()]
-    with pytest.raises(CheckpointError, match=r"another model shape.*0\.weight: checkpoint \(16, 6\), model \(32, 6\)"):
+    with pytest.raises(
+        CheckpointError, match=r"another model shape.*0\.weight: checkpoint \(16, 6\), model \(32, 6\)"
+    ):
         load_checkpoint(path, model=other)
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))  # nothing changed
     with pytest.raises(CheckpointError, match="not in the checkpoint"):
@@ -308,8 +334,17 @@ def test_fit_resume_equals_uninterrupted(tmp_path):
     torch.manual_seed(77)
     model2, opt2, sched2 = _fit_setup(8)
     seen = []
-    rest = fit(model2, opt2, data, steps=8, scheduler=sched2, checkpoint_dir=tmp_path, checkpoint_every=2,
-               callbacks=[seen.append], **kwargs)
+    rest = fit(
+        model2,
+        opt2,
+        data,
+        steps=8,
+        scheduler=sched2,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=2,
+        callbacks=[seen.append],
+        **kwargs,
+    )
     assert rest.resumed_from.endswith("step-00000003.pt")
     assert part.losses + rest.losses == straight.losses
     for p, q in zip(model2.parameters(), model.parameters(), strict=True):
@@ -322,8 +357,17 @@ def test_fit_resume_equals_uninterrupted(tmp_path):
 def test_fit_token_weighting_callable_source_and_stops(tmp_path):
     data = _lm_batches(n=10)
     model, opt, sched = _fit_setup(20)
-    result = fit(model, opt, lambda position: iter(data[position:]), steps=20, scheduler=sched,
-                 accumulation_steps=3, accumulation_weighting="tokens", monitor=False, checkpoint_dir=tmp_path)
+    result = fit(
+        model,
+        opt,
+        lambda position: iter(data[position:]),
+        steps=20,
+        scheduler=sched,
+        accumulation_steps=3,
+        accumulation_weighting="tokens",
+        monitor=False,
+        checkpoint_dir=tmp_path,
+    )
     assert result.stopped_by == "data" and result.step == 3  # 10 micro-batches: 3 full steps
     state = CheckpointManager(tmp_path).load_latest(model=model)
     assert state.step == 3 and state.data_position == 9  # the dropped partial step is not counted
@@ -357,8 +401,13 @@ _SIGTERM_CHILD = textwrap.dedent(
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD, str(tmp_path), str(ROOT)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SIGTERM_CHILD, str(tmp_path), str(ROOT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert child.stdout.readline().strip() == "READY"
         child.send_signal(signal.SIGTERM)
@@ -376,8 +425,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     model, opt, sched = _fit_setup(1000)
     straight = fit(model, opt, _lm_batches(n=4000), steps=step + 2, scheduler=sched, monitor=False)
     model2, opt2, sched2 = _fit_setup(1000)
-    resumed = fit(model2, opt2, _lm_batches(n=4000), steps=step + 2, scheduler=sched2, checkpoint_dir=tmp_path,
-                  monitor=False)
+    resumed = fit(
+        model2,
+        opt2,
+        _lm_batches(n=4000),
+        steps=step + 2,
+        scheduler=sched2,
+        checkpoint_dir=tmp_path,
+        monitor=False,
+    )
     assert resumed.losses == straight.losses[step:]
     for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(p, q)

@@ -75,7 +75,9 @@ def test_single_step_decay_is_the_floor():
 # -- linear, constant, inverse sqrt ------------------------------------------------------------------------
 def test_linear_and_constant():
     f = S.warmup_linear(2, 7, min_lr_ratio=0.0)
-    assert [round(f(s), 6) for s in range(8)] == [round(v, 6) for v in (1 / 3, 2 / 3, 1, 0.75, 0.5, 0.25, 0, 0)]
+    assert [round(f(s), 6) for s in range(8)] == [
+        round(v, 6) for v in (1 / 3, 2 / 3, 1, 0.75, 0.5, 0.25, 0, 0)
+    ]
     g = S.warmup_constant(3)
     assert [g(s) for s in (0, 2, 3, 10**6)] == [0.25, 0.75, 1.0, 1.0]
 
@@ -103,7 +105,9 @@ def test_wsd_shapes_edges(shape):
     assert f(16) < 1.0
     assert f(19) == pytest.approx(0.1) and f(25) == pytest.approx(0.1)
     p = 1 / 4
-    expected = {"linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p)), "1-sqrt": 1 - math.sqrt(p)}[shape]
+    expected = {"linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p)), "1-sqrt": 1 - math.sqrt(p)}[
+        shape
+    ]
     assert f(16) == pytest.approx(0.1 + 0.9 * expected)
 
 
@@ -153,7 +157,9 @@ def test_wsd_decay_decided_later_from_a_stable_phase_checkpoint():
 def test_sgdr_matches_torch(T_0, T_mult):  # noqa: N803
     ratio = 0.05
     opt = _opt(2.0)
-    theirs = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=T_0, T_mult=T_mult, eta_min=2.0 * ratio)
+    theirs = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        opt, T_0=T_0, T_mult=T_mult, eta_min=2.0 * ratio
+    )
     f = S.sgdr(T_0, T_mult, min_lr_ratio=ratio)
     for step in range(60):
         assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * f(step), rel=1e-12, abs=1e-15), step
@@ -164,7 +170,14 @@ def test_sgdr_matches_torch(T_0, T_mult):  # noqa: N803
 def test_sgdr_restarts_and_warmup():
     f = S.sgdr(4, 2)
     assert [S.SGDR(4, 2).cycle(s)[:2] for s in (0, 3, 4, 11, 12, 27, 28)] == [
-        (0, 0), (0, 3), (1, 0), (1, 7), (2, 0), (2, 15), (3, 0)]
+        (0, 0),
+        (0, 3),
+        (1, 0),
+        (1, 7),
+        (2, 0),
+        (2, 15),
+        (3, 0),
+    ]
     assert f(4) == 1.0 and f(12) == 1.0
     g = S.sgdr(4, warmup_steps=2)
     assert g(0) == pytest.approx(1 / 3) and g(2) == 1.0 and g(6) == 1.0

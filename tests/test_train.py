@@ -226,7 +226,9 @@ def test_z_loss_formula_and_mask():
     assert z_loss(logits).item() == pytest.approx(1e-4 * (lse**2).mean().item(), rel=1e-6)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, :2] = True
-    assert z_loss(logits, weight=0.5, mask=mask).item() == pytest.approx(0.5 * (lse[0, :2] ** 2).mean().item())
+    assert z_loss(logits, weight=0.5, mask=mask).item() == pytest.approx(
+        0.5 * (lse[0, :2] ** 2).mean().item()
+    )
     assert z_loss(logits, mask=torch.zeros(2, 5, dtype=torch.bool)).item() == 0.0
     assert z_loss(logits.bfloat16()).dtype == torch.float32
     with pytest.raises(ValueError, match="z_loss_weight"):
@@ -279,7 +281,9 @@ def test_grad_norm_history_and_clip_rate_event_once_per_episode():
     mon = HealthMonitor(window=20, min_history=10, max_clip_rate=0.5)
     kinds = []
     for step in range(40):
-        for e in mon.after_step(step, grad_norm=1.0 + 0.01 * (step % 3), clip_factor=0.5 if step >= 5 else 1.0):
+        for e in mon.after_step(
+            step, grad_norm=1.0 + 0.01 * (step % 3), clip_factor=0.5 if step >= 5 else 1.0
+        ):
             kinds.append((step, e.kind))
     assert kinds == [(10, "clip_rate_high")]
     assert mon.clip_rate == 1.0
@@ -314,8 +318,12 @@ def test_monitor_state_round_trip_and_validation():
     other = HealthMonitor(min_history=2)
     other.load_state_dict(mon.state_dict())
     assert list(other.losses) == list(mon.losses) and other.clip_rate == mon.clip_rate
-    for kwargs, name in (({"window": 1}, "window"), ({"spike_sigmas": 0}, "spike_sigmas"),
-                         ({"ratio_bounds": (1.0, 0.5)}, "ratio_bounds"), ({"max_clip_rate": 2}, "max_clip_rate"),
-                         ({"min_history": 200}, "min_history")):
+    for kwargs, name in (
+        ({"window": 1}, "window"),
+        ({"spike_sigmas": 0}, "spike_sigmas"),
+        ({"ratio_bounds": (1.0, 0.5)}, "ratio_bounds"),
+        ({"max_clip_rate": 2}, "max_clip_rate"),
+        ({"min_history": 200}, "min_history"),
+    ):
         with pytest.raises(ValueError, match=name):
             HealthMonitor(**kwargs)
