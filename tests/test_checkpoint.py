@@ -392,7 +392,8 @@ _SIGTERM_CHILD = textwrap.dedent(
     def progress(info):
         if info.step == 3:
             print("READY", flush=True)
-    result = fit(model, opt, data, steps=1000, scheduler=sched, checkpoint_dir=sys.argv[1], callbacks=[progress])
+    result = fit(model, opt, data, steps=1000, scheduler=sched, checkpoint_dir=sys.argv[1],
+                 callbacks=[progress])
     print(json.dumps({"stopped_by": result.stopped_by, "step": result.step,
                       "checkpoint": result.last_checkpoint}), flush=True)
     """
