@@ -35,6 +35,7 @@ from . import schedules as _schedules
 __all__ = [
     "PUBLISHED",
     "PRETRAIN_TABLE",
+    "REFERENCES",
     "TRANSLATIONS",
     "Recipe",
     "SizeRow",
@@ -47,24 +48,38 @@ __all__ = [
 
 Phase = Literal["pretrain", "finetune"]
 
-GPT3 = "Brown et al., Language Models are Few-Shot Learners, NeurIPS 2020"
-GPT3_T21 = f"{GPT3}, Table 2.1"
-GPT3_APPB = f"{GPT3}, Appendix B (Details of Model Training)"
-LLAMA1 = "Touvron et al., LLaMA: Open and Efficient Foundation Language Models, 2023"
-LLAMA1_T2 = f"{LLAMA1}, Table 2 and Section 2.3"
-LLAMA2 = "Touvron et al., Llama 2: Open Foundation and Fine-Tuned Chat Models, 2023"
-LLAMA2_PT = f"{LLAMA2}, Section 2.2 and Table 1"
-LLAMA2_SFT = f"{LLAMA2}, Section 3.1 (SFT details)"
-ALPACA = (
-    "Taori et al., Stanford Alpaca (github.com/tatsu-lab/stanford_alpaca), 2023, README fine-tuning table"
-)
-HF_TRAINER = (
-    "Hugging Face transformers TrainingArguments defaults "
-    "(adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0)"
-)
-FALCON7B = "TII, Falcon-7B model card (huggingface.co/tiiuae/falcon-7b), Training Hyperparameters"
-FALCON40B = "TII, Falcon-40B model card (huggingface.co/tiiuae/falcon-40b), Training Hyperparameters"
-MISTRAL = "Jiang et al., Mistral 7B, 2023"
+#: full citations of the short labels used in sources
+REFERENCES: dict[str, str] = {
+    "GPT-3 paper": "Brown et al., Language Models are Few-Shot Learners, NeurIPS 2020",
+    "LLaMA paper": "Touvron et al., LLaMA: Open and Efficient Foundation Language Models, 2023",
+    "Llama 2 paper": "Touvron et al., Llama 2: Open Foundation and Fine-Tuned Chat Models, 2023",
+    "Stanford Alpaca": "Taori et al., Stanford Alpaca, github.com/tatsu-lab/stanford_alpaca, 2023 (README)",
+    "HF TrainingArguments": "Hugging Face transformers TrainingArguments defaults "
+    "(adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0)",
+    "Falcon-7B card": "TII, Falcon-7B model card, huggingface.co/tiiuae/falcon-7b (Training Hyperparams)",
+    "Falcon-40B card": "TII, Falcon-40B model card, huggingface.co/tiiuae/falcon-40b (Training Hyperparams)",
+    "Mistral paper": "Jiang et al., Mistral 7B, 2023",
+    "Lion paper": "Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023",
+    "Adafactor paper": "Shazeer & Stern, Adafactor (Adaptive Learning Rates, Sublinear Memory), ICML 2018",
+    "Adam-mini paper": "Zhang et al., Adam-mini: Use Fewer Learning Rates To Gain More, 2024",
+    "CAME paper": "Luo et al., CAME: Confidence-guided Adaptive Memory Efficient Optimization, ACL 2023",
+    "Moonlight paper": "Liu et al., Muon is Scalable for LLM Training, 2025",
+    "Schedule-Free paper": "Defazio et al., The Road Less Scheduled, NeurIPS 2024",
+    "8-bit Adam paper": "Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022",
+    "sqrt scaling": "Malladi et al., On the SDEs and Scaling Rules for Adaptive Gradient Algorithms, 2022",
+    "linear scaling": "Goyal et al., Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour, 2017",
+}
+
+GPT3_T21 = "GPT-3 paper, Table 2.1"
+GPT3_APPB = "GPT-3 paper, App. B"
+LLAMA1_T2 = "LLaMA paper, Table 2, Sec. 2.3"
+LLAMA2_PT = "Llama 2 paper, Sec. 2.2, Table 1"
+LLAMA2_SFT = "Llama 2 paper, Sec. 3.1"
+ALPACA = "Stanford Alpaca"
+HF_TRAINER = "HF TrainingArguments"
+FALCON7B = "Falcon-7B card"
+FALCON40B = "Falcon-40B card"
+MISTRAL = "Mistral paper"
 
 
 @dataclass(frozen=True)
@@ -258,7 +273,8 @@ class Translation:
         optional: extra constructor arguments passed only when the optimizer's constructor has them.
         weight_decay: overrides the weight decay.
         pass_eps: pass the recipe's ``eps``.
-        source: where the translation comes from.
+        source: where the translation comes from, and its reasoning.
+        label: a short form of ``source`` for tables (a key of :data:`REFERENCES` and what changes).
     """
 
     lr_factor: float = 1.0
@@ -271,9 +287,10 @@ class Translation:
     weight_decay: Mapping[str, float] = field(default_factory=dict)
     pass_eps: bool = True
     source: str = ""
+    label: str = ""
 
 
-_SAME_AS_ADAMW = Translation(source="same hyperparameters as AdamW")
+_SAME_AS_ADAMW = Translation(source="same hyperparameters as AdamW", label="as AdamW")
 
 #: translations by registry name; an unknown name uses lr and weight decay as they are, betas/eps if accepted
 TRANSLATIONS: dict[str, Translation] = {
@@ -281,11 +298,13 @@ TRANSLATIONS: dict[str, Translation] = {
     "adam": _SAME_AS_ADAMW,
     "amsgrad": _SAME_AS_ADAMW,
     "adamw8bit": Translation(
+        label="8-bit Adam paper: as AdamW",
         source="Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022: "
-        "8-bit state uses the 32-bit hyperparameters unchanged"
+        "8-bit state uses the 32-bit hyperparameters unchanged",
     ),
     "adamw_bf16": _SAME_AS_ADAMW,
     "lion": Translation(
+        label="Lion paper, Sec. 5: lr / 3, weight decay x 3, betas (0.9, 0.99)",
         lr_factor=1 / 3,
         weight_decay_factor=3.0,
         betas=(0.9, 0.99),
@@ -295,6 +314,7 @@ TRANSLATIONS: dict[str, Translation] = {
         "beta2=0.99; lmopt takes the conservative end (3x)",
     ),
     "adafactor": Translation(
+        label="Adafactor paper: relative step (pre-training), explicit lr (fine-tuning)",
         betas="drop",
         pass_eps=False,
         schedule="inverse_sqrt",
@@ -315,10 +335,12 @@ TRANSLATIONS: dict[str, Translation] = {
         "(transformers' Adafactor docs)",
     ),
     "adam_mini": Translation(
+        label="Adam-mini paper: as AdamW",
         source="Zhang et al., Adam-mini: Use Fewer Learning Rates To Gain More, 2024: the "
-        "same hyperparameters as AdamW"
+        "same hyperparameters as AdamW",
     ),
     "came": Translation(
+        label="CAME paper: betas (b1, 0.999, 0.9999), eps (1e-30, 1e-16)",
         betas="came",
         pass_eps=False,
         optional={"pretrain": {"eps": (1e-30, 1e-16)}, "finetune": {"eps": (1e-30, 1e-16)}},
@@ -326,12 +348,14 @@ TRANSLATIONS: dict[str, Translation] = {
         "(beta1, 0.999, 0.9999), eps (1e-30, 1e-16), lr and weight decay as AdamW",
     ),
     "muon": Translation(
+        label="Moonlight paper: as AdamW with 0.2 sqrt(max(m, n)) scaling; momentum 0.95",
         optional={"pretrain": {"momentum": 0.95}, "finetune": {"momentum": 0.95}},
         source="Liu et al., Muon is Scalable for LLM Training (Moonlight), 2025: with the "
         "0.2 sqrt(max(m, n)) update scaling Muon shares AdamW's lr and weight decay; "
         "momentum 0.95 (Jordan et al. 2024)",
     ),
     "schedule_free_adamw": Translation(
+        label="Schedule-Free paper: no decay schedule",
         schedule="constant",
         source="Defazio et al., The Road Less Scheduled, NeurIPS 2024: no decay schedule (warmup only); the "
         "schedulefree README suggests lr 1x-10x AdamW's, lmopt keeps 1x",
@@ -347,7 +371,11 @@ def _translation(optimizer: str) -> Translation:
         return TRANSLATIONS["lion"]
     if "8bit" in key or "4bit" in key:
         return TRANSLATIONS["adamw8bit"]
-    return Translation(betas="optional", source="no published translation: AdamW's lr and weight decay")
+    return Translation(
+        betas="optional",
+        source="no published translation: AdamW's lr and weight decay",
+        label="no published translation: as AdamW",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -502,7 +530,7 @@ class Recipe:
             f"lr scaled from {self.lr:.3g} at {self.batch_tokens:,} tokens/step to {lr:.3g} at "
             f"{batch_tokens:,} by the {rule} rule (a heuristic); warmup/total steps keep their token counts"
         )
-        sources = {**self.sources, "lr": f"{self.sources.get('lr', '')}; scaled by the {rule} rule"}
+        sources = {**self.sources, "lr": f"{self.sources.get('lr', '')}; {rule} scaling to this batch"}
         return replace(
             self,
             lr=lr,
@@ -693,18 +721,27 @@ def _translate(base: Recipe, optimizer: str) -> Recipe:
     elif t.betas is not None:
         betas = tuple(t.betas)
     if optimizer not in ("adamw", "adam", "amsgrad", "adamw_bf16"):
-        for name in ("lr", "weight_decay"):
-            sources[name] = f"{sources[name]}; translated for {optimizer}: {t.source}"
+        for name, value, before in (("lr", lr, base.lr), ("weight_decay", weight_decay, base.weight_decay)):
+            if value != before:
+                sources[name] = f"{sources[name]}; for {optimizer}: {t.label}"
         if betas != base.betas:
-            sources["betas"] = t.source
+            sources["betas"] = t.label
         notes.append(f"{optimizer}: {t.source}")
     schedule = base.schedule if t.schedule == "recipe" else t.schedule
     if schedule != base.schedule:
-        sources["schedule"] = t.source
+        sources["schedule"] = t.label
     eps = base.eps if t.pass_eps and t.betas != "optional" else None
     optional = dict(t.optional.get(phase, {}))
     if t.betas == "optional":
         optional.update(betas=base.betas, eps=base.eps)
+    for key in optional:
+        sources[key] = f"{t.label} (passed only if {optimizer} takes {key})"
+    for key in t.required.get(phase, {}):
+        sources[key] = t.label
+    if eps is None:
+        sources["eps"] = f"not passed ({t.label})"
+    if betas is None:
+        sources["betas"] = f"not passed ({t.label})"
     return replace(
         base,
         optimizer=optimizer,
