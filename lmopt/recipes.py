@@ -267,7 +267,7 @@ class Translation:
         weight_decay_factor: multiplies the weight decay (Lion keeps ``lr x weight_decay`` fixed).
         betas: replaces the betas (None keeps the recipe's; "drop" leaves betas out).
         schedule: "recipe" keeps the recipe's decay; "constant" has none (warmup only); "inverse_sqrt" uses
-            Adafactor's relative step as a schedule (peak ``lr``, timescale 10 000).
+            Adafactor's relative step as a schedule (peak ``lr``, timescale 10 000); or a dict by phase.
         lr: overrides the learning rate per phase (e.g. Adafactor's relative step 1e-2).
         required: extra constructor arguments the optimizer must accept.
         optional: extra constructor arguments passed only when the optimizer's constructor has them.
@@ -280,7 +280,7 @@ class Translation:
     lr_factor: float = 1.0
     weight_decay_factor: float = 1.0
     betas: Any = None
-    schedule: str = "recipe"
+    schedule: str | Mapping[str, str] = "recipe"
     lr: Mapping[str, float] = field(default_factory=dict)
     required: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     optional: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -317,7 +317,7 @@ TRANSLATIONS: dict[str, Translation] = {
         label="Adafactor paper: relative step (pre-training), explicit lr (fine-tuning)",
         betas="drop",
         pass_eps=False,
-        schedule="inverse_sqrt",
+        schedule={"pretrain": "inverse_sqrt"},
         lr={"pretrain": 1e-2},
         weight_decay={"pretrain": 0.0},
         optional={
@@ -727,7 +727,8 @@ def _translate(base: Recipe, optimizer: str) -> Recipe:
         if betas != base.betas:
             sources["betas"] = t.label
         notes.append(f"{optimizer}: {t.source}")
-    schedule = base.schedule if t.schedule == "recipe" else t.schedule
+    wanted = t.schedule.get(phase, "recipe") if isinstance(t.schedule, Mapping) else t.schedule
+    schedule = base.schedule if wanted == "recipe" else wanted
     if schedule != base.schedule:
         sources["schedule"] = t.label
     eps = base.eps if t.pass_eps and t.betas != "optional" else None
