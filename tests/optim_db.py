@@ -155,8 +155,10 @@ OPTIM_DB: list[OptimSpec] = [
     # torch's eps=1e-8 underflows in fp16 (0/0 = NaN): torch's own limitation, so fp16 is not claimed
     OptimSpec(name="rmsprop", variants=[{"lr": 1e-3}, {"lr": 1e-3, "momentum": 0.9, "centered": True}],
               lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16), invalid=[({"lr": -1.0}, "learning rate")]),
-    OptimSpec(name="radam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16), invalid=[({"lr": -1.0}, "learning rate")]),
-    OptimSpec(name="nadam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16), invalid=[({"lr": -1.0}, "learning rate")]),
+    OptimSpec(name="radam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16),
+              invalid=[({"lr": -1.0}, "learning rate")]),
+    OptimSpec(name="nadam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16),
+              invalid=[({"lr": -1.0}, "learning rate")]),
 ]
 
 BY_NAME = {spec.name: spec for spec in OPTIM_DB}
