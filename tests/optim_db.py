@@ -62,6 +62,8 @@ class OptimSpec:
         dtypes: parameter dtypes the optimizer supports.
         build: builds the optimizer for a model and a variant (default: ``create_optimizer(name, params)``).
         step: one training step (default: zero_grad, MSE backward, step); Sophia-style optimizers override.
+        distributed: checked on FSDP2 (DTensor) parameters against an unsharded run (tests/test_distributed.py).
+        distributed_tol: largest relative difference allowed there (reductions run in another order).
     """
 
     name: str
@@ -77,6 +79,8 @@ class OptimSpec:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     build: Builder | None = None
     step: StepFn = default_step
+    distributed: bool = True
+    distributed_tol: float = 1e-5
 
     def make(self, model: nn.Module, variant: dict[str, Any]) -> torch.optim.Optimizer:
         if self.build is not None:

@@ -105,8 +105,11 @@ def _upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
 
 def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
     pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
-    if pairs:
+    if pairs and not is_dtensor(pairs[0][0]):
         torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+    else:  # DTensor has no sharding rule for _foreach_copy_
+        for d, s in pairs:
+            d.copy_(s)
 
 
 def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,
