@@ -87,6 +87,9 @@ def test_per_group_hyperparameters_match_torch():
 
 
 def test_repr_shows_groups_and_policy():
-    opt = lmopt.AdamW([torch.nn.Parameter(torch.zeros(4, 4))], nonfinite="skip")
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = lmopt.AdamW([p], nonfinite="skip")
+    p.grad = torch.ones(4, 4)
+    opt.step()
     text = repr(opt)
-    assert "nonfinite='skip'" in text and "16 parameters" in text
+    assert "nonfinite='skip'" in text and "16 parameters" in text and "last step ran 'fused'" in text

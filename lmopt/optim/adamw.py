@@ -213,11 +213,11 @@ def adamw(
     amsgrad: bool = False,
     maximize: bool = False,
     implementation: Implementation = "auto",
-) -> None:
+) -> str:
     """Functional Adam/AdamW/AMSGrad step over lists of tensors (see the module docstring for the rule).
 
     Updates ``params``, the moments and ``state_steps`` in place. ``decoupled=False`` is Adam with an L2
-    penalty added to the gradient.
+    penalty added to the gradient. Returns the implementation that ran (what ``"auto"`` chose).
     """
     if implementation == "auto":
         implementation = "fused" if fused_applies(params, exp_avgs) else "foreach"
@@ -230,6 +230,7 @@ def adamw(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
     )
+    return implementation
 
 
 class AdamW(LmoptOptimizer):
@@ -299,7 +300,7 @@ class AdamW(LmoptOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adamw(
+        self._implementation_used[id(group)] = adamw(
             params,
             grads,
             [s["exp_avg"] for s in states],
