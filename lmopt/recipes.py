@@ -115,12 +115,8 @@ def _gpt3(size: str, params: float, lr: float, batch_m: float, name: str) -> Siz
         params=params,
         lr=Sourced(lr, GPT3_T21),
         batch_tokens=Sourced(batch, GPT3_T21),
-        warmup_steps=Sourced(
-            round(375e6 / batch), f"{GPT3_APPB}: warmup over 375M tokens / {batch_m}M per batch"
-        ),
-        decay_tokens=Sourced(
-            260e9, f"{GPT3_APPB}: cosine decay over 260B tokens (training ran to 300B at 10%)"
-        ),
+        warmup_steps=Sourced(round(375e6 / batch), f"{GPT3_APPB}: warmup over 375M tokens / {batch_m}M per batch"),
+        decay_tokens=Sourced(260e9, f"{GPT3_APPB}: cosine decay over 260B tokens (training ran to 300B at 10%)"),
         eps=Sourced(1e-8, GPT3_APPB),
         model=name,
     )
@@ -135,9 +131,7 @@ def _llama(size: str, params: float, lr: float, tokens: float, name: str, versio
         batch_tokens=Sourced(4_000_000, f"{source}: 4M tokens per batch"),
         warmup_steps=Sourced(2000, source),
         decay_tokens=Sourced(tokens, f"{source}: {tokens / 1e12:g}T training tokens"),
-        eps=Sourced(1e-5, LLAMA2_PT)
-        if version == 2
-        else Sourced(1e-8, "not stated in the LLaMA paper; AdamW default"),
+        eps=Sourced(1e-5, LLAMA2_PT) if version == 2 else Sourced(1e-8, "not stated in the LLaMA paper; AdamW default"),
         model=name,
     )
 
@@ -195,9 +189,7 @@ PUBLISHED: dict[str, dict[str, Sourced]] = {
         "warmup": Sourced("375M tokens", GPT3_APPB),
         "schedule": Sourced("cosine over 260B tokens, then 10% to 300B", GPT3_APPB),
         "grad_clip": Sourced(1.0, GPT3_APPB),
-        "batch_tokens": Sourced(
-            "3.2M (ramped from 32k over the first 4-12B tokens)", f"{GPT3_T21}; {GPT3_APPB}"
-        ),
+        "batch_tokens": Sourced("3.2M (ramped from 32k over the first 4-12B tokens)", f"{GPT3_T21}; {GPT3_APPB}"),
     },
     "LLaMA 7B/13B": {
         "lr": Sourced(3.0e-4, LLAMA1_T2),
@@ -371,6 +363,14 @@ def _translation(optimizer: str) -> Translation:
         return TRANSLATIONS["lion"]
     if "8bit" in key or "4bit" in key:
         return TRANSLATIONS["adamw8bit"]
+    try:  # an alias of a registered optimizer (e.g. "adamw_torch_fused") shares its translation
+        from .registry import resolve_name
+
+        canonical = resolve_name(key)[0].name
+    except ValueError:
+        canonical = None
+    if canonical is not None and canonical != key and canonical in TRANSLATIONS:
+        return TRANSLATIONS[canonical]
     return Translation(
         betas="optional",
         source="no published translation: AdamW's lr and weight decay",
@@ -381,9 +381,7 @@ def _translation(optimizer: str) -> Translation:
 # ------------------------------------------------------------------------------------------------------------
 # batch-size scaling
 # ------------------------------------------------------------------------------------------------------------
-def scale_lr(
-    lr: float, from_batch: float, to_batch: float, rule: Literal["sqrt", "linear"] = "sqrt"
-) -> float:
+def scale_lr(lr: float, from_batch: float, to_batch: float, rule: Literal["sqrt", "linear"] = "sqrt") -> float:
     """The learning rate for batch ``to_batch`` given a tuned ``lr`` at ``from_batch`` (a heuristic).
 
     ``sqrt``: ``lr * sqrt(to / from)`` for Adam-type optimizers (Malladi et al. 2022); ``linear``:
@@ -467,13 +465,9 @@ class Recipe:
     def make_schedule(self) -> _schedules.Schedule:
         """The learning-rate schedule as an ``f(step)`` multiplier."""
         if self.schedule == "cosine":
-            return _schedules.warmup_cosine(
-                self.warmup_steps, self.total_steps, min_lr_ratio=self.min_lr_ratio
-            )
+            return _schedules.warmup_cosine(self.warmup_steps, self.total_steps, min_lr_ratio=self.min_lr_ratio)
         if self.schedule == "linear":
-            return _schedules.warmup_linear(
-                self.warmup_steps, self.total_steps, min_lr_ratio=self.min_lr_ratio
-            )
+            return _schedules.warmup_linear(self.warmup_steps, self.total_steps, min_lr_ratio=self.min_lr_ratio)
         if self.schedule == "constant":
             return _schedules.warmup_constant(self.warmup_steps)
         if self.schedule == "inverse_sqrt":
@@ -511,9 +505,7 @@ class Recipe:
         return optimizer, self.build_scheduler(optimizer)
 
     # -- variations ------------------------------------------------------------------------------------------
-    def with_batch_tokens(
-        self, batch_tokens: int, rule: Literal["auto", "sqrt", "linear"] = "auto"
-    ) -> Recipe:
+    def with_batch_tokens(self, batch_tokens: int, rule: Literal["auto", "sqrt", "linear"] = "auto") -> Recipe:
         """The recipe rescaled to another batch size (lr by the sqrt or linear rule; warmup and total steps
         keep the same token counts)."""
         if self.batch_tokens is None:
@@ -541,15 +533,27 @@ class Recipe:
             notes=(*self.notes, note),
         )
 
-    def with_total_steps(self, total_steps: int) -> Recipe:
-        """The recipe for a run of ``total_steps`` (fine-tuning warmup stays the same fraction)."""
+    def with_total_steps(self, total_steps: int, warmup_steps: int | None = None) -> Recipe:
+        """The recipe for a run of ``total_steps``.
+
+        The warmup keeps its published length in pre-training and its fraction of the run in fine-tuning,
+        unless ``warmup_steps`` is given (short experiments: 2-5% of the run is usual).
+        """
         _schedules._check_int("total_steps", total_steps, 1)
         warmup = self.warmup_steps
-        if self.phase == "finetune":
+        sources = dict(self.sources)
+        if warmup_steps is not None:
+            warmup = _schedules._check_int("warmup_steps", warmup_steps, 0)
+            sources["warmup_steps"] = "set for this run"
+        elif self.phase == "finetune":
             warmup = round(self.warmup_steps / self.total_steps * total_steps)
         if warmup >= total_steps:
-            raise ValueError(f"warmup_steps ({warmup}) must be < total_steps ({total_steps})")
-        return replace(self, total_steps=total_steps, warmup_steps=warmup)
+            raise ValueError(
+                f"warmup_steps ({warmup}) must be < total_steps ({total_steps}); for a run this short pass "
+                f"warmup_steps=... (2-5% of the run is usual)"
+            )
+        sources["total_steps"] = "set for this run"
+        return replace(self, total_steps=total_steps, warmup_steps=warmup, sources=sources)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for JSON, logs and checkpoints' run config)."""
@@ -614,6 +618,7 @@ def recipe(
     optimizer: str = "adamw",
     *,
     total_steps: int | None = None,
+    warmup_steps: int | None = None,
     batch_tokens: int | None = None,
     batch_scaling: Literal["auto", "sqrt", "linear"] = "auto",
 ) -> Recipe:
@@ -625,6 +630,7 @@ def recipe(
         optimizer: registry name; it need not be registered until :meth:`Recipe.build_optimizer`.
         total_steps: steps of the run (default: the published token budget for pre-training, 1000 for
             fine-tuning, with the warmup a fixed 3% of it).
+        warmup_steps: override the warmup (needed when the run is shorter than a published warmup).
         batch_tokens: tokens per optimizer step, when it differs from the published batch: the lr is rescaled
             with ``batch_scaling`` (``"auto"``: linear for SGD, square root otherwise).
 
@@ -644,9 +650,7 @@ def recipe(
     row = _nearest_row(params)
     notes: list[str] = []
     if not math.isclose(row.params, params, rel_tol=0.1):
-        notes.append(
-            f"no published recipe for {size}; using the nearest published size, {row.size} ({row.model})"
-        )
+        notes.append(f"no published recipe for {size}; using the nearest published size, {row.size} ({row.model})")
     optimizer = optimizer.strip().lower().replace("-", "_")
 
     if phase == "pretrain":
@@ -692,14 +696,12 @@ def recipe(
         notes=tuple(notes),
     )
     out = _translate(base, optimizer)
-    if total_steps is not None:
-        out = out.with_total_steps(total_steps)
-    if batch_tokens is not None:
+    if batch_tokens is not None:  # first: steps then count at the new batch size
         if out.batch_tokens is None:
-            raise ValueError(
-                "batch_tokens scaling needs a published batch size; fine-tuning recipes have none"
-            )
+            raise ValueError("batch_tokens scaling needs a published batch size; fine-tuning recipes have none")
         out = out.with_batch_tokens(batch_tokens, batch_scaling)
+    if total_steps is not None or warmup_steps is not None:
+        out = out.with_total_steps(out.total_steps if total_steps is None else total_steps, warmup_steps)
     return out
 
 

@@ -168,16 +168,19 @@ def test_batch_size_scaling():
     assert r.lr == pytest.approx(1.5e-4) and r.warmup_steps == 8000 and r.total_steps == 2_000_000
     assert "sqrt" in r.notes[-1] and "heuristic" in r.notes[-1]
     assert lmopt.recipe("7B", batch_tokens=1_000_000, batch_scaling="linear").lr == pytest.approx(7.5e-5)
-    assert lmopt.recipe("7B", optimizer="sgd", batch_tokens=8_000_000).lr == pytest.approx(
-        6e-4
-    )  # auto: linear
+    assert lmopt.recipe("7B", optimizer="sgd", batch_tokens=8_000_000).lr == pytest.approx(6e-4)  # auto: linear
 
 
 def test_validation_and_plain_data():
     with pytest.raises(ValueError, match="phase"):
         lmopt.recipe("7B", phase="rlhf")
-    with pytest.raises(ValueError, match="warmup_steps"):
+    with pytest.raises(ValueError, match=r"warmup_steps \(2000\) must be < total_steps \(1000\); for a run"):
         lmopt.recipe("7B", total_steps=1000)  # the published 2000-step warmup does not fit
+    short = lmopt.recipe("7B", total_steps=1000, warmup_steps=30)
+    assert (short.warmup_steps, short.total_steps, short.sources["warmup_steps"]) == (30, 1000, "set for this run")
+    both = lmopt.recipe("7B", batch_tokens=1_000_000, total_steps=5000, warmup_steps=100)
+    assert (both.lr, both.total_steps, both.warmup_steps) == (pytest.approx(1.5e-4), 5000, 100)
+    assert lmopt.recipe("7B", optimizer="adamw_torch_fused").sources["lr"] == lmopt.recipe("7B").sources["lr"]
     with pytest.raises(ValueError, match="optimizer"):
         lmopt.recipe("7B", optimizer="")
     data = lmopt.recipe("7B", optimizer="came").to_dict()
@@ -186,9 +189,7 @@ def test_validation_and_plain_data():
 
 def test_published_models_all_have_sources():
     assert {"GPT-3 175B", "Falcon-7B", "Falcon-40B", "Mistral 7B"} <= set(R.PUBLISHED)
-    assert any(k.startswith("LLaMA") for k in R.PUBLISHED) and any(
-        k.startswith("Llama 2") for k in R.PUBLISHED
-    )
+    assert any(k.startswith("LLaMA") for k in R.PUBLISHED) and any(k.startswith("Llama 2") for k in R.PUBLISHED)
     for fields in R.PUBLISHED.values():
         for value in fields.values():
             assert value.source
@@ -200,9 +201,7 @@ def test_published_models_all_have_sources():
 # -- CLI ---------------------------------------------------------------------------------------------------
 def test_cli_schedule_prints_key_steps_and_plots(tmp_path, capsys):
     png = tmp_path / "s.png"
-    rc = main(
-        ["schedule", "cosine", "--warmup", "2000", "--total", "100000", "--peak", "3e-4", "--plot", str(png)]
-    )
+    rc = main(["schedule", "cosine", "--warmup", "2000", "--total", "100000", "--peak", "3e-4", "--plot", str(png)])
     out = capsys.readouterr().out
     assert rc == 0
     for text in ("last warmup step", "99,999", "3e-05", "0.0003", "beyond the end"):

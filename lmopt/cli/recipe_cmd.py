@@ -15,12 +15,11 @@ HELP = "published hyperparameters for a model size and phase, translated for an 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "size", nargs="?", help="model size: 125M, 350M, 1.3B, 7B, 13B, 30B, 65B, 70B, 175B, ..."
-    )
+    parser.add_argument("size", nargs="?", help="model size: 125M, 350M, 1.3B, 7B, 13B, 30B, 65B, 70B, 175B, ...")
     parser.add_argument("--phase", choices=("pretrain", "finetune"), default="pretrain")
     parser.add_argument("--optimizer", default="adamw", help="registry name (default adamw)")
     parser.add_argument("--total-steps", type=int, default=None, help="steps of your run")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="override the warmup (short runs)")
     parser.add_argument(
         "--batch-tokens",
         type=int,
@@ -87,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         phase=args.phase,
         optimizer=args.optimizer,
         total_steps=args.total_steps,
+        warmup_steps=args.warmup_steps,
         batch_tokens=args.batch_tokens,
         batch_scaling=args.scaling,
     )
@@ -107,7 +107,5 @@ def run(args: argparse.Namespace) -> int:
         console.print("references:")
         for label in used:
             console.print(f"  {label}: {R.REFERENCES[label]}")
-    console.print(
-        f"build it: lmopt.recipe({r.size!r}, phase={r.phase!r}, optimizer={r.optimizer!r}).build(model)"
-    )
+    console.print(f"build it: lmopt.recipe({r.size!r}, phase={r.phase!r}, optimizer={r.optimizer!r}).build(model)")
     return 0
