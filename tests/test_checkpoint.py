@@ -165,9 +165,7 @@ def test_error_other_model_shape(tmp_path):
         torch.nn.Linear(12, 3),
     )
     before = [p.detach().clone() for p in other.parameters()]
-    with pytest.raises(
-        CheckpointError, match=r"another model shape.*0\.weight: checkpoint \(16, 6\), model \(32, 6\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"another model shape.*0\.weight: checkpoint \(16, 6\), model \(32, 6\)"):
         load_checkpoint(path, model=other)
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))  # nothing changed
     with pytest.raises(CheckpointError, match="not in the checkpoint"):
@@ -438,3 +436,39 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert resumed.losses == straight.losses[step:]
     for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+class _HFLike(TinyLM):
+    def forward(self, input_ids):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=super().forward(input_ids))
+
+
+def test_fit_dict_batches_shift_labels_like_hugging_face():
+    torch.manual_seed(0)
+    model = _HFLike()
+    model.drop.p = 0.0
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 17, (2, 7), generator=g)
+    labels = ids.clone()
+    labels[1, 4:] = -100
+    with torch.no_grad():
+        logits = model(ids).logits
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 17), labels[:, 1:].reshape(-1))
+    opt = lmopt.create_optimizer("adamw", model, lr=1e-3)
+    result = fit(model, opt, [{"input_ids": ids, "labels": labels}], steps=1, monitor=False)
+    assert result.losses[0] == pytest.approx(expected.item(), rel=1e-6)
+    assert result.tokens == int((labels[:, 1:] != -100).sum())
+
+
+def test_fit_with_grad_scaler_matches_fit_without():
+    data = _lm_batches(n=8)
+    model, opt, sched = _fit_setup(4)
+    plain = fit(model, opt, data, steps=4, scheduler=sched, clip=0.5, monitor=False)
+    model2, opt2, sched2 = _fit_setup(4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaled = fit(model2, opt2, data, steps=4, scheduler=sched2, clip=0.5, scaler=scaler, monitor=False)
+    assert scaled.losses == pytest.approx(plain.losses, rel=1e-5)
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
