@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python benchmarks/train_step.py --params {args.params:g} --repeats {args.repeats}`",
         "",
-        f"{machine_description()}; {n / 1e6:.1f}M fp32 parameters; other processes' CPU load during the run: {other:.0%}",
+        f"{machine_description()}; {n / 1e6:.1f}M fp32 parameters; "
+        f"other processes' CPU load during the run: {other:.0%}",
         "",
         "| case | median ms | min ms | max ms |",
         "|---|---|---|---|",
