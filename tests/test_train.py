@@ -20,6 +20,15 @@ from lmopt.train import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP contention on a shared machine (50x faster under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
@@ -226,9 +235,7 @@ def test_z_loss_formula_and_mask():
     assert z_loss(logits).item() == pytest.approx(1e-4 * (lse**2).mean().item(), rel=1e-6)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, :2] = True
-    assert z_loss(logits, weight=0.5, mask=mask).item() == pytest.approx(
-        0.5 * (lse[0, :2] ** 2).mean().item()
-    )
+    assert z_loss(logits, weight=0.5, mask=mask).item() == pytest.approx(0.5 * (lse[0, :2] ** 2).mean().item())
     assert z_loss(logits, mask=torch.zeros(2, 5, dtype=torch.bool)).item() == 0.0
     assert z_loss(logits.bfloat16()).dtype == torch.float32
     with pytest.raises(ValueError, match="z_loss_weight"):
@@ -281,9 +288,7 @@ def test_grad_norm_history_and_clip_rate_event_once_per_episode():
     mon = HealthMonitor(window=20, min_history=10, max_clip_rate=0.5)
     kinds = []
     for step in range(40):
-        for e in mon.after_step(
-            step, grad_norm=1.0 + 0.01 * (step % 3), clip_factor=0.5 if step >= 5 else 1.0
-        ):
+        for e in mon.after_step(step, grad_norm=1.0 + 0.01 * (step % 3), clip_factor=0.5 if step >= 5 else 1.0):
             kinds.append((step, e.kind))
     assert kinds == [(10, "clip_rate_high")]
     assert mon.clip_rate == 1.0
