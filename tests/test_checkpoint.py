@@ -493,3 +493,23 @@ def test_preemption_handler_flags_the_first_signal_and_lets_the_second_through()
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # the second one interrupts at once
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_fit_stops_or_skips_on_divergence():
+    data = _lm_batches(n=6)
+    poisoned = list(data)
+    model, opt, sched = _fit_setup(6)
+    with torch.no_grad():
+        model.lm_head.bias[0] = float("nan")  # every loss from here on is NaN
+    before = [p.detach().clone() for p in model.parameters()]
+    result = fit(model, opt, poisoned, steps=6, scheduler=sched)
+    assert result.stopped_by == "nonfinite" and result.step == 0
+    assert any(e.kind == "loss_nonfinite" for e in result.events)
+    for p, b in zip(model.parameters(), before, strict=True):  # the diverged update was not applied
+        torch.testing.assert_close(p, b, rtol=0, atol=0, equal_nan=True)
+    skipped = fit(model, opt, poisoned, steps=3, scheduler=sched, on_nonfinite="skip", monitor=False)
+    assert skipped.stopped_by is None and skipped.skipped_steps == 3
+    with pytest.raises(lmopt.NonFiniteGradientError):
+        fit(model, opt, poisoned, steps=4, on_nonfinite="raise", monitor=False)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        fit(model, opt, poisoned, steps=1, on_nonfinite="ignore")

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -65,13 +67,15 @@ class FitResult:
     Attributes:
         step: optimizer steps taken in total (including those before a resume).
         losses: mean loss of each step run in this call.
-        stopped_by: None (all steps ran), ``"SIGTERM"``/``"SIGINT"`` (preempted, checkpoint saved) or
-            ``"callback"`` (a callback returned True) or ``"data"`` (the batches ran out).
+        stopped_by: None (all steps ran), ``"SIGTERM"``/``"SIGINT"`` (preempted, checkpoint saved),
+            ``"callback"`` (a callback returned True), ``"data"`` (the batches ran out) or ``"nonfinite"``
+            (the loss or gradients became NaN/inf: diverged; the last update was not applied).
         resumed_from: the checkpoint this call resumed from, if any.
         last_checkpoint: the last checkpoint written, if any.
         events: health events raised in this call.
         tokens: tokens processed in this call.
         elapsed_s: wall time of this call.
+        skipped_steps: updates skipped for a non-finite loss or gradient norm (``on_nonfinite="skip"``).
     """
 
     step: int
@@ -82,6 +86,7 @@ class FitResult:
     events: list[HealthEvent] = field(default_factory=list)
     tokens: int = 0
     elapsed_s: float = 0.0
+    skipped_steps: int = 0
 
 
 def _logits_of(output: Any) -> Tensor:
@@ -149,6 +154,7 @@ def fit(
     config: dict[str, Any] | None = None,
     callbacks: Sequence[Callable[[StepInfo], bool | None]] = (),
     handle_signals: bool = True,
+    on_nonfinite: Literal["stop", "skip", "raise"] = "stop",
 ) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps (in total, counting steps before a resume).
 
@@ -175,7 +181,12 @@ def fit(
         config: the run's configuration, stored in checkpoints.
         callbacks: called with a :class:`StepInfo` after each step; returning True stops the run (a
             checkpoint is saved when ``checkpoint_dir`` is set).
-        handle_signals: on SIGTERM/SIGINT finish the current step, save a checkpoint and return.
+        handle_signals: on SIGTERM/SIGINT finish the current step, save a checkpoint (when
+            ``checkpoint_dir`` is set) and return.
+        on_nonfinite: a NaN/inf loss or gradient norm (the latter without a GradScaler, which handles its
+            own) ``"stop"``s the run before the update (``stopped_by="nonfinite"``: diverged), ``"skip"``s the
+            update (counted in ``skipped_steps``), or ``"raise"``: the optimizer's own policy decides (lmopt
+            optimizers raise :class:`lmopt.NonFiniteGradientError` by default).
 
     Returns:
         :class:`FitResult`.
@@ -196,6 +207,8 @@ def fit(
         raise ValueError(
             "z_loss applies to the default loss; with a custom loss_fn add z_loss there (lmopt.train.z_loss)"
         )
+    if on_nonfinite not in ("stop", "skip", "raise"):
+        raise ValueError(f"on_nonfinite must be 'stop', 'skip' or 'raise', got {on_nonfinite!r}")
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or z_loss < 0:
         raise ValueError(f"z_loss must be a number >= 0, got {z_loss!r}")
     accumulator = GradientAccumulator(
@@ -270,18 +283,33 @@ def fit(
                 break
             mean_loss = accumulator.finish()
             clipped = clip_grad_norm(optimizer, clip, scaler=scaler)
+            loss_value = float(mean_loss)
+            # with a GradScaler, overflowing fp16 gradients are routine: the scaler skips those steps itself
+            diverged = not math.isfinite(loss_value) or (scaler is None and not bool(torch.isfinite(clipped.norm)))
             if health is not None:
                 health.before_step(step, optimizer)
             lr = float(optimizer.param_groups[0]["lr"])
-            if scaler is not None:
+            if diverged and on_nonfinite == "stop":
+                optimizer.zero_grad(set_to_none=True)
+                if health is not None:
+                    result.events.extend(health.after_step(step, loss=loss_value, clip=clipped))
+                result.stopped_by = "nonfinite"
+                break
+            if diverged and on_nonfinite == "skip":
+                result.skipped_steps += 1
+            elif scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
-                scheduler.step()
-            loss_value = float(mean_loss)
+                with warnings.catch_warnings():
+                    # a skipped update still advances the schedule (as with a GradScaler's skipped steps)
+                    warnings.filterwarnings(
+                        "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+                    )
+                    scheduler.step()
             events: list[HealthEvent] = []
             if health is not None:
                 events = health.after_step(step, loss=loss_value, clip=clipped, optimizer=optimizer)
