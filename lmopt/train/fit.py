@@ -253,6 +253,8 @@ def fit(
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     iterator = _batch_iterator(batches, position)
     model.train()
+    if callable(getattr(optimizer, "train", None)):
+        optimizer.train()  # optimizers with modes (Schedule-Free) train in train mode
     start = time.perf_counter()
     last_saved = step
     handler = PreemptionHandler() if handle_signals else None
