@@ -92,7 +92,10 @@ def _label(step: int, warmup: int, total: int) -> str:
 
 def plot(schedule: S.Schedule, horizon: int, peak: float, path: str, title: str) -> None:
     """Write a PNG of ``peak * schedule(step)`` over ``[0, horizon]``."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
