@@ -439,8 +439,7 @@ def warmup_stable_decay(
     _check_int("decay_steps", decay_steps, 1)
     if decay_steps > total_steps - warmup_steps:
         raise ValueError(
-            f"decay_steps ({decay_steps}) must be <= total_steps - warmup_steps "
-            f"({total_steps - warmup_steps})"
+            f"decay_steps ({decay_steps}) must be <= total_steps - warmup_steps ({total_steps - warmup_steps})"
         )
     return WarmupStableDecay(warmup_steps, total_steps - decay_steps, decay_steps, shape, min_lr_ratio)
 

@@ -19,21 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=KINDS, help="schedule shape")
     parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
     parser.add_argument("--total", type=int, default=None, help="total training steps (cosine/linear/wsd)")
-    parser.add_argument(
-        "--peak", type=float, default=1.0, help="peak learning rate (default 1.0: multipliers)"
-    )
+    parser.add_argument("--peak", type=float, default=1.0, help="peak learning rate (default 1.0: multipliers)")
     parser.add_argument(
         "--min-lr-ratio",
         type=float,
         default=None,
         help="floor as a fraction of the peak (default 0.1 for cosine, 0 otherwise)",
     )
-    parser.add_argument(
-        "--decay-steps", type=int, default=None, help="wsd: decay length (default 20%% of total)"
-    )
-    parser.add_argument(
-        "--shape", choices=("1-sqrt", "linear", "cosine"), default="1-sqrt", help="wsd decay shape"
-    )
+    parser.add_argument("--decay-steps", type=int, default=None, help="wsd: decay length (default 20%% of total)")
+    parser.add_argument("--shape", choices=("1-sqrt", "linear", "cosine"), default="1-sqrt", help="wsd decay shape")
     parser.add_argument("--t0", type=int, default=1000, help="sgdr: first cycle length (T_0)")
     parser.add_argument("--t-mult", type=int, default=2, help="sgdr: cycle growth factor (T_mult)")
     parser.add_argument(
@@ -53,9 +47,7 @@ def build(args: argparse.Namespace) -> tuple[S.Schedule, int]:
         raise ValueError(f"--total is required for {args.kind}")
     floor = args.min_lr_ratio
     if args.kind == "cosine":
-        return S.warmup_cosine(
-            args.warmup, args.total, min_lr_ratio=0.1 if floor is None else floor
-        ), args.total
+        return S.warmup_cosine(args.warmup, args.total, min_lr_ratio=0.1 if floor is None else floor), args.total
     if args.kind == "linear":
         return S.warmup_linear(args.warmup, args.total, min_lr_ratio=floor or 0.0), args.total
     if args.kind == "wsd":

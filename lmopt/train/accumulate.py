@@ -87,9 +87,7 @@ class GradientAccumulator:
             raise ValueError("loss must be a scalar tensor (the mean over the micro-batch)")
         if self.weighting == "tokens":
             if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-                raise ValueError(
-                    f"tokens must be the micro-batch's token count (an integer >= 0), got {tokens!r}"
-                )
+                raise ValueError(f"tokens must be the micro-batch's token count (an integer >= 0), got {tokens!r}")
             weight = float(tokens)
             self.tokens += tokens
         else:

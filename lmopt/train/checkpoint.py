@@ -270,8 +270,7 @@ def _verify(path: Path) -> dict[str, Any] | None:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(
-            f"the manifest {manifest_path} is unreadable ({err}); delete it to load "
-            f"{path.name} without verification"
+            f"the manifest {manifest_path} is unreadable ({err}); delete it to load {path.name} without verification"
         ) from None
     size = path.stat().st_size
     if size != manifest.get("size"):
@@ -307,9 +306,7 @@ def _read(path: Path, map_location: Any, verify: bool) -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({err})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupted ({str(err).splitlines()[0]})"
-        ) from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({str(err).splitlines()[0]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not an lmopt checkpoint (no '{FORMAT_NAME}' header)")
     version = payload.get("format_version")
@@ -339,9 +336,7 @@ def _check_model(payload: dict[str, Any], model: nn.Module, path: Path) -> None:
         if missing:
             parts.append(f"{len(missing)} model tensors are not in the checkpoint ({', '.join(missing[:3])})")
         if unexpected:
-            parts.append(
-                f"{len(unexpected)} checkpoint tensors are not in the model ({', '.join(unexpected[:3])})"
-            )
+            parts.append(f"{len(unexpected)} checkpoint tensors are not in the model ({', '.join(unexpected[:3])})")
         raise CheckpointError(
             f"checkpoint {path} is of another model shape: {'; '.join(parts)}. Build the model "
             f"with the configuration it was saved with (its run config: "
@@ -396,9 +391,7 @@ def load_checkpoint(
         _check_optimizer(payload, optimizer, path)
     for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None and name not in payload:
-            raise CheckpointError(
-                f"checkpoint {path} has no {name} state; pass {name}=None or start it fresh"
-            )
+            raise CheckpointError(f"checkpoint {path} has no {name} state; pass {name}=None or start it fresh")
     if model is not None:
         model.load_state_dict(payload["model"])
     if optimizer is not None:

@@ -95,9 +95,7 @@ def clip_grad_norm(
         zero = torch.zeros((), dtype=torch.float32)
         return ClipResult(zero, torch.ones((), dtype=torch.float32))
     # the norm over a DTensor reduces across shards inside get_total_norm (full_tensor of a scalar)
-    norm = torch.nn.utils.get_total_norm(
-        [p.grad for p in params], norm_type=norm_type, foreach=foreach
-    ).float()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=norm_type, foreach=foreach).float()
     if max_norm is None or max_norm == float("inf"):
         factor = torch.ones_like(norm)
     else:
