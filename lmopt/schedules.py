@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -507,6 +508,8 @@ class ScheduleLR(LambdaLR):
             raise ValueError(f"schedule must be callable as f(step), got {type(schedule).__name__}")
         for i, group in enumerate(optimizer.param_groups):
             lr = group.get("lr")
+            if isinstance(lr, Tensor) and lr.numel() == 1:
+                continue  # a tensor lr (no recompiles under torch.compile) is filled in place by torch
             if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float)):
                 raise ValueError(
                     f"param_groups[{i}]['lr'] must be a number for a schedule to scale it, got "
@@ -547,8 +550,14 @@ class ScheduleLR(LambdaLR):
         factor = float(self.schedule(self.last_epoch))
         values = [b * factor for b in self.base_lrs]
         for group, base, value in zip(self.optimizer.param_groups, self.base_lrs, values, strict=True):
-            group["initial_lr"] = base
-            group["lr"] = value
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+            if isinstance(group.get("initial_lr"), Tensor):
+                group["initial_lr"].fill_(base)
+            else:
+                group["initial_lr"] = base
         self._last_lr = values
 
 

@@ -266,3 +266,20 @@ def test_key_steps_and_describe():
     assert steps[0] == 0 and {1999, 2000, 99_999, 100_000} <= set(steps)
     rows = S.describe(S.warmup_cosine(2000, 100_000), steps, peak=3e-4)
     assert rows[-1][2] == pytest.approx(3e-5)
+
+
+def test_tensor_learning_rates_are_filled_in_place():
+    lr = torch.tensor(0.2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+    sched = S.scheduler(opt, S.warmup_linear(1, 5))
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.1)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    assert lr.item() == pytest.approx(0.2 * 2 / 3)
+    other_lr = torch.tensor(5.0)
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=other_lr)
+    sched2 = S.scheduler(other, S.warmup_linear(1, 5))
+    sched2.load_state_dict(state)
+    assert other.param_groups[0]["lr"] is other_lr and other_lr.item() == pytest.approx(lr.item())
