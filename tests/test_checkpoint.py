@@ -259,9 +259,12 @@ def _run(spec: OptimSpec, model, opt, sched, first: int, last: int) -> list[floa
     return losses
 
 
-@pytest.mark.parametrize("spec", OPTIM_DB, ids=[s.name for s in OPTIM_DB])
-def test_resume_through_checkpoint_is_bit_exact_for_every_optimizer(spec: OptimSpec, tmp_path):
-    kw = spec.variants[0]
+CASES = [(spec, i) for spec in OPTIM_DB for i in range(len(spec.variants))]
+
+
+@pytest.mark.parametrize(("spec", "variant"), CASES, ids=[f"{s.name}-{i}" for s, i in CASES])
+def test_resume_through_checkpoint_is_bit_exact_for_every_optimizer(spec: OptimSpec, variant: int, tmp_path):
+    kw = spec.variants[variant]
     total, stop = 10, 4
     torch.manual_seed(1234)
     straight = make_model()
