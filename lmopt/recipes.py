@@ -340,6 +340,7 @@ TRANSLATIONS: dict[str, Translation] = {
         "(beta1, 0.999, 0.9999), eps (1e-30, 1e-16), lr and weight decay as AdamW",
     ),
     "muon": Translation(
+        betas="optional",  # betas/eps of Muon's AdamW part: passed only if the constructor names them so
         label="Moonlight paper: as AdamW with 0.2 sqrt(max(m, n)) scaling; momentum 0.95",
         optional={"pretrain": {"momentum": 0.95}, "finetune": {"momentum": 0.95}},
         source="Liu et al., Muon is Scalable for LLM Training (Moonlight), 2025: with the "
@@ -741,9 +742,9 @@ def _translate(base: Recipe, optimizer: str) -> Recipe:
         sources[key] = f"{t.label} (passed only if {optimizer} takes {key})"
     for key in t.required.get(phase, {}):
         sources[key] = t.label
-    if eps is None:
+    if eps is None and "eps" not in optional:
         sources["eps"] = f"not passed ({t.label})"
-    if betas is None:
+    if betas is None and "betas" not in optional:
         sources["betas"] = f"not passed ({t.label})"
     return replace(
         base,

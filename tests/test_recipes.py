@@ -127,7 +127,8 @@ def test_other_translations():
     came = lmopt.recipe("1.3B", optimizer="came")
     assert came.betas == (0.9, 0.999, 0.9999) and came.optional == {"eps": (1e-30, 1e-16)} and came.lr == 2e-4
     muon = lmopt.recipe("1.3B", optimizer="muon")
-    assert muon.lr == 2e-4 and muon.weight_decay == 0.1 and muon.optional == {"momentum": 0.95}
+    assert muon.lr == 2e-4 and muon.weight_decay == 0.1
+    assert muon.optional == {"momentum": 0.95, "betas": (0.9, 0.95), "eps": 1e-8}
     sf = lmopt.recipe("1.3B", optimizer="schedule_free_adamw")
     assert sf.schedule == "constant" and sf.make_schedule()(10**6) == 1.0
     for name in ("adamw8bit", "adam_mini"):
