@@ -4,6 +4,7 @@ the reference loop's resume and its SIGTERM handling."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -214,6 +215,11 @@ def test_error_truncated_and_corrupted(tmp_path):
         load_checkpoint(path, model=model)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt", model=model)
+    path = save_checkpoint(tmp_path / "e.pt", step=1, model=model)
+    (tmp_path / "e.pt.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="manifest .* is unreadable"):
+        load_checkpoint(path, model=model)
+    assert load_checkpoint(path, model=model, verify=False).step == 1
 
 
 def test_error_newer_format_and_foreign_files(tmp_path):
@@ -516,3 +522,9 @@ def test_fit_stops_or_skips_on_divergence():
         fit(model, opt, poisoned, steps=4, on_nonfinite="raise", monitor=False)
     with pytest.raises(ValueError, match="on_nonfinite"):
         fit(model, opt, poisoned, steps=1, on_nonfinite="ignore")
+
+
+def test_fit_under_autocast():
+    model, opt, sched = _fit_setup(4)
+    result = fit(model, opt, _lm_batches(n=2), steps=2, scheduler=sched, autocast_dtype=torch.bfloat16, monitor=False)
+    assert result.step == 2 and all(math.isfinite(v) for v in result.losses)
