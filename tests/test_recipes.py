@@ -14,15 +14,6 @@ from lmopt import schedules as S
 from lmopt.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared machine (50x faster under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_7b_pretrain_recipe_is_llama2s_with_sources():
     r = lmopt.recipe("7B", phase="pretrain", optimizer="adamw")
     assert isinstance(r, lmopt.Recipe)

@@ -12,15 +12,6 @@ import torch
 from lmopt import schedules as S
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared machine (50x faster under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _opt(lr: float = 1.0, groups: int = 1) -> torch.optim.Optimizer:
     params = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr * (i + 1)} for i in range(groups)]
     return torch.optim.SGD(params, lr=lr)

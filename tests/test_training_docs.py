@@ -5,19 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared machine (50x faster under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training-loop.md"
 
 
