@@ -7,9 +7,10 @@ Public API (everything else is internal):
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
 """
 
-from . import memory
+from . import memory, schedules, train
 from .optim import Adam, AdamW, LmoptOptimizer, NonFiniteGradientError
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
+from .recipes import Recipe, recipe
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "LmoptOptimizer",
     "NonFiniteGradientError",
     "OptimizerSpec",
+    "Recipe",
     "ParamGroups",
     "ParamInfo",
     "StateTensor",
@@ -30,4 +32,7 @@ __all__ = [
     "list_optimizers",
     "memory",
     "param_groups",
+    "recipe",
+    "schedules",
+    "train",
 ]
