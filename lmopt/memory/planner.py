@@ -641,7 +641,9 @@ def plan(
             "temporaries": (2 * head_grads if tied else 0) + comm,
         },
     }
-    step_buffers, impl = _step_buffers(spec, hyper, local, o_dtype, prec.master, device)
+    # an offloaded step runs on the host, with the implementation torch picks there
+    step_device = "cpu" if offload != "none" else device
+    step_buffers, impl = _step_buffers(spec, hyper, local, o_dtype, prec.master, step_device)
     events["optimizer step"] = {
         "gradients": grads_dev,
         "activations": 0,
