@@ -20,9 +20,7 @@ import lmopt
 from lmopt.memory import measure_training_step, plan
 
 
-def build(
-    arch: str, attention: str, dtype: torch.dtype, hidden: int = 128, layers: int = 3, vocab: int = 2048
-):
+def build(arch: str, attention: str, dtype: torch.dtype, hidden: int = 128, layers: int = 3, vocab: int = 2048):
     torch.manual_seed(0)
     if arch == "llama":
         config = transformers.LlamaConfig(

@@ -79,9 +79,7 @@ def test_8bit_adam_state_7b_is_about_14_gb():
 def test_adafactor_state_is_rows_plus_cols():
     shape = model_shape("7B")
     p = plan(shape, "adafactor", precision="mixed", optimizer_kwargs={"beta1": None})
-    expected = sum(
-        4 * (s.shape[-2] + s.shape[-1]) if len(s.shape) >= 2 else 4 * s.numel for s in shape.params
-    )
+    expected = sum(4 * (s.shape[-2] + s.shape[-1]) if len(s.shape) >= 2 else 4 * s.numel for s in shape.params)
     # factored second moment only; scalars (step, RMS) may add a few bytes per tensor
     assert expected <= p.optimizer_state <= expected + 64 * len(shape.params)
     assert p.optimizer_state < 0.001 * plan(shape, "adamw", precision="mixed").optimizer_state
@@ -98,12 +96,10 @@ def test_state_comes_from_the_registry_rule_for_every_optimizer():
 
 def test_state_options_change_the_plan():
     base = plan("gpt2-small", "adamw", precision="fp32")
-    assert plan(
-        "gpt2-small", "adamw", precision="fp32", optimizer_kwargs={"amsgrad": True}
-    ).optimizer_state == (base.optimizer_state + 4 * base.num_parameters)
-    assert (
-        plan("gpt2-small", "adamw_bf16", precision="fp32").state_by_name["exp_avg"] == 2 * base.num_parameters
+    assert plan("gpt2-small", "adamw", precision="fp32", optimizer_kwargs={"amsgrad": True}).optimizer_state == (
+        base.optimizer_state + 4 * base.num_parameters
     )
+    assert plan("gpt2-small", "adamw_bf16", precision="fp32").state_by_name["exp_avg"] == 2 * base.num_parameters
     assert plan("gpt2-small", "sgd", precision="fp32").optimizer_state == 0
 
 
@@ -132,9 +128,7 @@ def test_named_shapes_have_the_published_parameter_counts(name, count):
 def _meta_from_config(config):
     import transformers
 
-    auto = (
-        transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
-    )
+    auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
     with torch.device("meta"):
         return auto.from_config(config)
 
@@ -231,16 +225,12 @@ def test_module_input_uses_its_tensors_and_dtypes():
 # -------------------------------------------------------------------------------------------- options
 def test_lora_trains_only_the_adapters():
     shape = model_shape("llama-2-7b")
-    p = plan(
-        shape, "adamw", precision="mixed", trainable="lora", lora_rank=8, lora_modules=("q_proj", "v_proj")
-    )
+    p = plan(shape, "adamw", precision="mixed", trainable="lora", lora_rank=8, lora_modules=("q_proj", "v_proj"))
     expected = 32 * 2 * 8 * (4096 + 4096)
     assert p.trainable_parameters == expected
     assert p.gradients == 2 * expected and p.master_weights == 4 * expected
     assert p.parameters == 2 * (shape.num_parameters + expected)
-    assert (
-        plan(shape, "adamw", trainable="lora").trainable_parameters > expected
-    )  # default: all hidden matrices
+    assert plan(shape, "adamw", trainable="lora").trainable_parameters > expected  # default: all hidden matrices
     with pytest.raises(ValueError, match="lora_modules"):
         plan(shape, "adamw", trainable="lora", lora_modules=("c_attn",))
 
@@ -349,9 +339,7 @@ def test_activations_scale_with_tokens_and_checkpointing_lowers_the_peak():
     a = plan("llama-2-7b", "adamw", precision="mixed", micro_batch=1, seq_len=2048)
     b = plan("llama-2-7b", "adamw", precision="mixed", micro_batch=2, seq_len=2048)
     assert b.activations == pytest.approx(2 * a.activations, rel=1e-6)
-    c = plan(
-        "llama-2-7b", "adamw", precision="mixed", micro_batch=8, seq_len=4096, activation_checkpointing="full"
-    )
+    c = plan("llama-2-7b", "adamw", precision="mixed", micro_batch=8, seq_len=4096, activation_checkpointing="full")
     d = plan("llama-2-7b", "adamw", precision="mixed", micro_batch=8, seq_len=4096)
     assert c.activations < d.activations / 10 and c.peak < d.peak
 

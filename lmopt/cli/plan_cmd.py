@@ -14,9 +14,7 @@ from ..memory.planner import OFFLOAD, MemoryPlan, resolve_optimizer
 from ..memory.units import format_bytes
 
 NAME = "plan"
-HELP = (
-    "plan the memory of a training step: parameters, master weights, gradients, optimizer state, activations"
-)
+HELP = "plan the memory of a training step: parameters, master weights, gradients, optimizer state, activations"
 
 ROWS = (
     ("parameters", "parameters"),
@@ -49,9 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharding", default="none", choices=list(SHARDING), help="ZeRO stage / FSDP")
     parser.add_argument("--offload", default="none", choices=list(OFFLOAD))
     parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument(
-        "--seq-len", type=int, default=None, help="default: the model's context, at most 4096"
-    )
+    parser.add_argument("--seq-len", type=int, default=None, help="default: the model's context, at most 4096")
     parser.add_argument("--grad-accumulation", type=int, default=1)
     parser.add_argument(
         "--checkpointing",

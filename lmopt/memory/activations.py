@@ -122,9 +122,7 @@ def _mlp(arch: Architecture, e: int, *, model: str, mask: float) -> float:
     if model == "korthikanti":
         out = e * 2 * h + (4 if arch.gated_mlp else 2) * e * f
     elif arch.family == "gpt2":
-        out = (
-            e * 2 * h + 8 + 5 * e * f
-        )  # LayerNorm input and stats, c_fc input, gelu_new's 4 tensors + c_proj input
+        out = e * 2 * h + 8 + 5 * e * f  # LayerNorm input and stats, c_fc input, gelu_new's 4 tensors + c_proj input
     else:
         out = (4 + e) * h + e * h + (4 if arch.gated_mlp else 2) * e * f
     return out + (mask * h if arch.dropout else 0)
@@ -162,9 +160,7 @@ def estimate_activations(
     if model not in ACTIVATION_MODELS:
         raise ValueError(f"activation_model must be one of {list(ACTIVATION_MODELS)}, got {model!r}")
     if checkpointing not in CHECKPOINTING:
-        raise ValueError(
-            f"activation_checkpointing must be one of {list(CHECKPOINTING)}, got {checkpointing!r}"
-        )
+        raise ValueError(f"activation_checkpointing must be one of {list(CHECKPOINTING)}, got {checkpointing!r}")
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch} and {seq_len}")
     e, s, tokens = element_size, seq_len, micro_batch * seq_len

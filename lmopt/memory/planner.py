@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -55,6 +55,7 @@ from .shapes import ModelShape, ParamShape, model_shape
 from .units import format_bytes, parse_bytes
 
 __all__ = [
+    "PER_TENSOR_STATE_KEYS",
     "PRECISIONS",
     "SHARDING",
     "MemoryPlan",
@@ -85,9 +86,7 @@ class Precision:
 PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
-        Precision(
-            "fp32", torch.float32, torch.float32, False, 4, description="fp32 weights, gradients, compute"
-        ),
+        Precision("fp32", torch.float32, torch.float32, False, 4, description="fp32 weights, gradients, compute"),
         Precision(
             "amp-bf16",
             torch.float32,
@@ -122,9 +121,7 @@ PRECISIONS: dict[str, Precision] = {
             2,
             description="fp16 weights and gradients, fp32 master weights (loss scaling)",
         ),
-        Precision(
-            "bf16", torch.bfloat16, torch.bfloat16, False, 2, description="pure bf16, no master weights"
-        ),
+        Precision("bf16", torch.bfloat16, torch.bfloat16, False, 2, description="pure bf16, no master weights"),
         Precision(
             "bf16-sr",
             torch.bfloat16,
@@ -183,9 +180,7 @@ def _precision(name: str | None, shape: ModelShape) -> Precision:
     key = name.strip().lower().replace("_", "-")
     key = _PRECISION_ALIASES.get(key, key)
     if key not in PRECISIONS:
-        raise ValueError(
-            f"precision must be one of {list(PRECISIONS)} (or {list(_PRECISION_ALIASES)}), got {name!r}"
-        )
+        raise ValueError(f"precision must be one of {list(PRECISIONS)} (or {list(_PRECISION_ALIASES)}), got {name!r}")
     return PRECISIONS[key]
 
 
@@ -319,9 +314,7 @@ def _lora_params(shape: ModelShape, rank: int, modules: Sequence[str] | str | No
         out.append(ParamShape(f"{base}.lora_B.weight", (d_out, rank), "matrix", p.dtype, True))
     if not all_linear and not matched:
         names = sorted({p.module for p in shape.params if p.role == "matrix"})
-        raise ValueError(
-            f"lora_modules {sorted(targets)} match no matrix of {shape.name}; its modules: {names}"
-        )
+        raise ValueError(f"lora_modules {sorted(targets)} match no matrix of {shape.name}; its modules: {names}")
     return tuple(out)
 
 
@@ -356,12 +349,51 @@ def _state_tensors(
     return out
 
 
+#: optimizer name -> function giving extra per-tensor keys for its state rule, for optimizers whose state
+#: depends on more than a tensor's shape (e.g. Adam-mini's block count for query/key projections: one
+#: second moment per head). Called as ``fn(param: ParamShape, architecture: Architecture | None)`` and
+#: returning a mapping merged into the hyperparameters passed to the rule for that tensor (or ``{}``).
+PER_TENSOR_STATE_KEYS: dict[str, Callable[[ParamShape, Any], Mapping[str, Any]]] = {}
+
+
+def _adam_mini_blocks(param: ParamShape, arch: Any) -> Mapping[str, Any]:
+    """Adam-mini's partition (Zhang et al. 2024): one second moment per head for query and key projections,
+    per output neuron elsewhere (transformers' GPT-2 Conv1D stores weights (in, out); its fused QKV has
+    per-head Q and K and per-neuron V), per token for embeddings. Passed to the rule as ``blocks``."""
+    if arch is None or len(param.shape) != 2 or param.role not in ("matrix", "head"):
+        return {}
+    module = param.module
+    if arch.family == "gpt2":
+        if module == "c_attn":
+            return {"blocks": 2 * arch.num_heads + param.shape[1] // 3}
+        return {"blocks": param.shape[1]}
+    if module in ("q_proj", "q"):
+        return {"blocks": arch.num_heads}
+    if module in ("k_proj", "k"):
+        return {"blocks": arch.num_kv_heads}
+    return {}
+
+
+PER_TENSOR_STATE_KEYS["adam_mini"] = _adam_mini_blocks
+
+
 def _state(
-    spec: OptimizerSpec, hyper: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], torch.dtype]]
+    spec: OptimizerSpec,
+    hyper: Mapping[str, Any],
+    shapes: list[tuple[tuple[int, ...], torch.dtype]],
+    extras: list[Mapping[str, Any]] | None = None,
 ) -> tuple[int, dict[str, int]]:
-    total, by_name, key = 0, {}, _hyper_key(spec, hyper)
-    for (shape, dtype), count in Counter(shapes).items():
-        for name, _, _, nbytes in _state_tensors(spec, hyper, key, shape, dtype):
+    total, by_name = 0, {}
+    extras = extras or [{} for _ in shapes]
+    groups = Counter(
+        (shape, dtype, tuple(sorted(extra.items()))) for (shape, dtype), extra in zip(shapes, extras, strict=True)
+    )
+    keys: dict[tuple, tuple | None] = {}
+    for (shape, dtype, extra), count in groups.items():
+        h = {**hyper, **dict(extra)} if extra else hyper
+        if extra not in keys:
+            keys[extra] = _hyper_key(spec, h)
+        for name, _, _, nbytes in _state_tensors(spec, h, keys[extra], shape, dtype):
             total += nbytes * count
             by_name[name] = by_name.get(name, 0) + nbytes * count
     return total, by_name
@@ -410,11 +442,7 @@ def _step_buffers(
         fused_ok &= all(t_dtype == dtype for _, t_dtype in wide)
         # SGD (no state, or only a momentum buffer) updates in place; the others build a denominator/direction
         in_place = all(name == "momentum_buffer" for name, _ in wide)
-        extra = (
-            4
-            * numel
-            * ((0 if in_place else 1) + (2 if dtype != torch.float32 else (1 if upcast_grads else 0)))
-        )
+        extra = 4 * numel * ((0 if in_place else 1) + (2 if dtype != torch.float32 else (1 if upcast_grads else 0)))
         extra += sum(4 * numel for _, t_dtype in wide if t_dtype != torch.float32)
         per_param.append((extra, count))
     impl = _step_implementation(spec, hyper, fused_ok, device)
@@ -505,9 +533,7 @@ def plan(
             f"activation_checkpointing must be one of {list(CHECKPOINTING)}, got {activation_checkpointing!r}"
         )
     if activation_model is not None and activation_model not in ACTIVATION_MODELS:
-        raise ValueError(
-            f"activation_model must be one of {list(ACTIVATION_MODELS)}, got {activation_model!r}"
-        )
+        raise ValueError(f"activation_model must be one of {list(ACTIVATION_MODELS)}, got {activation_model!r}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     stage = SHARDING[sharding]
@@ -528,14 +554,15 @@ def plan(
 
     # ---- static components (device 0)
     parameters = sum(
-        math.prod(_shard(p.shape, n if stage == 3 else 1)) * (p_bytes if p.trainable else frozen_bytes)
-        for p in params
+        math.prod(_shard(p.shape, n if stage == 3 else 1)) * (p_bytes if p.trainable else frozen_bytes) for p in params
     )
     train = [p for p in params if p.trainable]
     local = [_shard(p.shape, n if stage >= 1 else 1) for p in train]
     gradients = sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) * g_bytes for p in train)
     master = sum(math.prod(s) * 4 for s in local) if prec.master else 0
-    state, state_by_name = _state(spec, hyper, [(s, o_dtype) for s in local])
+    per_tensor = PER_TENSOR_STATE_KEYS.get(spec.name)
+    extras = [dict(per_tensor(p, shape.architecture)) for p in train] if per_tensor else None
+    state, state_by_name = _state(spec, hyper, [(s, o_dtype) for s in local], extras)
     host = 0
     if offload != "none":
         host = master + state + sum(math.prod(s) * 4 for s in local)  # + fp32 gradients for the host step
@@ -556,9 +583,7 @@ def plan(
     seq = seq_len or (min(arch.max_seq_len, 4096) if arch else 1)
     if arch is not None:
         flash = (arch.attention != "eager") if flash_attention is None else bool(flash_attention)
-        act_model = activation_model or (
-            "transformers" if arch.implementation == "transformers" else "korthikanti"
-        )
+        act_model = activation_model or ("transformers" if arch.implementation == "transformers" else "korthikanti")
         act = estimate_activations(
             arch,
             micro_batch=micro_batch,
@@ -593,9 +618,7 @@ def plan(
     head = [p for p in train if p.role == "head"] or [
         p
         for p in train
-        if p.role == "embedding"
-        and shape.architecture is not None
-        and p.shape[0] == shape.architecture.vocab_size
+        if p.role == "embedding" and shape.architecture is not None and p.shape[0] == shape.architecture.vocab_size
     ]
     head_grads = sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) for p in head[:1]) * g_bytes
     tied = bool(head) and head[0].role == "embedding"

@@ -159,9 +159,7 @@ def recommend(
     skipped = tuple(n for n, _, _ in ladder if n not in registered)
     ladder = [entry for entry in ladder if entry[0] in registered]
     if not ladder:
-        raise ValueError(
-            f"none of the optimizers to consider is registered; registered: {sorted(registered)}"
-        )
+        raise ValueError(f"none of the optimizers to consider is registered; registered: {sorted(registered)}")
 
     precisions = [("mixed-bf16", 0, ""), ("bf16-sr", 1, "no fp32 master copy")]
     batches = [micro_batch]
@@ -220,9 +218,7 @@ def recommend(
                                     parts.append("recompute: ~1/3 more compute")
                                 if p.host_memory:
                                     parts.append(f"host needs {format_bytes(p.host_memory)}")
-                                rec = Recommendation(
-                                    0, opt, prec, sharding, offload, ckpt, mb, p, "; ".join(parts)
-                                )
+                                rec = Recommendation(0, opt, prec, sharding, offload, ckpt, mb, p, "; ".join(parts))
                                 found.append((key, rec))
                                 break
     found.sort(key=lambda kv: kv[0])

@@ -169,15 +169,11 @@ def _llama(
     params.append(ParamShape("model.norm.weight", (hidden,), "norm"))
     if not tied:
         params.append(ParamShape("lm_head.weight", (vocab, hidden), "head"))
-    arch = Architecture(
-        family, layers, hidden, heads, kv_heads, hd, ffn, vocab, gated_mlp=True, max_seq_len=context
-    )
+    arch = Architecture(family, layers, hidden, heads, kv_heads, hd, ffn, vocab, gated_mlp=True, max_seq_len=context)
     return ModelShape(name, tuple(params), arch)
 
 
-def _gpt2(
-    name: str, *, layers: int, hidden: int, heads: int, vocab: int = 50257, context: int = 1024
-) -> ModelShape:
+def _gpt2(name: str, *, layers: int, hidden: int, heads: int, vocab: int = 50257, context: int = 1024) -> ModelShape:
     # transformers' GPT-2 uses Conv1D: weights are stored (in, out); the LM head is tied to wte
     params = [
         ParamShape("transformer.wte.weight", (vocab, hidden), "embedding"),
@@ -243,9 +239,7 @@ def _t5(
                 params.append(ParamShape(f"{p}{j}.{kind}.o.weight", (d_model, inner), "matrix"))
                 if kind == "SelfAttention" and i == 0:
                     params.append(
-                        ParamShape(
-                            f"{p}{j}.{kind}.relative_attention_bias.weight", (buckets, heads), "embedding"
-                        )
+                        ParamShape(f"{p}{j}.{kind}.relative_attention_bias.weight", (buckets, heads), "embedding")
                     )
                 params.append(ParamShape(f"{p}{j}.layer_norm.weight", (d_model,), "norm"))
             j = len(attn)
@@ -419,9 +413,7 @@ def model_shape(model: str | nn.Module | Any, *, trainable_only: bool = False) -
         return _from_module(model, trainable_only=trainable_only)
     if hasattr(model, "to_dict") and hasattr(model, "model_type"):
         return _from_config(model)
-    raise ValueError(
-        f"model must be a name, a transformers config or an nn.Module, got {type(model).__name__}"
-    )
+    raise ValueError(f"model must be a name, a transformers config or an nn.Module, got {type(model).__name__}")
 
 
 def _architecture_from_config(config: Any, implementation: str = "transformers") -> Architecture | None:
@@ -446,11 +438,7 @@ def _architecture_from_config(config: Any, implementation: str = "transformers")
         ffn = get("n_inner", "intermediate_size", "ffn_dim", default=4 * hidden) or 4 * hidden
     else:
         family, enc = (
-            (
-                "llama"
-                if model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral")
-                else "decoder"
-            ),
+            ("llama" if model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral") else "decoder"),
             0,
         )
         ffn = get("intermediate_size", default=4 * hidden)
@@ -515,6 +503,4 @@ def _from_config(config: Any) -> ModelShape:
     with torch.device("meta"):
         model = auto.from_config(config)
     shape = _from_module(model, trainable_only=False)
-    return replace(
-        shape, name=f"{model_type} config", params=tuple(replace(p, dtype=None) for p in shape.params)
-    )
+    return replace(shape, name=f"{model_type} config", params=tuple(replace(p, dtype=None) for p in shape.params))

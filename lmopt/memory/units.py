@@ -37,9 +37,7 @@ def parse_bytes(value: str | int | float, name: str = "device_memory") -> int:
             raise ValueError(f"{name} must be > 0, got {value!r}")
         return int(value)
     if not isinstance(value, str):
-        raise ValueError(
-            f"{name} must be a size like '80GB' or a number of bytes, got {type(value).__name__}"
-        )
+        raise ValueError(f"{name} must be a size like '80GB' or a number of bytes, got {type(value).__name__}")
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", value)
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{name} must be a size like '80GB', '24GiB' or '512MB', got {value!r}")
