@@ -13,6 +13,7 @@ __all__ = ["main", "SUBCOMMANDS"]
 
 SUBCOMMANDS: tuple[str, ...] = (
     "lmopt.cli.list_cmd",
+    "lmopt.cli.compare_cmd",
 )
 
 
