@@ -18,8 +18,8 @@ stopped; a run that raises is reported as an error; the other optimizers go on e
 
 What is measured per optimizer: the loss at every step, wall time, learning rate and gradient norm, the final
 training loss (mean of the last :data:`FINAL_LOSS_WINDOW` steps), the validation loss (mean over the same
-validation windows for every optimizer; Schedule-Free evaluated at its averaged point ``x``), tokens per second
-of training, the optimizer state in bytes (every tensor in ``optimizer.state``, inner tensors of tensor
+validation windows for every optimizer; Schedule-Free evaluated at its averaged point ``x``), tokens per
+second of training, the optimizer state in bytes (every tensor in ``optimizer.state``, inner tensors of tensor
 subclasses included, shared storage once), and peak memory (see :class:`MemoryMeter`).
 
 Example:
@@ -69,9 +69,10 @@ __all__ = [
 ]
 
 #: The default set, in this order, filtered at run time by what the registry holds (a name that is not
-#: registered is skipped with a note): AdamW (the baseline), its 8-bit-state version, then the memory-efficient
-#: and sign/orthogonal optimizers built for LLMs. Others (``sophia``, ``adamw4bit``, ``lion8bit``,
-#: ``adabound``, torch's classics, ...) run with ``--optimizers``; ``--optimizers all`` runs every entry.
+#: registered is skipped with a note): AdamW (the baseline), its 8-bit-state version, then the
+#: memory-efficient and sign/orthogonal optimizers built for LLMs. Others (``sophia``, ``adamw4bit``,
+#: ``lion8bit``, ``adabound``, torch's classics, ...) run with ``--optimizers``; ``--optimizers all`` runs
+#: every entry.
 DEFAULT_OPTIMIZERS: tuple[str, ...] = (
     "adamw",
     "adamw8bit",
@@ -118,16 +119,16 @@ MAX_CONSECUTIVE_SKIPS = 20
 SCHEMA_VERSION = 1
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # configuration
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class CompareConfig:
     """Everything that defines a comparison; saved in the results and read back by ``--config``.
 
     Attributes:
-        optimizers: registry names or aliases; ``None`` is :func:`default_optimizer_names`; ``["all"]`` is every
-            registered optimizer. The results store the resolved list, so a re-run trains the same set.
+        optimizers: registry names or aliases; ``None`` is :func:`default_optimizer_names`; ``["all"]`` is
+            every registered optimizer. The results store the resolved list, so a re-run trains the same set.
         steps: optimizer steps per optimizer.
         model: a size from :data:`lmopt.bench.workload.MODEL_SIZES`.
         batch_size, seq_len: windows per step and tokens per window.
@@ -142,6 +143,9 @@ class CompareConfig:
         eval_windows: validation windows (of ``seq_len`` tokens) for the validation loss.
         eval_every: also evaluate every this many steps (``0``: only at the end).
         hyperparameters: per-optimizer overrides, ``{"lion": {"lr": 1e-4}}``, applied over the recipe.
+        threads: CPU threads for torch during the comparison (restored afterwards); ``None`` leaves torch's
+            setting. On a machine shared with other jobs, fewer threads than cores avoids OpenMP threads
+            waiting on each other (measured here: 2 threads on 2 busy cores ran 3x slower than 1).
     """
 
     optimizers: list[str] | None = None
@@ -159,6 +163,7 @@ class CompareConfig:
     eval_windows: int = 64
     eval_every: int = 0
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    threads: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -172,13 +177,20 @@ class CompareConfig:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
         if self.model not in MODEL_SIZES:
             raise ValueError(f"model must be one of {list(MODEL_SIZES)}, got {self.model!r}")
         if self.warmup_steps is not None and (
-            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int)
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
             or not 0 <= self.warmup_steps < self.steps
         ):
-            raise ValueError(f"warmup_steps must be an integer in [0, steps={self.steps}), got {self.warmup_steps!r}")
+            raise ValueError(
+                f"warmup_steps must be an integer in [0, steps={self.steps}), got {self.warmup_steps!r}"
+            )
         if not isinstance(self.min_lr_ratio, (int, float)) or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not isinstance(self.max_grad_norm, (int, float)) or not self.max_grad_norm >= 0:
@@ -230,9 +242,9 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # optimizers
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def default_optimizer_names() -> tuple[list[str], list[dict[str, str]]]:
     """:data:`DEFAULT_OPTIMIZERS` that are registered, and a note for each one that is not."""
     registered = {spec.name for spec in list_optimizers()}
@@ -280,8 +292,9 @@ def _to_argument(value: Any) -> Any:
     return value
 
 
-def optimizer_hyperparameters(name: str, overrides: Mapping[str, Any], *, warmup_steps: int
-                              ) -> tuple[OptimizerSpec, dict[str, Any], list[str]]:
+def optimizer_hyperparameters(
+    name: str, overrides: Mapping[str, Any], *, warmup_steps: int
+) -> tuple[OptimizerSpec, dict[str, Any], list[str]]:
     """The spec, the keyword arguments :func:`lmopt.create_optimizer` gets, and the recipe keys left out."""
     spec, _implied = resolve_name(name)
     accepted = _accepted_arguments(spec.cls)
@@ -296,9 +309,9 @@ def optimizer_hyperparameters(name: str, overrides: Mapping[str, Any], *, warmup
     return spec, hyper, ignored
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # schedule, measurement
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def warmup_cosine(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
     """LR multiplier at ``step`` (0-based): linear warmup to 1 over ``warmup_steps`` (the first step already
     gets ``1 / warmup_steps``), then a cosine decay reaching ``min_ratio`` at the last step."""
@@ -373,10 +386,14 @@ class MemoryMeter:
         self._libc = None
         if device.type == "cuda":
             self.method = "CUDA: torch.cuda.max_memory_allocated during the run (tensors only)"
+            self.label = "peak CUDA memory allocated"
             self.kind = "cuda"
         elif self._can_reset_rss():
-            self.method = ("CPU: peak resident set size (VmHWM, reset per run through /proc/self/clear_refs after "
-                           "gc + malloc_trim) minus the resident size before the run's model copy and optimizer")
+            self.method = (
+                "CPU: peak resident set size (VmHWM, reset per run through /proc/self/clear_refs after "
+                "gc + malloc_trim) minus the resident size before the run's model copy and optimizer"
+            )
+            self.label = "peak RSS growth of the run (VmHWM reset per run)"
             self.kind = "rss"
             name = ctypes.util.find_library("c")
             try:
@@ -386,7 +403,10 @@ class MemoryMeter:
             except OSError:
                 self._libc = None
         else:
-            self.method = "CPU: lifetime maximum RSS from getrusage (cannot be reset; only the first run is exact)"
+            self.method = (
+                "CPU: lifetime maximum RSS from getrusage (cannot be reset; only the first run is exact)"
+            )
+            self.label = "lifetime peak RSS (getrusage)"
             self.kind = "rusage"
 
     @staticmethod
@@ -431,26 +451,27 @@ class MemoryMeter:
         return max(0, peak - self.baseline), peak
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the training step and the loop
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class StepResult:
-    """One training step: the loss before the update, the gradient norm, and whether the update was skipped."""
+    """One training step: the loss before the update, the gradient norm, whether the update was skipped."""
 
     loss: float
     grad_norm: float
     skipped: bool
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor, *,
-               max_grad_norm: float) -> StepResult:
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor, *, max_grad_norm: float
+) -> StepResult:
     """Forward, backward, clip, step (the one place the loop touches the optimizer).
 
-    The gradient norm from clipping is handed to lmopt optimizers (``record_grad_norm``), whose own check then
-    does not read the gradients again and whose ``nonfinite="skip"`` policy skips and counts a non-finite step;
-    other optimizers' non-finite steps are skipped here. A non-finite *loss* is returned without a backward
-    pass (the caller stops the run as diverged).
+    The gradient norm from clipping is handed to lmopt optimizers (``record_grad_norm``), whose own check
+    then does not read the gradients again and whose ``nonfinite="skip"`` policy skips and counts a
+    non-finite step; other optimizers' non-finite steps are skipped here. A non-finite *loss* is returned
+    without a backward pass (the caller stops the run as diverged).
     """
     loss = model(input_ids=input_ids, labels=input_ids).loss
     loss_value = float(loss.detach())
@@ -483,7 +504,7 @@ def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, device: t
     model.eval()
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
-        chunk = windows[start:start + batch_size].to(device)
+        chunk = windows[start : start + batch_size].to(device)
         total += float(model(input_ids=chunk, labels=chunk).loss) * chunk.shape[0]
         count += chunk.shape[0]
     model.train(was_training)
@@ -526,12 +547,21 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _run_one(name: str, template: nn.Module, config: CompareConfig, device: torch.device,
-             offsets: torch.Tensor, corpus: Corpus, val_windows: torch.Tensor, meter: MemoryMeter,
-             callbacks: CompareCallbacks) -> dict[str, Any]:
+def _run_one(
+    name: str,
+    template: nn.Module,
+    config: CompareConfig,
+    device: torch.device,
+    offsets: torch.Tensor,
+    corpus: Corpus,
+    val_windows: torch.Tensor,
+    meter: MemoryMeter,
+    callbacks: CompareCallbacks,
+) -> dict[str, Any]:
     warmup = config.resolved_warmup_steps
     spec, hyper, ignored = optimizer_hyperparameters(
-        name, config.hyperparameters.get(name, {}), warmup_steps=warmup)
+        name, config.hyperparameters.get(name, {}), warmup_steps=warmup
+    )
     schedule_free = is_schedule_free(spec.cls)
     result: dict[str, Any] = {
         "name": name,
@@ -566,8 +596,10 @@ def _run_one(name: str, template: nn.Module, config: CompareConfig, device: torc
         from ..registry import create_optimizer
 
         optimizer = create_optimizer(name, model, **hyper)
-        lrs_ok = all(isinstance(g.get("lr"), (int, float)) and not isinstance(g.get("lr"), bool)
-                     and g["lr"] > 0 for g in optimizer.param_groups)
+        lrs_ok = all(
+            isinstance(g.get("lr"), (int, float)) and not isinstance(g.get("lr"), bool) and g["lr"] > 0
+            for g in optimizer.param_groups
+        )
         scheduler = None
         if schedule_free:
             result["schedule"] = f"none (Schedule-Free; its own warmup of {warmup} steps where it takes one)"
@@ -575,11 +607,16 @@ def _run_one(name: str, template: nn.Module, config: CompareConfig, device: torc
         elif not lrs_ok:
             result["schedule"] = "none (the optimizer sets its own step size)"
         else:
-            result["schedule"] = (f"linear warmup {warmup} steps, cosine to {config.min_lr_ratio:g} x peak at step "
-                                  f"{config.steps}")
+            result["schedule"] = (
+                f"linear warmup {warmup} steps, cosine to {config.min_lr_ratio:g} x peak at step "
+                f"{config.steps}"
+            )
             scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: warmup_cosine(s, total_steps=config.steps, warmup_steps=warmup,
-                                                   min_ratio=config.min_lr_ratio))
+                optimizer,
+                lambda s: warmup_cosine(
+                    s, total_steps=config.steps, warmup_steps=warmup, min_ratio=config.min_lr_ratio
+                ),
+            )
         elapsed = 0.0
         consecutive_skips = 0
         for step in range(config.steps):
@@ -605,8 +642,10 @@ def _run_one(name: str, template: nn.Module, config: CompareConfig, device: torc
             callbacks.on_step(name, step + 1, outcome.loss, tokens_per_step * (step + 1) / max(elapsed, 1e-9))
             if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                 result["status"] = "diverged"
-                result["message"] = (f"{MAX_CONSECUTIVE_SKIPS} steps in a row had non-finite gradients "
-                                     f"(last at step {step + 1})")
+                result["message"] = (
+                    f"{MAX_CONSECUTIVE_SKIPS} steps in a row had non-finite gradients "
+                    f"(last at step {step + 1})"
+                )
                 break
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
                 val = _evaluate_run(model, optimizer, schedule_free, val_windows, config.batch_size, device)
@@ -644,8 +683,14 @@ def _run_one(name: str, template: nn.Module, config: CompareConfig, device: torc
     return result
 
 
-def _evaluate_run(model: nn.Module, optimizer: Any, schedule_free: bool, windows: torch.Tensor,
-                  batch_size: int, device: torch.device) -> float:
+def _evaluate_run(
+    model: nn.Module,
+    optimizer: Any,
+    schedule_free: bool,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> float:
     if schedule_free:  # evaluate at the averaged point x, then go back to training at y
         optimizer.eval()
     try:
@@ -653,6 +698,20 @@ def _evaluate_run(model: nn.Module, optimizer: Any, schedule_free: bool, windows
     finally:
         if schedule_free:
             optimizer.train()
+
+
+def _warm_up(
+    template: nn.Module, device: torch.device, corpus: Corpus, offsets: torch.Tensor, seq_len: int
+) -> None:
+    """One throwaway forward + backward + evaluation, so that one-time costs (thread pools, kernel selection,
+    lazily allocated buffers) are not charged to the first optimizer's time and memory."""
+    model = copy.deepcopy(template).to(device)
+    batch = gather_windows(corpus.train, offsets, seq_len).to(device)
+    model(input_ids=batch, labels=batch).loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+    evaluate(model, batch, batch.shape[0], device)
+    del model, batch
+    gc.collect()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -703,7 +762,17 @@ def run_compare(config: CompareConfig, callbacks: CompareCallbacks | None = None
     ``skipped_optimizers`` and one entry per optimizer under ``runs``.
     """
     config.validate()
-    callbacks = callbacks or _Silent()
+    if config.threads is None:
+        return _run_compare(config, callbacks or _Silent())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run_compare(config, callbacks or _Silent())
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_compare(config: CompareConfig, callbacks: CompareCallbacks) -> dict[str, Any]:
     started = time.perf_counter()
     device = resolve_device(config.device)
     names, skipped = resolve_optimizer_names(config.optimizers)
@@ -714,20 +783,35 @@ def run_compare(config: CompareConfig, callbacks: CompareCallbacks | None = None
         if key not in names:
             raise ValueError(f"hyperparameters given for {key!r}, which is not among the optimizers {names}")
     for name in names:  # fail early on hyperparameter typos, before any training
-        spec, hyper, _ = optimizer_hyperparameters(name, resolved.hyperparameters.get(name, {}),
-                                                   warmup_steps=resolved.resolved_warmup_steps)
+        spec, hyper, _ = optimizer_hyperparameters(
+            name, resolved.hyperparameters.get(name, {}), warmup_steps=resolved.resolved_warmup_steps
+        )
         unknown = sorted(set(hyper) - _accepted_arguments(spec.cls) - {"no_decay", "lr_multipliers"})
         if unknown:
-            raise ValueError(f"{name} does not take {unknown}; it takes {sorted(_accepted_arguments(spec.cls))}")
+            raise ValueError(
+                f"{name} does not take {unknown}; it takes {sorted(_accepted_arguments(spec.cls))}"
+            )
 
     corpus = load_corpus(config.data, config.tokenizer)
-    offsets = train_batch_offsets(corpus.train, steps=config.steps, batch_size=config.batch_size,
-                                  seq_len=config.seq_len, seed=config.seed)
-    val_windows = validation_windows(corpus.validation, seq_len=config.seq_len, max_windows=config.eval_windows)
-    template = build_model(config.model, vocab_size=corpus.vocab_size, seq_len=config.seq_len, seed=config.seed)
+    offsets = train_batch_offsets(
+        corpus.train,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        seed=config.seed,
+    )
+    val_windows = validation_windows(
+        corpus.validation, seq_len=config.seq_len, max_windows=config.eval_windows
+    )
+    template = build_model(
+        config.model, vocab_size=corpus.vocab_size, seq_len=config.seq_len, seed=config.seed
+    )
     meter = MemoryMeter(device)
-    runs = [_run_one(name, template, resolved, device, offsets, corpus, val_windows, meter, callbacks)
-            for name in names]
+    _warm_up(template, device, corpus, offsets[0], config.seq_len)
+    runs = [
+        _run_one(name, template, resolved, device, offsets, corpus, val_windows, meter, callbacks)
+        for name in names
+    ]
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "lmopt compare",
@@ -750,6 +834,7 @@ def run_compare(config: CompareConfig, callbacks: CompareCallbacks | None = None
         },
         "final_train_loss_window": FINAL_LOSS_WINDOW,
         "memory_method": meter.method,
+        "memory_label": meter.label,
         "skipped_optimizers": skipped,
         "runs": runs,
         "total_time_s": time.perf_counter() - started,

@@ -61,8 +61,31 @@ VALIDATION_MODULUS = 20
 #: the positional rule's validation fraction
 VALIDATION_FRACTION = 0.1
 #: files ``--data FOLDER`` reads (any other suffix is ignored)
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".tsv", ".html", ".xml", ".tex",
-                 ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".yaml", ".yml", ".toml")
+TEXT_SUFFIXES = (
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".tsv",
+    ".html",
+    ".xml",
+    ".tex",
+    ".c",
+    ".h",
+    ".cpp",
+    ".js",
+    ".ts",
+    ".java",
+    ".go",
+    ".rs",
+    ".sh",
+    ".yaml",
+    ".yml",
+    ".toml",
+)
 
 
 class Tokenizer(Protocol):
@@ -96,7 +119,9 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         if not path.exists():
-            raise ValueError(f"tokenizer path {str(path)!r} does not exist (a folder written by save_pretrained)")
+            raise ValueError(
+                f"tokenizer path {str(path)!r} does not exist (a folder written by save_pretrained)"
+            )
         try:
             from transformers import AutoTokenizer
         except ImportError as err:  # pragma: no cover - depends on the environment
@@ -123,7 +148,7 @@ def load_tokenizer(path: str | os.PathLike[str] | None) -> Tokenizer:
     return ByteTokenizer() if path is None else HFTokenizer(path)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def stdlib_root() -> Path:
     """The folder holding the standard library's ``.py`` files."""
     return Path(sysconfig.get_paths()["stdlib"])
@@ -132,8 +157,11 @@ def stdlib_root() -> Path:
 def _walk(root: Path, suffixes: tuple[str, ...]) -> list[tuple[str, Path]]:
     found = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")
-                   and not d.startswith(".")]
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in ("site-packages", "dist-packages", "__pycache__") and not d.startswith(".")
+        ]
         for name in files:
             if name.endswith(suffixes) and not name.startswith("."):
                 full = Path(folder) / name
@@ -201,8 +229,9 @@ def _concatenate(chunks: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(chunks, dtype=np.int32, casting="same_kind"))
 
 
-def load_corpus(data: str | os.PathLike[str] | None = None,
-                tokenizer: str | os.PathLike[str] | None = None) -> Corpus:
+def load_corpus(
+    data: str | os.PathLike[str] | None = None, tokenizer: str | os.PathLike[str] | None = None
+) -> Corpus:
     """Read, tokenize and split a corpus (see the module docstring for the rules).
 
     Args:
@@ -239,8 +268,10 @@ def load_corpus(data: str | os.PathLike[str] | None = None,
             train_chunks += [ids, eos]
             files_train += 1
     if by_file and files_val and files_train:
-        split = (f"by file: validation = files whose crc32(relative path) % {VALIDATION_MODULUS} == 0 "
-                 f"({files_val} of {len(files)} files)")
+        split = (
+            f"by file: validation = files whose crc32(relative path) % {VALIDATION_MODULUS} == 0 "
+            f"({files_val} of {len(files)} files)"
+        )
         train, val = _concatenate(train_chunks), _concatenate(val_chunks)
     else:
         stream = _concatenate(train_chunks + val_chunks)
@@ -248,20 +279,31 @@ def load_corpus(data: str | os.PathLike[str] | None = None,
         train, val = stream[:cut], stream[cut:]
         split = f"by position: the last {VALIDATION_FRACTION:.0%} of the concatenated token stream"
         files_train, files_val = len(files), 0
-    return Corpus(train=train, validation=val, vocab_size=int(tok.vocab_size), source=source,
-                  tokenizer=tok.name, split=split, files_train=files_train, files_validation=files_val,
-                  bytes_total=total_bytes)
+    return Corpus(
+        train=train,
+        validation=val,
+        vocab_size=int(tok.vocab_size),
+        source=source,
+        tokenizer=tok.name,
+        split=split,
+        files_train=files_train,
+        files_validation=files_val,
+        bytes_total=total_bytes,
+    )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _check_stream(tokens: torch.Tensor, seq_len: int, what: str) -> None:
     if tokens.numel() < seq_len + 1:
-        raise ValueError(f"the {what} stream has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                         f"use a larger corpus or a smaller --seq-len")
+        raise ValueError(
+            f"the {what} stream has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+            f"use a larger corpus or a smaller --seq-len"
+        )
 
 
-def train_batch_offsets(tokens: torch.Tensor, *, steps: int, batch_size: int, seq_len: int,
-                        seed: int) -> torch.Tensor:
+def train_batch_offsets(
+    tokens: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, seed: int
+) -> torch.Tensor:
     """``(steps, batch_size)`` start offsets of the training windows, drawn once from ``seed``.
 
     Window ``i`` of step ``s`` is ``tokens[o : o + seq_len]`` with ``o = offsets[s, i]`` (the model shifts the

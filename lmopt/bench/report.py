@@ -44,7 +44,14 @@ FILES: dict[str, str] = {
 SMOOTHING = 10
 #: the columns of the terminal table and of the report's table
 TABLE_COLUMNS: tuple[str, ...] = (
-    "optimizer", "status", "final train loss", "val loss", "tokens/s", "state", "peak mem", "skipped",
+    "optimizer",
+    "status",
+    "final train loss",
+    "val loss",
+    "tokens/s",
+    "state",
+    "peak mem",
+    "skipped",
 )
 
 
@@ -72,16 +79,18 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, str]]:
         if status == "diverged":
             status = f"diverged at step {run['steps_completed'] + 1}"
         tokens = run.get("tokens_per_second")
-        rows.append({
-            "optimizer": run["name"],
-            "status": status,
-            "final train loss": _fmt(run.get("final_train_loss")),
-            "val loss": _fmt(run.get("validation_loss")),
-            "tokens/s": "-" if tokens is None else f"{tokens:,.0f}",
-            "state": format_bytes(run.get("optimizer_state_bytes")),
-            "peak mem": format_bytes(run.get("peak_memory_bytes")),
-            "skipped": str(run.get("skipped_steps", 0)),
-        })
+        rows.append(
+            {
+                "optimizer": run["name"],
+                "status": status,
+                "final train loss": _fmt(run.get("final_train_loss")),
+                "val loss": _fmt(run.get("validation_loss")),
+                "tokens/s": "-" if tokens is None else f"{tokens:,.0f}",
+                "state": format_bytes(run.get("optimizer_state_bytes")),
+                "peak mem": format_bytes(run.get("peak_memory_bytes")),
+                "skipped": str(run.get("skipped_steps", 0)),
+            }
+        )
     return rows
 
 
@@ -121,17 +130,29 @@ def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -
         axes.plot(xs, losses, color=color, alpha=0.25, linewidth=0.8)
         smooth = _moving_average(losses, SMOOTHING)
         axes.plot(xs, smooth, color=color, linewidth=1.8, label=label)
-        low, high = min(low, min(losses)), max(high, max(smooth[len(smooth) // 10:] or smooth))
+        low, high = min(low, min(losses)), max(high, max(smooth[len(smooth) // 10 :] or smooth))
         if run["status"] != "ok":
             axes.plot([xs[-1]], [losses[-1]], marker="x", markersize=9, color=color)
         val = run.get("validation_history", {})
         if val.get("step"):
-            val_x = val["step"] if x == "step" else [
-                history["time_s"][s - 1] if 0 < s <= len(history["time_s"]) else 0.0 for s in val["step"]]
-            pairs = [(a, b) for a, b in zip(val_x, val["loss"]) if b is not None]
+            val_x = (
+                val["step"]
+                if x == "step"
+                else [
+                    history["time_s"][s - 1] if 0 < s <= len(history["time_s"]) else 0.0 for s in val["step"]
+                ]
+            )
+            pairs = [(a, b) for a, b in zip(val_x, val["loss"], strict=True) if b is not None]
             if pairs:
-                axes.plot([a for a, _ in pairs], [b for _, b in pairs], linestyle="none", marker="o",
-                          markersize=6, markeredgecolor="black", color=color)
+                axes.plot(
+                    [a for a, _ in pairs],
+                    [b for _, b in pairs],
+                    linestyle="none",
+                    marker="o",
+                    markersize=6,
+                    markeredgecolor="black",
+                    color=color,
+                )
     if math.isfinite(low) and math.isfinite(high) and high > low:
         margin = 0.08 * (high - low)
         axes.set_ylim(low - margin, high + margin)
@@ -139,8 +160,11 @@ def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -
     model = results["model"]
     axes.set_xlabel("optimizer step" if x == "step" else "training wall time (s)")
     axes.set_ylabel("loss (nats per token)")
-    axes.set_title(f"{model['name']} Llama ({model['parameters']:,} params), batch {config['batch_size']} x "
-                   f"{config['seq_len']} tokens, {results['environment']['device']}", fontsize=10)
+    axes.set_title(
+        f"{model['name']} Llama ({model['parameters']:,} params), batch {config['batch_size']} x "
+        f"{config['seq_len']} tokens, {results['environment']['device']}",
+        fontsize=10,
+    )
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, title=f"bold: mean of {SMOOTHING} steps; o: validation", title_fontsize=8)
     figure.tight_layout()
@@ -150,8 +174,10 @@ def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -
 
 
 def _markdown_table(rows: list[dict[str, str]]) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
-             "|" + "|".join("---" if c in ("optimizer", "status") else "---:" for c in TABLE_COLUMNS) + "|"]
+    lines = [
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("optimizer", "status") else "---:" for c in TABLE_COLUMNS) + "|",
+    ]
     lines += ["| " + " | ".join(row[c] for c in TABLE_COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -176,8 +202,12 @@ def _notes(results: dict[str, Any]) -> list[str]:
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, device "
         f"{env['device']}; Python {env['python']}, torch {env['torch']}, transformers "
         f"{env.get('transformers', '?')}, lmopt {env['lmopt']}"
-        + (f"; load average at the end {', '.join(f'{v:.1f}' for v in env['load_average'])}"
-           if env.get("load_average") else "") + f". Total time {results['total_time_s']:.0f} s.",
+        + (
+            f"; load average at the end {', '.join(f'{v:.1f}' for v in env['load_average'])}"
+            if env.get("load_average")
+            else ""
+        )
+        + f". Total time {results['total_time_s']:.0f} s.",
     ]
     for skipped in results["skipped_optimizers"]:
         notes.append(f"Skipped `{skipped['name']}`: {skipped['reason']}.")
@@ -185,14 +215,18 @@ def _notes(results: dict[str, Any]) -> list[str]:
         if run["status"] != "ok":
             notes.append(f"`{run['name']}` {run['status']}: {run['message']}")
         if run.get("ignored_recipe_keys"):
-            notes.append(f"`{run['name']}`: recipe keys its constructor does not take were left out: "
-                         f"{', '.join(run['ignored_recipe_keys'])}.")
+            notes.append(
+                f"`{run['name']}`: recipe keys its constructor does not take were left out: "
+                f"{', '.join(run['ignored_recipe_keys'])}."
+            )
     return notes
 
 
 def _hyperparameter_lines(results: dict[str, Any]) -> list[str]:
-    return [f"`{run['name']}` ({run['class']}): {json.dumps(run['hyperparameters'])}; schedule: {run['schedule']}"
-            for run in results["runs"]]
+    return [
+        f"`{run['name']}` ({run['class']}): {json.dumps(run['hyperparameters'])}; schedule: {run['schedule']}"
+        for run in results["runs"]
+    ]
 
 
 def _write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -227,7 +261,8 @@ def _write_html(results: dict[str, Any], path: Path) -> None:
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in TABLE_COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f"<td>{esc(row[c])}</td>" for c in TABLE_COLUMNS) + "</tr>" for row in rows)
+        "<tr>" + "".join(f"<td>{esc(row[c])}</td>" for c in TABLE_COLUMNS) + "</tr>" for row in rows
+    )
 
     def inline_code(text: str) -> str:  # `x` -> <code>x</code> on escaped text
         parts = esc(text).split("`")
@@ -243,13 +278,14 @@ table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding
 td:nth-child(n+3) {{ text-align: right; }} img {{ max-width: 100%; }} code {{ background: #f4f4f4; }}
 </style></head><body>
 <h1>lmopt compare</h1>
-<p>Created {esc(results['created_utc'])}. Re-run with <code>lmopt compare --config {FILES['results_json']}</code>.</p>
+<p>Created {esc(results["created_utc"])}.
+Re-run with <code>lmopt compare --config {FILES["results_json"]}</code>.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<p><img src="{FILES['loss_vs_step']}" alt="training loss against optimizer step"></p>
-<p><img src="{FILES['loss_vs_time']}" alt="training loss against training wall time"></p>
+<p><img src="{FILES["loss_vs_step"]}" alt="training loss against optimizer step"></p>
+<p><img src="{FILES["loss_vs_time"]}" alt="training loss against training wall time"></p>
 <h2>Setup</h2><ul>{notes}</ul>
 <h2>Hyperparameters</h2><ul>{hypers}</ul>
-<p>Every figure is in <a href="{FILES['results_json']}">{FILES['results_json']}</a>.</p>
+<p>Every figure is in <a href="{FILES["results_json"]}">{FILES["results_json"]}</a>.</p>
 </body></html>
 """
     path.write_text(page, encoding="utf-8")

@@ -2,7 +2,8 @@
 
 The model is transformers' ``LlamaForCausalLM`` built from a config -- RMSNorm, rotary position embeddings,
 SwiGLU feed-forward blocks, no biases, untied input and output embeddings -- so every optimizer meets the
-parameter roles of a real LLM (embeddings, norms, attention and MLP matrices, an output head). Sizes are named:
+parameter roles of a real LLM (embeddings, norms, attention and MLP matrices, an output head). Sizes are
+named:
 
 ======== ====== ====== ===== ============ =================================================================
 name     hidden layers heads intermediate use
@@ -62,8 +63,9 @@ def _require_transformers() -> Any:
     return transformers
 
 
-def build_model(size: str | ModelSize, *, vocab_size: int, seq_len: int, seed: int,
-                device: torch.device | str = "cpu") -> nn.Module:
+def build_model(
+    size: str | ModelSize, *, vocab_size: int, seq_len: int, seed: int, device: torch.device | str = "cpu"
+) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` of a named size, in fp32, the same for the same seed.
 
     Args:
