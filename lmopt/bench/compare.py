@@ -149,9 +149,9 @@ class CompareConfig:
     """
 
     optimizers: list[str] | None = None
-    steps: int = 150
+    steps: int = 200
     model: str = "small"
-    batch_size: int = 16
+    batch_size: int = 8
     seq_len: int = 256
     seed: int = 0
     device: str = "auto"
