@@ -181,7 +181,7 @@ def _mib(value) -> str:
     return "-" if value is None else f"{value / 2**20:.2f}"
 
 
-def _machine() -> str:
+def _machine(threads: int | None) -> str:
     import torch
 
     cpu = "unknown"
@@ -276,12 +276,15 @@ def main() -> int:
         f"{_mib(first['parameter_bytes'])} MiB), {args.steps} training steps of {args.batch_size} x "
         f"{args.seq_len} tokens, gradient clipping at 1.0, each case in a fresh process.",
         "",
-        f"Machine: {_machine()}.",
+        f"Machine: {_machine(args.threads)}.",
         "",
         f"Command: `{cmd.strip()}`",
         "",
-        f"Peak memory: {first['method']}. Baseline (interpreter, torch, transformers and the model's "
-        f"parameters before the optimizer exists): {_mib(first['baseline_bytes'])} MiB.",
+        f"Peak memory ({first['method'].split(':')[0]}): the peak (RSS high-water mark on CPU, reset after "
+        f"gc "
+        f"and malloc_trim; max_memory_allocated on CUDA) during the steps, and its growth over the baseline "
+        f"taken before the optimizer was built (interpreter, torch, transformers and the model's "
+        f"parameters: {_mib(first['baseline_bytes'])} MiB).",
         "",
         "| optimizer | state MiB | state B/param | registry MiB | peak growth MiB | peak MiB | s/step |",
         "|---|---:|---:|---:|---:|---:|---:|",

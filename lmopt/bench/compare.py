@@ -48,7 +48,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..registry import OptimizerSpec, list_optimizers, resolve_name
+from ..registry import OptimizerSpec, create_optimizer, list_optimizers, resolve_name
 from .corpus import Corpus, gather_windows, load_corpus, train_batch_offsets, validation_windows
 from .workload import MODEL_SIZES, build_model, count_parameters
 
@@ -593,8 +593,6 @@ def _run_one(
         torch.manual_seed(config.seed)
         model = copy.deepcopy(template).to(device)
         model.train()
-        from ..registry import create_optimizer
-
         optimizer = create_optimizer(name, model, **hyper)
         lrs_ok = all(
             isinstance(g.get("lr"), (int, float)) and not isinstance(g.get("lr"), bool) and g["lr"] > 0
