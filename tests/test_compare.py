@@ -72,6 +72,8 @@ def run_dir(tmp_path_factory):
                 "adam.lr=1e30",
                 "--set",
                 "sgd.lr=0.05",
+                "--eval-every",
+                "3",
                 "--out",
                 str(out),
             ]
@@ -156,6 +158,8 @@ def test_results_json_schema(run_dir):
         assert math.isfinite(ok["validation_loss"]) and ok["tokens_per_second"] > 0
         assert ok["peak_memory_bytes"] > 0
         assert ok["final_train_loss"] == pytest.approx(sum(ok["history"]["loss"]) / 6)
+        assert ok["validation_history"]["step"] == [3, 6]
+        assert ok["validation_history"]["loss"][-1] == ok["validation_loss"]
     # exact state: AdamW keeps two fp32 moments per parameter and an fp32 step per tensor; plain SGD nothing
     n_params, n_tensors = (
         results["model"]["parameters"],
