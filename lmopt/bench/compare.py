@@ -149,7 +149,7 @@ class CompareConfig:
     """
 
     optimizers: list[str] | None = None
-    steps: int = 200
+    steps: int = 160
     model: str = "small"
     batch_size: int = 8
     seq_len: int = 256
