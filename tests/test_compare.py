@@ -377,3 +377,37 @@ def test_local_tokenizer(tmp_path):
     assert stream.numel() < 2 * 30 * 12  # words, not bytes
     with pytest.raises(ValueError, match="does not exist"):
         load_corpus(folder, tokenizer=tmp_path / "nowhere")
+
+
+def test_schedule_free_gets_no_schedule_and_a_failing_optimizer_is_reported(monkeypatch, tmp_path):
+    schedulefree = pytest.importorskip("schedulefree")
+    from lmopt import registry
+    from lmopt.bench.compare import run_compare
+
+    class Broken(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("boom")
+
+    registry._load()
+    no_state = lambda shape, dtype, hyper: []  # noqa: E731
+    for spec in (
+        registry.OptimizerSpec("sf_test", schedulefree.AdamWScheduleFree, "", "", no_state),
+        registry.OptimizerSpec("broken_test", Broken, "", "", no_state, defaults={"lr": 0.1}),
+    ):
+        monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
+    config = CompareConfig(
+        optimizers=["sf_test", "broken_test", "sgd"],
+        model="tiny",
+        steps=4,
+        batch_size=2,
+        seq_len=32,
+        eval_windows=2,
+        data=str(_write_corpus(tmp_path / "corpus", files=3)),
+    )
+    sf, broken, sgd = run_compare(config)["runs"]
+    assert sf["status"] == "ok" and sf["schedule"].startswith("none (Schedule-Free")
+    assert sf["hyperparameters"]["warmup_steps"] == config.resolved_warmup_steps
+    assert len(set(sf["history"]["lr"])) == 1  # no LR scheduler on top of Schedule-Free
+    assert math.isfinite(sf["validation_loss"]) and sf["optimizer_state_bytes"] > 0
+    assert broken["status"] == "error" and "boom" in broken["message"] and broken["steps_completed"] == 0
+    assert sgd["status"] == "ok" and sgd["steps_completed"] == 4
