@@ -8,6 +8,7 @@ Public API (everything else is internal):
 """
 
 from .optim import Adam, AdamW, LmoptOptimizer, NonFiniteGradientError
+from .optim import CAME, Adafactor, AdamMini, Lion, Sophia
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
 
@@ -16,6 +17,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Adam",
     "AdamW",
+    "Adafactor",
+    "AdamMini",
+    "CAME",
+    "Lion",
+    "Sophia",
     "LmoptOptimizer",
     "NonFiniteGradientError",
     "OptimizerSpec",
