@@ -115,7 +115,7 @@ def test_adafactor_matches_torch_adafactor_where_definitions_coincide():
 
     ours, theirs = make_model(torch.float64), make_model(torch.float64)
     opt = lmopt.create_optimizer("adafactor_relative_step", list(ours.parameters()), eps=(0.0, 1e-3))
-    ref = torch.optim.Adafactor(theirs.parameters(), lr=1e-2, beta2_decay=-0.8, eps1=0.0, eps2=1e-3, d=1.0,
+    ref = torch.optim.Adafactor(theirs.parameters(), lr=1e-2, beta2_decay=-0.8, eps=(0.0, 1e-3), d=1.0,
                                 weight_decay=0.0, foreach=False)
     for k in range(120):
         x, y = make_batch(torch.float64, seed=k)
