@@ -77,8 +77,8 @@ def lmopt_adam_mini(params):
     return lmopt.AdamMini(params, **_MINI)
 
 
-def lmopt_adam_mini_for_loop(params):
-    return lmopt.AdamMini(params, implementation="for_loop", **_MINI)
+def lmopt_adam_mini_fused(params):
+    return lmopt.AdamMini(params, implementation="fused", **_MINI)
 
 
 def lmopt_adam_mini_per_tensor(params):
@@ -185,9 +185,9 @@ CASES = [
          note="per output neuron"),
     Case("pytorch_optimizer AdamMini", "adam_mini", "pytorch_optimizer_adam_mini", peer=True,
          bytes_per_param=20.0, note="one block per tensor (no known names)"),
-    Case("lmopt Adam-mini (auto = fused)", "adam_mini", "lmopt_adam_mini", bytes_per_param=20.0,
+    Case("lmopt Adam-mini (auto = for_loop)", "adam_mini", "lmopt_adam_mini", bytes_per_param=20.0,
          note="per output neuron"),
-    Case("lmopt Adam-mini for_loop", "adam_mini", "lmopt_adam_mini_for_loop", bytes_per_param=20.0,
+    Case("lmopt Adam-mini fused", "adam_mini", "lmopt_adam_mini_fused", bytes_per_param=20.0,
          note="per output neuron"),
     Case("lmopt Adam-mini, one block per tensor", "adam_mini", "lmopt_adam_mini_per_tensor",
          bytes_per_param=20.0, note="the pytorch_optimizer partition here"),

@@ -155,6 +155,8 @@ class _Blocks:
         self.dtype = math_dtype(dtype)
         self.buf = torch.empty(min(self.rows * self.cols, max(BLOCK_ELEMENTS, self.cols)), dtype=self.dtype,
                                device=device)
+        self.ones = torch.ones(min(self.rows, max(1, BLOCK_ELEMENTS // max(1, self.cols))), dtype=self.dtype,
+                               device=device)
 
     def __iter__(self):
         for b in range(self.batch):
@@ -173,8 +175,14 @@ def blocked_square_means(g3: Tensor, blocks: _Blocks, eps: float) -> tuple[Tenso
         gc = blocks.read(g3[b, r0:r1])
         sq = torch.mul(gc, gc, out=buf)
         torch.sum(sq, dim=1, out=row_sum[b, r0:r1])
-        col_sum[b].add_(sq.sum(dim=0))
+        col_sum[b].add_(column_sums(sq, blocks))
     return row_sum.div_(blocks.cols).add_(eps), col_sum.div_(blocks.rows).add_(eps)
+
+
+def column_sums(block: Tensor, blocks: _Blocks) -> Tensor:
+    """Sums over the rows of a block, as a matrix-vector product (several times faster on CPU than
+    ``block.sum(0)``, a reduction across the contiguous dimension)."""
+    return torch.mv(block.t(), blocks.ones[: block.shape[0]])
 
 
 def blocked_scaled_rms(g3: Tensor, a: Tensor, b: Tensor, blocks: _Blocks) -> Tensor:
@@ -220,15 +228,17 @@ def _fused_adafactor(params, grads, row_vars, col_vars, variances, exp_avgs, sta
         for k, r0, r1, buf in blocks:
             gc, pc = g3[k, r0:r1], p3[k, r0:r1]
             p32 = blocks.read(pc)
-            u = torch.mul(blocks.read(gc), b[k], out=buf)
+            # the scale a_i b_j of the block as an outer product in cache: broadcasting a column vector over a
+            # block is several times slower on CPU than reading one more cached operand
+            scale = torch.outer(a[k, r0:r1], b[k], out=buf)
             if m3 is None:
                 if decay is not None:
                     p32.mul_(decay)
-                p32.addcmul_(u, a[k, r0:r1, None], value=-1.0)
+                p32.addcmul_(scale, blocks.read(gc), value=-1.0)
             else:
                 mc = m3[k, r0:r1]
                 m32 = blocks.read(mc)
-                u.mul_(a[k, r0:r1, None])
+                u = scale.mul_(blocks.read(gc))
                 m32.mul_(beta1).add_(u, alpha=1 - beta1)
                 if decay is not None:
                     p32.mul_(decay)

@@ -43,6 +43,7 @@ from .adafactor import (
     blocked_scaled_rms,
     blocked_square_means,
     check_eps_pair,
+    column_sums,
     factored_shapes,
 )
 from .base import Implementation, LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
@@ -121,11 +122,11 @@ def _fused_came(params, grads, row_vars, col_vars, res_row_vars, res_col_vars, v
         for k, r0, r1, buf in blocks:
             mc = m3[k, r0:r1]
             m32 = blocks.read(mc)
-            u = torch.mul(blocks.read(g3[k, r0:r1]), b[k], out=buf).mul_(a[k, r0:r1, None])
+            u = torch.outer(a[k, r0:r1], b[k], out=buf).mul_(blocks.read(g3[k, r0:r1]))
             m32.mul_(beta1).add_(u, alpha=1 - beta1)
             res = u.sub_(m32).square_()
             torch.sum(res, dim=1, out=res_row_sum[k, r0:r1])
-            res_col_sum[k].add_(res.sum(dim=0))
+            res_col_sum[k].add_(column_sums(res, blocks))
             if m32 is not mc:
                 mc.copy_(m32)
         res_row, res_col = res_row_vars[i].view(nb, nr), res_col_vars[i].view(nb, nc)
@@ -139,10 +140,10 @@ def _fused_came(params, grads, row_vars, col_vars, res_row_vars, res_col_vars, v
         for k, r0, r1, buf in blocks:
             pc = p3[k, r0:r1]
             p32 = blocks.read(pc)
-            step = torch.mul(blocks.read(m3[k, r0:r1]), rb[k], out=buf)
+            scale = torch.outer(ra[k, r0:r1], rb[k], out=buf)
             if decay is not None:
                 p32.mul_(decay)
-            p32.addcmul_(step, ra[k, r0:r1, None])
+            p32.addcmul_(scale, blocks.read(m3[k, r0:r1]))
             if low:
                 pc.copy_(p32)
     if rest:
