@@ -7,8 +7,17 @@ Public API (everything else is internal):
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
 """
 
-from .optim import Adam, AdamW, LmoptOptimizer, NonFiniteGradientError
-from .optim import CAME, Adafactor, AdamMini, Lion, Sophia
+from .optim import (
+    CAME,
+    Adafactor,
+    Adam,
+    AdamMini,
+    AdamW,
+    Lion,
+    LmoptOptimizer,
+    NonFiniteGradientError,
+    Sophia,
+)
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
 

@@ -113,7 +113,7 @@ _ADAM_INVALID = [
 ]
 
 
-# ------------------------------------------------------------------- memory-efficient / sign / curvature (issue 3)
+# -------------------------------------------------------------- memory-efficient / sign / curvature (issue 3)
 def _full(name: str, kw: dict[str, Any]) -> dict[str, Any]:
     """The effective hyperparameters of a registry entry for a variant (class defaults + entry + variant)."""
     spec, implied = lmopt.registry.resolve_name(name)
@@ -174,7 +174,7 @@ def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _sampled_mse(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """MSE against targets sampled from the model's Gaussian predictive (Sophia's GNB estimator, regression)."""
+    """MSE against targets sampled from the model's Gaussian predictive (Sophia's GNB estimator)."""
     out = model(x).float()
     return (out - (out.detach() + torch.randn_like(out))).pow(2).mean() / 2
 
@@ -255,7 +255,8 @@ OPTIM_DB: list[OptimSpec] = [
             {},
             {"lr": 1e-2, "relative_step": True, "scale_parameter": True},
             {"lr": 3e-3, "beta1": 0.9, "weight_decay": 0.1, "clip_threshold": 0.5},
-            {"lr": 1e-2, "relative_step": True, "scale_parameter": True, "warmup_init": True, "decay_rate": -0.7},
+            {"lr": 1e-2, "relative_step": True, "scale_parameter": True, "warmup_init": True,
+             "decay_rate": -0.7},
         ],
         reference=_adafactor_ref,
         reference_tol=(1e-6, 1e-9),
@@ -265,17 +266,22 @@ OPTIM_DB: list[OptimSpec] = [
     ),
     OptimSpec(
         name="came",
-        variants=[{"lr": 1e-3}, {"lr": 2e-3, "weight_decay": 0.1, "betas": (0.8, 0.99, 0.999), "clip_threshold": 0.5}],
+        variants=[
+            {"lr": 1e-3},
+            {"lr": 2e-3, "weight_decay": 0.1, "betas": (0.8, 0.99, 0.999), "clip_threshold": 0.5},
+        ],
         reference=_came_ref,
         implementations=("for_loop", "fused"),
-        invalid=[*_FACTORED_INVALID, ({"betas": (0.9, 0.999)}, "betas"), ({"betas": (0.9, 0.999, 1.0)}, "betas")],
+        invalid=[*_FACTORED_INVALID, ({"betas": (0.9, 0.999)}, "betas"),
+                 ({"betas": (0.9, 0.999, 1.0)}, "betas")],
     ),
     OptimSpec(
         name="adam_mini",
         variants=[{"lr": 1e-2}, {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1, "eps": 1e-6}],
         reference=_adam_mini_ref,
         implementations=("for_loop", "fused"),
-        invalid=[*_ADAM_INVALID[:6], ({"n_heads": 0}, "n_heads"), ({"implementation": "cuda_magic"}, "implementation")],
+        invalid=[*_ADAM_INVALID[:6], ({"n_heads": 0}, "n_heads"),
+                 ({"implementation": "cuda_magic"}, "implementation")],
         build=_adam_mini_build,
     ),
     OptimSpec(
@@ -283,7 +289,8 @@ OPTIM_DB: list[OptimSpec] = [
         variants=[{"lr": 1e-3}, {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5}],
         reference=_lion_ref,
         implementations=("for_loop", "foreach", "fused"),
-        invalid=[({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"weight_decay": -1.0}, "weight_decay"),
+        invalid=[({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"),
+                 ({"weight_decay": -1.0}, "weight_decay"),
                  ({"implementation": "cuda_magic"}, "implementation")],
     ),
     OptimSpec(
@@ -296,9 +303,11 @@ OPTIM_DB: list[OptimSpec] = [
         ],
         reference=_sophia_ref,
         implementations=("for_loop", "foreach", "fused"),
-        invalid=[({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"rho": 0.0}, "rho"), ({"eps": 0.0}, "eps"),
+        invalid=[({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"rho": 0.0}, "rho"),
+                 ({"eps": 0.0}, "eps"),
                  ({"weight_decay": -1.0}, "weight_decay"), ({"update_period": 0}, "update_period"),
-                 ({"estimator": "exact"}, "estimator"), ({"hessian_distribution": "uniform"}, "hessian_distribution"),
+                 ({"estimator": "exact"}, "estimator"),
+                 ({"hessian_distribution": "uniform"}, "hessian_distribution"),
                  ({"implementation": "cuda_magic"}, "implementation")],
         step=sophia_step,
     ),

@@ -40,7 +40,7 @@ def _run(opt, params, steps):
         opt.step()
 
 
-# ------------------------------------------------------------------------------------------ factored statistics
+# ---------------------------------------------------------------------------------------- factored statistics
 @pytest.mark.parametrize("name", ["adafactor", "came"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_factored_state_shapes(name, shape):
@@ -59,8 +59,10 @@ def test_factored_matches_peers_on_nd_and_degenerate_shapes(shape):
     from transformers.optimization import Adafactor as HFAdafactor
 
     for ours_kw, make_peer in [
-        ({"name": "adafactor_relative_step", "beta1": 0.9},
-         lambda ps: HFAdafactor(ps, lr=None, beta1=0.9, relative_step=True, scale_parameter=True)),
+        (
+            {"name": "adafactor_relative_step", "beta1": 0.9},
+            lambda ps: HFAdafactor(ps, lr=None, beta1=0.9, relative_step=True, scale_parameter=True),
+        ),
         ({"name": "came", "lr": 1e-2}, lambda ps: PeerCAME(ps, lr=1e-2)),
     ]:
         ours_kw = dict(ours_kw)
@@ -75,7 +77,8 @@ def test_factored_matches_peers_on_nd_and_degenerate_shapes(shape):
 
 @pytest.mark.parametrize("name", ["adafactor", "came"])
 def test_batched_matrices_are_factored_independently(name):
-    """A (B, R, C) tensor is B independent (R, C) matrices when nothing couples them (no clipping, explicit lr)."""
+    """A (B, R, C) tensor is B independent (R, C) matrices when nothing couples them (no clipping, explicit
+    lr)."""
     kw = {"clip_threshold": 1e9}
     (stacked,) = _params([(3, 4, 5)])
     slices = [nn.Parameter(stacked.detach()[b].clone()) for b in range(3)]
@@ -89,12 +92,15 @@ def test_batched_matrices_are_factored_independently(name):
             s.grad = grad[b].clone()
         opt_stacked.step()
         opt_slices.step()
-    torch.testing.assert_close(stacked.detach(), torch.stack([s.detach() for s in slices]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        stacked.detach(), torch.stack([s.detach() for s in slices]), rtol=1e-12, atol=0
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 9), (9, 1)])
 def test_degenerate_factored_equals_unfactored(shape):
-    """With one row (or one column) the rank-1 estimate is exact: the same update as the full second moment."""
+    """With one row (or one column) the rank-1 estimate is exact: the same update as the full second
+    moment."""
     (matrix,) = _params([shape])
     vector = nn.Parameter(matrix.detach().reshape(-1).clone())
     opt_m = lmopt.Adafactor([matrix], eps=(0.0, 1e-3))
@@ -115,15 +121,22 @@ def test_adafactor_matches_torch_adafactor_where_definitions_coincide():
 
     ours, theirs = make_model(torch.float64), make_model(torch.float64)
     opt = lmopt.create_optimizer("adafactor_relative_step", list(ours.parameters()), eps=(0.0, 1e-3))
-    ref = torch.optim.Adafactor(theirs.parameters(), lr=1e-2, beta2_decay=-0.8, eps=(0.0, 1e-3), d=1.0,
-                                weight_decay=0.0, foreach=False)
+    ref = torch.optim.Adafactor(
+        theirs.parameters(),
+        lr=1e-2,
+        beta2_decay=-0.8,
+        eps=(0.0, 1e-3),
+        d=1.0,
+        weight_decay=0.0,
+        foreach=False,
+    )
     for k in range(120):
         x, y = make_batch(torch.float64, seed=k)
         for model, o in ((ours, opt), (theirs, ref)):
             o.zero_grad()
             (model(x) - y).pow(2).mean().backward()
             o.step()
-    for p, q in zip(ours.parameters(), theirs.parameters()):
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-11)
 
 
@@ -135,10 +148,27 @@ def test_sophia_matches_pytorch_optimizer_sophiah_where_definitions_coincide():
 
     lr, clip, eps, wd, k_period = 0.05, 0.02, 1e-12, 0.1, 3
     ours, theirs = make_model(torch.float64), make_model(torch.float64)
-    opt = lmopt.Sophia(ours.parameters(), lr=lr * clip, rho=clip, eps=eps * clip, weight_decay=wd / clip,
-                       betas=(0.96, 0.99), update_period=k_period, estimator="hutchinson")
-    ref = SophiaH(theirs.parameters(), lr=lr, betas=(0.96, 0.99), weight_decay=wd, p=clip, eps=eps,
-                  update_period=k_period, hessian_distribution="gaussian", foreach=False)
+    opt = lmopt.Sophia(
+        ours.parameters(),
+        lr=lr * clip,
+        rho=clip,
+        eps=eps * clip,
+        weight_decay=wd / clip,
+        betas=(0.96, 0.99),
+        update_period=k_period,
+        estimator="hutchinson",
+    )
+    ref = SophiaH(
+        theirs.parameters(),
+        lr=lr,
+        betas=(0.96, 0.99),
+        weight_decay=wd,
+        p=clip,
+        eps=eps,
+        update_period=k_period,
+        hessian_distribution="gaussian",
+        foreach=False,
+    )
     for k in range(100):
         x, y = make_batch(torch.float64, seed=k)
         opt.zero_grad()
@@ -152,11 +182,11 @@ def test_sophia_matches_pytorch_optimizer_sophiah_where_definitions_coincide():
         (theirs(x) - y).pow(2).mean().backward(create_graph=True)
         torch.manual_seed(k)
         ref.step()
-    for p, q in zip(ours.parameters(), theirs.parameters()):
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-11)
 
 
-# -------------------------------------------------------------------------------------------- Sophia refresh API
+# ----------------------------------------------------------------------------------------- Sophia refresh API
 def test_sophia_refresh_api():
     from .optim_db import make_batch, make_model
 
@@ -172,9 +202,10 @@ def test_sophia_refresh_api():
         if due[-1]:
             with pytest.raises(ValueError, match="batch_size"):
                 opt.update_hessian(lambda: model(x).pow(2).mean())
-            opt.update_hessian(lambda: (model(x) - model(x).detach() - torch.randn(32, 3)).pow(2).mean(),
-                               batch_size=32)
-            for p, g in zip(model.parameters(), grads):
+            opt.update_hessian(
+                lambda: (model(x) - model(x).detach() - torch.randn(32, 3)).pow(2).mean(), batch_size=32
+            )
+            for p, g in zip(model.parameters(), grads, strict=False):
                 assert torch.equal(p.grad, g)  # the refresh leaves .grad alone
             assert all((opt.state[p]["hessian"] >= 0).all() for p in model.parameters())  # GNB is PSD
         opt.step()
@@ -209,8 +240,15 @@ def test_lion_maximize_is_descent_on_the_negated_gradient():
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
@@ -251,15 +289,21 @@ def test_adam_mini_partitions_gpt2_fused_attention():
     spec = lmopt.get_spec("adam_mini")
     for name, p in model.named_parameters():
         state = opt.state[p]
-        declared = {t.name: t.shape for t in spec.state_tensors(p.shape, p.dtype, blocks=block_count(parts[name]))}
+        declared = {
+            t.name: t.shape for t in spec.state_tensors(p.shape, p.dtype, blocks=block_count(parts[name]))
+        }
         assert declared == {k: tuple(v.shape) for k, v in state.items()}, name
     assert "per head" in opt.partition_summary()
 
 
 def test_adam_mini_partitions_plain_models():
     mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
-    assert find_partitions(mlp) == {"0.weight": (0, ((6, 1),)), "0.bias": (None, ()), "2.weight": (0, ((2, 1),)),
-                                    "2.bias": (None, ())}
+    assert find_partitions(mlp) == {
+        "0.weight": (0, ((6, 1),)),
+        "0.bias": (None, ()),
+        "2.weight": (0, ((2, 1),)),
+        "2.bias": (None, ()),
+    }
     attention = nn.MultiheadAttention(16, num_heads=4)
     assert find_partitions(attention)["in_proj_weight"] == (0, ((4, 4), (4, 4), (16, 1)))
 
@@ -286,26 +330,35 @@ def test_adam_mini_matches_package_on_llama(implementation):
         return [{"params": rest, "weight_decay": 0.1}, {"params": norms, "weight_decay": 0.0}]
 
     opt = lmopt.AdamMini(groups(ours), lr=1e-2, betas=(0.9, 0.95), model=ours, implementation=implementation)
-    ref = Adam_mini(theirs.named_parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, dim=32, n_heads=4,
-                    n_kv_heads=2, verbose=False)
+    ref = Adam_mini(
+        theirs.named_parameters(),
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        dim=32,
+        n_heads=4,
+        n_kv_heads=2,
+        verbose=False,
+    )
     ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))
     for _ in range(30):
         for model, o in ((ours, opt), (theirs, ref)):
             o.zero_grad()
             model(ids, labels=ids).loss.backward()
             o.step()
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-10, msg=name)
 
 
-# --------------------------------------------------------------------------- a tiny LM trains with the defaults
+# ------------------------------------------------------------------------- a tiny LM trains with the defaults
 class TinyLM(nn.Module):
     def __init__(self, vocab: int = 40, dim: int = 32, heads: int = 4, context: int = 32):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.position = nn.Parameter(torch.zeros(context, dim))
-        self.block = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=64, dropout=0.0, batch_first=True,
-                                                norm_first=True)
+        self.block = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=64, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
@@ -316,14 +369,16 @@ class TinyLM(nn.Module):
         return self.lm_head(self.norm(h))
 
 
-_TEXT = (b"the quick brown fox jumps over the lazy dog. a memory efficient optimizer keeps less state "
-         b"than adam and still trains the language model. ") * 3
+_TEXT = (
+    b"the quick brown fox jumps over the lazy dog. a memory efficient optimizer keeps less state "
+    b"than adam and still trains the language model. "
+) * 3
 
 
 def _batches():
     data = torch.tensor([c % 40 for c in _TEXT])
     starts = torch.arange(0, len(data) - 33, 17)[:8]
-    chunk = torch.stack([data[s:s + 33] for s in starts])
+    chunk = torch.stack([data[s : s + 33] for s in starts])
     return chunk[:, :-1], chunk[:, 1:]
 
 

@@ -89,8 +89,10 @@ def lmopt_adam_mini_per_tensor(params):
 def adam_mini_package(params):
     from adam_mini import Adam_mini
 
-    named = [(f"layers.{i}.mlp.weight" if p.ndim >= 2 else f"layers.{i}.norm.weight", p)
-             for i, p in enumerate(params)]
+    named = [
+        (f"layers.{i}.mlp.weight" if p.ndim >= 2 else f"layers.{i}.norm.weight", p)
+        for i, p in enumerate(params)
+    ]
     return Adam_mini(named, verbose=False, **_MINI)
 
 
@@ -142,7 +144,7 @@ def _sophia_state(opt, params):
 
 def lmopt_sophia(params):
     opt = lmopt.Sophia(params, lr=6e-2 * 1e-2, rho=1e-2, eps=1e-14, weight_decay=0.0, betas=(0.96, 0.99))
-    for p, h in zip(params, _sophia_state(opt, params)):
+    for p, h in zip(params, _sophia_state(opt, params), strict=False):
         opt._init_state(opt.param_groups[0], p, opt.state[p])
         opt.state[p]["hessian"].copy_(h)
     return opt
@@ -166,38 +168,77 @@ def pytorch_optimizer_sophiah(params):
                 return super().step(closure, hessian=_sophia_state(self, params))
             return super().step(closure)
 
-    return SophiaHExternal(params, lr=6e-2, p=1e-2, eps=1e-12, weight_decay=0.0, betas=(0.96, 0.99),
-                           update_period=10**9)
+    return SophiaHExternal(
+        params, lr=6e-2, p=1e-2, eps=1e-12, weight_decay=0.0, betas=(0.96, 0.99), update_period=10**9
+    )
 
 
 CASES = [
     Case("transformers Adafactor", "adafactor", "hf_adafactor", peer=True, bytes_per_param=12.0),
     Case("torch.optim.Adafactor (foreach)", "adafactor", "torch_adafactor", peer=True, bytes_per_param=12.0),
-    Case("torch.optim.Adafactor (for-loop)", "adafactor", "torch_adafactor_for_loop", peer=True,
-         bytes_per_param=12.0),
+    Case(
+        "torch.optim.Adafactor (for-loop)",
+        "adafactor",
+        "torch_adafactor_for_loop",
+        peer=True,
+        bytes_per_param=12.0,
+    ),
     Case("lmopt Adafactor (auto = fused)", "adafactor", "lmopt_adafactor", bytes_per_param=12.0),
     Case("lmopt Adafactor for_loop", "adafactor", "lmopt_adafactor_for_loop", bytes_per_param=12.0),
     Case("came-pytorch CAME", "came", "came_pytorch", peer=True, bytes_per_param=20.0),
     Case("pytorch_optimizer CAME", "came", "pytorch_optimizer_came", peer=True, bytes_per_param=20.0),
     Case("lmopt CAME (auto = fused)", "came", "lmopt_came", bytes_per_param=20.0),
     Case("lmopt CAME for_loop", "came", "lmopt_came_for_loop", bytes_per_param=20.0),
-    Case("adam-mini package", "adam_mini", "adam_mini_package", peer=True, bytes_per_param=20.0,
-         note="per output neuron"),
-    Case("pytorch_optimizer AdamMini", "adam_mini", "pytorch_optimizer_adam_mini", peer=True,
-         bytes_per_param=20.0, note="one block per tensor (no known names)"),
-    Case("lmopt Adam-mini (auto = for_loop)", "adam_mini", "lmopt_adam_mini", bytes_per_param=20.0,
-         note="per output neuron"),
-    Case("lmopt Adam-mini fused", "adam_mini", "lmopt_adam_mini_fused", bytes_per_param=20.0,
-         note="per output neuron"),
-    Case("lmopt Adam-mini, one block per tensor", "adam_mini", "lmopt_adam_mini_per_tensor",
-         bytes_per_param=20.0, note="the pytorch_optimizer partition here"),
+    Case(
+        "adam-mini package",
+        "adam_mini",
+        "adam_mini_package",
+        peer=True,
+        bytes_per_param=20.0,
+        note="per output neuron",
+    ),
+    Case(
+        "pytorch_optimizer AdamMini",
+        "adam_mini",
+        "pytorch_optimizer_adam_mini",
+        peer=True,
+        bytes_per_param=20.0,
+        note="one block per tensor (no known names)",
+    ),
+    Case(
+        "lmopt Adam-mini (auto = for_loop)",
+        "adam_mini",
+        "lmopt_adam_mini",
+        bytes_per_param=20.0,
+        note="per output neuron",
+    ),
+    Case(
+        "lmopt Adam-mini fused",
+        "adam_mini",
+        "lmopt_adam_mini_fused",
+        bytes_per_param=20.0,
+        note="per output neuron",
+    ),
+    Case(
+        "lmopt Adam-mini, one block per tensor",
+        "adam_mini",
+        "lmopt_adam_mini_per_tensor",
+        bytes_per_param=20.0,
+        note="the pytorch_optimizer partition here",
+    ),
     Case("lion-pytorch Lion", "lion", "lion_pytorch", peer=True, bytes_per_param=20.0),
     Case("pytorch_optimizer Lion", "lion", "pytorch_optimizer_lion", peer=True, bytes_per_param=20.0),
     Case("lmopt Lion (auto = fused)", "lion", "lmopt_lion", bytes_per_param=20.0),
     Case("lmopt Lion foreach", "lion", "lmopt_lion_foreach", bytes_per_param=20.0),
     Case("lmopt Lion for_loop", "lion", "lmopt_lion_for_loop", bytes_per_param=20.0),
-    Case("pytorch_optimizer SophiaH", "sophia", "pytorch_optimizer_sophiah", peer=True, bytes_per_param=24.0,
-         note="step only; keeps an extra Hessian buffer"),
+    Case(
+        "pytorch_optimizer SophiaH",
+        "sophia",
+        "pytorch_optimizer_sophiah",
+        peer=True,
+        bytes_per_param=24.0,
+        note="step only; keeps an extra Hessian buffer",
+    ),
     Case("lmopt Sophia (auto = fused)", "sophia", "lmopt_sophia", bytes_per_param=24.0, note="step only"),
     Case("lmopt Sophia foreach", "sophia", "lmopt_sophia_foreach", bytes_per_param=24.0, note="step only"),
 ]

@@ -13,7 +13,7 @@ for gradient ``g`` at step ``t`` of a parameter ``p``:
     tensors with >= 2 dims (factored over the last two dims; leading dims are a batch of matrices):
         R <- beta2_t * R + (1 - beta2_t) * mean_cols(g^2 + eps1)         (row_var: shape[:-1])
         C <- beta2_t * C + (1 - beta2_t) * mean_rows(g^2 + eps1)         (col_var: shape[:-2] + shape[-1:])
-        u <- g / sqrt(R C^T / mean(R))                                   (rank-1 estimate of the second moment)
+        u <- g / sqrt(R C^T / mean(R))                                   (rank-1 second-moment estimate)
     tensors with < 2 dims:
         V <- beta2_t * V + (1 - beta2_t) * (g^2 + eps1);  u <- g / sqrt(V)          (variance)
     u <- lr_t * u / max(1, RMS(u) / clip_threshold)                     (update clipping)
@@ -77,7 +77,9 @@ def _param_rms(p: Tensor) -> Tensor:
     return torch.linalg.vector_norm(p, dtype=math_dtype(p.dtype)) / math.sqrt(p.numel())
 
 
-def _step_size(p: Tensor, step: float, *, lr, eps2, scale_parameter, relative_step, warmup_init) -> Tensor | float:
+def _step_size(
+    p: Tensor, step: float, *, lr, eps2, scale_parameter, relative_step, warmup_init
+) -> Tensor | float:
     rho = _relative_step(step, lr, relative_step, warmup_init)
     if scale_parameter:
         return _param_rms(p).clamp(min=eps2) * rho
@@ -85,7 +87,8 @@ def _step_size(p: Tensor, step: float, *, lr, eps2, scale_parameter, relative_st
 
 
 def approx_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
-    """``(a, b)`` with ``1 / sqrt(R C^T / mean(R)) = a b^T`` (row factor ``a``: shape of ``row``, ``b``: of ``col``).
+    """``(a, b)`` with ``1 / sqrt(R C^T / mean(R)) = a b^T`` (row factor ``a``: shape of ``row``, ``b``: of
+    ``col``).
 
     Reduces over the last dim of ``row`` (for DTensor a reduction over that dim, kept as a DTensor).
     """
@@ -93,11 +96,28 @@ def approx_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
     return a, col.rsqrt()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the plain per-tensor path
-def _single_tensor_adafactor(params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, *, lr, eps1,
-                             eps2, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter,
-                             relative_step, warmup_init):
+def _single_tensor_adafactor(
+    params,
+    grads,
+    row_vars,
+    col_vars,
+    variances,
+    exp_avgs,
+    state_steps,
+    *,
+    lr,
+    eps1,
+    eps2,
+    clip_threshold,
+    decay_rate,
+    beta1,
+    weight_decay,
+    scale_parameter,
+    relative_step,
+    warmup_init,
+):
     for i, p in enumerate(params):
         state_steps[i] += 1
         if p.numel() == 0:
@@ -106,8 +126,15 @@ def _single_tensor_adafactor(params, grads, row_vars, col_vars, variances, exp_a
         dtype = math_dtype(p.dtype)
         p32 = p if p.dtype == dtype else p.to(dtype)
         g = grads[i].to(dtype)
-        lr_t = _step_size(p32, step, lr=lr, eps2=eps2, scale_parameter=scale_parameter,
-                          relative_step=relative_step, warmup_init=warmup_init)
+        lr_t = _step_size(
+            p32,
+            step,
+            lr=lr,
+            eps2=eps2,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+        )
         beta2_t = 1.0 - step**decay_rate
         sq = g * g + eps1
         if row_vars[i] is not None:
@@ -139,7 +166,7 @@ def _single_tensor_adafactor(params, grads, row_vars, col_vars, variances, exp_a
             p.copy_(p32)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the cache-blocked CPU path
 def _as_batched(t: Tensor) -> Tensor:
     """View a tensor with >= 2 dims as ``(batch, rows, cols)``."""
@@ -153,10 +180,12 @@ class _Blocks:
         self.batch = math.prod(shape[:-2])
         self.rows, self.cols = shape[-2], shape[-1]
         self.dtype = math_dtype(dtype)
-        self.buf = torch.empty(min(self.rows * self.cols, max(BLOCK_ELEMENTS, self.cols)), dtype=self.dtype,
-                               device=device)
-        self.ones = torch.ones(min(self.rows, max(1, BLOCK_ELEMENTS // max(1, self.cols))), dtype=self.dtype,
-                               device=device)
+        self.buf = torch.empty(
+            min(self.rows * self.cols, max(BLOCK_ELEMENTS, self.cols)), dtype=self.dtype, device=device
+        )
+        self.ones = torch.ones(
+            min(self.rows, max(1, BLOCK_ELEMENTS // max(1, self.cols))), dtype=self.dtype, device=device
+        )
 
     def __iter__(self):
         for b in range(self.batch):
@@ -188,7 +217,8 @@ def column_sums(block: Tensor, blocks: _Blocks) -> Tensor:
 def blocked_scaled_rms(g3: Tensor, a: Tensor, b: Tensor, blocks: _Blocks) -> Tensor:
     """RMS of ``u = a b^T * g`` (``a``: (batch, rows), ``b``: (batch, cols)) without materialising ``u``.
 
-    ``sum(u^2) = sum_i a_i^2 sum_j g_ij^2 b_j^2``: a squared block times ``b^2`` (a matrix-vector product in cache).
+    ``sum(u^2) = sum_i a_i^2 sum_j g_ij^2 b_j^2``: a squared block times ``b^2`` (a matrix-vector product in
+    cache).
     """
     b2 = b * b
     weighted = torch.empty(blocks.batch, blocks.rows, dtype=blocks.dtype, device=g3.device)
@@ -198,8 +228,26 @@ def blocked_scaled_rms(g3: Tensor, a: Tensor, b: Tensor, blocks: _Blocks) -> Ten
     return (weighted.mul_(a * a).sum() / (blocks.batch * blocks.rows * blocks.cols)).sqrt_()
 
 
-def _fused_adafactor(params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, *, lr, eps1, eps2,
-                     clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step, warmup_init):
+def _fused_adafactor(
+    params,
+    grads,
+    row_vars,
+    col_vars,
+    variances,
+    exp_avgs,
+    state_steps,
+    *,
+    lr,
+    eps1,
+    eps2,
+    clip_threshold,
+    decay_rate,
+    beta1,
+    weight_decay,
+    scale_parameter,
+    relative_step,
+    warmup_init,
+):
     rest = []
     for i, p in enumerate(params):
         g = grads[i]
@@ -209,8 +257,15 @@ def _fused_adafactor(params, grads, row_vars, col_vars, variances, exp_avgs, sta
             continue
         state_steps[i] += 1
         step = float(state_steps[i])
-        lr_t = _step_size(p, step, lr=lr, eps2=eps2, scale_parameter=scale_parameter,
-                          relative_step=relative_step, warmup_init=warmup_init)
+        lr_t = _step_size(
+            p,
+            step,
+            lr=lr,
+            eps2=eps2,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+        )
         beta2_t = 1.0 - step**decay_rate
         blocks = _Blocks(tuple(p.shape), p.dtype, p.device)
         g3, p3 = _as_batched(g), _as_batched(p)
@@ -249,11 +304,25 @@ def _fused_adafactor(params, grads, row_vars, col_vars, variances, exp_avgs, sta
                 pc.copy_(p32)
     if rest:
         pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
-        _single_tensor_adafactor(pick(params), pick(grads), pick(row_vars), pick(col_vars), pick(variances),
-                                 pick(exp_avgs), pick(state_steps), lr=lr, eps1=eps1, eps2=eps2,
-                                 clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-                                 weight_decay=weight_decay, scale_parameter=scale_parameter,
-                                 relative_step=relative_step, warmup_init=warmup_init)
+        _single_tensor_adafactor(
+            pick(params),
+            pick(grads),
+            pick(row_vars),
+            pick(col_vars),
+            pick(variances),
+            pick(exp_avgs),
+            pick(state_steps),
+            lr=lr,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+        )
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_adafactor, "fused": _fused_adafactor}
@@ -280,13 +349,30 @@ def adafactor(
     warmup_init: bool,
     implementation: Implementation = "auto",
 ) -> None:
-    """Functional Adafactor step (see the module docstring); lists hold ``None`` where a tensor has no such state."""
+    """Functional Adafactor step (see the module docstring); lists hold ``None`` where a tensor has no such
+    state."""
     if implementation == "auto":
-        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
+        implementation = (
+            "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
+        )
     _IMPLEMENTATIONS[implementation](
-        params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, lr=lr, eps1=eps1, eps2=eps2,
-        clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay,
-        scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
+        params,
+        grads,
+        row_vars,
+        col_vars,
+        variances,
+        exp_avgs,
+        state_steps,
+        lr=lr,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=clip_threshold,
+        decay_rate=decay_rate,
+        beta1=beta1,
+        weight_decay=weight_decay,
+        scale_parameter=scale_parameter,
+        relative_step=relative_step,
+        warmup_init=warmup_init,
     )
 
 
@@ -317,11 +403,13 @@ class Adafactor(LmoptOptimizer):
         implementation: ``"auto"`` (default), ``"for_loop"`` or ``"fused"``.
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
 
-    State: ``step``; ``row_var`` + ``col_var`` (>= 2 dims) or ``variance`` (< 2 dims); ``exp_avg`` with ``beta1``.
+    State: ``step``; ``row_var`` + ``col_var`` (>= 2 dims) or ``variance`` (< 2 dims); ``exp_avg`` with
+        ``beta1``.
 
     Example:
         >>> opt = Adafactor(model.parameters())                                     # the paper's schedule
-        >>> opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False)  # fine-tune
+        >>> # fine-tuning: an explicit learning rate
+        >>> opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False)
         >>> loss.backward(); opt.step(); opt.zero_grad()
 
     Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018.
@@ -346,9 +434,18 @@ class Adafactor(LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-                        weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
-                        warmup_init=warmup_init, implementation=implementation)
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            implementation=implementation,
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -381,18 +478,32 @@ class Adafactor(LmoptOptimizer):
         states = [self.state[p] for p in params]
         eps1, eps2 = group["eps"]
         adafactor(
-            params, grads, [s.get("row_var") for s in states], [s.get("col_var") for s in states],
-            [s.get("variance") for s in states], [s.get("exp_avg") for s in states], [s["step"] for s in states],
-            lr=float(group["lr"]), eps1=eps1, eps2=eps2, clip_threshold=group["clip_threshold"],
-            decay_rate=group["decay_rate"], beta1=group["beta1"], weight_decay=group["weight_decay"],
-            scale_parameter=group["scale_parameter"], relative_step=group["relative_step"],
-            warmup_init=group["warmup_init"], implementation=group["implementation"],
+            params,
+            grads,
+            [s.get("row_var") for s in states],
+            [s.get("col_var") for s in states],
+            [s.get("variance") for s in states],
+            [s.get("exp_avg") for s in states],
+            [s["step"] for s in states],
+            lr=float(group["lr"]),
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=group["clip_threshold"],
+            decay_rate=group["decay_rate"],
+            beta1=group["beta1"],
+            weight_decay=group["weight_decay"],
+            scale_parameter=group["scale_parameter"],
+            relative_step=group["relative_step"],
+            warmup_init=group["warmup_init"],
+            implementation=group["implementation"],
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # registry entries
-def adafactor_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+def adafactor_state(
+    shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]
+) -> list[StateTensor]:
     stat = math_dtype(dtype)
     out = [StateTensor("step", (), torch.float32)]
     shapes = factored_shapes(shape)
@@ -416,8 +527,12 @@ SPECS = [
         family="factored",
         aliases={
             "adafactor_relative_step": {"lr": 1e-2, "relative_step": True, "scale_parameter": True},
-            "adafactor_warmup_init": {"lr": 1e-2, "relative_step": True, "scale_parameter": True,
-                                      "warmup_init": True},
+            "adafactor_warmup_init": {
+                "lr": 1e-2,
+                "relative_step": True,
+                "scale_parameter": True,
+                "warmup_init": True,
+            },
             "adafactor_momentum": {"beta1": 0.9},
         },
     ),

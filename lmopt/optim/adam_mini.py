@@ -63,7 +63,8 @@ from .base import Implementation, LmoptOptimizer, check_betas, check_choice, che
 __all__ = ["AdamMini", "Partition", "adam_mini", "find_partitions"]
 
 #: ``(axis, ((count, size), ...))``: blocks along ``axis`` -- ``count`` blocks of ``size`` consecutive output
-#: neurons each, segments in order -- or ``(None, ())`` for one block holding the whole tensor. Plain tuples, so
+#: neurons each, segments in order -- or ``(None, ())`` for one block holding the whole tensor. Plain tuples,
+#: so
 #: param groups holding them load with ``torch.load(weights_only=True)``.
 Partition = tuple[int | None, tuple[tuple[int, int], ...]]
 
@@ -86,15 +87,22 @@ def _config_heads(model: nn.Module) -> tuple[int | None, int | None, int | None]
     config = getattr(model, "config", None)
     if config is None:
         return None, None, None
-    heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "n_heads", "num_heads")
-                  if isinstance(getattr(config, k, None), int)), None)
+    heads = next(
+        (
+            getattr(config, k)
+            for k in ("num_attention_heads", "n_head", "n_heads", "num_heads")
+            if isinstance(getattr(config, k, None), int)
+        ),
+        None,
+    )
     kv = getattr(config, "num_key_value_heads", None)
     head_dim = getattr(config, "head_dim", None)
     return heads, kv if isinstance(kv, int) else None, head_dim if isinstance(head_dim, int) else None
 
 
-def find_partitions(model: nn.Module, *, n_heads: int | None = None,
-                    n_kv_heads: int | None = None) -> dict[str, Partition]:
+def find_partitions(
+    model: nn.Module, *, n_heads: int | None = None, n_kv_heads: int | None = None
+) -> dict[str, Partition]:
     """The Adam-mini partition of every trainable parameter of ``model``, by qualified name.
 
     Raises:
@@ -132,16 +140,20 @@ def find_partitions(model: nn.Module, *, n_heads: int | None = None,
                     hd = cfg_head_dim or e // heads
                     part = (1, ((e // hd, hd), (e // hd, hd), (e, 1)))
                 elif leaf == "c_attn":
-                    raise ValueError(f"{name}: a fused query/key/value projection needs the head count; pass "
-                                     f"n_heads= (the model has no config with num_attention_heads)")
+                    raise ValueError(
+                        f"{name}: a fused query/key/value projection needs the head count; pass "
+                        f"n_heads= (the model has no config with num_attention_heads)"
+                    )
                 else:
                     part = (1, ((out_dim, 1),))
             elif leaf in _QK_NAMES and isinstance(module, nn.Linear):
                 count = kv_heads if leaf in ("k_proj", "key", "wk", "k", "k_lin") else heads
                 if count is None:
-                    raise ValueError(f"{name} is a query/key projection: Adam-mini partitions it per head and "
-                                     f"needs the head count; pass n_heads= (and n_kv_heads= for grouped-query "
-                                     f"attention)")
+                    raise ValueError(
+                        f"{name} is a query/key projection: Adam-mini partitions it per head and "
+                        f"needs the head count; pass n_heads= (and n_kv_heads= for grouped-query "
+                        f"attention)"
+                    )
                 if cfg_head_dim is not None and n_heads is None and shape[0] % cfg_head_dim == 0:
                     count = shape[0] // cfg_head_dim
                 if shape[0] % count:
@@ -153,10 +165,11 @@ def find_partitions(model: nn.Module, *, n_heads: int | None = None,
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the math
 def _neuron_square_means(g: Tensor, axis: int) -> Tensor:
-    """Mean of ``g^2`` over every dim except ``axis`` (a reduction over dims; DTensor keeps it distributed)."""
+    """Mean of ``g^2`` over every dim except ``axis`` (a reduction over dims; DTensor keeps it
+    distributed)."""
     dims = tuple(d for d in range(g.ndim) if d != axis)
     return torch.linalg.vector_norm(g, dim=dims).square_().div_(g.numel() // g.shape[axis])
 
@@ -166,7 +179,7 @@ def _to_blocks(neuron: Tensor, segments: tuple[tuple[int, int], ...]) -> Tensor:
         return neuron
     parts, start = [], 0
     for count, size in segments:
-        parts.append(neuron[start:start + count * size].view(count, size).mean(dim=1))
+        parts.append(neuron[start : start + count * size].view(count, size).mean(dim=1))
         start += count * size
     return torch.cat(parts)
 
@@ -176,7 +189,7 @@ def _to_neurons(block: Tensor, segments: tuple[tuple[int, int], ...]) -> Tensor:
         return block
     parts, start = [], 0
     for count, size in segments:
-        parts.append(block[start:start + count].repeat_interleave(size))
+        parts.append(block[start : start + count].repeat_interleave(size))
         start += count
     return torch.cat(parts)
 
@@ -193,9 +206,12 @@ def _broadcast(coef: Tensor, ndim: int, axis: int) -> Tensor:
     return coef.view(shape)
 
 
-def _single_tensor_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions, *, lr, beta1, beta2,
-                             eps, weight_decay):
-    for p, g, m, v, step_t, (axis, segments) in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions):
+def _single_tensor_adam_mini(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions, *, lr, beta1, beta2, eps, weight_decay
+):
+    for p, g, m, v, step_t, (axis, segments) in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions, strict=False
+    ):
         step_t += 1
         if p.numel() == 0:
             continue
@@ -222,12 +238,19 @@ def _single_tensor_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, 
             p.copy_(p32)
 
 
-def _fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions, *, lr, beta1, beta2, eps,
-                     weight_decay):
+def _fused_adam_mini(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions, *, lr, beta1, beta2, eps, weight_decay
+):
     rest = []
     for i, (p, g, m, v, step_t, (axis, segments)) in enumerate(
-            zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions)):
-        if axis is None or p.numel() == 0 or not blockable(p, g, m) or not (axis == 0 or (axis == 1 and p.ndim == 2)):
+        zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions, strict=False)
+    ):
+        if (
+            axis is None
+            or p.numel() == 0
+            or not blockable(p, g, m)
+            or not (axis == 0 or (axis == 1 and p.ndim == 2))
+        ):
             rest.append(i)
             continue
         step_t += 1
@@ -256,20 +279,35 @@ def _fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, partitio
                 mc.copy_(m32)
         sums.div_(p.numel() // p.shape[axis])
         v.lerp_(_to_blocks(sums, segments), 1 - beta2)
-        coef = _to_neurons(_coefficients(v, float(step_t), lr=lr, beta1=beta1, beta2=beta2, eps=eps), segments)
-        # pass 2, whole-tensor: two ops, each a single streaming pass (measured faster on CPU than a blocked pass
+        coef = _to_neurons(
+            _coefficients(v, float(step_t), lr=lr, beta1=beta1, beta2=beta2, eps=eps), segments
+        )
+        # pass 2, whole-tensor: two ops, each a single streaming pass (measured faster on CPU than a blocked
+        # pass
         # that materialises the per-row coefficients)
         p32 = p2 if not low else p2.to(dtype)
         if weight_decay != 0:
             p32.mul_(1 - lr * weight_decay)
-        p32.addcmul_(m2 if not low else m2.to(dtype), coef[:, None] if axis == 0 else coef[None, :], value=-1.0)
+        p32.addcmul_(
+            m2 if not low else m2.to(dtype), coef[:, None] if axis == 0 else coef[None, :], value=-1.0
+        )
         if low:
             p2.copy_(p32)
     if rest:
         pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
-        _single_tensor_adam_mini(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps),
-                                 pick(partitions), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                 weight_decay=weight_decay)
+        _single_tensor_adam_mini(
+            pick(params),
+            pick(grads),
+            pick(exp_avgs),
+            pick(exp_avg_sqs),
+            pick(state_steps),
+            pick(partitions),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+        )
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_adam_mini, "fused": _fused_adam_mini}
@@ -290,24 +328,40 @@ def adam_mini(
     weight_decay: float,
     implementation: Implementation = "auto",
 ) -> None:
-    """Functional Adam-mini step (see the module docstring); ``partitions[i]`` is ``params[i]``'s partition."""
-    if implementation == "auto":  # measured: the whole-tensor path is as fast or faster on CPU (few ops per tensor)
+    """Functional Adam-mini step (see the module docstring); ``partitions[i]`` is ``params[i]``'s
+    partition."""
+    if (
+        implementation == "auto"
+    ):  # measured: the whole-tensor path is as fast or faster on CPU (few ops per tensor)
         implementation = "for_loop"
-    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions, lr=lr,
-                                     beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    _IMPLEMENTATIONS[implementation](
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        partitions,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
 
 
 class AdamMini(LmoptOptimizer):
     """Adam-mini: Adam's update with one second-moment value per block (per head, neuron, token or tensor).
 
     Args:
-        params: parameters or param groups (``create_optimizer("adam_mini", model)`` passes both the groups and
+        params: parameters or param groups (``create_optimizer("adam_mini", model)`` passes both the groups
+            and
             the model).
         lr: learning rate (default 1e-3).
         betas: ``(beta1, beta2)`` (default (0.9, 0.999); LLM pre-training uses (0.9, 0.95)).
         eps: added to the denominator (default 1e-8).
         weight_decay: decoupled decay, multiplied by lr (default 0.0).
-        model: the model the parameters belong to, to find the paper's partition (query/key per head, embeddings
+        model: the model the parameters belong to, to find the paper's partition (query/key per head,
+            embeddings
             and output head per token, other matrices per output neuron). Without it: per output neuron for
             tensors with >= 2 dims, one block for smaller ones.
         n_heads: attention heads (default: from ``model.config`` or the attention modules).
@@ -319,7 +373,8 @@ class AdamMini(LmoptOptimizer):
 
     Example:
         >>> model = transformers.LlamaForCausalLM(config)
-        >>> opt = AdamMini(lmopt.param_groups(model, weight_decay=0.1), lr=3e-4, betas=(0.9, 0.95), model=model)
+        >>> groups = lmopt.param_groups(model, weight_decay=0.1)
+        >>> opt = AdamMini(groups, lr=3e-4, betas=(0.9, 0.95), model=model)
         >>> print(opt.partition_summary())
 
     Reference: Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", ICLR 2025 (arXiv:2406.16793).
@@ -363,14 +418,18 @@ class AdamMini(LmoptOptimizer):
         check_choice("implementation", group["implementation"], ("auto", *self.implementations))
         if "partitions" not in group:
             found = getattr(self, "_found", {})
-            group["partitions"] = [found[id(p)][1] if id(p) in found else default_partition(tuple(p.shape))
-                                   for p in group["params"]]
+            group["partitions"] = [
+                found[id(p)][1] if id(p) in found else default_partition(tuple(p.shape))
+                for p in group["params"]
+            ]
         if len(group["partitions"]) != len(group["params"]):
             raise ValueError("partitions must hold one partition per parameter of the group")
-        for p, (axis, segments) in zip(group["params"], group["partitions"]):
+        for p, (axis, segments) in zip(group["params"], group["partitions"], strict=False):
             if axis is not None and sum(c * s for c, s in segments) != p.shape[axis]:
-                raise ValueError(f"partition {(axis, segments)} does not cover dim {axis} of a tensor of shape "
-                                 f"{tuple(p.shape)}")
+                raise ValueError(
+                    f"partition {(axis, segments)} does not cover dim {axis} of a tensor of shape "
+                    f"{tuple(p.shape)}"
+                )
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         index = next(i for i, q in enumerate(group["params"]) if q is param)
@@ -385,17 +444,29 @@ class AdamMini(LmoptOptimizer):
         partitions = [(axis, tuple(tuple(s) for s in segments)) for axis, segments in partitions]
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adam_mini(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                  [s["step"] for s in states], partitions, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                  eps=group["eps"], weight_decay=group["weight_decay"], implementation=group["implementation"])
+        adam_mini(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            partitions,
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            implementation=group["implementation"],
+        )
 
     def partition_summary(self) -> str:
-        """Per parameter: its name (when known), shape and blocks, e.g. ``model.layers.0.self_attn.q_proj.weight
+        """Per parameter: its name (when known), shape and blocks, e.g.
+        ``model.layers.0.self_attn.q_proj.weight
         (64, 64): 4 blocks (per head)``."""
         lines = []
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
-            for i, (p, part) in enumerate(zip(group["params"], group["partitions"])):
+            for i, (p, part) in enumerate(zip(group["params"], group["partitions"], strict=False)):
                 name = names[i] if names else self._found.get(id(p), (f"param_groups[{gi}][{i}]",))[0]
                 lines.append(f"{name} {tuple(p.shape)}: {block_count(part)} blocks ({_describe(part)})")
         return "\n".join(lines)
@@ -403,8 +474,12 @@ class AdamMini(LmoptOptimizer):
     def __repr__(self) -> str:
         kinds = Counter(_describe(part) for g in self.param_groups for part in g["partitions"])
         head = super().__repr__().split("\n")
-        body = [line.split(", 'partitions'")[0] + ("}" if ", 'partitions'" in line else "") for line in head[1:]]
-        return "\n".join([head[0], *body, "  partitions: " + ", ".join(f"{k}: {n}" for k, n in kinds.items())])
+        body = [
+            line.split(", 'partitions'")[0] + ("}" if ", 'partitions'" in line else "") for line in head[1:]
+        ]
+        return "\n".join(
+            [head[0], *body, "  partitions: " + ", ".join(f"{k}: {n}" for k, n in kinds.items())]
+        )
 
 
 def _describe(partition: Partition) -> str:
@@ -416,21 +491,26 @@ def _describe(partition: Partition) -> str:
     return "per head (query/key) and per neuron"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # registry entries
-def adam_mini_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+def adam_mini_state(
+    shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]
+) -> list[StateTensor]:
     """Exact state; ``blocks=`` (hyperparameter-like key) gives a tensor's block count when it is not the
     per-output-neuron default (query/key projections: one per head)."""
     blocks = hyper.get("blocks") or block_count(default_partition(shape))
-    return [StateTensor("step", (), torch.float32), StateTensor("exp_avg", shape, dtype),
-            StateTensor("exp_avg_sq", (int(blocks),), math_dtype(dtype))]
+    return [
+        StateTensor("step", (), torch.float32),
+        StateTensor("exp_avg", shape, dtype),
+        StateTensor("exp_avg_sq", (int(blocks),), math_dtype(dtype)),
+    ]
 
 
 SPECS = [
     OptimizerSpec(
         name="adam_mini",
         cls=AdamMini,
-        summary="Adam with one second-moment value per head / neuron / token block: about half of AdamW's state",
+        summary="Adam with one second-moment value per head / neuron / token block: half of AdamW's state",
         paper="Zhang et al., Adam-mini: Use Fewer Learning Rates To Gain More, ICLR 2025",
         state=adam_mini_state,
         family="adam",

@@ -51,8 +51,26 @@ from .base import Implementation, LmoptOptimizer, check_betas, check_choice, che
 __all__ = ["CAME", "came"]
 
 
-def _single_tensor_came(params, grads, row_vars, col_vars, res_row_vars, res_col_vars, variances, exp_avgs,
-                        state_steps, *, lr, eps1, eps2, clip_threshold, beta1, beta2, beta3, weight_decay):
+def _single_tensor_came(
+    params,
+    grads,
+    row_vars,
+    col_vars,
+    res_row_vars,
+    res_col_vars,
+    variances,
+    exp_avgs,
+    state_steps,
+    *,
+    lr,
+    eps1,
+    eps2,
+    clip_threshold,
+    beta1,
+    beta2,
+    beta3,
+    weight_decay,
+):
     for i, p in enumerate(params):
         state_steps[i] += 1
         if p.numel() == 0:
@@ -97,8 +115,26 @@ def _single_tensor_came(params, grads, row_vars, col_vars, res_row_vars, res_col
             p.copy_(p32)
 
 
-def _fused_came(params, grads, row_vars, col_vars, res_row_vars, res_col_vars, variances, exp_avgs, state_steps,
-                *, lr, eps1, eps2, clip_threshold, beta1, beta2, beta3, weight_decay):
+def _fused_came(
+    params,
+    grads,
+    row_vars,
+    col_vars,
+    res_row_vars,
+    res_col_vars,
+    variances,
+    exp_avgs,
+    state_steps,
+    *,
+    lr,
+    eps1,
+    eps2,
+    clip_threshold,
+    beta1,
+    beta2,
+    beta3,
+    weight_decay,
+):
     rest = []
     for i, p in enumerate(params):
         g, m = grads[i], exp_avgs[i]
@@ -148,10 +184,25 @@ def _fused_came(params, grads, row_vars, col_vars, res_row_vars, res_col_vars, v
                 pc.copy_(p32)
     if rest:
         pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
-        _single_tensor_came(pick(params), pick(grads), pick(row_vars), pick(col_vars), pick(res_row_vars),
-                            pick(res_col_vars), pick(variances), pick(exp_avgs), pick(state_steps), lr=lr,
-                            eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, beta1=beta1, beta2=beta2,
-                            beta3=beta3, weight_decay=weight_decay)
+        _single_tensor_came(
+            pick(params),
+            pick(grads),
+            pick(row_vars),
+            pick(col_vars),
+            pick(res_row_vars),
+            pick(res_col_vars),
+            pick(variances),
+            pick(exp_avgs),
+            pick(state_steps),
+            lr=lr,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            beta1=beta1,
+            beta2=beta2,
+            beta3=beta3,
+            weight_decay=weight_decay,
+        )
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_came, "fused": _fused_came}
@@ -178,12 +229,29 @@ def came(
     weight_decay: float,
     implementation: Implementation = "auto",
 ) -> None:
-    """Functional CAME step (see the module docstring); lists hold ``None`` where a tensor has no such state."""
+    """Functional CAME step (see the module docstring); lists hold ``None`` where a tensor has no such
+    state."""
     if implementation == "auto":
-        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
+        implementation = (
+            "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
+        )
     _IMPLEMENTATIONS[implementation](
-        params, grads, row_vars, col_vars, res_row_vars, res_col_vars, variances, exp_avgs, state_steps, lr=lr,
-        eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, beta1=beta1, beta2=beta2, beta3=beta3,
+        params,
+        grads,
+        row_vars,
+        col_vars,
+        res_row_vars,
+        res_col_vars,
+        variances,
+        exp_avgs,
+        state_steps,
+        lr=lr,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=clip_threshold,
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
         weight_decay=weight_decay,
     )
 
@@ -227,8 +295,14 @@ class CAME(LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
-                        implementation=implementation)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            weight_decay=weight_decay,
+            implementation=implementation,
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -257,22 +331,37 @@ class CAME(LmoptOptimizer):
         eps1, eps2 = group["eps"]
         beta1, beta2, beta3 = group["betas"]
         came(
-            params, grads, *([s.get(k) for s in states] for k in
-                             ("row_var", "col_var", "res_row_var", "res_col_var", "variance", "exp_avg", "step")),
-            lr=float(group["lr"]), eps1=eps1, eps2=eps2, clip_threshold=group["clip_threshold"], beta1=beta1,
-            beta2=beta2, beta3=beta3, weight_decay=group["weight_decay"], implementation=group["implementation"],
+            params,
+            grads,
+            *(
+                [s.get(k) for s in states]
+                for k in ("row_var", "col_var", "res_row_var", "res_col_var", "variance", "exp_avg", "step")
+            ),
+            lr=float(group["lr"]),
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=group["clip_threshold"],
+            beta1=beta1,
+            beta2=beta2,
+            beta3=beta3,
+            weight_decay=group["weight_decay"],
+            implementation=group["implementation"],
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # registry entries
 def came_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
     stat = math_dtype(dtype)
     out = [StateTensor("step", (), torch.float32), StateTensor("exp_avg", shape, dtype)]
     shapes = factored_shapes(shape)
     if shapes is not None:
-        out += [StateTensor("row_var", shapes[0], stat), StateTensor("col_var", shapes[1], stat),
-                StateTensor("res_row_var", shapes[0], stat), StateTensor("res_col_var", shapes[1], stat)]
+        out += [
+            StateTensor("row_var", shapes[0], stat),
+            StateTensor("col_var", shapes[1], stat),
+            StateTensor("res_row_var", shapes[0], stat),
+            StateTensor("res_col_var", shapes[1], stat),
+        ]
     else:
         out.append(StateTensor("variance", shape, stat))
     return out

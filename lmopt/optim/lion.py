@@ -37,8 +37,18 @@ from .base import Implementation, LmoptOptimizer, check_betas, check_choice, che
 __all__ = ["Lion", "lion"]
 
 
-def _lion_block(p: Tensor, g: Tensor, m: Tensor, buf: Tensor, *, lr: float, beta1: float, beta2: float,
-                decay: float, maximize: bool) -> None:
+def _lion_block(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    buf: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    decay: float,
+    maximize: bool,
+) -> None:
     """One Lion update of same-shaped math-dtype tensors; ``buf`` is scratch of the same shape."""
     if maximize:
         g = torch.neg(g)
@@ -51,7 +61,7 @@ def _lion_block(p: Tensor, g: Tensor, m: Tensor, buf: Tensor, *, lr: float, beta
 
 
 def _single_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
-    for p, g, m in zip(params, grads, exp_avgs):
+    for p, g, m in zip(params, grads, exp_avgs, strict=False):
         p32, g32, m32 = as_math(p), as_math(g), as_math(m)
         if maximize:
             g32 = -g32
@@ -87,7 +97,7 @@ def _multi_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_deca
         torch._foreach_add_(p32, c, alpha=-lr)
         del c
         for dst, src in ((p_, p32), (m_, m32)):
-            pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
+            pairs = [(d, s) for d, s in zip(dst, src, strict=False) if d is not s]
             if pairs:
                 torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
@@ -95,7 +105,7 @@ def _multi_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_deca
 def _fused_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
     decay = 1 - lr * weight_decay
     rest = []
-    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
+    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=False)):
         if not blockable(p, g, m):
             rest.append(i)
             continue
@@ -113,8 +123,16 @@ def _fused_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maxi
             else:
                 _lion_block(pc, gc, mc, b, lr=lr, beta1=beta1, beta2=beta2, decay=decay, maximize=maximize)
     if rest:
-        _multi_tensor_lion([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
-                           lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+        _multi_tensor_lion(
+            [params[i] for i in rest],
+            [grads[i] for i in rest],
+            [exp_avgs[i] for i in rest],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_lion, "foreach": _multi_tensor_lion, "fused": _fused_lion}
@@ -132,11 +150,15 @@ def lion(
     maximize: bool = False,
     implementation: Implementation = "auto",
 ) -> None:
-    """Functional Lion step over lists of tensors (see the module docstring for the rule); updates in place."""
+    """Functional Lion step over lists of tensors (see the module docstring for the rule); updates in
+    place."""
     if implementation == "auto":
-        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
-    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2,
-                                     weight_decay=weight_decay, maximize=maximize)
+        implementation = (
+            "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
+        )
+    _IMPLEMENTATIONS[implementation](
+        params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize
+    )
 
 
 class Lion(LmoptOptimizer):
@@ -145,7 +167,8 @@ class Lion(LmoptOptimizer):
     Args:
         params: parameters or param groups.
         lr: learning rate (default 1e-4; use 3-10x less than AdamW's).
-        betas: ``(beta1, beta2)``: interpolation for the update and decay of the momentum (default (0.9, 0.99)).
+        betas: ``(beta1, beta2)``: interpolation for the update and decay of the momentum (default (0.9,
+            0.99)).
         weight_decay: decoupled decay, multiplied by lr (default 0.0; the registry recipe uses 0.3, 3-10x
             AdamW's).
         maximize: ascend instead of descend.
@@ -175,8 +198,9 @@ class Lion(LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
-                        implementation=implementation)
+        defaults = dict(
+            lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, implementation=implementation
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -191,12 +215,20 @@ class Lion(LmoptOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
-        lion(params, grads, [self.state[p]["exp_avg"] for p in params], lr=float(group["lr"]), beta1=beta1,
-             beta2=beta2, weight_decay=group["weight_decay"], maximize=group["maximize"],
-             implementation=group["implementation"])
+        lion(
+            params,
+            grads,
+            [self.state[p]["exp_avg"] for p in params],
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            implementation=group["implementation"],
+        )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # registry entries
 def lion_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
     return [StateTensor("exp_avg", shape, dtype)]
@@ -206,7 +238,7 @@ SPECS = [
     OptimizerSpec(
         name="lion",
         cls=Lion,
-        summary="sign of interpolated momentum; one moment of state (half of AdamW's); lr 3-10x below AdamW's",
+        summary="sign of interpolated momentum; half of AdamW's state; lr 3-10x below AdamW's",
         paper="Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023",
         state=lion_state,
         defaults={"lr": 1e-4, "weight_decay": 0.3},

@@ -14,7 +14,8 @@ with one of the paper's two diagonal Hessian estimators ``h_hat`` (Algorithms 1 
 * **Hutchinson** (``estimator="hutchinson"``): ``h_hat = u * (H u)`` for a random ``u`` (standard normal, or
   Rademacher with ``hessian_distribution="rademacher"``), ``H u`` a Hessian-vector product by double
   backward through the loss the closure returns;
-* **Gauss-Newton-Bartlett** (``estimator="gnb"``): ``h_hat = B * g_hat * g_hat``, ``g_hat`` the gradient of the
+* **Gauss-Newton-Bartlett** (``estimator="gnb"``): ``h_hat = B * g_hat * g_hat``, ``g_hat`` the gradient of
+the
   loss on labels *sampled from the model's own output distribution* (the closure computes it, e.g. with
   :func:`sampled_label_loss`), ``B`` the number of examples (tokens) that loss averages over.
 
@@ -72,7 +73,8 @@ def sampled_label_loss(logits: Tensor) -> Tensor:
     """Cross-entropy of ``logits`` (``(..., vocab)``) against labels sampled from ``softmax(logits)``.
 
     The gradient of this loss is the ``g_hat`` of Sophia's Gauss-Newton-Bartlett estimator (the labels are
-    sampled without gradient; the mean is over every position, so pass ``batch_size=`` the number of positions).
+    sampled without gradient; the mean is over every position, so pass ``batch_size=`` the number of
+    positions).
     """
     flat = logits.reshape(-1, logits.shape[-1])
     with torch.no_grad():
@@ -80,10 +82,22 @@ def sampled_label_loss(logits: Tensor) -> Tensor:
     return F.cross_entropy(flat, labels)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the step (the Hessian EMA is refreshed separately, in Sophia.update_hessian)
-def _sophia_block(p: Tensor, g: Tensor, m: Tensor, h: Tensor, buf: Tensor, *, lr: float, beta1: float,
-                  rho: float, eps: float, decay: float, maximize: bool) -> None:
+def _sophia_block(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    h: Tensor,
+    buf: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    rho: float,
+    eps: float,
+    decay: float,
+    maximize: bool,
+) -> None:
     """One Sophia update of same-shaped math-dtype tensors; ``buf`` is scratch of the same shape."""
     if maximize:
         g = torch.neg(g)
@@ -95,9 +109,10 @@ def _sophia_block(p: Tensor, g: Tensor, m: Tensor, h: Tensor, buf: Tensor, *, lr
     p.add_(ratio, alpha=-lr)
 
 
-def _single_tensor_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay,
-                          maximize):
-    for p, g, m, h, step in zip(params, grads, exp_avgs, hessians, state_steps):
+def _single_tensor_sophia(
+    params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize
+):
+    for p, g, m, h, step in zip(params, grads, exp_avgs, hessians, state_steps, strict=False):
         step += 1
         p32, g32, m32, h32 = as_math(p), as_math(g), as_math(m), as_math(h)
         if maximize:
@@ -113,8 +128,9 @@ def _single_tensor_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr,
             p.copy_(p32)
 
 
-def _multi_tensor_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay,
-                         maximize):
+def _multi_tensor_sophia(
+    params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize
+):
     torch._foreach_add_(state_steps, 1)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -139,42 +155,72 @@ def _multi_tensor_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr, 
         torch._foreach_add_(p32, ratio, alpha=-lr)
         del ratio
         for dst, src in ((p_, p32), (m_, m32)):
-            pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
+            pairs = [(d, s) for d, s in zip(dst, src, strict=False) if d is not s]
             if pairs:
                 torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
 
-def _fused_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize):
+def _fused_sophia(
+    params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize
+):
     decay = 1 - lr * weight_decay
     rest = []
-    for i, (p, g, m, h) in enumerate(zip(params, grads, exp_avgs, hessians)):
+    for i, (p, g, m, h) in enumerate(zip(params, grads, exp_avgs, hessians, strict=False)):
         if not blockable(p, g, m, h):
             rest.append(i)
             continue
         state_steps[i] += 1
         pf, gf, mf, hf = p.view(-1), g.view(-1), m.view(-1), h.view(-1)
         low = p.dtype not in (torch.float32, torch.float64)
-        buf = torch.empty(min(pf.numel(), BLOCK_ELEMENTS), dtype=torch.float32 if low else p.dtype,
-                          device=p.device)
+        buf = torch.empty(
+            min(pf.numel(), BLOCK_ELEMENTS), dtype=torch.float32 if low else p.dtype, device=p.device
+        )
         for start, stop in flat_blocks(pf.numel()):
             b = buf[: stop - start]
             pc, gc, mc, hc = pf[start:stop], gf[start:stop], mf[start:stop], hf[start:stop]
             if low:
                 p32, m32 = pc.float(), mc.float()
-                _sophia_block(p32, gc.float(), m32, hc.float(), b, lr=lr, beta1=beta1, rho=rho, eps=eps,
-                              decay=decay, maximize=maximize)
+                _sophia_block(
+                    p32,
+                    gc.float(),
+                    m32,
+                    hc.float(),
+                    b,
+                    lr=lr,
+                    beta1=beta1,
+                    rho=rho,
+                    eps=eps,
+                    decay=decay,
+                    maximize=maximize,
+                )
                 pc.copy_(p32)
                 mc.copy_(m32)
             else:
-                _sophia_block(pc, gc, mc, hc, b, lr=lr, beta1=beta1, rho=rho, eps=eps, decay=decay,
-                              maximize=maximize)
+                _sophia_block(
+                    pc, gc, mc, hc, b, lr=lr, beta1=beta1, rho=rho, eps=eps, decay=decay, maximize=maximize
+                )
     if rest:
         pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
-        _multi_tensor_sophia(pick(params), pick(grads), pick(exp_avgs), pick(hessians), pick(state_steps), lr=lr,
-                             beta1=beta1, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        _multi_tensor_sophia(
+            pick(params),
+            pick(grads),
+            pick(exp_avgs),
+            pick(hessians),
+            pick(state_steps),
+            lr=lr,
+            beta1=beta1,
+            rho=rho,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
 
 
-_IMPLEMENTATIONS = {"for_loop": _single_tensor_sophia, "foreach": _multi_tensor_sophia, "fused": _fused_sophia}
+_IMPLEMENTATIONS = {
+    "for_loop": _single_tensor_sophia,
+    "foreach": _multi_tensor_sophia,
+    "fused": _fused_sophia,
+}
 
 
 def sophia(
@@ -194,9 +240,22 @@ def sophia(
 ) -> None:
     """Functional Sophia step (momentum and clipped preconditioned update; ``hessians`` are only read)."""
     if implementation == "auto":
-        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
-    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, hessians, state_steps, lr=lr, beta1=beta1, rho=rho,
-                                     eps=eps, weight_decay=weight_decay, maximize=maximize)
+        implementation = (
+            "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
+        )
+    _IMPLEMENTATIONS[implementation](
+        params,
+        grads,
+        exp_avgs,
+        hessians,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        rho=rho,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
 
 
 class Sophia(LmoptOptimizer):
@@ -256,8 +315,15 @@ class Sophia(LmoptOptimizer):
         self.update_period = update_period
         self.estimator = estimator
         self.hessian_distribution = hessian_distribution
-        defaults = dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        implementation=implementation)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            rho=rho,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            implementation=implementation,
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -277,12 +343,22 @@ class Sophia(LmoptOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
         beta1, _beta2 = group["betas"]
-        sophia(params, grads, [s["exp_avg"] for s in states], [s["hessian"] for s in states],
-               [s["step"] for s in states], lr=float(group["lr"]), beta1=beta1, rho=group["rho"], eps=group["eps"],
-               weight_decay=group["weight_decay"], maximize=group["maximize"],
-               implementation=group["implementation"])
+        sophia(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["hessian"] for s in states],
+            [s["step"] for s in states],
+            lr=float(group["lr"]),
+            beta1=beta1,
+            rho=group["rho"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            implementation=group["implementation"],
+        )
 
-    # -- the Hessian refresh -------------------------------------------------------------------------------------
+    # -- the Hessian refresh ---------------------------------------------------------------------------------
     def steps_taken(self) -> int:
         """Steps applied so far (the largest ``step`` over the parameters; 0 before the first)."""
         steps = [int(s["step"]) for s in self.state.values() if "step" in s]
@@ -303,7 +379,8 @@ class Sophia(LmoptOptimizer):
             closure: recomputes a loss with its autograd graph (called under ``torch.enable_grad()``): the
                 training loss for ``estimator="hutchinson"``; the loss on labels sampled from the model
                 (:func:`sampled_label_loss`) for ``estimator="gnb"``.
-            batch_size: ``B`` of the GNB estimator, the number of examples (tokens) the closure's loss averages
+            batch_size: ``B`` of the GNB estimator, the number of examples (tokens) the closure's loss
+                averages
                 over (required for ``"gnb"``, ignored by Hutchinson).
 
         Returns:
@@ -312,10 +389,13 @@ class Sophia(LmoptOptimizer):
         Raises:
             ValueError: ``batch_size`` missing or not a positive integer for the GNB estimator.
         """
-        if self.estimator == "gnb" and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                        or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer for estimator='gnb' (the number of examples "
-                             f"or tokens the sampled-label loss averages over), got {batch_size!r}")
+        if self.estimator == "gnb" and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(
+                f"batch_size must be a positive integer for estimator='gnb' (the number of examples "
+                f"or tokens the sampled-label loss averages over), got {batch_size!r}"
+            )
         pairs = self._trainable()
         params = [p for _g, p in pairs]
         with torch.enable_grad():
@@ -327,10 +407,16 @@ class Sophia(LmoptOptimizer):
             used = [i for i, g in enumerate(grads) if g is not None]
             if self.estimator == "hutchinson":
                 probes = [self._probe(params[i]) for i in used]
-                hvps = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used],
-                                           grad_outputs=probes, allow_unused=True)
-                estimates = {i: (z * hz if hz is not None else torch.zeros_like(z))
-                             for i, z, hz in zip(used, probes, hvps)}
+                hvps = torch.autograd.grad(
+                    [grads[i] for i in used],
+                    [params[i] for i in used],
+                    grad_outputs=probes,
+                    allow_unused=True,
+                )
+                estimates = {
+                    i: (z * hz if hz is not None else torch.zeros_like(z))
+                    for i, z, hz in zip(used, probes, hvps, strict=False)
+                }
             else:
                 estimates = {i: grads[i].detach().square().mul_(batch_size) for i in used}
         for i, h_hat in estimates.items():
@@ -349,26 +435,34 @@ class Sophia(LmoptOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["lmopt"]["sophia"] = {"update_period": self.update_period, "estimator": self.estimator,
-                                 "hessian_distribution": self.hessian_distribution}
+        sd["lmopt"]["sophia"] = {
+            "update_period": self.update_period,
+            "estimator": self.estimator,
+            "hessian_distribution": self.hessian_distribution,
+        }
         return sd
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # registry entries
 def sophia_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
-    return [StateTensor("step", (), torch.float32), StateTensor("exp_avg", shape, dtype),
-            StateTensor("hessian", shape, dtype)]
+    return [
+        StateTensor("step", (), torch.float32),
+        StateTensor("exp_avg", shape, dtype),
+        StateTensor("hessian", shape, dtype),
+    ]
 
 
-_PAPER = ("Liu, Li, Hall, Liang & Ma, Sophia: A Scalable Stochastic Second-order Optimizer for Language Model "
-          "Pre-training, ICLR 2024")
+_PAPER = (
+    "Liu, Li, Hall, Liang & Ma, Sophia: A Scalable Stochastic Second-order Optimizer for Language Model "
+    "Pre-training, ICLR 2024"
+)
 
 SPECS = [
     OptimizerSpec(
         name="sophia",
         cls=Sophia,
-        summary="clipped diagonal-Hessian preconditioned momentum; call update_hessian(closure) every k steps",
+        summary="clipped diagonal-Hessian preconditioned momentum; update_hessian(closure) every k steps",
         paper=_PAPER,
         state=sophia_state,
         family="second_order",
