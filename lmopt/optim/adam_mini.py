@@ -472,14 +472,14 @@ class AdamMini(LmoptOptimizer):
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        kinds = Counter(_describe(part) for g in self.param_groups for part in g["partitions"])
-        head = super().__repr__().split("\n")
-        body = [
-            line.split(", 'partitions'")[0] + ("}" if ", 'partitions'" in line else "") for line in head[1:]
-        ]
-        return "\n".join(
-            [head[0], *body, "  partitions: " + ", ".join(f"{k}: {n}" for k, n in kinds.items())]
-        )
+        lines = [f"{type(self).__name__} (nonfinite={self.nonfinite!r}, skipped_steps={self.skipped_steps})"]
+        for i, group in enumerate(self.param_groups):
+            n = sum(p.numel() for p in group["params"])
+            keys = {k: v for k, v in group.items() if k not in ("params", "param_names", "partitions")}
+            kinds = Counter(_describe(part) for part in group["partitions"])
+            lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters, {keys}")
+            lines.append("    partitions: " + ", ".join(f"{k}: {c}" for k, c in kinds.items()))
+        return "\n".join(lines)
 
 
 def _describe(partition: Partition) -> str:
