@@ -7,6 +7,7 @@ Public API (everything else is internal):
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
 """
 
+from . import schedules, train
 from .optim import (
     CAME,
     Adafactor,
@@ -19,6 +20,7 @@ from .optim import (
     Sophia,
 )
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
+from .recipes import Recipe, recipe
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
 
 __version__ = "0.1.0"
@@ -34,6 +36,7 @@ __all__ = [
     "LmoptOptimizer",
     "NonFiniteGradientError",
     "OptimizerSpec",
+    "Recipe",
     "ParamGroups",
     "ParamInfo",
     "StateTensor",
@@ -43,4 +46,7 @@ __all__ = [
     "get_spec",
     "list_optimizers",
     "param_groups",
+    "recipe",
+    "schedules",
+    "train",
 ]

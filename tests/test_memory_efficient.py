@@ -92,9 +92,7 @@ def test_batched_matrices_are_factored_independently(name):
             s.grad = grad[b].clone()
         opt_stacked.step()
         opt_slices.step()
-    torch.testing.assert_close(
-        stacked.detach(), torch.stack([s.detach() for s in slices]), rtol=1e-12, atol=0
-    )
+    torch.testing.assert_close(stacked.detach(), torch.stack([s.detach() for s in slices]), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(1, 9), (9, 1)])
@@ -202,9 +200,7 @@ def test_sophia_refresh_api():
         if due[-1]:
             with pytest.raises(ValueError, match="batch_size"):
                 opt.update_hessian(lambda: model(x).pow(2).mean())
-            opt.update_hessian(
-                lambda: (model(x) - model(x).detach() - torch.randn(32, 3)).pow(2).mean(), batch_size=32
-            )
+            opt.update_hessian(lambda: (model(x) - model(x).detach() - torch.randn(32, 3)).pow(2).mean(), batch_size=32)
             for p, g in zip(model.parameters(), grads, strict=False):
                 assert torch.equal(p.grad, g)  # the refresh leaves .grad alone
             assert all((opt.state[p]["hessian"] >= 0).all() for p in model.parameters())  # GNB is PSD
@@ -289,9 +285,7 @@ def test_adam_mini_partitions_gpt2_fused_attention():
     spec = lmopt.get_spec("adam_mini")
     for name, p in model.named_parameters():
         state = opt.state[p]
-        declared = {
-            t.name: t.shape for t in spec.state_tensors(p.shape, p.dtype, blocks=block_count(parts[name]))
-        }
+        declared = {t.name: t.shape for t in spec.state_tensors(p.shape, p.dtype, blocks=block_count(parts[name]))}
         assert declared == {k: tuple(v.shape) for k, v in state.items()}, name
     assert "per head" in opt.partition_summary()
 

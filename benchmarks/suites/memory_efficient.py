@@ -89,10 +89,7 @@ def lmopt_adam_mini_per_tensor(params):
 def adam_mini_package(params):
     from adam_mini import Adam_mini
 
-    named = [
-        (f"layers.{i}.mlp.weight" if p.ndim >= 2 else f"layers.{i}.norm.weight", p)
-        for i, p in enumerate(params)
-    ]
+    named = [(f"layers.{i}.mlp.weight" if p.ndim >= 2 else f"layers.{i}.norm.weight", p) for i, p in enumerate(params)]
     return Adam_mini(named, verbose=False, **_MINI)
 
 

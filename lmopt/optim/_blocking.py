@@ -28,8 +28,7 @@ def blockable(*tensors: Tensor) -> bool:
     """True when the tensors can be walked as flat views: plain (non-DTensor), contiguous, same device."""
     first = tensors[0]
     return all(
-        not is_dtensor(t) and t.is_contiguous() and t.device == first.device and not t.is_sparse
-        for t in tensors
+        not is_dtensor(t) and t.is_contiguous() and t.device == first.device and not t.is_sparse for t in tensors
     )
 
 

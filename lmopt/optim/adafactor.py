@@ -77,9 +77,7 @@ def _param_rms(p: Tensor) -> Tensor:
     return torch.linalg.vector_norm(p, dtype=math_dtype(p.dtype)) / math.sqrt(p.numel())
 
 
-def _step_size(
-    p: Tensor, step: float, *, lr, eps2, scale_parameter, relative_step, warmup_init
-) -> Tensor | float:
+def _step_size(p: Tensor, step: float, *, lr, eps2, scale_parameter, relative_step, warmup_init) -> Tensor | float:
     rho = _relative_step(step, lr, relative_step, warmup_init)
     if scale_parameter:
         return _param_rms(p).clamp(min=eps2) * rho
@@ -348,13 +346,11 @@ def adafactor(
     relative_step: bool,
     warmup_init: bool,
     implementation: Implementation = "auto",
-) -> None:
+) -> str:
     """Functional Adafactor step (see the module docstring); lists hold ``None`` where a tensor has no such
     state."""
     if implementation == "auto":
-        implementation = (
-            "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
-        )
+        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
     _IMPLEMENTATIONS[implementation](
         params,
         grads,
@@ -374,6 +370,7 @@ def adafactor(
         relative_step=relative_step,
         warmup_init=warmup_init,
     )
+    return implementation
 
 
 def check_eps_pair(name: str, eps: Any) -> None:
@@ -477,7 +474,7 @@ class Adafactor(LmoptOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
         eps1, eps2 = group["eps"]
-        adafactor(
+        self._implementation_used[id(group)] = adafactor(
             params,
             grads,
             [s.get("row_var") for s in states],
@@ -501,9 +498,7 @@ class Adafactor(LmoptOptimizer):
 
 # ------------------------------------------------------------------------------------------------------------
 # registry entries
-def adafactor_state(
-    shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]
-) -> list[StateTensor]:
+def adafactor_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
     stat = math_dtype(dtype)
     out = [StateTensor("step", (), torch.float32)]
     shapes = factored_shapes(shape)

@@ -245,12 +245,7 @@ def _fused_adam_mini(
     for i, (p, g, m, v, step_t, (axis, segments)) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions, strict=False)
     ):
-        if (
-            axis is None
-            or p.numel() == 0
-            or not blockable(p, g, m)
-            or not (axis == 0 or (axis == 1 and p.ndim == 2))
-        ):
+        if axis is None or p.numel() == 0 or not blockable(p, g, m) or not (axis == 0 or (axis == 1 and p.ndim == 2)):
             rest.append(i)
             continue
         step_t += 1
@@ -279,18 +274,14 @@ def _fused_adam_mini(
                 mc.copy_(m32)
         sums.div_(p.numel() // p.shape[axis])
         v.lerp_(_to_blocks(sums, segments), 1 - beta2)
-        coef = _to_neurons(
-            _coefficients(v, float(step_t), lr=lr, beta1=beta1, beta2=beta2, eps=eps), segments
-        )
+        coef = _to_neurons(_coefficients(v, float(step_t), lr=lr, beta1=beta1, beta2=beta2, eps=eps), segments)
         # pass 2, whole-tensor: two ops, each a single streaming pass (measured faster on CPU than a blocked
         # pass
         # that materialises the per-row coefficients)
         p32 = p2 if not low else p2.to(dtype)
         if weight_decay != 0:
             p32.mul_(1 - lr * weight_decay)
-        p32.addcmul_(
-            m2 if not low else m2.to(dtype), coef[:, None] if axis == 0 else coef[None, :], value=-1.0
-        )
+        p32.addcmul_(m2 if not low else m2.to(dtype), coef[:, None] if axis == 0 else coef[None, :], value=-1.0)
         if low:
             p2.copy_(p32)
     if rest:
@@ -327,12 +318,10 @@ def adam_mini(
     eps: float,
     weight_decay: float,
     implementation: Implementation = "auto",
-) -> None:
+) -> str:
     """Functional Adam-mini step (see the module docstring); ``partitions[i]`` is ``params[i]``'s
     partition."""
-    if (
-        implementation == "auto"
-    ):  # measured: the whole-tensor path is as fast or faster on CPU (few ops per tensor)
+    if implementation == "auto":  # measured: the whole-tensor path is as fast or faster on CPU (few ops per tensor)
         implementation = "for_loop"
     _IMPLEMENTATIONS[implementation](
         params,
@@ -347,6 +336,7 @@ def adam_mini(
         eps=eps,
         weight_decay=weight_decay,
     )
+    return implementation
 
 
 class AdamMini(LmoptOptimizer):
@@ -419,16 +409,14 @@ class AdamMini(LmoptOptimizer):
         if "partitions" not in group:
             found = getattr(self, "_found", {})
             group["partitions"] = [
-                found[id(p)][1] if id(p) in found else default_partition(tuple(p.shape))
-                for p in group["params"]
+                found[id(p)][1] if id(p) in found else default_partition(tuple(p.shape)) for p in group["params"]
             ]
         if len(group["partitions"]) != len(group["params"]):
             raise ValueError("partitions must hold one partition per parameter of the group")
         for p, (axis, segments) in zip(group["params"], group["partitions"], strict=False):
             if axis is not None and sum(c * s for c, s in segments) != p.shape[axis]:
                 raise ValueError(
-                    f"partition {(axis, segments)} does not cover dim {axis} of a tensor of shape "
-                    f"{tuple(p.shape)}"
+                    f"partition {(axis, segments)} does not cover dim {axis} of a tensor of shape {tuple(p.shape)}"
                 )
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
@@ -444,7 +432,7 @@ class AdamMini(LmoptOptimizer):
         partitions = [(axis, tuple(tuple(s) for s in segments)) for axis, segments in partitions]
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adam_mini(
+        self._implementation_used[id(group)] = adam_mini(
             params,
             grads,
             [s["exp_avg"] for s in states],
@@ -477,7 +465,9 @@ class AdamMini(LmoptOptimizer):
             n = sum(p.numel() for p in group["params"])
             keys = {k: v for k, v in group.items() if k not in ("params", "param_names", "partitions")}
             kinds = Counter(_describe(part) for part in group["partitions"])
-            lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters, {keys}")
+            used = self._implementation_used.get(id(group))
+            ran = f", last step ran {used!r}" if used else ""
+            lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters{ran}, {keys}")
             lines.append("    partitions: " + ", ".join(f"{k}: {c}" for k, c in kinds.items()))
         return "\n".join(lines)
 
@@ -493,9 +483,7 @@ def _describe(partition: Partition) -> str:
 
 # ------------------------------------------------------------------------------------------------------------
 # registry entries
-def adam_mini_state(
-    shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]
-) -> list[StateTensor]:
+def adam_mini_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
     """Exact state; ``blocks=`` (hyperparameter-like key) gives a tensor's block count when it is not the
     per-output-neuron default (query/key projections: one per head)."""
     blocks = hyper.get("blocks") or block_count(default_partition(shape))

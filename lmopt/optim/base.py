@@ -145,6 +145,7 @@ class LmoptOptimizer(Optimizer):
         self.check_finite = check_finite
         self.skipped_steps = 0
         self._recorded_grad_norm: Tensor | None = None
+        self._implementation_used: dict[int, str] = {}  # id(group) -> what "auto" chose at the last step
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._validate_group(group)
@@ -294,13 +295,16 @@ class LmoptOptimizer(Optimizer):
         self.__dict__.setdefault("check_finite", True)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_recorded_grad_norm", None)
+        self.__dict__.setdefault("_implementation_used", {})
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (nonfinite={self.nonfinite!r}, skipped_steps={self.skipped_steps})"]
         for i, group in enumerate(self.param_groups):
             n = sum(p.numel() for p in group["params"])
             keys = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters, {keys}")
+            used = self._implementation_used.get(id(group))
+            ran = f", last step ran {used!r}" if used else ""
+            lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters{ran}, {keys}")
         return "\n".join(lines)
 
 

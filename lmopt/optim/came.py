@@ -228,13 +228,11 @@ def came(
     beta3: float,
     weight_decay: float,
     implementation: Implementation = "auto",
-) -> None:
+) -> str:
     """Functional CAME step (see the module docstring); lists hold ``None`` where a tensor has no such
     state."""
     if implementation == "auto":
-        implementation = (
-            "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
-        )
+        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
     _IMPLEMENTATIONS[implementation](
         params,
         grads,
@@ -254,6 +252,7 @@ def came(
         beta3=beta3,
         weight_decay=weight_decay,
     )
+    return implementation
 
 
 class CAME(LmoptOptimizer):
@@ -330,7 +329,7 @@ class CAME(LmoptOptimizer):
         states = [self.state[p] for p in params]
         eps1, eps2 = group["eps"]
         beta1, beta2, beta3 = group["betas"]
-        came(
+        self._implementation_used[id(group)] = came(
             params,
             grads,
             *(

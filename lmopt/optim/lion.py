@@ -149,16 +149,15 @@ def lion(
     weight_decay: float,
     maximize: bool = False,
     implementation: Implementation = "auto",
-) -> None:
+) -> str:
     """Functional Lion step over lists of tensors (see the module docstring for the rule); updates in
     place."""
     if implementation == "auto":
-        implementation = (
-            "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
-        )
+        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
     _IMPLEMENTATIONS[implementation](
         params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize
     )
+    return implementation
 
 
 class Lion(LmoptOptimizer):
@@ -198,9 +197,7 @@ class Lion(LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, implementation=implementation
-        )
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, implementation=implementation)
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -215,7 +212,7 @@ class Lion(LmoptOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
-        lion(
+        self._implementation_used[id(group)] = lion(
             params,
             grads,
             [self.state[p]["exp_avg"] for p in params],

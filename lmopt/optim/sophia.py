@@ -160,9 +160,7 @@ def _multi_tensor_sophia(
                 torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
 
-def _fused_sophia(
-    params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize
-):
+def _fused_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize):
     decay = 1 - lr * weight_decay
     rest = []
     for i, (p, g, m, h) in enumerate(zip(params, grads, exp_avgs, hessians, strict=False)):
@@ -172,9 +170,7 @@ def _fused_sophia(
         state_steps[i] += 1
         pf, gf, mf, hf = p.view(-1), g.view(-1), m.view(-1), h.view(-1)
         low = p.dtype not in (torch.float32, torch.float64)
-        buf = torch.empty(
-            min(pf.numel(), BLOCK_ELEMENTS), dtype=torch.float32 if low else p.dtype, device=p.device
-        )
+        buf = torch.empty(min(pf.numel(), BLOCK_ELEMENTS), dtype=torch.float32 if low else p.dtype, device=p.device)
         for start, stop in flat_blocks(pf.numel()):
             b = buf[: stop - start]
             pc, gc, mc, hc = pf[start:stop], gf[start:stop], mf[start:stop], hf[start:stop]
@@ -196,9 +192,7 @@ def _fused_sophia(
                 pc.copy_(p32)
                 mc.copy_(m32)
             else:
-                _sophia_block(
-                    pc, gc, mc, hc, b, lr=lr, beta1=beta1, rho=rho, eps=eps, decay=decay, maximize=maximize
-                )
+                _sophia_block(pc, gc, mc, hc, b, lr=lr, beta1=beta1, rho=rho, eps=eps, decay=decay, maximize=maximize)
     if rest:
         pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
         _multi_tensor_sophia(
@@ -237,12 +231,13 @@ def sophia(
     weight_decay: float,
     maximize: bool = False,
     implementation: Implementation = "auto",
-) -> None:
-    """Functional Sophia step (momentum and clipped preconditioned update; ``hessians`` are only read)."""
+) -> str:
+    """Functional Sophia step (momentum and clipped preconditioned update; ``hessians`` are only read).
+
+    Returns the implementation that ran (what ``"auto"`` chose).
+    """
     if implementation == "auto":
-        implementation = (
-            "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
-        )
+        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
     _IMPLEMENTATIONS[implementation](
         params,
         grads,
@@ -256,6 +251,7 @@ def sophia(
         weight_decay=weight_decay,
         maximize=maximize,
     )
+    return implementation
 
 
 class Sophia(LmoptOptimizer):
@@ -343,7 +339,7 @@ class Sophia(LmoptOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
         beta1, _beta2 = group["betas"]
-        sophia(
+        self._implementation_used[id(group)] = sophia(
             params,
             grads,
             [s["exp_avg"] for s in states],

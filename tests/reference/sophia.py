@@ -67,9 +67,7 @@ class ReferenceSophia:
                     us.append(torch.randint_like(p, 0, 2) * 2 - 1)
                 else:
                     us.append(torch.randn_like(p))
-            hus = torch.autograd.grad(
-                [g for _p, g in used], [p for p, _g in used], grad_outputs=us, allow_unused=True
-            )
+            hus = torch.autograd.grad([g for _p, g in used], [p for p, _g in used], grad_outputs=us, allow_unused=True)
             for (p, _g), u, hu in zip(used, us, hus, strict=False):
                 h_hat = u * hu if hu is not None else torch.zeros_like(p)
                 self.h[id(p)] = beta2 * self.h[id(p)] + (1 - beta2) * h_hat.detach()
