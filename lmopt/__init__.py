@@ -8,7 +8,17 @@ Public API (everything else is internal):
 """
 
 from . import memory, schedules, train
-from .optim import Adam, AdamW, LmoptOptimizer, NonFiniteGradientError
+from .optim import (
+    CAME,
+    Adafactor,
+    Adam,
+    AdamMini,
+    AdamW,
+    Lion,
+    LmoptOptimizer,
+    NonFiniteGradientError,
+    Sophia,
+)
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
 from .recipes import Recipe, recipe
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
@@ -18,6 +28,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Adam",
     "AdamW",
+    "Adafactor",
+    "AdamMini",
+    "CAME",
+    "Lion",
+    "Sophia",
     "LmoptOptimizer",
     "NonFiniteGradientError",
     "OptimizerSpec",

@@ -37,6 +37,11 @@ __all__ = [
 SPEC_MODULES: tuple[str, ...] = (
     "lmopt.optim.adamw",
     "lmopt.optim.torch_optim",
+    "lmopt.optim.adafactor",
+    "lmopt.optim.came",
+    "lmopt.optim.adam_mini",
+    "lmopt.optim.lion",
+    "lmopt.optim.sophia",
 )
 
 #: the shape used to quote "state bytes per parameter" (a large hidden matrix; small tensors differ)

@@ -116,6 +116,97 @@ _ADAM_INVALID = [
     ({"implementation": "cuda_magic"}, "implementation"),
 ]
 
+
+# -------------------------------------------------------------- memory-efficient / sign / curvature (issue 3)
+def _full(name: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """The effective hyperparameters of a registry entry for a variant (class defaults + entry + variant)."""
+    spec, implied = lmopt.registry.resolve_name(name)
+    return spec.hyperparameters(**{**implied, **kw})
+
+
+def _adafactor_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    h = _full("adafactor", kw)
+    return HFAdafactor(model.parameters(), lr=None if h["relative_step"] else h["lr"], eps=h["eps"],
+                       clip_threshold=h["clip_threshold"], decay_rate=h["decay_rate"], beta1=h["beta1"],
+                       weight_decay=h["weight_decay"], scale_parameter=h["scale_parameter"],
+                       relative_step=h["relative_step"], warmup_init=h["warmup_init"])
+
+
+def _came_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+    from came_pytorch import CAME as PeerCAME
+
+    h = _full("came", kw)
+    return PeerCAME(model.parameters(), lr=h["lr"], eps=h["eps"], clip_threshold=h["clip_threshold"],
+                    betas=h["betas"], weight_decay=h["weight_decay"])
+
+
+def _adam_mini_build(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+    return lmopt.create_optimizer("adam_mini", model, **kw)
+
+
+def _adam_mini_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+    """The adam-mini package, with names that make its name rules pick the partition lmopt finds on a plain
+    model: per output neuron for matrices ("mlp"), one block and no decay for vectors ("norm")."""
+    from adam_mini import Adam_mini
+
+    h = _full("adam_mini", kw)
+    named = [(f"mlp.{i}.weight" if p.ndim >= 2 else f"norm.{i}", p) for i, p in enumerate(model.parameters())]
+    return Adam_mini(named, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"],
+                     verbose=False)
+
+
+def _lion_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+    from lion_pytorch import Lion as PeerLion
+
+    h = _full("lion", kw)
+    return PeerLion(model.parameters(), lr=h["lr"], betas=h["betas"], weight_decay=h["weight_decay"])
+
+
+def _sophia_ref(model: nn.Module, kw: dict[str, Any]) -> Any:
+    from .reference.sophia import ReferenceSophia
+
+    h = _full("sophia", kw)
+    keys = ("lr", "betas", "rho", "eps", "weight_decay", "update_period", "estimator", "hessian_distribution",
+            "maximize")
+    return ReferenceSophia(model.parameters(), **{k: h[k] for k in keys})
+
+
+def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x).float() - y.float()).pow(2).mean()
+
+
+def _sampled_mse(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MSE against targets sampled from the model's Gaussian predictive (Sophia's GNB estimator)."""
+    out = model(x).float()
+    return (out - (out.detach() + torch.randn_like(out))).pow(2).mean() / 2
+
+
+def sophia_step(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    """A Sophia training step: backward, refresh the Hessian when due (probes seeded from the batch, so an
+    optimizer and its oracle draw the same ones), step."""
+    opt.zero_grad(set_to_none=True)
+    _mse(model, x, y).backward()
+    if opt.hessian_due():
+        torch.manual_seed(int(x.double().abs().sum().item() * 1e6) % (2**31))
+        if opt.estimator == "hutchinson":
+            opt.update_hessian(lambda: _mse(model, x, y))
+        else:
+            opt.update_hessian(lambda: _sampled_mse(model, x), batch_size=x.shape[0])
+    opt.step()
+
+
+_FACTORED_INVALID = [
+    ({"lr": -1.0}, "lr"),
+    ({"eps": (1e-30,)}, "eps"),
+    ({"eps": (-1.0, 1e-3)}, "eps"),
+    ({"clip_threshold": 0.0}, "clip_threshold"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"implementation": "cuda_magic"}, "implementation"),
+]
+
+
 OPTIM_DB: list[OptimSpec] = [
     # ---------------------------------------------------------------------------------------- Adam family
     OptimSpec(
@@ -163,6 +254,69 @@ OPTIM_DB: list[OptimSpec] = [
               invalid=[({"lr": -1.0}, "learning rate")]),
     OptimSpec(name="nadam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16),
               invalid=[({"lr": -1.0}, "learning rate")]),
+    # ------------------------------------------------- memory-efficient / sign / curvature optimizers (issue 3)
+    OptimSpec(
+        name="adafactor",
+        variants=[
+            {},
+            {"lr": 1e-2, "relative_step": True, "scale_parameter": True},
+            {"lr": 3e-3, "beta1": 0.9, "weight_decay": 0.1, "clip_threshold": 0.5},
+            {"lr": 1e-2, "relative_step": True, "scale_parameter": True, "warmup_init": True,
+             "decay_rate": -0.7},
+        ],
+        reference=_adafactor_ref,
+        reference_tol=(1e-6, 1e-9),
+        implementations=("for_loop", "fused"),
+        invalid=[*_FACTORED_INVALID, ({"decay_rate": 0.5}, "decay_rate"), ({"beta1": 1.0}, "beta1"),
+                 ({"warmup_init": True, "relative_step": False}, "warmup_init")],
+    ),
+    OptimSpec(
+        name="came",
+        variants=[
+            {"lr": 1e-3},
+            {"lr": 2e-3, "weight_decay": 0.1, "betas": (0.8, 0.99, 0.999), "clip_threshold": 0.5},
+        ],
+        reference=_came_ref,
+        implementations=("for_loop", "fused"),
+        invalid=[*_FACTORED_INVALID, ({"betas": (0.9, 0.999)}, "betas"),
+                 ({"betas": (0.9, 0.999, 1.0)}, "betas")],
+    ),
+    OptimSpec(
+        name="adam_mini",
+        variants=[{"lr": 1e-2}, {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1, "eps": 1e-6}],
+        reference=_adam_mini_ref,
+        implementations=("for_loop", "fused"),
+        invalid=[*_ADAM_INVALID[:6], ({"n_heads": 0}, "n_heads"),
+                 ({"implementation": "cuda_magic"}, "implementation")],
+        build=_adam_mini_build,
+    ),
+    OptimSpec(
+        name="lion",
+        variants=[{"lr": 1e-3}, {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5}],
+        reference=_lion_ref,
+        implementations=("for_loop", "foreach", "fused"),
+        invalid=[({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"),
+                 ({"weight_decay": -1.0}, "weight_decay"),
+                 ({"implementation": "cuda_magic"}, "implementation")],
+    ),
+    OptimSpec(
+        name="sophia",
+        variants=[
+            {"lr": 1e-3, "estimator": "hutchinson", "update_period": 3},
+            {"lr": 2e-3, "estimator": "gnb", "update_period": 2, "rho": 0.05, "weight_decay": 0.0},
+            {"lr": 1e-3, "estimator": "hutchinson", "update_period": 1, "hessian_distribution": "rademacher",
+             "betas": (0.9, 0.95), "maximize": True},
+        ],
+        reference=_sophia_ref,
+        implementations=("for_loop", "foreach", "fused"),
+        invalid=[({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"rho": 0.0}, "rho"),
+                 ({"eps": 0.0}, "eps"),
+                 ({"weight_decay": -1.0}, "weight_decay"), ({"update_period": 0}, "update_period"),
+                 ({"estimator": "exact"}, "estimator"),
+                 ({"hessian_distribution": "uniform"}, "hessian_distribution"),
+                 ({"implementation": "cuda_magic"}, "implementation")],
+        step=sophia_step,
+    ),
 ]
 
 BY_NAME = {spec.name: spec for spec in OPTIM_DB}

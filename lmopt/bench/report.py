@@ -1,0 +1,307 @@
+"""Outputs of ``lmopt compare``: results JSON, loss plots (PNG) and a one-page report (Markdown and HTML).
+
+Files written under the output folder:
+
+=================== ===============================================================================
+``results.json``    every figure and the full config (``lmopt compare --config results.json`` re-runs it)
+``loss_vs_step.png`` training loss against optimizer step, one line per optimizer (thin: every step;
+                    bold: moving average over :data:`SMOOTHING` steps), validation losses as markers
+``loss_vs_time.png`` the same losses against training wall time (seconds, evaluation excluded)
+``report.md``       the table, the plots, the setup and the command that reproduces the run
+``report.html``     the same page for a browser
+=================== ===============================================================================
+
+The plots are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend change).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FILES",
+    "SMOOTHING",
+    "TABLE_COLUMNS",
+    "format_bytes",
+    "plot_losses",
+    "summary_rows",
+    "write_outputs",
+]
+
+#: file names under the output folder
+FILES: dict[str, str] = {
+    "results_json": "results.json",
+    "loss_vs_step": "loss_vs_step.png",
+    "loss_vs_time": "loss_vs_time.png",
+    "report_md": "report.md",
+    "report_html": "report.html",
+}
+#: moving-average window of the bold loss lines
+SMOOTHING = 10
+#: the columns of the terminal table and of the report's table
+TABLE_COLUMNS: tuple[str, ...] = (
+    "optimizer",
+    "status",
+    "final train loss",
+    "val loss",
+    "tokens/s",
+    "state",
+    "peak mem",
+    "skipped",
+)
+
+
+def format_bytes(value: int | float | None) -> str:
+    """``1536`` -> ``"1.5 KiB"``; None -> ``"-"``."""
+    if value is None:
+        return "-"
+    value = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per optimizer with the :data:`TABLE_COLUMNS`, formatted for display."""
+    rows = []
+    for run in results["runs"]:
+        status = run["status"]
+        if status == "diverged":
+            status = f"diverged at step {run['steps_completed'] + 1}"
+        tokens = run.get("tokens_per_second")
+        rows.append(
+            {
+                "optimizer": run["name"],
+                "status": status,
+                "final train loss": _fmt(run.get("final_train_loss")),
+                "val loss": _fmt(run.get("validation_loss")),
+                "tokens/s": "-" if tokens is None else f"{tokens:,.0f}",
+                "state": format_bytes(run.get("optimizer_state_bytes")),
+                "peak mem": format_bytes(run.get("peak_memory_bytes")),
+                "skipped": str(run.get("skipped_steps", 0)),
+            }
+        )
+    return rows
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -> Path:
+    """Draw training (and validation) loss per optimizer against ``x`` (``"step"`` or ``"time"``) to a PNG."""
+    if x not in ("step", "time"):
+        raise ValueError(f"x must be 'step' or 'time', got {x!r}")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ValueError("lmopt compare's plots need matplotlib: pip install 'lmopt[compare]'") from err
+    figure = Figure(figsize=(8.0, 5.0), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    colors = [f"C{i}" for i in range(10)]
+    low, high = math.inf, -math.inf
+    for i, run in enumerate(results["runs"]):
+        history = run["history"]
+        losses = [v for v in history["loss"] if v is not None]
+        if not losses:
+            continue
+        xs = history["step"] if x == "step" else history["time_s"]
+        xs = xs[: len(losses)]
+        color = colors[i % len(colors)]
+        label = run["name"] if run["status"] == "ok" else f"{run['name']} ({run['status']})"
+        axes.plot(xs, losses, color=color, alpha=0.25, linewidth=0.8)
+        smooth = _moving_average(losses, SMOOTHING)
+        axes.plot(xs, smooth, color=color, linewidth=1.8, label=label)
+        low, high = min(low, min(losses)), max(high, max(smooth[len(smooth) // 10 :] or smooth))
+        if run["status"] != "ok":
+            axes.plot([xs[-1]], [losses[-1]], marker="x", markersize=9, color=color)
+        val = run.get("validation_history", {})
+        if val.get("step"):
+            val_x = (
+                val["step"]
+                if x == "step"
+                else [
+                    history["time_s"][s - 1] if 0 < s <= len(history["time_s"]) else 0.0 for s in val["step"]
+                ]
+            )
+            pairs = [(a, b) for a, b in zip(val_x, val["loss"], strict=True) if b is not None]
+            if pairs:
+                axes.plot(
+                    [a for a, _ in pairs],
+                    [b for _, b in pairs],
+                    linestyle="none",
+                    marker="o",
+                    markersize=6,
+                    markeredgecolor="black",
+                    color=color,
+                )
+    if math.isfinite(low) and math.isfinite(high) and high > low:
+        margin = 0.08 * (high - low)
+        axes.set_ylim(low - margin, high + margin)
+    config = results["config"]
+    model = results["model"]
+    axes.set_xlabel("optimizer step" if x == "step" else "training wall time (s)")
+    axes.set_ylabel("loss (nats per token)")
+    axes.set_title(
+        f"{model['name']} Llama ({model['parameters']:,} params), batch {config['batch_size']} x "
+        f"{config['seq_len']} tokens, {results['environment']['device']}",
+        fontsize=10,
+    )
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, title=f"bold: mean of {SMOOTHING} steps; o: validation", title_fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, format="png")
+    return path
+
+
+def _markdown_table(rows: list[dict[str, str]]) -> str:
+    lines = [
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("optimizer", "status") else "---:" for c in TABLE_COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(row[c] for c in TABLE_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    config, data, model, env = results["config"], results["data"], results["model"], results["environment"]
+    schedule = results["schedule"]
+    notes = [
+        f"Model: {model['architecture']}; size `{model['name']}` {model['size']}, "
+        f"{model['parameters']:,} parameters, vocabulary {model['vocab_size']}.",
+        f"Data: {data['source']}; tokenizer `{data['tokenizer']}`; {data['tokens_train']:,} training and "
+        f"{data['tokens_validation']:,} validation tokens; split {data['split']}; "
+        f"validation loss over {data['validation_windows']} windows of {config['seq_len']} tokens.",
+        f"Training: {config['steps']} steps of {config['batch_size']} x {config['seq_len']} tokens, seed "
+        f"{config['seed']}, same initial weights and data order for every optimizer; {schedule['kind']} "
+        f"(warmup {schedule['warmup_steps']} steps, floor {schedule['min_lr_ratio']:g} x peak); gradient "
+        f"clipping at {schedule['max_grad_norm']:g}; fp32.",
+        f"Final train loss: mean of the last {results['final_train_loss_window']} steps. tokens/s: training "
+        f"tokens over training wall time (evaluation excluded). state: bytes of every tensor in "
+        f"`optimizer.state`. skipped: steps skipped for non-finite gradients.",
+        f"Peak memory: {results['memory_method']}.",
+        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, device "
+        f"{env['device']}; Python {env['python']}, torch {env['torch']}, transformers "
+        f"{env.get('transformers', '?')}, lmopt {env['lmopt']}"
+        + (
+            f"; load average at the end {', '.join(f'{v:.1f}' for v in env['load_average'])}"
+            if env.get("load_average")
+            else ""
+        )
+        + f". Total time {results['total_time_s']:.0f} s.",
+    ]
+    for skipped in results["skipped_optimizers"]:
+        notes.append(f"Skipped `{skipped['name']}`: {skipped['reason']}.")
+    for run in results["runs"]:
+        if run["status"] != "ok":
+            notes.append(f"`{run['name']}` {run['status']}: {run['message']}")
+        if run.get("ignored_recipe_keys"):
+            notes.append(
+                f"`{run['name']}`: recipe keys its constructor does not take were left out: "
+                f"{', '.join(run['ignored_recipe_keys'])}."
+            )
+    return notes
+
+
+def _hyperparameter_lines(results: dict[str, Any]) -> list[str]:
+    return [
+        f"`{run['name']}` ({run['class']}): {json.dumps(run['hyperparameters'])}; schedule: {run['schedule']}"
+        for run in results["runs"]
+    ]
+
+
+def _write_markdown(results: dict[str, Any], path: Path) -> None:
+    rows = summary_rows(results)
+    lines = [
+        "# lmopt compare",
+        "",
+        f"Created {results['created_utc']}. Re-run with `lmopt compare --config {FILES['results_json']}`.",
+        "",
+        _markdown_table(rows),
+        "",
+        f"![training loss against optimizer step]({FILES['loss_vs_step']})",
+        "",
+        f"![training loss against training wall time]({FILES['loss_vs_time']})",
+        "",
+        "## Setup",
+        "",
+        *[f"- {note}" for note in _notes(results)],
+        "",
+        "## Hyperparameters",
+        "",
+        *[f"- {line}" for line in _hyperparameter_lines(results)],
+        "",
+        f"Every figure is in [{FILES['results_json']}]({FILES['results_json']}).",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _write_html(results: dict[str, Any], path: Path) -> None:
+    rows = summary_rows(results)
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in TABLE_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(row[c])}</td>" for c in TABLE_COLUMNS) + "</tr>" for row in rows
+    )
+
+    def inline_code(text: str) -> str:  # `x` -> <code>x</code> on escaped text
+        parts = esc(text).split("`")
+        return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+    notes = "".join(f"<li>{inline_code(n)}</li>" for n in _notes(results))
+    hypers = "".join(f"<li>{inline_code(h)}</li>" for h in _hyperparameter_lines(results))
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>lmopt compare</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; padding: 0 1rem; }}
+table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.6rem; }}
+td:nth-child(n+3) {{ text-align: right; }} img {{ max-width: 100%; }} code {{ background: #f4f4f4; }}
+</style></head><body>
+<h1>lmopt compare</h1>
+<p>Created {esc(results["created_utc"])}.
+Re-run with <code>lmopt compare --config {FILES["results_json"]}</code>.</p>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<p><img src="{FILES["loss_vs_step"]}" alt="training loss against optimizer step"></p>
+<p><img src="{FILES["loss_vs_time"]}" alt="training loss against training wall time"></p>
+<h2>Setup</h2><ul>{notes}</ul>
+<h2>Hyperparameters</h2><ul>{hypers}</ul>
+<p>Every figure is in <a href="{FILES["results_json"]}">{FILES["results_json"]}</a>.</p>
+</body></html>
+"""
+    path.write_text(page, encoding="utf-8")
+
+
+def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write the JSON, both plots and both reports under ``out_dir`` (created); return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {key: out / name for key, name in FILES.items()}
+    results["files"] = dict(FILES)
+    plot_losses(results, paths["loss_vs_step"], x="step")
+    plot_losses(results, paths["loss_vs_time"], x="time")
+    _write_markdown(results, paths["report_md"])
+    _write_html(results, paths["report_html"])
+    with open(paths["results_json"], "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, allow_nan=False)
+        f.write("\n")
+    return paths

@@ -1,0 +1,230 @@
+"""``lmopt compare``: train a small Llama with several optimizers; table, plots, JSON and report.
+
+Examples::
+
+    lmopt compare                                    # the default set, ~5 minutes on a 2-core CPU
+    lmopt compare --optimizers adamw,lion --steps 300 --model base
+    lmopt compare --set lion.lr=1e-4 --set adamw.betas=[0.9,0.99]
+    lmopt compare --data ~/corpus/ --tokenizer ~/models/my-tokenizer
+    lmopt compare --config lmopt-compare/20260101-120000/results.json   # re-run a comparison
+
+Options given with ``--config`` override the file's values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+NAME = "compare"
+HELP = "train a small Llama with several optimizers on a real corpus; compare loss, speed and memory"
+
+_FIELDS = (
+    "steps",
+    "model",
+    "batch_size",
+    "seq_len",
+    "seed",
+    "device",
+    "data",
+    "tokenizer",
+    "warmup_steps",
+    "eval_windows",
+    "eval_every",
+    "max_grad_norm",
+    "threads",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..bench.compare import DEFAULT_OPTIMIZERS, CompareConfig
+    from ..bench.workload import MODEL_SIZES
+
+    d = CompareConfig()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        f"default optimizers (those registered): {', '.join(DEFAULT_OPTIMIZERS)}\n"
+        "outputs: results.json, loss_vs_step.png, loss_vs_time.png, report.md, report.html"
+    )
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        metavar="NAME",
+        help="registry names or aliases, comma- or space-separated; 'all' for every registered "
+        "one (default: the documented default set that is registered)",
+    )
+    parser.add_argument("--steps", type=int, help=f"optimizer steps per optimizer (default {d.steps})")
+    parser.add_argument("--model", choices=list(MODEL_SIZES), help=f"model size (default {d.model})")
+    parser.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
+    parser.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    parser.add_argument("--seed", type=int, help=f"initial weights and data order (default {d.seed})")
+    parser.add_argument("--device", help="auto (default: CUDA when available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--out", help="output folder (default ./lmopt-compare/<UTC timestamp>)")
+    parser.add_argument(
+        "--data", help="a text file or a folder of text files (default: Python's stdlib sources)"
+    )
+    parser.add_argument("--tokenizer", help="a local tokenizer folder for AutoTokenizer (default: bytes)")
+    parser.add_argument(
+        "--config", help="a results.json (or a config JSON) to re-run; other options override it"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        dest="overrides",
+        help="hyperparameter override, VALUE in JSON (e.g. lion.lr=1e-4, adamw.betas=[0.9,0.99]); repeatable",
+    )
+    parser.add_argument("--warmup-steps", type=int, help="warmup length (default 10%% of --steps)")
+    parser.add_argument("--eval-windows", type=int, help=f"validation windows (default {d.eval_windows})")
+    parser.add_argument(
+        "--eval-every", type=int, help="also evaluate every N steps (default: at the end only)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads during the run (default: torch's setting; "
+        "on a busy shared machine 1 can be much faster)",
+    )
+    parser.add_argument(
+        "--max-grad-norm", type=float, help=f"clipping threshold, 0 = off (default {d.max_grad_norm})"
+    )
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    name_key, sep, raw = text.partition("=")
+    name, dot, key = name_key.partition(".")
+    if not sep or not dot or not name or not key:
+        raise ValueError(f"--set takes NAME.KEY=VALUE (e.g. lion.lr=1e-4), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string such as implementation=foreach
+    return name.strip(), key.strip(), value
+
+
+def build_config(args: argparse.Namespace):
+    """The :class:`CompareConfig` of the parsed arguments (``--config`` file, then explicit options)."""
+    from ..bench.compare import CompareConfig
+
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read --config {args.config!r}: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {args.config!r} must hold a JSON object")
+        values = dict(CompareConfig.from_dict(loaded).__dict__)
+    for name in _FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    if args.optimizers:
+        values["optimizers"] = [n for item in args.optimizers for n in item.split(",") if n.strip()]
+    hyper = {k: dict(v) for k, v in values.get("hyperparameters", {}).items()}
+    if args.optimizers and args.config:  # a new optimizer list drops the file's overrides for the others
+        hyper = {k: v for k, v in hyper.items() if k in values["optimizers"]}
+    for text in args.overrides:
+        name, key, value = _parse_override(text)
+        hyper.setdefault(name, {})[key] = value
+    values["hyperparameters"] = hyper
+    config = CompareConfig(**values)
+    config.validate()
+    return config
+
+
+class _ProgressCallbacks:
+    """One rich progress bar per optimizer, with the live loss and tokens/s."""
+
+    def __init__(self, progress: Progress, tasks: dict[str, Any]) -> None:
+        self.progress = progress
+        self.tasks = tasks
+
+    def on_run_start(self, name: str, steps: int) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=steps, loss="-", tps="-")
+        self.progress.reset(self.tasks[name], total=steps, loss="-", tps="-")
+        self.progress.start_task(self.tasks[name])
+
+    def on_step(self, name: str, step: int, loss: float, tokens_per_second: float) -> None:
+        self.progress.update(
+            self.tasks[name], completed=step, loss=f"{loss:.3f}", tps=f"{tokens_per_second:,.0f}"
+        )
+
+    def on_run_end(self, name: str, result: dict[str, Any]) -> None:
+        task = self.tasks[name]
+        final = result.get("validation_loss")
+        note = f"val {final:.3f}" if final is not None else result["status"]
+        self.progress.update(task, loss=note)
+        self.progress.stop_task(task)
+
+
+def _table(results: dict[str, Any]) -> Table:
+    from ..bench.report import TABLE_COLUMNS, summary_rows
+
+    model, config = results["model"], results["config"]
+    table = Table(
+        title=f"lmopt compare: {model['name']} Llama, {model['parameters']:,} parameters, "
+        f"{config['steps']} steps of {config['batch_size']}x{config['seq_len']} tokens on "
+        f"{results['environment']['device']}",
+        caption=f"final train loss: mean of the last {results['final_train_loss_window']} steps; state: "
+        f"optimizer.state bytes; peak mem: {results['memory_label']}",
+    )
+    for column in TABLE_COLUMNS:
+        table.add_column(
+            column,
+            justify="left" if column in ("optimizer", "status") else "right",
+            style="bold cyan" if column == "optimizer" else None,
+            overflow="fold",
+        )
+    for row in summary_rows(results):
+        style = None if row["status"] == "ok" else "red"
+        table.add_row(*(row[c] for c in TABLE_COLUMNS), style=style)
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench.compare import resolve_optimizer_names, run_compare
+    from ..bench.report import write_outputs
+
+    config = build_config(args)
+    out = (
+        Path(args.out) if args.out else Path("lmopt-compare") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    )
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    names, skipped = resolve_optimizer_names(config.optimizers)
+    for item in skipped:
+        console.print(f"[yellow]skipping {item['name']}: {item['reason']}[/yellow]")
+    console.print(f"lmopt compare: {', '.join(names)} on the {config.model} model, {config.steps} steps each")
+    progress = Progress(
+        TextColumn("[bold cyan]{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:>9}"),
+        TextColumn("{task.fields[tps]:>8} tok/s"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        tasks = {n: progress.add_task(n, total=config.steps, loss="-", tps="-", start=False) for n in names}
+        results = run_compare(config, _ProgressCallbacks(progress, tasks))
+    paths = write_outputs(results, out)
+    console.print(_table(results))
+    for r in results["runs"]:
+        if r["status"] != "ok":
+            console.print(f"[red]{r['name']} {r['status']}:[/red] {r['message']}")
+    console.print(
+        f"report: {paths['report_md']} (and {paths['report_html'].name}); plots: "
+        f"{paths['loss_vs_step'].name}, {paths['loss_vs_time'].name}; every figure: {paths['results_json']}"
+    )
+    console.print(f"re-run: lmopt compare --config {paths['results_json']}")
+    return 0 if any(r["status"] == "ok" for r in results["runs"]) else 1

@@ -1,0 +1,534 @@
+"""Adafactor: a factored second moment (row and column statistics), update clipping, relative step sizes.
+
+Update rule (Shazeer & Stern 2018, Algorithms 4 and 5, with the conventions of transformers' ``Adafactor``),
+for gradient ``g`` at step ``t`` of a parameter ``p``:
+
+.. code-block:: text
+
+    beta2_t = 1 - t^decay_rate                                   (decay_rate = -0.8)
+    rho_t   = min(lr, 1/sqrt(t))         if relative_step        (lr caps the relative step; 1e-2 by default)
+            = min(1e-6 * t, 1/sqrt(t))   if relative_step and warmup_init
+            = lr                         otherwise (explicit learning rate, for fine-tuning)
+    lr_t    = max(eps2, RMS(p)) * rho_t  if scale_parameter, else rho_t
+    tensors with >= 2 dims (factored over the last two dims; leading dims are a batch of matrices):
+        R <- beta2_t * R + (1 - beta2_t) * mean_cols(g^2 + eps1)         (row_var: shape[:-1])
+        C <- beta2_t * C + (1 - beta2_t) * mean_rows(g^2 + eps1)         (col_var: shape[:-2] + shape[-1:])
+        u <- g / sqrt(R C^T / mean(R))                                   (rank-1 second-moment estimate)
+    tensors with < 2 dims:
+        V <- beta2_t * V + (1 - beta2_t) * (g^2 + eps1);  u <- g / sqrt(V)          (variance)
+    u <- lr_t * u / max(1, RMS(u) / clip_threshold)                     (update clipping)
+    m <- beta1 * m + (1 - beta1) * u;  u <- m                           (only when beta1 is not None)
+    p <- p - weight_decay * lr_t * p - u                                (decoupled decay)
+
+State per parameter (torch.optim.Adafactor's key names): ``step`` (fp32 scalar); ``row_var`` and ``col_var``
+for factored tensors, ``variance`` for the others (fp32, fp64 for fp64 parameters); ``exp_avg`` (parameter
+shape and dtype) only with ``beta1``. A 4096 x 4096 fp32 matrix keeps 32 KiB instead of AdamW's 128 MiB.
+
+With ``relative_step=True`` (this class's default, as the paper and transformers' class) ``lr`` is the cap of
+the relative step; ``warmup_init=True`` replaces the cap by ``1e-6 * t``. With ``relative_step=False`` the
+learning rate is explicit (what ``TrainingArguments(optim="adafactor")`` does, and this registry entry's
+default: ``lr=1e-3, relative_step=False, scale_parameter=False``).
+
+Implementations: ``for_loop`` (the plain per-tensor reference, also right for DTensor parameters: its
+reductions are torch reductions over dims, which DTensor shards correctly) and ``fused`` (plain CPU tensors:
+cache-blocked passes over each matrix -- statistics, the RMS of the update computed without materialising
+it, then the update -- reading the gradient three times and the parameter once); ``auto`` picks ``fused`` for
+plain CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..registry import OptimizerSpec, StateTensor
+from ._blocking import BLOCK_ELEMENTS, blockable, math_dtype, row_blocks
+from .base import (
+    Implementation,
+    LmoptOptimizer,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_range,
+)
+
+__all__ = ["Adafactor", "adafactor", "factored_shapes"]
+
+
+def factored_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Shapes of the row and column statistics of a tensor, or None when it is not factored (< 2 dims)."""
+    if len(shape) < 2:
+        return None
+    return tuple(shape[:-1]), tuple(shape[:-2]) + (shape[-1],)
+
+
+def _relative_step(step: float, lr: float, relative_step: bool, warmup_init: bool) -> float:
+    if not relative_step:
+        return lr
+    cap = 1e-6 * step if warmup_init else lr
+    return min(cap, 1.0 / math.sqrt(step))
+
+
+def _param_rms(p: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(p, dtype=math_dtype(p.dtype)) / math.sqrt(p.numel())
+
+
+def _step_size(p: Tensor, step: float, *, lr, eps2, scale_parameter, relative_step, warmup_init) -> Tensor | float:
+    rho = _relative_step(step, lr, relative_step, warmup_init)
+    if scale_parameter:
+        return _param_rms(p).clamp(min=eps2) * rho
+    return rho
+
+
+def approx_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` with ``1 / sqrt(R C^T / mean(R)) = a b^T`` (row factor ``a``: shape of ``row``, ``b``: of
+    ``col``).
+
+    Reduces over the last dim of ``row`` (for DTensor a reduction over that dim, kept as a DTensor).
+    """
+    a = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()
+    return a, col.rsqrt()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the plain per-tensor path
+def _single_tensor_adafactor(
+    params,
+    grads,
+    row_vars,
+    col_vars,
+    variances,
+    exp_avgs,
+    state_steps,
+    *,
+    lr,
+    eps1,
+    eps2,
+    clip_threshold,
+    decay_rate,
+    beta1,
+    weight_decay,
+    scale_parameter,
+    relative_step,
+    warmup_init,
+):
+    for i, p in enumerate(params):
+        state_steps[i] += 1
+        if p.numel() == 0:
+            continue
+        step = float(state_steps[i])
+        dtype = math_dtype(p.dtype)
+        p32 = p if p.dtype == dtype else p.to(dtype)
+        g = grads[i].to(dtype)
+        lr_t = _step_size(
+            p32,
+            step,
+            lr=lr,
+            eps2=eps2,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+        )
+        beta2_t = 1.0 - step**decay_rate
+        sq = g * g + eps1
+        if row_vars[i] is not None:
+            row, col = row_vars[i], col_vars[i]
+            # means over the last two dims (DTensor: reductions over possibly sharded dims, kept distributed)
+            row.mul_(beta2_t).add_(sq.mean(dim=-1), alpha=1 - beta2_t)
+            col.mul_(beta2_t).add_(sq.mean(dim=-2), alpha=1 - beta2_t)
+            a, b = approx_rsqrt_factors(row, col)
+            update = a.unsqueeze(-1) * b.unsqueeze(-2) * g
+        else:
+            var = variances[i]
+            var.mul_(beta2_t).add_(sq, alpha=1 - beta2_t)
+            update = var.rsqrt() * g
+        del sq
+        rms = torch.linalg.vector_norm(update) / math.sqrt(update.numel())
+        update.div_((rms / clip_threshold).clamp_(min=1.0))
+        update.mul_(lr_t)
+        if beta1 is not None:
+            m = exp_avgs[i]
+            m32 = m if m.dtype == dtype else m.to(dtype)
+            m32.mul_(beta1).add_(update, alpha=1 - beta1)
+            update = m32
+            if m32 is not m:
+                m.copy_(m32)
+        if weight_decay != 0:
+            p32.mul_(1 - weight_decay * lr_t)
+        p32.sub_(update)
+        if p32 is not p:
+            p.copy_(p32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the cache-blocked CPU path
+def _as_batched(t: Tensor) -> Tensor:
+    """View a tensor with >= 2 dims as ``(batch, rows, cols)``."""
+    return t.view(-1, t.shape[-2], t.shape[-1])
+
+
+class _Blocks:
+    """Row blocks of a ``(batch, rows, cols)`` tensor, each upcast to the math dtype when needed."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.batch = math.prod(shape[:-2])
+        self.rows, self.cols = shape[-2], shape[-1]
+        self.dtype = math_dtype(dtype)
+        self.buf = torch.empty(
+            min(self.rows * self.cols, max(BLOCK_ELEMENTS, self.cols)), dtype=self.dtype, device=device
+        )
+        self.ones = torch.ones(
+            min(self.rows, max(1, BLOCK_ELEMENTS // max(1, self.cols))), dtype=self.dtype, device=device
+        )
+
+    def __iter__(self):
+        for b in range(self.batch):
+            for r0, r1 in row_blocks(self.rows, self.cols):
+                yield b, r0, r1, self.buf[: (r1 - r0) * self.cols].view(r1 - r0, self.cols)
+
+    def read(self, t: Tensor) -> Tensor:
+        return t if t.dtype == self.dtype else t.to(self.dtype)
+
+
+def blocked_square_means(g3: Tensor, blocks: _Blocks, eps: float) -> tuple[Tensor, Tensor]:
+    """Row and column means of ``g^2 + eps`` of a ``(batch, rows, cols)`` tensor in one cache-blocked pass."""
+    row_sum = torch.empty(blocks.batch, blocks.rows, dtype=blocks.dtype, device=g3.device)
+    col_sum = torch.zeros(blocks.batch, blocks.cols, dtype=blocks.dtype, device=g3.device)
+    for b, r0, r1, buf in blocks:
+        gc = blocks.read(g3[b, r0:r1])
+        sq = torch.mul(gc, gc, out=buf)
+        torch.sum(sq, dim=1, out=row_sum[b, r0:r1])
+        col_sum[b].add_(column_sums(sq, blocks))
+    return row_sum.div_(blocks.cols).add_(eps), col_sum.div_(blocks.rows).add_(eps)
+
+
+def column_sums(block: Tensor, blocks: _Blocks) -> Tensor:
+    """Sums over the rows of a block, as a matrix-vector product (several times faster on CPU than
+    ``block.sum(0)``, a reduction across the contiguous dimension)."""
+    return torch.mv(block.t(), blocks.ones[: block.shape[0]])
+
+
+def blocked_scaled_rms(g3: Tensor, a: Tensor, b: Tensor, blocks: _Blocks) -> Tensor:
+    """RMS of ``u = a b^T * g`` (``a``: (batch, rows), ``b``: (batch, cols)) without materialising ``u``.
+
+    ``sum(u^2) = sum_i a_i^2 sum_j g_ij^2 b_j^2``: a squared block times ``b^2`` (a matrix-vector product in
+    cache).
+    """
+    b2 = b * b
+    weighted = torch.empty(blocks.batch, blocks.rows, dtype=blocks.dtype, device=g3.device)
+    for k, r0, r1, buf in blocks:
+        gc = blocks.read(g3[k, r0:r1])
+        torch.mv(torch.mul(gc, gc, out=buf), b2[k], out=weighted[k, r0:r1])
+    return (weighted.mul_(a * a).sum() / (blocks.batch * blocks.rows * blocks.cols)).sqrt_()
+
+
+def _fused_adafactor(
+    params,
+    grads,
+    row_vars,
+    col_vars,
+    variances,
+    exp_avgs,
+    state_steps,
+    *,
+    lr,
+    eps1,
+    eps2,
+    clip_threshold,
+    decay_rate,
+    beta1,
+    weight_decay,
+    scale_parameter,
+    relative_step,
+    warmup_init,
+):
+    rest = []
+    for i, p in enumerate(params):
+        g = grads[i]
+        m = exp_avgs[i] if beta1 is not None else None
+        if row_vars[i] is None or p.numel() == 0 or not blockable(p, g, *([m] if m is not None else [])):
+            rest.append(i)
+            continue
+        state_steps[i] += 1
+        step = float(state_steps[i])
+        lr_t = _step_size(
+            p,
+            step,
+            lr=lr,
+            eps2=eps2,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+        )
+        beta2_t = 1.0 - step**decay_rate
+        blocks = _Blocks(tuple(p.shape), p.dtype, p.device)
+        g3, p3 = _as_batched(g), _as_batched(p)
+        row, col = row_vars[i].view(blocks.batch, blocks.rows), col_vars[i].view(blocks.batch, blocks.cols)
+        row_mean, col_mean = blocked_square_means(g3, blocks, eps1)
+        row.mul_(beta2_t).add_(row_mean, alpha=1 - beta2_t)
+        col.mul_(beta2_t).add_(col_mean, alpha=1 - beta2_t)
+        a, b = approx_rsqrt_factors(row, col)
+        rms = blocked_scaled_rms(g3, a, b, blocks)
+        # every row's coefficient: lr_t / max(1, RMS(u) / clip) * a_i
+        a.mul_((rms / clip_threshold).clamp_(min=1.0).reciprocal_().mul_(lr_t))
+        decay = 1 - weight_decay * lr_t if weight_decay != 0 else None
+        m3 = _as_batched(m) if m is not None else None
+        low = p.dtype != blocks.dtype
+        for k, r0, r1, buf in blocks:
+            gc, pc = g3[k, r0:r1], p3[k, r0:r1]
+            p32 = blocks.read(pc)
+            # the scale a_i b_j of the block as an outer product in cache: broadcasting a column vector over a
+            # block is several times slower on CPU than reading one more cached operand
+            scale = torch.outer(a[k, r0:r1], b[k], out=buf)
+            if m3 is None:
+                if decay is not None:
+                    p32.mul_(decay)
+                p32.addcmul_(scale, blocks.read(gc), value=-1.0)
+            else:
+                mc = m3[k, r0:r1]
+                m32 = blocks.read(mc)
+                u = scale.mul_(blocks.read(gc))
+                m32.mul_(beta1).add_(u, alpha=1 - beta1)
+                if decay is not None:
+                    p32.mul_(decay)
+                p32.sub_(m32)
+                if m32 is not mc:
+                    mc.copy_(m32)
+            if low:
+                pc.copy_(p32)
+    if rest:
+        pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
+        _single_tensor_adafactor(
+            pick(params),
+            pick(grads),
+            pick(row_vars),
+            pick(col_vars),
+            pick(variances),
+            pick(exp_avgs),
+            pick(state_steps),
+            lr=lr,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+        )
+
+
+_IMPLEMENTATIONS = {"for_loop": _single_tensor_adafactor, "fused": _fused_adafactor}
+
+
+def adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    row_vars: list[Tensor | None],
+    col_vars: list[Tensor | None],
+    variances: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    decay_rate: float,
+    beta1: float | None,
+    weight_decay: float,
+    scale_parameter: bool,
+    relative_step: bool,
+    warmup_init: bool,
+    implementation: Implementation = "auto",
+) -> str:
+    """Functional Adafactor step (see the module docstring); lists hold ``None`` where a tensor has no such
+    state."""
+    if implementation == "auto":
+        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
+    _IMPLEMENTATIONS[implementation](
+        params,
+        grads,
+        row_vars,
+        col_vars,
+        variances,
+        exp_avgs,
+        state_steps,
+        lr=lr,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=clip_threshold,
+        decay_rate=decay_rate,
+        beta1=beta1,
+        weight_decay=weight_decay,
+        scale_parameter=scale_parameter,
+        relative_step=relative_step,
+        warmup_init=warmup_init,
+    )
+    return implementation
+
+
+def check_eps_pair(name: str, eps: Any) -> None:
+    """Raise ValueError unless ``eps`` is a pair of finite numbers >= 0."""
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise ValueError(f"{name} must be a pair (eps1, eps2) of numbers >= 0, got {eps!r}")
+    for k, e in enumerate(eps):
+        check_nonnegative(f"{name}[{k}]", e)
+
+
+class Adafactor(LmoptOptimizer):
+    """Adafactor: factored second moment (rows + columns), RMS update clipping, optional relative steps.
+
+    Args:
+        params: parameters or param groups.
+        lr: the cap of the relative step when ``relative_step=True`` (default 1e-2, as transformers), else the
+            learning rate.
+        eps: ``(eps1, eps2)``: added to ``g^2`` (default 1e-30), and the floor of ``RMS(p)`` in the parameter
+            scale (default 1e-3).
+        clip_threshold: the update's RMS is clipped to this (default 1.0).
+        decay_rate: ``beta2_t = 1 - t^decay_rate``, in [-1, 0) (default -0.8).
+        beta1: first-moment decay, or None (default) to keep no first moment.
+        weight_decay: decoupled decay, multiplied by the step size ``lr_t`` (default 0.0).
+        scale_parameter: multiply the step by ``max(eps2, RMS(p))`` (default True).
+        relative_step: ``rho_t = min(lr, 1/sqrt(t))`` instead of ``lr`` (default True).
+        warmup_init: with ``relative_step``, ``rho_t = min(1e-6 t, 1/sqrt(t))`` (default False).
+        implementation: ``"auto"`` (default), ``"for_loop"`` or ``"fused"``.
+        nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
+
+    State: ``step``; ``row_var`` + ``col_var`` (>= 2 dims) or ``variance`` (< 2 dims); ``exp_avg`` with
+        ``beta1``.
+
+    Example:
+        >>> opt = Adafactor(model.parameters())                                     # the paper's schedule
+        >>> # fine-tuning: an explicit learning rate
+        >>> opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False)
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+
+    Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018.
+    """
+
+    implementations = ("for_loop", "fused")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        *,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        implementation: Implementation = "auto",
+        nonfinite: str = "raise",
+        check_finite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            implementation=implementation,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_positive("lr", group["lr"])
+        check_eps_pair("eps", group["eps"])
+        check_positive("clip_threshold", group["clip_threshold"])
+        check_range("decay_rate", group["decay_rate"], -1.0, 0.0)
+        if group["beta1"] is not None:
+            check_range("beta1", group["beta1"], 0.0, 1.0)
+        check_nonnegative("weight_decay", group["weight_decay"])
+        for flag in ("scale_parameter", "relative_step", "warmup_init"):
+            check_choice(flag, group[flag], (True, False))
+        if group["warmup_init"] and not group["relative_step"]:
+            raise ValueError("warmup_init=True needs relative_step=True (it warms up the relative step)")
+        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        stat_dtype = math_dtype(param.dtype)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        shapes = factored_shapes(tuple(param.shape))
+        if shapes is not None:
+            state["row_var"] = param.new_zeros(shapes[0], dtype=stat_dtype)
+            state["col_var"] = param.new_zeros(shapes[1], dtype=stat_dtype)
+        else:
+            state["variance"] = torch.zeros_like(param, dtype=stat_dtype, memory_format=torch.preserve_format)
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        eps1, eps2 = group["eps"]
+        self._implementation_used[id(group)] = adafactor(
+            params,
+            grads,
+            [s.get("row_var") for s in states],
+            [s.get("col_var") for s in states],
+            [s.get("variance") for s in states],
+            [s.get("exp_avg") for s in states],
+            [s["step"] for s in states],
+            lr=float(group["lr"]),
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=group["clip_threshold"],
+            decay_rate=group["decay_rate"],
+            beta1=group["beta1"],
+            weight_decay=group["weight_decay"],
+            scale_parameter=group["scale_parameter"],
+            relative_step=group["relative_step"],
+            warmup_init=group["warmup_init"],
+            implementation=group["implementation"],
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# registry entries
+def adafactor_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+    stat = math_dtype(dtype)
+    out = [StateTensor("step", (), torch.float32)]
+    shapes = factored_shapes(shape)
+    if shapes is not None:
+        out += [StateTensor("row_var", shapes[0], stat), StateTensor("col_var", shapes[1], stat)]
+    else:
+        out.append(StateTensor("variance", shape, stat))
+    if hyper.get("beta1") is not None:
+        out.append(StateTensor("exp_avg", shape, dtype))
+    return out
+
+
+SPECS = [
+    OptimizerSpec(
+        name="adafactor",
+        cls=Adafactor,
+        summary="factored second moment (rows + columns), near-zero state; explicit lr as HF's 'adafactor'",
+        paper="Shazeer & Stern, Adafactor: Adaptive Learning Rates with Sublinear Memory Cost, ICML 2018",
+        state=adafactor_state,
+        defaults={"lr": 1e-3, "relative_step": False, "scale_parameter": False},
+        family="factored",
+        aliases={
+            "adafactor_relative_step": {"lr": 1e-2, "relative_step": True, "scale_parameter": True},
+            "adafactor_warmup_init": {
+                "lr": 1e-2,
+                "relative_step": True,
+                "scale_parameter": True,
+                "warmup_init": True,
+            },
+            "adafactor_momentum": {"beta1": 0.9},
+        },
+    ),
+]

@@ -1,0 +1,378 @@
+"""CAME: Adafactor's factored second moment plus a confidence-guided, factored residual.
+
+Update rule (Luo et al. 2023, Algorithm 1, as the authors' ``came-pytorch`` package), for gradient ``g``:
+
+.. code-block:: text
+
+    tensors with >= 2 dims (factored over the last two dims):
+        R <- beta2 * R + (1 - beta2) * mean_cols(g^2 + eps1);  C <- likewise over rows    (row_var, col_var)
+        u <- g / sqrt(R C^T / mean(R))
+    tensors with < 2 dims:  V <- beta2 * V + (1 - beta2) * (g^2 + eps1);  u <- g / sqrt(V)      (variance)
+    u <- u / max(1, RMS(u) / clip_threshold)                                     (update clipping)
+    m <- beta1 * m + (1 - beta1) * u                                             (exp_avg)
+    factored:  res <- (u - m)^2 + eps2                                           (instability)
+               Rr <- beta3 * Rr + (1 - beta3) * mean_cols(res);  Cr <- likewise  (res_row_var, res_col_var)
+               update <- m / sqrt(Rr Cr^T / mean(Rr))                            (confidence-guided step)
+    otherwise: update <- m
+    p <- p - lr * weight_decay * p - lr * update                                 (decoupled decay)
+
+State per parameter: ``step`` (fp32 scalar); ``exp_avg`` (parameter shape and dtype); for factored tensors
+``row_var``, ``col_var`` and the residual's ``res_row_var``, ``res_col_var``; else ``variance`` (statistics in
+fp32, fp64 for fp64 parameters). About 4.0 bytes per fp32 parameter (the first moment) plus the factors.
+
+Implementations: ``for_loop`` (plain per-tensor reference; reductions over dims, right on DTensor) and
+``fused`` (plain CPU tensors: cache-blocked passes -- statistics, RMS of the update without materialising it,
+the first moment with the residual's statistics, then the parameter update); ``auto`` picks ``fused`` on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..registry import OptimizerSpec, StateTensor
+from ._blocking import blockable, math_dtype
+from .adafactor import (
+    _as_batched,
+    _Blocks,
+    approx_rsqrt_factors,
+    blocked_scaled_rms,
+    blocked_square_means,
+    check_eps_pair,
+    column_sums,
+    factored_shapes,
+)
+from .base import Implementation, LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
+
+__all__ = ["CAME", "came"]
+
+
+def _single_tensor_came(
+    params,
+    grads,
+    row_vars,
+    col_vars,
+    res_row_vars,
+    res_col_vars,
+    variances,
+    exp_avgs,
+    state_steps,
+    *,
+    lr,
+    eps1,
+    eps2,
+    clip_threshold,
+    beta1,
+    beta2,
+    beta3,
+    weight_decay,
+):
+    for i, p in enumerate(params):
+        state_steps[i] += 1
+        if p.numel() == 0:
+            continue
+        dtype = math_dtype(p.dtype)
+        p32 = p if p.dtype == dtype else p.to(dtype)
+        g = grads[i].to(dtype)
+        sq = g * g + eps1
+        factored = row_vars[i] is not None
+        if factored:
+            row, col = row_vars[i], col_vars[i]
+            # means over the last two dims (DTensor: reductions over possibly sharded dims, kept distributed)
+            row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1 - beta2)
+            col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1 - beta2)
+            a, b = approx_rsqrt_factors(row, col)
+            update = a.unsqueeze(-1) * b.unsqueeze(-2) * g
+        else:
+            var = variances[i]
+            var.mul_(beta2).add_(sq, alpha=1 - beta2)
+            update = var.rsqrt() * g
+        del sq
+        rms = torch.linalg.vector_norm(update) / math.sqrt(update.numel())
+        update.div_((rms / clip_threshold).clamp_(min=1.0))
+        m = exp_avgs[i]
+        m32 = m if m.dtype == dtype else m.to(dtype)
+        m32.mul_(beta1).add_(update, alpha=1 - beta1)
+        if factored:
+            res = (update - m32).square_().add_(eps2)
+            res_row, res_col = res_row_vars[i], res_col_vars[i]
+            res_row.mul_(beta3).add_(res.mean(dim=-1), alpha=1 - beta3)
+            res_col.mul_(beta3).add_(res.mean(dim=-2), alpha=1 - beta3)
+            a, b = approx_rsqrt_factors(res_row, res_col)
+            update = a.unsqueeze(-1) * b.unsqueeze(-2) * m32
+        else:
+            update = m32
+        if weight_decay != 0:
+            p32.mul_(1 - weight_decay * lr)
+        p32.add_(update, alpha=-lr)
+        if m32 is not m:
+            m.copy_(m32)
+        if p32 is not p:
+            p.copy_(p32)
+
+
+def _fused_came(
+    params,
+    grads,
+    row_vars,
+    col_vars,
+    res_row_vars,
+    res_col_vars,
+    variances,
+    exp_avgs,
+    state_steps,
+    *,
+    lr,
+    eps1,
+    eps2,
+    clip_threshold,
+    beta1,
+    beta2,
+    beta3,
+    weight_decay,
+):
+    rest = []
+    for i, p in enumerate(params):
+        g, m = grads[i], exp_avgs[i]
+        if row_vars[i] is None or p.numel() == 0 or not blockable(p, g, m):
+            rest.append(i)
+            continue
+        state_steps[i] += 1
+        blocks = _Blocks(tuple(p.shape), p.dtype, p.device)
+        nb, nr, nc = blocks.batch, blocks.rows, blocks.cols
+        g3, p3, m3 = _as_batched(g), _as_batched(p), _as_batched(m)
+        row, col = row_vars[i].view(nb, nr), col_vars[i].view(nb, nc)
+        row_mean, col_mean = blocked_square_means(g3, blocks, eps1)
+        row.mul_(beta2).add_(row_mean, alpha=1 - beta2)
+        col.mul_(beta2).add_(col_mean, alpha=1 - beta2)
+        a, b = approx_rsqrt_factors(row, col)
+        rms = blocked_scaled_rms(g3, a, b, blocks)
+        a.mul_((rms / clip_threshold).clamp_(min=1.0).reciprocal_())
+        # pass 3: the first moment, and the residual's row/column sums while u and m are in cache
+        res_row_sum = torch.empty(nb, nr, dtype=blocks.dtype, device=p.device)
+        res_col_sum = torch.zeros(nb, nc, dtype=blocks.dtype, device=p.device)
+        for k, r0, r1, buf in blocks:
+            mc = m3[k, r0:r1]
+            m32 = blocks.read(mc)
+            u = torch.outer(a[k, r0:r1], b[k], out=buf).mul_(blocks.read(g3[k, r0:r1]))
+            m32.mul_(beta1).add_(u, alpha=1 - beta1)
+            res = u.sub_(m32).square_()
+            torch.sum(res, dim=1, out=res_row_sum[k, r0:r1])
+            res_col_sum[k].add_(column_sums(res, blocks))
+            if m32 is not mc:
+                mc.copy_(m32)
+        res_row, res_col = res_row_vars[i].view(nb, nr), res_col_vars[i].view(nb, nc)
+        res_row.mul_(beta3).add_(res_row_sum.div_(nc).add_(eps2), alpha=1 - beta3)
+        res_col.mul_(beta3).add_(res_col_sum.div_(nr).add_(eps2), alpha=1 - beta3)
+        ra, rb = approx_rsqrt_factors(res_row, res_col)
+        ra.mul_(-lr)
+        decay = 1 - weight_decay * lr if weight_decay != 0 else None
+        low = p.dtype != blocks.dtype
+        # pass 4: p <- p * decay - lr * (ra rb^T) * m
+        for k, r0, r1, buf in blocks:
+            pc = p3[k, r0:r1]
+            p32 = blocks.read(pc)
+            scale = torch.outer(ra[k, r0:r1], rb[k], out=buf)
+            if decay is not None:
+                p32.mul_(decay)
+            p32.addcmul_(scale, blocks.read(m3[k, r0:r1]))
+            if low:
+                pc.copy_(p32)
+    if rest:
+        pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
+        _single_tensor_came(
+            pick(params),
+            pick(grads),
+            pick(row_vars),
+            pick(col_vars),
+            pick(res_row_vars),
+            pick(res_col_vars),
+            pick(variances),
+            pick(exp_avgs),
+            pick(state_steps),
+            lr=lr,
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=clip_threshold,
+            beta1=beta1,
+            beta2=beta2,
+            beta3=beta3,
+            weight_decay=weight_decay,
+        )
+
+
+_IMPLEMENTATIONS = {"for_loop": _single_tensor_came, "fused": _fused_came}
+
+
+def came(
+    params: list[Tensor],
+    grads: list[Tensor],
+    row_vars: list[Tensor | None],
+    col_vars: list[Tensor | None],
+    res_row_vars: list[Tensor | None],
+    res_col_vars: list[Tensor | None],
+    variances: list[Tensor | None],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    weight_decay: float,
+    implementation: Implementation = "auto",
+) -> str:
+    """Functional CAME step (see the module docstring); lists hold ``None`` where a tensor has no such
+    state."""
+    if implementation == "auto":
+        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
+    _IMPLEMENTATIONS[implementation](
+        params,
+        grads,
+        row_vars,
+        col_vars,
+        res_row_vars,
+        res_col_vars,
+        variances,
+        exp_avgs,
+        state_steps,
+        lr=lr,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=clip_threshold,
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
+        weight_decay=weight_decay,
+    )
+    return implementation
+
+
+class CAME(LmoptOptimizer):
+    """CAME: confidence-guided adaptive memory-efficient optimization (Adafactor + factored residual).
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 2e-4, the paper's BERT/GPT-2 setting).
+        betas: ``(beta1, beta2, beta3)``: first moment, second moment, residual decays
+            (default (0.9, 0.999, 0.9999)).
+        eps: ``(eps1, eps2)`` added to ``g^2`` and to the residual (default (1e-30, 1e-16)).
+        clip_threshold: the update's RMS is clipped to this (default 1.0).
+        weight_decay: decoupled decay, multiplied by lr (default 0.0).
+        implementation: ``"auto"`` (default), ``"for_loop"`` or ``"fused"``.
+        nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
+
+    State: ``step``, ``exp_avg``; ``row_var``, ``col_var``, ``res_row_var``, ``res_col_var`` (>= 2 dims) or
+    ``variance`` (< 2 dims).
+
+    Example:
+        >>> opt = CAME(lmopt.param_groups(model, weight_decay=0.01), lr=2e-4)
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+
+    Reference: Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", ACL 2023.
+    """
+
+    implementations = ("for_loop", "fused")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 2e-4,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+        eps: tuple[float, float] = (1e-30, 1e-16),
+        clip_threshold: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        implementation: Implementation = "auto",
+        nonfinite: str = "raise",
+        check_finite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            weight_decay=weight_decay,
+            implementation=implementation,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_positive("lr", group["lr"])
+        check_betas("betas", group["betas"], count=3)
+        check_eps_pair("eps", group["eps"])
+        check_positive("clip_threshold", group["clip_threshold"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        stat_dtype = math_dtype(param.dtype)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        shapes = factored_shapes(tuple(param.shape))
+        if shapes is not None:
+            state["row_var"] = param.new_zeros(shapes[0], dtype=stat_dtype)
+            state["col_var"] = param.new_zeros(shapes[1], dtype=stat_dtype)
+            state["res_row_var"] = param.new_zeros(shapes[0], dtype=stat_dtype)
+            state["res_col_var"] = param.new_zeros(shapes[1], dtype=stat_dtype)
+        else:
+            state["variance"] = torch.zeros_like(param, dtype=stat_dtype, memory_format=torch.preserve_format)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        eps1, eps2 = group["eps"]
+        beta1, beta2, beta3 = group["betas"]
+        self._implementation_used[id(group)] = came(
+            params,
+            grads,
+            *(
+                [s.get(k) for s in states]
+                for k in ("row_var", "col_var", "res_row_var", "res_col_var", "variance", "exp_avg", "step")
+            ),
+            lr=float(group["lr"]),
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=group["clip_threshold"],
+            beta1=beta1,
+            beta2=beta2,
+            beta3=beta3,
+            weight_decay=group["weight_decay"],
+            implementation=group["implementation"],
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# registry entries
+def came_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+    stat = math_dtype(dtype)
+    out = [StateTensor("step", (), torch.float32), StateTensor("exp_avg", shape, dtype)]
+    shapes = factored_shapes(shape)
+    if shapes is not None:
+        out += [
+            StateTensor("row_var", shapes[0], stat),
+            StateTensor("col_var", shapes[1], stat),
+            StateTensor("res_row_var", shapes[0], stat),
+            StateTensor("res_col_var", shapes[1], stat),
+        ]
+    else:
+        out.append(StateTensor("variance", shape, stat))
+    return out
+
+
+SPECS = [
+    OptimizerSpec(
+        name="came",
+        cls=CAME,
+        summary="Adafactor's factored second moment + factored confidence residual; one full moment of state",
+        paper="Luo et al., CAME: Confidence-guided Adaptive Memory Efficient Optimization, ACL 2023",
+        state=came_state,
+        family="factored",
+    ),
+]
