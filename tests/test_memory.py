@@ -87,10 +87,13 @@ def test_adafactor_state_is_rows_plus_cols():
 
 def test_state_comes_from_the_registry_rule_for_every_optimizer():
     """No table: every registered optimizer's planned state is its rule summed over the model's tensors."""
+    from lmopt.memory.planner import PER_TENSOR_STATE_KEYS
+
     shape = model_shape("gpt2-small")
     for spec in list_optimizers():
         p = plan(shape, spec.name, precision="fp32")
-        expected = sum(spec.state_bytes(t.shape, torch.float32) for t in shape.params)
+        keys = PER_TENSOR_STATE_KEYS.get(spec.name, lambda t, arch: {})
+        expected = sum(spec.state_bytes(t.shape, torch.float32, **keys(t, shape.architecture)) for t in shape.params)
         assert p.optimizer_state == expected, spec.name
 
 
