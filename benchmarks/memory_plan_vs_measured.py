@@ -61,6 +61,8 @@ CASES = [
     ("llama", "sdpa", "adamw_bf16", torch.float32, 1, 16),
     ("llama", "sdpa", "sgd_momentum", torch.float32, 1, 16),
     ("llama", "sdpa", "rmsprop", torch.float32, 1, 16),
+    *[("llama", "sdpa", name, torch.float32, 1, 16) for name in ("adafactor", "came", "adam_mini", "lion")],
+    *[("gpt2", "sdpa", name, torch.float32, 4, 256) for name in ("adafactor", "came", "adam_mini", "lion")],
 ]
 
 
@@ -76,7 +78,7 @@ def main() -> None:
     ]
     for arch, attention, name, dtype, b, s in CASES:
         model = build(arch, attention, dtype)
-        opt = lmopt.create_optimizer(name, list(model.parameters()))
+        opt = lmopt.create_optimizer(name, model)
         x = torch.randint(0, model.config.vocab_size, (b, s), generator=torch.Generator().manual_seed(1))
         m = measure_training_step(model, opt, lambda model=model, x=x: model(input_ids=x, labels=x).loss)
         p = plan(model, name, micro_batch=b, seq_len=s, device="cpu")
