@@ -257,9 +257,7 @@ def test_config_round_trip(tmp_path):
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["compare", "--optimizers", "adamx", *TINY, "--out", str(tmp_path / "x")]) == 2
     assert "adamw" in capsys.readouterr().err  # close match offered
-    assert (
-        main(["compare", "--optimizers", "sgd", "--set", "sgd.bogus=1", *TINY, "--out", str(tmp_path)]) == 2
-    )
+    assert main(["compare", "--optimizers", "sgd", "--set", "sgd.bogus=1", *TINY, "--out", str(tmp_path)]) == 2
     assert "bogus" in capsys.readouterr().err
     assert main(["compare", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert main(["compare", "--set", "lr=1", "--out", str(tmp_path)]) == 2

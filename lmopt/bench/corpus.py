@@ -119,9 +119,7 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         if not path.exists():
-            raise ValueError(
-                f"tokenizer path {str(path)!r} does not exist (a folder written by save_pretrained)"
-            )
+            raise ValueError(f"tokenizer path {str(path)!r} does not exist (a folder written by save_pretrained)")
         try:
             from transformers import AutoTokenizer
         except ImportError as err:  # pragma: no cover - depends on the environment
@@ -158,9 +156,7 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> list[tuple[str, Path]]:
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [
-            d
-            for d in dirs
-            if d not in ("site-packages", "dist-packages", "__pycache__") and not d.startswith(".")
+            d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__") and not d.startswith(".")
         ]
         for name in files:
             if name.endswith(suffixes) and not name.startswith("."):
@@ -229,9 +225,7 @@ def _concatenate(chunks: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(chunks, dtype=np.int32, casting="same_kind"))
 
 
-def load_corpus(
-    data: str | os.PathLike[str] | None = None, tokenizer: str | os.PathLike[str] | None = None
-) -> Corpus:
+def load_corpus(data: str | os.PathLike[str] | None = None, tokenizer: str | os.PathLike[str] | None = None) -> Corpus:
     """Read, tokenize and split a corpus (see the module docstring for the rules).
 
     Args:
@@ -301,9 +295,7 @@ def _check_stream(tokens: torch.Tensor, seq_len: int, what: str) -> None:
         )
 
 
-def train_batch_offsets(
-    tokens: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, seed: int
-) -> torch.Tensor:
+def train_batch_offsets(tokens: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """``(steps, batch_size)`` start offsets of the training windows, drawn once from ``seed``.
 
     Window ``i`` of step ``s`` is ``tokens[o : o + seq_len]`` with ``o = offsets[s, i]`` (the model shifts the
