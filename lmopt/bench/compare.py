@@ -109,6 +109,9 @@ COMPARE_RECIPES: dict[str, dict[str, Any]] = {
     "came": {"lr": 3e-3, "weight_decay": 0.1},
     # Adam-mini reuses AdamW's hyperparameters (Zhang et al. 2024)
     "adam_mini": dict(_ADAMW_RECIPE),
+    # Muon with Moonlight's RMS matching (update scaled to AdamW's RMS) reuses AdamW's lr and weight decay
+    # (Liu et al. 2025, "Muon is Scalable for LLM Training"); its non-matrix parameters use AdamW
+    "muon": {"lr": 3e-3, "weight_decay": 0.1},
     # Schedule-Free AdamW wants a larger lr than a scheduled AdamW (schedulefree README: 1x-10x)
     "schedule_free_adamw": {"lr": 6e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
 }
