@@ -22,7 +22,7 @@ vocabulary 258, nothing to download or train), or any tokenizer saved locally th
 
 Batches: :func:`train_batch_offsets` draws the start of every training window from one seeded generator
 before training, so every optimizer sees exactly the same data in the same order; validation uses the first
-non-overlapping windows of the validation stream, the same for every optimizer.
+windows spread evenly over the validation stream, the same for every optimizer.
 """
 
 from __future__ import annotations
@@ -314,7 +314,13 @@ def gather_windows(tokens: torch.Tensor, offsets: torch.Tensor, seq_len: int) ->
 
 
 def validation_windows(tokens: torch.Tensor, *, seq_len: int, max_windows: int) -> torch.Tensor:
-    """The first ``max_windows`` non-overlapping windows of the validation stream, ``(n, seq_len)``."""
+    """``(n, seq_len)`` validation windows spread evenly over the validation stream (so they sample every part
+    of it, not just its first files): ``n = min(max_windows, len // seq_len)`` windows starting at
+    ``round(i * (len - seq_len) / (n - 1))``, which do not overlap."""
     _check_stream(tokens, seq_len, "validation")
     n = min(max_windows, tokens.numel() // seq_len)
-    return tokens[: n * seq_len].reshape(n, seq_len).long()
+    if n == 1:
+        starts = torch.zeros(1, dtype=torch.int64)
+    else:
+        starts = torch.round(torch.arange(n, dtype=torch.float64) * ((tokens.numel() - seq_len) / (n - 1))).long()
+    return gather_windows(tokens, starts, seq_len)
