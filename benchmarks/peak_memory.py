@@ -128,13 +128,9 @@ def worker(args: argparse.Namespace) -> dict:
     from lmopt.registry import create_optimizer, resolve_name
 
     device = resolve_device(args.device)
-    model = build_model(
-        args.model, vocab_size=ByteTokenizer.vocab_size, seq_len=args.seq_len, seed=0, device=device
-    )
+    model = build_model(args.model, vocab_size=ByteTokenizer.vocab_size, seq_len=args.seq_len, seed=0, device=device)
     generator = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(0, 256, (args.batch_size, args.seq_len), generator=generator) for _ in range(args.steps)
-    ]
+    batches = [torch.randint(0, 256, (args.batch_size, args.seq_len), generator=generator) for _ in range(args.steps)]
     # imports (peer libraries, the registry's modules) happen before the baseline is taken
     if args.worker.startswith("peer:"):
         _import_peer(args.worker[5:])
@@ -148,13 +144,9 @@ def worker(args: argparse.Namespace) -> dict:
         declared = None
     else:
         accepted = inspect.signature(spec.cls.__init__).parameters
-        optimizer = create_optimizer(
-            args.worker, model, **({"nonfinite": "skip"} if "nonfinite" in accepted else {})
-        )
+        optimizer = create_optimizer(args.worker, model, **({"nonfinite": "skip"} if "nonfinite" in accepted else {}))
         declared = sum(
-            spec.state_bytes(
-                p.shape, p.dtype, **{k: v for k, v in group.items() if k not in ("params", "param_names")}
-            )
+            spec.state_bytes(p.shape, p.dtype, **{k: v for k, v in group.items() if k not in ("params", "param_names")})
             for group in optimizer.param_groups
             for p in group["params"]
         )
@@ -260,8 +252,7 @@ def main() -> int:
         result["label"] = label
         rows.append(result)
         print(
-            f"{label}: state {_mib(result['state_bytes'])} MiB, "
-            f"peak growth {_mib(result['growth_bytes'])} MiB",
+            f"{label}: state {_mib(result['state_bytes'])} MiB, peak growth {_mib(result['growth_bytes'])} MiB",
             file=sys.stderr,
         )
     if not rows:

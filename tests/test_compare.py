@@ -257,9 +257,7 @@ def test_config_round_trip(tmp_path):
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["compare", "--optimizers", "adamx", *TINY, "--out", str(tmp_path / "x")]) == 2
     assert "adamw" in capsys.readouterr().err  # close match offered
-    assert (
-        main(["compare", "--optimizers", "sgd", "--set", "sgd.bogus=1", *TINY, "--out", str(tmp_path)]) == 2
-    )
+    assert main(["compare", "--optimizers", "sgd", "--set", "sgd.bogus=1", *TINY, "--out", str(tmp_path)]) == 2
     assert "bogus" in capsys.readouterr().err
     assert main(["compare", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert main(["compare", "--set", "lr=1", "--out", str(tmp_path)]) == 2
@@ -348,7 +346,10 @@ def test_corpus_split_rules_and_batches(tmp_path):
     assert windows.shape == (4, 16) and windows.dtype == torch.int64
     assert torch.equal(windows[0], corpus.train[offsets[0, 0] : offsets[0, 0] + 16].long())
     val = validation_windows(corpus.validation, seq_len=16, max_windows=3)
-    assert val.shape == (3, 16) and torch.equal(val.flatten(), corpus.validation[:48].long())
+    n = corpus.validation.numel()
+    assert val.shape == (3, 16) and torch.equal(val[0], corpus.validation[:16].long())
+    assert torch.equal(val[-1], corpus.validation[n - 16 :].long())  # spread over the whole stream
+    assert torch.equal(val[1], corpus.validation[round((n - 16) / 2) :][:16].long())
     with pytest.raises(ValueError, match="seq_len"):
         validation_windows(corpus.validation, seq_len=10**9, max_windows=1)
     with pytest.raises(ValueError, match="does not exist"):

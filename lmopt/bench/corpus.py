@@ -22,7 +22,7 @@ vocabulary 258, nothing to download or train), or any tokenizer saved locally th
 
 Batches: :func:`train_batch_offsets` draws the start of every training window from one seeded generator
 before training, so every optimizer sees exactly the same data in the same order; validation uses the first
-non-overlapping windows of the validation stream, the same for every optimizer.
+windows spread evenly over the validation stream, the same for every optimizer.
 """
 
 from __future__ import annotations
@@ -119,9 +119,7 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         if not path.exists():
-            raise ValueError(
-                f"tokenizer path {str(path)!r} does not exist (a folder written by save_pretrained)"
-            )
+            raise ValueError(f"tokenizer path {str(path)!r} does not exist (a folder written by save_pretrained)")
         try:
             from transformers import AutoTokenizer
         except ImportError as err:  # pragma: no cover - depends on the environment
@@ -158,9 +156,7 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> list[tuple[str, Path]]:
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [
-            d
-            for d in dirs
-            if d not in ("site-packages", "dist-packages", "__pycache__") and not d.startswith(".")
+            d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__") and not d.startswith(".")
         ]
         for name in files:
             if name.endswith(suffixes) and not name.startswith("."):
@@ -229,9 +225,7 @@ def _concatenate(chunks: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(chunks, dtype=np.int32, casting="same_kind"))
 
 
-def load_corpus(
-    data: str | os.PathLike[str] | None = None, tokenizer: str | os.PathLike[str] | None = None
-) -> Corpus:
+def load_corpus(data: str | os.PathLike[str] | None = None, tokenizer: str | os.PathLike[str] | None = None) -> Corpus:
     """Read, tokenize and split a corpus (see the module docstring for the rules).
 
     Args:
@@ -301,9 +295,7 @@ def _check_stream(tokens: torch.Tensor, seq_len: int, what: str) -> None:
         )
 
 
-def train_batch_offsets(
-    tokens: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, seed: int
-) -> torch.Tensor:
+def train_batch_offsets(tokens: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """``(steps, batch_size)`` start offsets of the training windows, drawn once from ``seed``.
 
     Window ``i`` of step ``s`` is ``tokens[o : o + seq_len]`` with ``o = offsets[s, i]`` (the model shifts the
@@ -322,7 +314,13 @@ def gather_windows(tokens: torch.Tensor, offsets: torch.Tensor, seq_len: int) ->
 
 
 def validation_windows(tokens: torch.Tensor, *, seq_len: int, max_windows: int) -> torch.Tensor:
-    """The first ``max_windows`` non-overlapping windows of the validation stream, ``(n, seq_len)``."""
+    """``(n, seq_len)`` validation windows spread evenly over the validation stream (so they sample every part
+    of it, not just its first files): ``n = min(max_windows, len // seq_len)`` windows starting at
+    ``round(i * (len - seq_len) / (n - 1))``, which do not overlap."""
     _check_stream(tokens, seq_len, "validation")
     n = min(max_windows, tokens.numel() // seq_len)
-    return tokens[: n * seq_len].reshape(n, seq_len).long()
+    if n == 1:
+        starts = torch.zeros(1, dtype=torch.int64)
+    else:
+        starts = torch.round(torch.arange(n, dtype=torch.float64) * ((tokens.numel() - seq_len) / (n - 1))).long()
+    return gather_windows(tokens, starts, seq_len)

@@ -138,9 +138,7 @@ def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -
             val_x = (
                 val["step"]
                 if x == "step"
-                else [
-                    history["time_s"][s - 1] if 0 < s <= len(history["time_s"]) else 0.0 for s in val["step"]
-                ]
+                else [history["time_s"][s - 1] if 0 < s <= len(history["time_s"]) else 0.0 for s in val["step"]]
             )
             pairs = [(a, b) for a, b in zip(val_x, val["loss"], strict=True) if b is not None]
             if pairs:
@@ -260,9 +258,7 @@ def _write_html(results: dict[str, Any], path: Path) -> None:
     rows = summary_rows(results)
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in TABLE_COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{esc(row[c])}</td>" for c in TABLE_COLUMNS) + "</tr>" for row in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{esc(row[c])}</td>" for c in TABLE_COLUMNS) + "</tr>" for row in rows)
 
     def inline_code(text: str) -> str:  # `x` -> <code>x</code> on escaped text
         parts = esc(text).split("`")

@@ -68,13 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help=f"initial weights and data order (default {d.seed})")
     parser.add_argument("--device", help="auto (default: CUDA when available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--out", help="output folder (default ./lmopt-compare/<UTC timestamp>)")
-    parser.add_argument(
-        "--data", help="a text file or a folder of text files (default: Python's stdlib sources)"
-    )
+    parser.add_argument("--data", help="a text file or a folder of text files (default: Python's stdlib sources)")
     parser.add_argument("--tokenizer", help="a local tokenizer folder for AutoTokenizer (default: bytes)")
-    parser.add_argument(
-        "--config", help="a results.json (or a config JSON) to re-run; other options override it"
-    )
+    parser.add_argument("--config", help="a results.json (or a config JSON) to re-run; other options override it")
     parser.add_argument(
         "--set",
         action="append",
@@ -85,18 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmup-steps", type=int, help="warmup length (default 10%% of --steps)")
     parser.add_argument("--eval-windows", type=int, help=f"validation windows (default {d.eval_windows})")
-    parser.add_argument(
-        "--eval-every", type=int, help="also evaluate every N steps (default: at the end only)"
-    )
+    parser.add_argument("--eval-every", type=int, help="also evaluate every N steps (default: at the end only)")
     parser.add_argument(
         "--threads",
         type=int,
         help="torch CPU threads during the run (default: torch's setting; "
         "on a busy shared machine 1 can be much faster)",
     )
-    parser.add_argument(
-        "--max-grad-norm", type=float, help=f"clipping threshold, 0 = off (default {d.max_grad_norm})"
-    )
+    parser.add_argument("--max-grad-norm", type=float, help=f"clipping threshold, 0 = off (default {d.max_grad_norm})")
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
@@ -156,9 +148,7 @@ class _ProgressCallbacks:
         self.progress.start_task(self.tasks[name])
 
     def on_step(self, name: str, step: int, loss: float, tokens_per_second: float) -> None:
-        self.progress.update(
-            self.tasks[name], completed=step, loss=f"{loss:.3f}", tps=f"{tokens_per_second:,.0f}"
-        )
+        self.progress.update(self.tasks[name], completed=step, loss=f"{loss:.3f}", tps=f"{tokens_per_second:,.0f}")
 
     def on_run_end(self, name: str, result: dict[str, Any]) -> None:
         task = self.tasks[name]
@@ -197,9 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.report import write_outputs
 
     config = build_config(args)
-    out = (
-        Path(args.out) if args.out else Path("lmopt-compare") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    )
+    out = Path(args.out) if args.out else Path("lmopt-compare") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     console = Console(width=None if sys.stdout.isatty() else 140)
     names, skipped = resolve_optimizer_names(config.optimizers)
     for item in skipped:
