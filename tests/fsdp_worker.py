@@ -32,10 +32,11 @@ def main(out_path: str) -> None:
             sharded, plain = make_model(), make_model()
             fully_shard(sharded)
             opt_sharded, opt_plain = spec.make(sharded, kw), spec.make(plain, kw)
+            step = spec.distributed_step or spec.step
             for k in range(6):
                 x, y = make_batch(seed=10 + k)
-                spec.step(sharded, opt_sharded, x, y)
-                spec.step(plain, opt_plain, x, y)
+                step(sharded, opt_sharded, x, y)
+                step(plain, opt_plain, x, y)
             worst = 0.0
             for p, q in zip(sharded.parameters(), plain.parameters()):
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
