@@ -37,6 +37,10 @@ __all__ = [
 SPEC_MODULES: tuple[str, ...] = (
     "lmopt.optim.adamw",
     "lmopt.optim.torch_optim",
+    "lmopt.optim.schedule_free",
+    "lmopt.optim.muon",
+    "lmopt.optim.adabound",
+    "lmopt.optim.lookahead",
 )
 
 #: the shape used to quote "state bytes per parameter" (a large hidden matrix; small tensors differ)

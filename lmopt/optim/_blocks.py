@@ -2,7 +2,8 @@
 
 An elementwise update written as a chain of torch ops reads and writes every tensor once per op. Applying the
 same chain to blocks of a few hundred thousand elements keeps the block's tensors in cache between the ops, so
-memory sees about one read of each input and one write of each output per step. :func:`split_blocks` cuts aligned
+memory sees about one read of each input and one write of each output per step. :func:`split_blocks` cuts
+aligned
 lists of tensors into aligned lists of flat views; a per-tensor kernel then runs on the views unchanged.
 """
 
@@ -23,7 +24,9 @@ def blocked_applies(tensors: list[Tensor]) -> bool:
     return all(t.device.type == "cpu" and not is_dtensor(t) and t.is_contiguous() for t in tensors)
 
 
-def split_blocks(lists: list[list[Tensor]], block: int = BLOCK_ELEMENTS) -> tuple[list[list[Tensor]], list[int]]:
+def split_blocks(
+    lists: list[list[Tensor]], block: int = BLOCK_ELEMENTS
+) -> tuple[list[list[Tensor]], list[int]]:
     """Aligned lists of tensors -> aligned lists of flat block views, and each block's source index.
 
     Every list must hold tensors of the same numel at each index; written tensors must be contiguous (their
@@ -36,7 +39,7 @@ def split_blocks(lists: list[list[Tensor]], block: int = BLOCK_ELEMENTS) -> tupl
         flats = [lst[i].reshape(-1) for lst in lists]
         for start in range(0, n, block):
             end = min(n, start + block)
-            for dst, flat in zip(out, flats):
+            for dst, flat in zip(out, flats, strict=False):
                 dst.append(flat[start:end])
             source.append(i)
     return out, source

@@ -1,6 +1,7 @@
 """AdaBound and AMSBound: Adam whose per-coordinate step is clipped to bounds that converge to an SGD rate.
 
-Update rule (Luo et al. 2019, Algorithm 2 with the official code's bias correction), gradient ``g`` (negated when
+Update rule (Luo et al. 2019, Algorithm 2 with the official code's bias correction), gradient ``g`` (negated
+when
 ``maximize``), step ``t``:
 
 .. code-block:: text
@@ -42,8 +43,25 @@ def _bounds(final_lr: float, gamma: float, step: float) -> tuple[float, float]:
     return final_lr * (1 - 1 / (gamma * step + 1)), final_lr * (1 + 1 / (gamma * step))
 
 
-def _single_tensor_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2,
-                            final_lr, gamma, eps, weight_decay, decoupled, amsbound, maximize):
+def _single_tensor_adabound(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    final_lr,
+    gamma,
+    eps,
+    weight_decay,
+    decoupled,
+    amsbound,
+    maximize,
+):
     for i, p in enumerate(params):
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         grad = grads[i].to(dtype)
@@ -77,8 +95,25 @@ def _single_tensor_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sq
                 dst.copy_(src)
 
 
-def _multi_tensor_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2,
-                           final_lr, gamma, eps, weight_decay, decoupled, amsbound, maximize):
+def _multi_tensor_adabound(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    final_lr,
+    gamma,
+    eps,
+    weight_decay,
+    decoupled,
+    amsbound,
+    maximize,
+):
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype, exp_avgs[i].dtype)].append(i)
@@ -129,12 +164,22 @@ def _blocked_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ste
     # the plain per-tensor path on cache-sized blocks: one pass over memory (see lmopt.optim._blocks)
     lists = [params, grads, exp_avg_sqs, exp_avgs] + ([max_exp_avg_sqs] if kwargs["amsbound"] else [])
     blocks, source = split_blocks(lists)
-    _single_tensor_adabound(blocks[0], blocks[1], blocks[3], blocks[2], blocks[4] if kwargs["amsbound"] else [],
-                            [steps[i] for i in source], **kwargs)
+    _single_tensor_adabound(
+        blocks[0],
+        blocks[1],
+        blocks[3],
+        blocks[2],
+        blocks[4] if kwargs["amsbound"] else [],
+        [steps[i] for i in source],
+        **kwargs,
+    )
 
 
-_IMPLEMENTATIONS = {"for_loop": _single_tensor_adabound, "foreach": _multi_tensor_adabound,
-                    "blocked": _blocked_adabound}
+_IMPLEMENTATIONS = {
+    "for_loop": _single_tensor_adabound,
+    "foreach": _multi_tensor_adabound,
+    "blocked": _blocked_adabound,
+}
 
 
 def adabound(
@@ -160,15 +205,33 @@ def adabound(
     """Functional AdaBound / AMSBound step (see the module docstring); ``final_lr`` is already scaled by
     ``lr / base_lr``. Increments ``state_steps`` and updates parameters and moments in place."""
     if implementation == "auto":
-        implementation = "blocked" if blocked_applies([*params, *exp_avgs]) and all(
-            p.dtype == torch.float32 for p in params) else "foreach"
-    if implementation == "blocked" and not blocked_applies([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs]):
+        implementation = (
+            "blocked"
+            if blocked_applies([*params, *exp_avgs]) and all(p.dtype == torch.float32 for p in params)
+            else "foreach"
+        )
+    if implementation == "blocked" and not blocked_applies(
+        [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs]
+    ):
         raise ValueError("implementation='blocked' needs contiguous non-DTensor CPU tensors; use 'foreach'")
     torch._foreach_add_(state_steps, 1)
     steps = [float(s) for s in state_steps]
     _IMPLEMENTATIONS[implementation](
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
-        final_lr=final_lr, gamma=gamma, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsbound=amsbound,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        final_lr=final_lr,
+        gamma=gamma,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        amsbound=amsbound,
         maximize=maximize,
     )
 
@@ -220,9 +283,18 @@ class AdaBound(LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps, weight_decay=weight_decay,
-                        amsbound=amsbound, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-                        implementation=implementation)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            final_lr=final_lr,
+            gamma=gamma,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsbound=amsbound,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+            implementation=implementation,
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -251,11 +323,23 @@ class AdaBound(LmoptOptimizer):
         # lr = 0 (checkpoint initialisation) gives final = 0 and a zero rate: parameters stay unchanged
         final_lr = group["final_lr"] * lr / group["base_lr"] if group["base_lr"] > 0 else 0.0
         adabound(
-            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsbound"] else [], [s["step"] for s in states],
-            lr=lr, beta1=beta1, beta2=beta2, final_lr=final_lr, gamma=group["gamma"], eps=group["eps"],
-            weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-            amsbound=group["amsbound"], maximize=group["maximize"], implementation=group["implementation"],
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsbound"] else [],
+            [s["step"] for s in states],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            final_lr=final_lr,
+            gamma=group["gamma"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=group["decoupled_weight_decay"],
+            amsbound=group["amsbound"],
+            maximize=group["maximize"],
+            implementation=group["implementation"],
         )
 
 

@@ -15,13 +15,17 @@ Update rule for a 2-D hidden weight ``W`` of shape ``(A, B)`` (Jordan et al. 202
                                  the RMS of an AdamW update, so Muon shares AdamW's lr and weight decay
     s = sqrt(max(1, A / B))      adjust_lr_fn="original" (Keller Jordan's scaling, torch.optim.Muon's default)
 
-Each Newton-Schulz iteration is ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, run on the wide orientation of
-the matrix. Every other parameter (embeddings, the output head, norms, biases, other vectors) gets AdamW with the
+Each Newton-Schulz iteration is ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, run on the wide orientation
+of
+the matrix. Every other parameter (embeddings, the output head, norms, biases, other vectors) gets AdamW with
+the
 same ``lr`` and ``weight_decay`` (from its group), ``adamw_betas`` and ``adamw_eps``.
 
 Routing: given ``model=`` (``lmopt.create_optimizer("muon", model)`` passes it), parameters whose role in
-:func:`lmopt.classify_parameters` is ``"matrix"`` go to Muon and the rest to AdamW; given only parameters, every
-tensor with two or more dimensions goes to Muon (pass the model, or set ``"use_muon"`` in your param groups, to keep
+:func:`lmopt.classify_parameters` is ``"matrix"`` go to Muon and the rest to AdamW; given only parameters,
+every
+tensor with two or more dimensions goes to Muon (pass the model, or set ``"use_muon"`` in your param groups,
+to keep
 embeddings and the head on AdamW). Tensors with more than two dimensions (convolutions) are orthogonalised as
 ``(shape[0], prod(shape[1:]))`` matrices. Each group of the optimizer carries ``use_muon`` (True / False); the
 groups you pass are split in two when they mix both kinds.
@@ -106,7 +110,7 @@ def zeropower_via_newton_schulz(
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str, shape: tuple[int, ...]) -> float:
-    """The learning rate Muon applies to a matrix of ``shape`` (rows, columns of the orthogonalised matrix)."""
+    """The learning rate Muon applies to a matrix of ``shape`` (rows, columns of the orthogonalised one)."""
     rows, cols = shape[0], math.prod(shape[1:])
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
@@ -130,21 +134,53 @@ def _apply(param: Tensor, ortho: Tensor, lr: float, weight_decay: float, scaled_
         param.copy_(p32)
 
 
-def _single_tensor_muon(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps,
-                        eps, adjust_lr_fn, ns_dtype):
-    for p, g, buf in zip(params, grads, bufs):
+def _single_tensor_muon(
+    params,
+    grads,
+    bufs,
+    *,
+    lr,
+    weight_decay,
+    momentum,
+    nesterov,
+    ns_coefficients,
+    ns_steps,
+    eps,
+    adjust_lr_fn,
+    ns_dtype,
+):
+    for p, g, buf in zip(params, grads, bufs, strict=False):
         if p.numel() == 0:
             continue
         update = _momentum_update(g, buf, momentum, nesterov)
         matrix = update.reshape(update.shape[0], -1)
-        ortho = zeropower_via_newton_schulz(matrix, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
-                                            dtype=_resolve_ns_dtype(ns_dtype, p.device))
+        ortho = zeropower_via_newton_schulz(
+            matrix,
+            ns_coefficients=ns_coefficients,
+            ns_steps=ns_steps,
+            eps=eps,
+            dtype=_resolve_ns_dtype(ns_dtype, p.device),
+        )
         _apply(p, ortho, lr, weight_decay, adjusted_lr(lr, adjust_lr_fn, tuple(matrix.shape)))
 
 
-def _batched_muon(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps,
-                  adjust_lr_fn, ns_dtype):
-    # momentum with foreach ops, then one batched Newton-Schulz per (shape, device, dtype): fewer, larger matmuls
+def _batched_muon(
+    params,
+    grads,
+    bufs,
+    *,
+    lr,
+    weight_decay,
+    momentum,
+    nesterov,
+    ns_coefficients,
+    ns_steps,
+    eps,
+    adjust_lr_fn,
+    ns_dtype,
+):
+    # momentum with foreach ops, then one batched Newton-Schulz per (shape, device, dtype): fewer, larger
+    # matmuls
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     if not live:
         return
@@ -160,7 +196,7 @@ def _batched_muon(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, 
             u = torch._foreach_lerp(g, b if gdtype == bdtype else [x.to(gdtype) for x in b], momentum)
         else:
             u = b
-        updates.update(zip(idx, u))
+        updates.update(zip(idx, u, strict=False))
     batches: dict[tuple, list[int]] = defaultdict(list)
     for i in live:
         p = params[i]
@@ -169,19 +205,30 @@ def _batched_muon(params, grads, bufs, *, lr, weight_decay, momentum, nesterov, 
         dtype = _resolve_ns_dtype(ns_dtype, device)
         scaled = adjusted_lr(lr, adjust_lr_fn, (rows, cols))
         if len(idx) == 1 or dtensor:  # DTensors: keep each matrix a DTensor, no stacking of shards
-            orthos = [zeropower_via_newton_schulz(updates[i].reshape(rows, cols), ns_coefficients=ns_coefficients,
-                                                  ns_steps=ns_steps, eps=eps, dtype=dtype) for i in idx]
+            orthos = [
+                zeropower_via_newton_schulz(
+                    updates[i].reshape(rows, cols),
+                    ns_coefficients=ns_coefficients,
+                    ns_steps=ns_steps,
+                    eps=eps,
+                    dtype=dtype,
+                )
+                for i in idx
+            ]
         else:
             stacked = torch.stack([updates[i].reshape(rows, cols).to(dtype) for i in idx])
-            orthos = zeropower_via_newton_schulz(stacked, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
-                                                 eps=eps, dtype=dtype).unbind(0)
+            orthos = zeropower_via_newton_schulz(
+                stacked, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, dtype=dtype
+            ).unbind(0)
         ps = [params[i] for i in idx]
         if all(p.dtype in (torch.float32, torch.float64) for p in ps):
             if weight_decay != 0:
                 torch._foreach_mul_(ps, 1 - lr * weight_decay)
-            torch._foreach_add_(ps, [o.reshape(p.shape).to(p.dtype) for o, p in zip(orthos, ps)], alpha=-scaled)
+            torch._foreach_add_(
+                ps, [o.reshape(p.shape).to(p.dtype) for o, p in zip(orthos, ps, strict=False)], alpha=-scaled
+            )
         else:
-            for p, o in zip(ps, orthos):
+            for p, o in zip(ps, orthos, strict=False):
                 _apply(p, o, lr, weight_decay, scaled)
 
 
@@ -208,8 +255,18 @@ def muon(
     if implementation == "auto":
         implementation = "batched"
     _IMPLEMENTATIONS[implementation](
-        params, grads, momentum_buffers, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype,
+        params,
+        grads,
+        momentum_buffers,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        ns_coefficients=ns_coefficients,
+        ns_steps=ns_steps,
+        eps=eps,
+        adjust_lr_fn=adjust_lr_fn,
+        ns_dtype=ns_dtype,
     )
 
 
@@ -225,7 +282,10 @@ def _split_groups(params: Any, model: nn.Module | None) -> list[dict[str, Any]]:
             out.append({**group, "params": tensors})
             continue
         names = group.get("param_names")
-        parts: dict[bool, dict[str, list]] = {True: {"params": [], "names": []}, False: {"params": [], "names": []}}
+        parts: dict[bool, dict[str, list]] = {
+            True: {"params": [], "names": []},
+            False: {"params": [], "names": []},
+        }
         for i, p in enumerate(tensors):
             if roles is not None:
                 use = roles.get(id(p)) == "matrix" and p.ndim >= 2
@@ -244,7 +304,8 @@ def _split_groups(params: Any, model: nn.Module | None) -> list[dict[str, Any]]:
 
 
 class Muon(LmoptOptimizer):
-    """Muon (orthogonalised momentum) for hidden matrices and AdamW for the other parameters, in one optimizer.
+    """Muon (orthogonalised momentum) for hidden matrices and AdamW for the other parameters, in one
+    optimizer.
 
     Args:
         params: parameters or param groups; groups may set ``use_muon`` to choose the update explicitly.
@@ -260,7 +321,8 @@ class Muon(LmoptOptimizer):
         adamw_betas: AdamW's betas for the non-matrix parameters (default (0.9, 0.95)).
         adamw_eps: AdamW's eps (default 1e-8).
         ns_dtype: dtype of the Newton-Schulz iterations: ``"auto"`` (default: bf16 on CUDA, fp32 elsewhere,
-            since CPUs without bf16 units run bf16 matmuls far slower), ``"bf16"`` (torch.optim.Muon) or ``"fp32"``.
+            since CPUs without bf16 units run bf16 matmuls far slower), ``"bf16"`` (torch.optim.Muon) or
+            ``"fp32"``.
         model: the model, to route by role (embeddings and the output head to AdamW); ``create_optimizer``
             passes it.
         implementation: ``"auto"`` (= ``"batched"``: momentum with foreach ops, one batched Newton-Schulz per
@@ -302,12 +364,25 @@ class Muon(LmoptOptimizer):
     ) -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module or None, got {type(model).__name__}")
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=tuple(ns_coefficients) if isinstance(ns_coefficients, (list, tuple))
-                        else ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,
-                        adamw_betas=adamw_betas, adamw_eps=adamw_eps, ns_dtype=ns_dtype,
-                        implementation=implementation)
-        super().__init__(_split_groups(params, model), defaults, nonfinite=nonfinite, check_finite=check_finite)
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=tuple(ns_coefficients)
+            if isinstance(ns_coefficients, (list, tuple))
+            else ns_coefficients,
+            ns_steps=ns_steps,
+            eps=eps,
+            adjust_lr_fn=adjust_lr_fn,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            ns_dtype=ns_dtype,
+            implementation=implementation,
+        )
+        super().__init__(
+            _split_groups(params, model), defaults, nonfinite=nonfinite, check_finite=check_finite
+        )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_positive("lr", group["lr"])
@@ -333,8 +408,10 @@ class Muon(LmoptOptimizer):
         if group["use_muon"]:
             for p in group["params"]:
                 if p.ndim < 2:
-                    raise ValueError(f"use_muon=True needs tensors with 2 or more dimensions, got shape "
-                                     f"{tuple(p.shape)}; put vectors in a group with use_muon=False")
+                    raise ValueError(
+                        f"use_muon=True needs tensors with 2 or more dimensions, got shape "
+                        f"{tuple(p.shape)}; put vectors in a group with use_muon=False"
+                    )
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         if group["use_muon"]:
@@ -348,16 +425,36 @@ class Muon(LmoptOptimizer):
         states = [self.state[p] for p in params]
         lr = float(group["lr"])
         if group["use_muon"]:
-            muon(params, grads, [s["momentum_buffer"] for s in states], lr=lr,
-                 weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
-                 ns_coefficients=tuple(group["ns_coefficients"]), ns_steps=group["ns_steps"], eps=group["eps"],
-                 adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=group["ns_dtype"],
-                 implementation=group["implementation"])
+            muon(
+                params,
+                grads,
+                [s["momentum_buffer"] for s in states],
+                lr=lr,
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                nesterov=group["nesterov"],
+                ns_coefficients=tuple(group["ns_coefficients"]),
+                ns_steps=group["ns_steps"],
+                eps=group["eps"],
+                adjust_lr_fn=group["adjust_lr_fn"],
+                ns_dtype=group["ns_dtype"],
+                implementation=group["implementation"],
+            )
         else:
             beta1, beta2 = group["adamw_betas"]
-            adamw(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-                  [s["step"] for s in states], lr=lr, beta1=beta1, beta2=beta2, eps=group["adamw_eps"],
-                  weight_decay=group["weight_decay"])
+            adamw(
+                params,
+                grads,
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [],
+                [s["step"] for s in states],
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["adamw_eps"],
+                weight_decay=group["weight_decay"],
+            )
 
     def __repr__(self) -> str:
         lines = [f"Muon (nonfinite={self.nonfinite!r}, skipped_steps={self.skipped_steps})"]
@@ -365,18 +462,22 @@ class Muon(LmoptOptimizer):
             n = sum(p.numel() for p in group["params"])
             kind = "Muon" if group["use_muon"] else "AdamW"
             name = f" {group['name']!r}" if "name" in group else ""
-            lines.append(f"  group {i}{name} -> {kind}: {len(group['params'])} tensors, {n:,} parameters, "
-                         f"lr={group['lr']:g}, weight_decay={group['weight_decay']:g}")
+            lines.append(
+                f"  group {i}{name} -> {kind}: {len(group['params'])} tensors, {n:,} parameters, "
+                f"lr={group['lr']:g}, weight_decay={group['weight_decay']:g}"
+            )
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
 # registry entry
 def _muon_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
     """Muon matrices: one momentum buffer; the rest: AdamW's state. ``role`` (from classify_parameters), when
     given, routes like the model-aware optimizer (embeddings and the head are AdamW's); else by dimension."""
     role = hyper.get("role")
-    use_muon = hyper.get("use_muon", len(shape) >= 2 if role is None else role == "matrix" and len(shape) >= 2)
+    use_muon = hyper.get(
+        "use_muon", len(shape) >= 2 if role is None else role == "matrix" and len(shape) >= 2
+    )
     if use_muon:
         return [StateTensor("momentum_buffer", shape, dtype)]
     return adam_state(shape, dtype, {})
@@ -386,7 +487,7 @@ SPECS = [
     OptimizerSpec(
         name="muon",
         cls=Muon,
-        summary="Muon (Newton-Schulz orthogonalised momentum) for hidden matrices + AdamW for the rest, one object",
+        summary="Muon (Newton-Schulz orthogonalised momentum) for hidden matrices + AdamW for the rest",
         paper="Jordan et al., Muon, 2024; Liu et al., Muon is Scalable for LLM Training, arXiv:2502.16982",
         state=_muon_state,
         family="muon",

@@ -1,7 +1,8 @@
 """Schedule-Free AdamW: no learning-rate schedule, an average of iterates that needs no extra memory.
 
 Update rule (Defazio et al. 2024, Algorithm 1 with Adam preconditioning; the form of the ``schedulefree``
-package's ``AdamWScheduleFree``). The optimizer keeps ``z`` (the base SGD-like sequence) and ``v`` (Adam's second
+package's ``AdamWScheduleFree``). The optimizer keeps ``z`` (the base SGD-like sequence) and ``v`` (Adam's
+second
 moment); the parameter holds ``y`` in train mode and the averaged point ``x`` in eval mode, where
 ``y = (1 - beta1) * z + beta1 * x``. At step ``t = k + 1`` with gradient ``g`` evaluated at ``y``:
 
@@ -20,8 +21,10 @@ which is the paper's ``z <- z - lr u``, ``x <- (1 - c) x + c z``, ``y = (1 - bet
 (``p <- p + (1 - 1/beta1)(z - p)``) and :meth:`~ScheduleFreeAdamW.train` back to ``y``.
 
 Modes and checkpoints: a new optimizer starts in train mode (``y = x = z`` before the first step). The mode is
-kept per group as ``train_mode`` and saved in ``state_dict``; loading a checkpoint restores the mode it was saved
-in, which matches the parameters saved with it. :meth:`~ScheduleFreeAdamW.evaluating` is a context manager that
+kept per group as ``train_mode`` and saved in ``state_dict``; loading a checkpoint restores the mode it was
+saved
+in, which matches the parameters saved with it. :meth:`~ScheduleFreeAdamW.evaluating` is a context manager
+that
 switches the optimizer (and optionally the model) to eval mode and back, for evaluation and for checkpoints
 taken at ``x``. :func:`recompute_batchnorm_statistics` refreshes BatchNorm running statistics at ``x``.
 
@@ -64,7 +67,7 @@ def _math_dtype(t: Tensor) -> torch.dtype:
 def _single_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2):
     # reads like the package's for-loop path: u = g / denom (+ decay at y), then y and z
     adaptive_y_lr = lr * (beta1 * (1 - ckp1) - 1)
-    for y_, g_, z_, v_ in zip(ys, grads, zs, vs):
+    for y_, g_, z_, v_ in zip(ys, grads, zs, vs, strict=False):
         dtype = _math_dtype(y_)
         y, g, z, v = (t if t.dtype == dtype else t.to(dtype) for t in (y_, g_, z_, v_))
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -81,8 +84,10 @@ def _single_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay,
 
 
 def _blocked_coefficients(lr, beta1, weight_decay, ckp1, bias_correction2):
-    # u = s * g / (sqrt(v) + eps * s) with s = sqrt(bias_correction2) equals g / (sqrt(v / bc2) + eps); decay is
-    # folded into the y and z coefficients: z' = z - lr*wd*y, y' = c_y*y + c*z' + a*s*g/d (see module docstring)
+    # u = s * g / (sqrt(v) + eps * s) with s = sqrt(bias_correction2) equals g / (sqrt(v / bc2) + eps); decay
+    # is
+    # folded into the y and z coefficients: z' = z - lr*wd*y, y' = c_y*y + c*z' + a*s*g/d (see module
+    # docstring)
     s = math.sqrt(bias_correction2)
     a = lr * (beta1 * (1 - ckp1) - 1)
     c_y = 1 - ckp1 + weight_decay * (a + ckp1 * lr)
@@ -121,7 +126,7 @@ def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1,
     # ops: one read of y, z, v, g and one write of y, z, v from memory (28 bytes per fp32 parameter)
     s, a, c_y = _blocked_coefficients(lr, beta1, weight_decay, ckp1, bias_correction2)
     scratch: dict[torch.dtype, Tensor] = {}
-    for y_, g_, z_, v_ in zip(ys, grads, zs, vs):
+    for y_, g_, z_, v_ in zip(ys, grads, zs, vs, strict=False):
         n = y_.numel()
         dtype = _math_dtype(y_)
         flat = [t.reshape(-1) for t in (y_, g_, z_, v_)]
@@ -182,10 +187,21 @@ def schedule_free_adamw(
     if implementation == "auto":
         implementation = "blocked" if _blocked_applies(ys) else "foreach"
     if implementation == "blocked" and not _blocked_applies(ys):
-        raise ValueError("implementation='blocked' needs contiguous non-DTensor CPU parameters; use 'foreach'")
+        raise ValueError(
+            "implementation='blocked' needs contiguous non-DTensor CPU parameters; use 'foreach'"
+        )
     _IMPLEMENTATIONS[implementation](
-        ys, grads, zs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        ckp1=ckp1, bias_correction2=bias_correction2,
+        ys,
+        grads,
+        zs,
+        exp_avg_sqs,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        ckp1=ckp1,
+        bias_correction2=bias_correction2,
     )
 
 
@@ -194,7 +210,8 @@ class ScheduleFreeAdamW(LmoptOptimizer):
 
     The parameters hold ``y`` (where gradients are taken) in train mode and the average ``x`` in eval mode.
     Call :meth:`train` before training steps and :meth:`eval` before evaluation or saving, or use
-    ``with optimizer.evaluating(model): ...`` which does both ways for you. The mode is saved in ``state_dict``.
+    ``with optimizer.evaluating(model): ...`` which does both ways for you. The mode is saved in
+    ``state_dict``.
 
     Args:
         params: parameters or param groups.
@@ -239,9 +256,21 @@ class ScheduleFreeAdamW(LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
-                        weight_lr_power=weight_lr_power, implementation=implementation, k=0, weight_sum=0.0,
-                        lr_max=-1.0, scheduled_lr=0.0, train_mode=True)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            implementation=implementation,
+            k=0,
+            weight_sum=0.0,
+            lr_max=-1.0,
+            scheduled_lr=0.0,
+            train_mode=True,
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -257,7 +286,8 @@ class ScheduleFreeAdamW(LmoptOptimizer):
         check_nonnegative("weight_lr_power", group["weight_lr_power"])
         check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
-    # -- modes ---------------------------------------------------------------------------------------------------
+    # -- modes
+    # ---------------------------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
         """``"train"`` (parameters hold y) or ``"eval"`` (parameters hold x)."""
@@ -283,17 +313,18 @@ class ScheduleFreeAdamW(LmoptOptimizer):
         params = [p for p in group["params"] if "z" in self.state[p]]
         if params:
             zs = [self.state[p]["z"] for p in params]
-            if all(p.dtype == z.dtype for p, z in zip(params, zs)):
+            if all(p.dtype == z.dtype for p, z in zip(params, zs, strict=False)):
                 torch._foreach_lerp_(params, zs, weight)
             else:
-                for p, z in zip(params, zs):
+                for p, z in zip(params, zs, strict=False):
                     p.lerp_(z.to(p.dtype), weight)
 
     @contextlib.contextmanager
     def evaluating(self, model: nn.Module | None = None) -> Iterator[ScheduleFreeAdamW]:
         """Context manager: parameters at ``x`` (and ``model.eval()`` when given) inside, restored after.
 
-        Use it around evaluation and around ``torch.save`` of a checkpoint; it restores the previous mode of the
+        Use it around evaluation and around ``torch.save`` of a checkpoint; it restores the previous mode of
+        the
         optimizer and of the model on exit, also when the block raises.
         """
         was_train = self.mode == "train"
@@ -309,13 +340,15 @@ class ScheduleFreeAdamW(LmoptOptimizer):
             if model is not None:
                 model.train(model_was_training)
 
-    # -- the step ------------------------------------------------------------------------------------------------
+    # -- the step
+    # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One step; the optimizer must be in train mode (see :meth:`train`)."""
         if not all(g["train_mode"] for g in self.param_groups):
             raise RuntimeError(
-                "ScheduleFreeAdamW.step() called in eval mode: the parameters hold the average x, not y. Call "
+                "ScheduleFreeAdamW.step() called in eval mode: the parameters hold the average x, not y. "
+                "Call "
                 "optimizer.train() before training steps (and optimizer.eval() before evaluation), or use "
                 "`with optimizer.evaluating(model):` around evaluation"
             )
@@ -370,9 +403,12 @@ def recompute_batchnorm_statistics(
     """Recompute the running statistics of every BatchNorm layer at the evaluation point ``x``.
 
     BatchNorm running means and variances are accumulated during training at ``y``, where the gradients are
-    taken, but Schedule-Free evaluates at ``x``: the statistics no longer match the weights, which costs accuracy
-    (the ``schedulefree`` authors recommend this refresh). This helper resets the running statistics, switches the
-    optimizer to eval mode (parameters at ``x``) and runs ``model`` in train mode over ``batches`` with an exact
+    taken, but Schedule-Free evaluates at ``x``: the statistics no longer match the weights, which costs
+    accuracy
+    (the ``schedulefree`` authors recommend this refresh). This helper resets the running statistics, switches
+    the
+    optimizer to eval mode (parameters at ``x``) and runs ``model`` in train mode over ``batches`` with an
+    exact
     cumulative average (``momentum=None``), then restores each layer's momentum, the model's mode and the
     optimizer's mode. Models without BatchNorm are left untouched.
 
@@ -414,7 +450,7 @@ def recompute_batchnorm_statistics(
                 model(batch)
             count += 1
     finally:
-        for m, momentum in zip(norms, momenta):
+        for m, momentum in zip(norms, momenta, strict=False):
             m.momentum = momentum
         model.train(was_training)
         if was_train_mode:
@@ -422,9 +458,11 @@ def recompute_batchnorm_statistics(
     return count
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
 # registry entry
-def _schedule_free_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+def _schedule_free_state(
+    shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]
+) -> list[StateTensor]:
     return [StateTensor("z", shape, dtype), StateTensor("exp_avg_sq", shape, dtype)]
 
 
@@ -432,12 +470,13 @@ SPECS = [
     OptimizerSpec(
         name="schedule_free_adamw",
         cls=ScheduleFreeAdamW,
-        summary="Schedule-Free AdamW: no LR schedule, iterate averaging at no extra memory; train()/eval() modes",
+        summary="Schedule-Free AdamW: no LR schedule, iterate averaging at no extra memory, train/eval modes",
         paper="Defazio et al., The Road Less Scheduled, NeurIPS 2024",
         state=_schedule_free_state,
         # LLM recipe (the paper's GPT-2 runs and the package README): warmup, beta2 0.95, decay 0.1
         defaults={},
         family="adam",
+        per_parameter=False,  # the averaging weight and step counter are per group: no gradient release
         aliases={"schedule_free": {}, "adamw_schedulefree": {}},
     ),
 ]

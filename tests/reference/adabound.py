@@ -3,7 +3,8 @@
 A transcription of the algorithm (Luo et al., "Adaptive Gradient Methods with Dynamic Bound of Learning Rate",
 ICLR 2019, Algorithm 2), one parameter at a time with the textbook operations: coupled L2 decay, Adam moments,
 the per-coordinate rate ``lr * sqrt(1 - beta2^t) / (1 - beta1^t) / (sqrt(v) + eps)`` clipped to
-``[final_lr (1 - 1/(gamma t + 1)), final_lr (1 + 1/(gamma t))]`` with ``final_lr`` scaled by ``lr / base_lr`` (so
+``[final_lr (1 - 1/(gamma t + 1)), final_lr (1 + 1/(gamma t))]`` with ``final_lr`` scaled by ``lr / base_lr``
+(so
 LR schedulers move the bounds too), and AMSBound's running maximum of ``v``. ``decoupled`` adds the AdaBoundW
 variant of the same repository (decay ``p <- p (1 - lr * weight_decay)``).
 """
@@ -16,16 +17,34 @@ import torch
 
 
 class ReferenceAdaBound(torch.optim.Optimizer):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8, weight_decay=0.0,
-                 amsbound=False, decoupled=False):
-        defaults = dict(lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps, weight_decay=weight_decay,
-                        amsbound=amsbound, decoupled=decoupled)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        final_lr=0.1,
+        gamma=1e-3,
+        eps=1e-8,
+        weight_decay=0.0,
+        amsbound=False,
+        decoupled=False,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            final_lr=final_lr,
+            gamma=gamma,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsbound=amsbound,
+            decoupled=decoupled,
+        )
         super().__init__(params, defaults)
         self.base_lrs = [group["lr"] for group in self.param_groups]
 
     @torch.no_grad()
     def step(self):
-        for group, base_lr in zip(self.param_groups, self.base_lrs):
+        for group, base_lr in zip(self.param_groups, self.base_lrs, strict=False):
             for p in group["params"]:
                 if p.grad is None:
                     continue
