@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--optimizers", default="adamw,adabound,moonlight_muon")
+    parser.add_argument("--optimizers", default="adamw,adabound,muon")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)

@@ -95,6 +95,13 @@ def _single_tensor_adabound(
                 dst.copy_(src)
 
 
+def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
+    # per tensor: DTensor has no sharding rule for _foreach_copy_, and only low-precision tensors get here
+    for d, s in zip(dst, src, strict=True):
+        if d is not s:
+            d.copy_(s)
+
+
 def _multi_tensor_adabound(
     params,
     grads,
@@ -142,8 +149,7 @@ def _multi_tensor_adabound(
             vmax_ = [max_exp_avg_sqs[i] for i in idx]
             vmax = up(vmax_)
             torch._foreach_maximum_(vmax, v)
-            if vmax is not vmax_:
-                torch._foreach_copy_(vmax_, vmax)
+            _copy_back(vmax_, vmax)
             v_hat = vmax
         ts = [steps[i] for i in idx]
         bounds = [_bounds(final_lr, gamma, t) for t in ts]
@@ -156,8 +162,7 @@ def _multi_tensor_adabound(
         torch._foreach_addcmul_(p32, rate, m, value=-1)
         del rate
         for dst, src in ((m_, m), (v_, v), (p_, p32)):
-            if dst is not src and dst and dst[0] is not src[0]:
-                torch._foreach_copy_(dst, src)
+            _copy_back(dst, src)
 
 
 def _blocked_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..registry import OptimizerSpec, StateTensor
-from .base import check_range
+from .base import check_range, is_dtensor
 
 __all__ = ["LOOKAHEAD_BASES", "Lookahead", "with_lookahead"]
 
@@ -166,7 +166,11 @@ class Lookahead(Optimizer):
                 continue
             slow = [self.state[p]["slow_param"] for p in fast]
             torch._foreach_lerp_(slow, fast, group["lookahead_alpha"])
-            torch._foreach_copy_(fast, slow)
+            if any(map(is_dtensor, fast)):  # DTensor has no sharding rule for _foreach_copy_
+                for p, s in zip(fast, slow, strict=True):
+                    p.copy_(s)
+            else:
+                torch._foreach_copy_(fast, slow)
         return loss
 
 

@@ -118,7 +118,8 @@ def _multi_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, 
         torch._foreach_addcdiv_(z, g, denom, -lr * s)
         del denom, g
         if dtype != math_dtype:
-            torch._foreach_copy_(y_ + z_ + v_, y + z + v)
+            for dst, src in zip(y_ + z_ + v_, y + z + v, strict=True):
+                dst.copy_(src)
 
 
 def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2):
