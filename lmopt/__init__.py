@@ -7,13 +7,30 @@ Public API (everything else is internal):
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
 """
 
-from .optim import Adam, AdamW, LmoptOptimizer, NonFiniteGradientError
+from .optim import (
+    AdaBound,
+    Adam,
+    AdamW,
+    GradientRelease,
+    LmoptOptimizer,
+    Lookahead,
+    Muon,
+    NonFiniteGradientError,
+    ScheduleFreeAdamW,
+    recompute_batchnorm_statistics,
+)
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaBound",
+    "GradientRelease",
+    "Lookahead",
+    "Muon",
+    "ScheduleFreeAdamW",
+    "recompute_batchnorm_statistics",
     "Adam",
     "AdamW",
     "LmoptOptimizer",

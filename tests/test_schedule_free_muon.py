@@ -233,7 +233,7 @@ def test_lookahead_is_a_torch_optimizer_for_schedulers_and_clipping():
     # right after a synchronisation the fast weights are the slow ones
     for p in model.parameters():
         assert torch.equal(p, opt.state[p]["slow_param"])
-    loaded = Lookahead(lmopt.AdamW(make_model().parameters(), lr=1e-2), k=2)
+    loaded = with_lookahead("adamw", make_model(), k=2, lr=1e-2)
     loaded.load_state_dict(_save_load(opt.state_dict()))
     assert loaded.param_groups[0]["lookahead_step"] == 4 and loaded.param_groups is loaded.optimizer.param_groups
 
