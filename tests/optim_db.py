@@ -232,7 +232,7 @@ def _lookahead_specs() -> list[OptimSpec]:
         OptimSpec(name="lookahead_adabound", variants=[{"lr": 1e-2, "lookahead_k": 3}],
                   reference=_lookahead_ref(_adabound_ref(False)), invalid=_LOOKAHEAD_INVALID),
         OptimSpec(name="lookahead_muon", variants=[{"lr": 1e-2, "lookahead_k": 3}],
-                  reference=_lookahead_ref(lambda model, kw: _MuonReference(model, kw)),
+                  reference=_lookahead_ref(lambda model, kw: _MuonReference(model, kw)), reference_steps=50,
                   reference_tol=(1e-5, 1e-8), invalid=_LOOKAHEAD_INVALID),
     ]
 
@@ -306,6 +306,7 @@ OPTIM_DB: list[OptimSpec] = [
             {"lr": 5e-3, "ns_dtype": "fp32", "momentum": 0.9, "ns_steps": 3, "adamw_betas": (0.8, 0.99)},
         ],
         reference=lambda model, kw: _MuonReference(model, kw),
+        reference_steps=50,
         reference_tol=(1e-5, 1e-8),
         implementations=("for_loop", "batched"),
         invalid=_MUON_INVALID,
