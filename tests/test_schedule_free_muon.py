@@ -333,3 +333,27 @@ def test_gradient_release_nonfinite_skip_and_raise():
     next(model2.parameters()).register_hook(lambda g: torch.full_like(g, float("inf")))
     with pytest.raises(lmopt.NonFiniteGradientError, match="gradient release"):
         _mlp_step(model2, x, y)
+
+
+@pytest.mark.parametrize("name", ["schedule_free_adamw", "adabound", "amsbound"])
+def test_blocked_path_on_tensors_larger_than_a_block(name, monkeypatch):
+    """The cache-blocked path cuts large tensors into blocks (small ones go through foreach): same result."""
+    from lmopt.optim import _blocks
+
+    monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 64)
+    torch.manual_seed(0)
+    shapes = [(13, 17), (300,), (5,), (64,)]
+    results = []
+    for impl in ("for_loop", "blocked"):
+        params = [
+            nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)
+        ]
+        opt = lmopt.create_optimizer(name, params, lr=1e-2, weight_decay=0.1, implementation=impl)
+        for k in range(5):
+            g = torch.Generator().manual_seed(100 + k)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append(params)
+    for p, q in zip(*results, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

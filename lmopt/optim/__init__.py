@@ -9,5 +9,12 @@ from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
 
 __all__ = ["Adam", "AdamW", "LmoptOptimizer", "NonFiniteGradientError", "adamw"]
-__all__ += ["AdaBound", "GradientRelease", "Lookahead", "Muon", "ScheduleFreeAdamW", "recompute_batchnorm_statistics",
-            "with_lookahead"]
+__all__ += [
+    "AdaBound",
+    "GradientRelease",
+    "Lookahead",
+    "Muon",
+    "ScheduleFreeAdamW",
+    "recompute_batchnorm_statistics",
+    "with_lookahead",
+]

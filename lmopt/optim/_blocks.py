@@ -24,14 +24,13 @@ def blocked_applies(tensors: list[Tensor]) -> bool:
     return all(t.device.type == "cpu" and not is_dtensor(t) and t.is_contiguous() for t in tensors)
 
 
-def split_blocks(
-    lists: list[list[Tensor]], block: int = BLOCK_ELEMENTS
-) -> tuple[list[list[Tensor]], list[int]]:
+def split_blocks(lists: list[list[Tensor]], block: int | None = None) -> tuple[list[list[Tensor]], list[int]]:
     """Aligned lists of tensors -> aligned lists of flat block views, and each block's source index.
 
     Every list must hold tensors of the same numel at each index; written tensors must be contiguous (their
     blocks are views). A non-contiguous read-only tensor (a gradient) is flattened by a copy.
     """
+    block = BLOCK_ELEMENTS if block is None else block
     out: list[list[Tensor]] = [[] for _ in lists]
     source: list[int] = []
     for i in range(len(lists[0])):

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..registry import OptimizerSpec
+from . import _blocks
 from ._blocks import blocked_applies, split_blocks
 from .adamw import adam_state
 from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
@@ -167,7 +168,21 @@ def _multi_tensor_adabound(
 
 def _blocked_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs):
     # the plain per-tensor path on cache-sized blocks: one pass over memory (see lmopt.optim._blocks)
-    lists = [params, grads, exp_avg_sqs, exp_avgs] + ([max_exp_avg_sqs] if kwargs["amsbound"] else [])
+    amsbound = kwargs["amsbound"]
+    small = [i for i, p in enumerate(params) if p.numel() < _blocks.BLOCK_ELEMENTS]
+    if small:  # tensors that fit one block: one foreach call each op, not one Python call per tensor
+        pick = [[t[i] for i in small] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+        _multi_tensor_adabound(
+            *pick, [max_exp_avg_sqs[i] for i in small] if amsbound else [], [steps[i] for i in small], **kwargs
+        )
+        large = [i for i in range(len(params)) if params[i].numel() >= _blocks.BLOCK_ELEMENTS]
+        params, grads, exp_avgs, exp_avg_sqs, steps = (
+            [t[i] for i in large] for t in (params, grads, exp_avgs, exp_avg_sqs, steps)
+        )
+        max_exp_avg_sqs = [max_exp_avg_sqs[i] for i in large] if amsbound else []
+        if not params:
+            return
+    lists = [params, grads, exp_avg_sqs, exp_avgs] + ([max_exp_avg_sqs] if amsbound else [])
     blocks, source = split_blocks(lists)
     _single_tensor_adabound(
         blocks[0],
@@ -215,9 +230,7 @@ def adabound(
             if blocked_applies([*params, *exp_avgs]) and all(p.dtype == torch.float32 for p in params)
             else "foreach"
         )
-    if implementation == "blocked" and not blocked_applies(
-        [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs]
-    ):
+    if implementation == "blocked" and not blocked_applies([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs]):
         raise ValueError("implementation='blocked' needs contiguous non-DTensor CPU tensors; use 'foreach'")
     torch._foreach_add_(state_steps, 1)
     steps = [float(s) for s in state_steps]

@@ -369,9 +369,7 @@ class Muon(LmoptOptimizer):
             weight_decay=weight_decay,
             momentum=momentum,
             nesterov=nesterov,
-            ns_coefficients=tuple(ns_coefficients)
-            if isinstance(ns_coefficients, (list, tuple))
-            else ns_coefficients,
+            ns_coefficients=tuple(ns_coefficients) if isinstance(ns_coefficients, (list, tuple)) else ns_coefficients,
             ns_steps=ns_steps,
             eps=eps,
             adjust_lr_fn=adjust_lr_fn,
@@ -380,9 +378,7 @@ class Muon(LmoptOptimizer):
             ns_dtype=ns_dtype,
             implementation=implementation,
         )
-        super().__init__(
-            _split_groups(params, model), defaults, nonfinite=nonfinite, check_finite=check_finite
-        )
+        super().__init__(_split_groups(params, model), defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_positive("lr", group["lr"])
@@ -475,9 +471,7 @@ def _muon_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, 
     """Muon matrices: one momentum buffer; the rest: AdamW's state. ``role`` (from classify_parameters), when
     given, routes like the model-aware optimizer (embeddings and the head are AdamW's); else by dimension."""
     role = hyper.get("role")
-    use_muon = hyper.get(
-        "use_muon", len(shape) >= 2 if role is None else role == "matrix" and len(shape) >= 2
-    )
+    use_muon = hyper.get("use_muon", len(shape) >= 2 if role is None else role == "matrix" and len(shape) >= 2)
     if use_muon:
         return [StateTensor("momentum_buffer", shape, dtype)]
     return adam_state(shape, dtype, {})

@@ -78,19 +78,13 @@ class GradientRelease:
         max_grad_value: float | None = None,
     ) -> None:
         if not isinstance(optimizer, LmoptOptimizer):
-            raise ValueError(
-                f"optimizer must be an lmopt optimizer (LmoptOptimizer), got {type(optimizer).__name__}"
-            )
+            raise ValueError(f"optimizer must be an lmopt optimizer (LmoptOptimizer), got {type(optimizer).__name__}")
         if not _spec_allows_release(optimizer):
             raise ValueError(
                 f"{type(optimizer).__name__} couples parameters in its step (per_parameter=False "
                 f"in the registry); gradient release needs a per-parameter update"
             )
-        if (
-            isinstance(accumulation_steps, bool)
-            or not isinstance(accumulation_steps, int)
-            or accumulation_steps < 1
-        ):
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
         if max_grad_norm_per_parameter is not None:
             check_positive("max_grad_norm_per_parameter", max_grad_norm_per_parameter)
@@ -138,9 +132,7 @@ class GradientRelease:
         group = opt.param_groups[gi]
         grad = param.grad
         if grad.is_sparse:
-            raise RuntimeError(
-                f"gradient release does not support sparse gradients ({opt._param_name(gi, index)})"
-            )
+            raise RuntimeError(f"gradient release does not support sparse gradients ({opt._param_name(gi, index)})")
         if opt.check_finite and grad.numel() and not bool(torch.isfinite(grad).all()):
             if opt.nonfinite == "raise":
                 raise NonFiniteGradientError(

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import OptimizerSpec, StateTensor
+from . import _blocks
 from .base import (
     Implementation,
     LmoptOptimizer,
@@ -55,9 +56,6 @@ from .base import (
 )
 
 __all__ = ["ScheduleFreeAdamW", "recompute_batchnorm_statistics", "schedule_free_adamw"]
-
-#: elements per block in the blocked implementation: 5 blocks of 256K fp32 (5 MB) stay in cache between ops
-BLOCK_ELEMENTS = 1 << 18
 
 
 def _math_dtype(t: Tensor) -> torch.dtype:
@@ -125,6 +123,21 @@ def _multi_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, 
 def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2):
     # the foreach rule applied block by block, so the 4 tensors and the denominator stay in cache between the
     # ops: one read of y, z, v, g and one write of y, z, v from memory (28 bytes per fp32 parameter)
+    small = [i for i, y in enumerate(ys) if y.numel() < _blocks.BLOCK_ELEMENTS]
+    if small:  # tensors that fit one block: one foreach call each op, not one Python call per tensor
+        pick = [[t[i] for i in small] for t in (ys, grads, zs, vs)]
+        _multi_tensor_sf(
+            *pick,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            ckp1=ckp1,
+            bias_correction2=bias_correction2,
+        )
+        large = [i for i in range(len(ys)) if ys[i].numel() >= _blocks.BLOCK_ELEMENTS]
+        ys, grads, zs, vs = ([t[i] for i in large] for t in (ys, grads, zs, vs))
     s, a, c_y = _blocked_coefficients(lr, beta1, weight_decay, ckp1, bias_correction2)
     scratch: dict[torch.dtype, Tensor] = {}
     for y_, g_, z_, v_ in zip(ys, grads, zs, vs, strict=False):
@@ -132,11 +145,11 @@ def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1,
         dtype = _math_dtype(y_)
         flat = [t.reshape(-1) for t in (y_, g_, z_, v_)]
         if dtype not in scratch:
-            scratch[dtype] = torch.empty(min(n, BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
-        elif scratch[dtype].numel() < min(n, BLOCK_ELEMENTS):
-            scratch[dtype] = torch.empty(min(n, BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
-        for start in range(0, n, BLOCK_ELEMENTS):
-            end = min(n, start + BLOCK_ELEMENTS)
+            scratch[dtype] = torch.empty(min(n, _blocks.BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
+        elif scratch[dtype].numel() < min(n, _blocks.BLOCK_ELEMENTS):
+            scratch[dtype] = torch.empty(min(n, _blocks.BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
+        for start in range(0, n, _blocks.BLOCK_ELEMENTS):
+            end = min(n, start + _blocks.BLOCK_ELEMENTS)
             yb_, gb, zb_, vb_ = (t[start:end] for t in flat)
             yb, zb, vb = (t if t.dtype == dtype else t.to(dtype) for t in (yb_, zb_, vb_))
             if gb.dtype != dtype:
@@ -188,9 +201,7 @@ def schedule_free_adamw(
     if implementation == "auto":
         implementation = "blocked" if _blocked_applies(ys) else "foreach"
     if implementation == "blocked" and not _blocked_applies(ys):
-        raise ValueError(
-            "implementation='blocked' needs contiguous non-DTensor CPU parameters; use 'foreach'"
-        )
+        raise ValueError("implementation='blocked' needs contiguous non-DTensor CPU parameters; use 'foreach'")
     _IMPLEMENTATIONS[implementation](
         ys,
         grads,
@@ -461,9 +472,7 @@ def recompute_batchnorm_statistics(
 
 # -----------------------------------------------------------------------------------------------------------
 # registry entry
-def _schedule_free_state(
-    shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]
-) -> list[StateTensor]:
+def _schedule_free_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
     return [StateTensor("z", shape, dtype), StateTensor("exp_avg_sq", shape, dtype)]
 
 
