@@ -116,7 +116,7 @@ class Lookahead(Optimizer):
             # torch's __init__ registering the inner groups: fill our defaults into them, nothing else
             for key, value in self.defaults.items():
                 param_group.setdefault(key, value)
-            if param_group not in self.param_groups:
+            if not any(param_group is g for g in self.param_groups):
                 self.param_groups.append(param_group)
             return
         self.optimizer.add_param_group(param_group)

@@ -384,7 +384,8 @@ class Muon(LmoptOptimizer):
         check_positive("lr", group["lr"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_range("momentum", group["momentum"], 0.0, 1.0)
-        check_choice("nesterov", group["nesterov"], (True, False))
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
         coefficients = group["ns_coefficients"]
         if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
             raise ValueError(f"ns_coefficients must be a tuple of 3 numbers, got {coefficients!r}")
