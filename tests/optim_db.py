@@ -144,6 +144,10 @@ class _MuonReference:
                               weight_decay=kw.get("weight_decay", 0.1)),
         ]
 
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
