@@ -93,10 +93,7 @@ def run_case(optimizer: str, release: bool, args: argparse.Namespace) -> dict:
     for _ in range(2):
         train_step()
     state_bytes = sum(
-        t.numel() * t.element_size()
-        for s in opt.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
+        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
     )
     before = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -119,9 +116,7 @@ def run_case(optimizer: str, release: bool, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--optimizers", default="adamw,adabound,muon")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--d-model", type=int, default=512)
@@ -183,8 +178,7 @@ def main() -> None:
         "freed tensors "
         "leave the resident set.",
         "",
-        "| optimizer | gradient release | step peak MiB | saved MiB | fp32 gradients MiB | state MiB "
-        "| step s |",
+        "| optimizer | gradient release | step peak MiB | saved MiB | fp32 gradients MiB | state MiB | step s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for i in range(0, len(rows), 2):

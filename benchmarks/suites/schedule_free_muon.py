@@ -86,8 +86,9 @@ class _TorchMuonPair(torch.optim.Optimizer):
         matrices = [p for p in params if p.ndim == 2]
         vectors = [p for p in params if p.ndim != 2]
         self.muon = torch.optim.Muon(matrices, **kw)
-        self.adamw = torch.optim.AdamW(vectors, lr=kw["lr"], betas=(0.9, 0.95), weight_decay=kw["weight_decay"],
-                                       fused=True)
+        self.adamw = torch.optim.AdamW(
+            vectors, lr=kw["lr"], betas=(0.9, 0.95), weight_decay=kw["weight_decay"], fused=True
+        )
         super().__init__(params, {})
         self.state = self.muon.state
         self.state.update(self.adamw.state)
@@ -125,13 +126,19 @@ CASES = [
     Case("pytorch_optimizer AdaBound", "adabound", "po_adabound", peer=True),
     Case("lmopt adabound auto (blocked)", "adabound", "lmopt_adabound"),
     Case("lmopt adabound foreach", "adabound", "lmopt_adabound_foreach"),
-    Case("pytorch_optimizer Lookahead(torch AdamW fused)", "lookahead(adamw)", "po_lookahead", peer=True,
-         bytes_per_param=32.0, note="k=5: + (12 + 8) B / 5 per step for the slow update"),
-    Case("lmopt Lookahead(torch AdamW fused)", "lookahead(adamw)", "lmopt_lookahead_torch_inner",
-         bytes_per_param=32.0),
+    Case(
+        "pytorch_optimizer Lookahead(torch AdamW fused)",
+        "lookahead(adamw)",
+        "po_lookahead",
+        peer=True,
+        bytes_per_param=32.0,
+        note="k=5: + (12 + 8) B / 5 per step for the slow update",
+    ),
+    Case("lmopt Lookahead(torch AdamW fused)", "lookahead(adamw)", "lmopt_lookahead_torch_inner", bytes_per_param=32.0),
     Case("lmopt lookahead_adamw", "lookahead(adamw)", "lmopt_lookahead_adamw", bytes_per_param=32.0),
-    Case("torch.optim.Muon (bf16 NS) + AdamW", "muon", "torch_muon", peer=True, bytes_per_param=20.0,
-         note="matmul-bound"),
+    Case(
+        "torch.optim.Muon (bf16 NS) + AdamW", "muon", "torch_muon", peer=True, bytes_per_param=20.0, note="matmul-bound"
+    ),
     Case("lmopt muon ns_dtype=bf16 (torch's definition)", "muon", "lmopt_muon_bf16", bytes_per_param=20.0),
     Case("lmopt muon auto (fp32 NS on CPU, batched)", "muon", "lmopt_muon", bytes_per_param=20.0),
     Case("lmopt muon for_loop (fp32 NS)", "muon", "lmopt_muon_for_loop", bytes_per_param=20.0),
