@@ -2,22 +2,32 @@
 
 Public API (everything else is internal):
 
-* optimizers: :class:`AdamW`, :class:`Adam` (and every registry entry via :func:`create_optimizer`)
+* optimizers: :class:`AdamW`, :class:`Adam`, :class:`Adafactor`, :class:`CAME`, :class:`AdamMini`, :class:`Lion`,
+  :class:`Sophia`, :class:`ScheduleFreeAdamW`, :class:`Muon`, :class:`AdaBound`, :class:`Lookahead`,
+  :class:`GradientRelease` (and every registry entry via :func:`create_optimizer`)
 * registry: :func:`create_optimizer`, :func:`list_optimizers`, :func:`get_spec`, :class:`OptimizerSpec`
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
+* recipes and schedules: :func:`recipe`, :mod:`lmopt.schedules`
+* training loop practice: :mod:`lmopt.train`; memory planning: :mod:`lmopt.memory`
 """
 
 from . import memory, schedules, train
 from .optim import (
     CAME,
+    AdaBound,
     Adafactor,
     Adam,
     AdamMini,
     AdamW,
+    GradientRelease,
     Lion,
     LmoptOptimizer,
+    Lookahead,
+    Muon,
     NonFiniteGradientError,
+    ScheduleFreeAdamW,
     Sophia,
+    recompute_batchnorm_statistics,
 )
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
 from .recipes import Recipe, recipe
@@ -26,19 +36,24 @@ from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, li
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adam",
-    "AdamW",
-    "Adafactor",
-    "AdamMini",
     "CAME",
+    "AdaBound",
+    "Adafactor",
+    "Adam",
+    "AdamMini",
+    "AdamW",
+    "GradientRelease",
     "Lion",
-    "Sophia",
     "LmoptOptimizer",
+    "Lookahead",
+    "Muon",
     "NonFiniteGradientError",
     "OptimizerSpec",
-    "Recipe",
     "ParamGroups",
     "ParamInfo",
+    "Recipe",
+    "ScheduleFreeAdamW",
+    "Sophia",
     "StateTensor",
     "__version__",
     "classify_parameters",
@@ -48,6 +63,7 @@ __all__ = [
     "memory",
     "param_groups",
     "recipe",
+    "recompute_batchnorm_statistics",
     "schedules",
     "train",
 ]

@@ -42,6 +42,10 @@ SPEC_MODULES: tuple[str, ...] = (
     "lmopt.optim.adam_mini",
     "lmopt.optim.lion",
     "lmopt.optim.sophia",
+    "lmopt.optim.schedule_free",
+    "lmopt.optim.muon",
+    "lmopt.optim.adabound",
+    "lmopt.optim.lookahead",
 )
 
 #: the shape used to quote "state bytes per parameter" (a large hidden matrix; small tensors differ)

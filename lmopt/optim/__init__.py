@@ -1,18 +1,25 @@
 """lmopt's optimizers. Each module holds one algorithm family and its registry entries (``SPECS``)."""
 
+from .adabound import AdaBound
 from .adafactor import Adafactor, adafactor
 from .adam_mini import AdamMini, adam_mini, find_partitions
 from .adamw import Adam, AdamW, adamw
 from .base import LmoptOptimizer, NonFiniteGradientError
 from .came import CAME, came
 from .lion import Lion, lion
+from .lookahead import Lookahead, with_lookahead
+from .muon import Muon
+from .release import GradientRelease
+from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
 from .sophia import Sophia, sampled_label_loss, sophia
 
 __all__ = [
-    "Adam",
-    "AdamW",
+    # engine
     "LmoptOptimizer",
     "NonFiniteGradientError",
+    # Adam family
+    "Adam",
+    "AdamW",
     "adamw",
     # memory-efficient and sign/curvature optimizers (docs/optimizers-memory-efficient.md)
     "CAME",
@@ -27,4 +34,12 @@ __all__ = [
     "lion",
     "sampled_label_loss",
     "sophia",
+    # Schedule-Free, Muon, AdaBound, Lookahead, gradient release (docs/optimizers-schedule-free-muon.md)
+    "AdaBound",
+    "GradientRelease",
+    "Lookahead",
+    "Muon",
+    "ScheduleFreeAdamW",
+    "recompute_batchnorm_statistics",
+    "with_lookahead",
 ]

@@ -1,0 +1,1 @@
+"""Slow, paper-faithful implementations used only as oracles by the tests."""

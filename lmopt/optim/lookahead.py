@@ -1,0 +1,275 @@
+"""Lookahead: k fast steps of any optimizer, then a step of the slow weights towards them.
+
+Update rule (Zhang et al. 2019, Algorithm 1), per parameter group, with slow weights ``phi`` (initialised to
+the
+parameters before their first update) and the inner optimizer's fast weights ``theta``:
+
+.. code-block:: text
+
+    theta <- inner_step(theta)                 every step
+    every k-th step of the group:
+        phi   <- phi + alpha * (theta - phi)
+        theta <- phi
+
+:class:`Lookahead` is itself a ``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` *are* the inner
+optimizer's (the same objects), so LR schedulers, gradient clipping helpers, ``accelerate`` and Lightning
+accept
+it and see the inner hyperparameters. The slow weights live in the inner state under ``slow_param``; ``k``,
+``alpha`` and the group's step counter are group keys (``lookahead_k``, ``lookahead_alpha``,
+``lookahead_step``),
+so ``state_dict`` holds all of it and resumes exactly.
+
+Registry: ``lmopt.create_optimizer("lookahead_adamw", model, lr=3e-4, lookahead_k=5, lookahead_alpha=0.5)``
+for
+each optimizer in :data:`LOOKAHEAD_BASES` (any of the inner optimizer's hyperparameters are accepted), or
+:func:`with_lookahead` to build any registry optimizer wrapped: ``with_lookahead("lion", model, k=6,
+lr=1e-4)``.
+
+Reference: Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back", NeurIPS 2019.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..registry import OptimizerSpec, StateTensor
+from .base import check_range, is_dtensor
+
+__all__ = ["LOOKAHEAD_BASES", "Lookahead", "with_lookahead"]
+
+#: registry optimizers that get a ``lookahead_<name>`` entry (any other: :func:`with_lookahead`)
+LOOKAHEAD_BASES: tuple[str, ...] = ("adamw", "adam", "sgd", "radam", "adabound", "muon")
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"lookahead k must be an integer >= 1, got {k!r}")
+
+
+class Lookahead(Optimizer):
+    """Wrap ``optimizer`` with Lookahead (see the module docstring for the rule).
+
+    Args:
+        optimizer: the inner (fast) optimizer, any ``torch.optim.Optimizer``.
+        k: fast steps per slow step (default 5; the paper's 5 or 10).
+        alpha: slow step size in (0, 1] (default 0.5, the paper's value).
+
+    ``param_groups`` and ``state`` are the inner optimizer's objects; schedulers may change
+    ``lookahead_alpha``
+    per group like any hyperparameter. ``skipped_steps`` and ``record_grad_norm`` of an lmopt inner optimizer
+    are
+    forwarded; a step the inner optimizer skips (non-finite gradients) does not count towards ``k``.
+
+    Example:
+        >>> opt = Lookahead(torch.optim.AdamW(model.parameters(), lr=1e-3), k=5, alpha=0.5)
+        >>> scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+
+    Reference: Zhang et al., "Lookahead Optimizer: k steps forward, 1 step back", NeurIPS 2019.
+    """
+
+    def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _check_k(k)
+        check_range("alpha", alpha, 0.0, 1.0, high_inclusive=True)
+        if alpha == 0:
+            raise ValueError("alpha must be in (0, 1], got 0")
+        self.optimizer = optimizer
+        # torch's __init__ adds our defaults to the inner group dicts in place; then share the inner objects
+        super().__init__(
+            optimizer.param_groups, {"lookahead_k": k, "lookahead_alpha": float(alpha), "lookahead_step": 0}
+        )
+        self._link()
+
+    def _link(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # -- forwarding
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def skipped_steps(self) -> int:
+        """Steps the inner optimizer skipped for non-finite gradients (0 without the policy)."""
+        return int(getattr(self.optimizer, "skipped_steps", 0))
+
+    def record_grad_norm(self, norm: Tensor | float) -> None:
+        """Forwarded to an lmopt inner optimizer (see :meth:`lmopt.LmoptOptimizer.record_grad_norm`)."""
+        record = getattr(self.optimizer, "record_grad_norm", None)
+        if record is not None:
+            record(norm)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if any(param_group is g for g in self.optimizer.param_groups):
+            # torch's __init__ registering the inner groups: fill our defaults into them, nothing else
+            for key, value in self.defaults.items():
+                param_group.setdefault(key, value)
+            if not any(param_group is g for g in self.param_groups):
+                self.param_groups.append(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+        self._link()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict, which holds the slow weights and the lookahead group keys."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        self._link()  # torch's loader replaces the inner group list and state dict
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
+        return f"Lookahead (k={g['lookahead_k']}, alpha={g['lookahead_alpha']}) around\n{inner}"
+
+    # -- the step
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One inner step; every ``k``-th step of a group, the slow weights step and the fast ones reset."""
+        state = self.optimizer.state
+        # slow weights start at the parameters before their first update (inserted after the inner step, which
+        # creates its own state lazily and must find it empty)
+        pending = {
+            p: p.detach().clone()
+            for group in self.param_groups
+            for p in group["params"]
+            if "slow_param" not in state.get(p, ())
+            and (p.grad is not None or (closure is not None and p.requires_grad))
+        }
+        skipped_before = self.skipped_steps
+        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        if self.skipped_steps != skipped_before:
+            return loss
+        for p, initial in pending.items():
+            if p.grad is not None:
+                self.state[p]["slow_param"] = initial
+        for group in self.param_groups:
+            group["lookahead_step"] += 1
+            if group["lookahead_step"] % group["lookahead_k"]:
+                continue
+            fast = [p for p in group["params"] if "slow_param" in self.state.get(p, ())]
+            if not fast:
+                continue
+            slow = [self.state[p]["slow_param"] for p in fast]
+            torch._foreach_lerp_(slow, fast, group["lookahead_alpha"])
+            if any(map(is_dtensor, fast)):  # DTensor has no sharding rule for _foreach_copy_
+                for p, s in zip(fast, slow, strict=True):
+                    p.copy_(s)
+            else:
+                torch._foreach_copy_(fast, slow)
+        return loss
+
+
+def with_lookahead(
+    name: str,
+    model_or_params: nn.Module | Any,
+    *,
+    k: int = 5,
+    alpha: float = 0.5,
+    **hyperparameters: Any,
+) -> Lookahead:
+    """Build any registry optimizer with :func:`lmopt.create_optimizer` and wrap it with Lookahead.
+
+    Example:
+        >>> opt = with_lookahead("lion", model, k=6, alpha=0.5, lr=1e-4, weight_decay=0.1)
+    """
+    from ..registry import create_optimizer
+
+    return Lookahead(create_optimizer(name, model_or_params, **hyperparameters), k=k, alpha=alpha)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# registry entries: one generated class per base, whose signature is the inner class's plus lookahead_k /
+# _alpha
+def _lookahead_class(base: OptimizerSpec) -> type[Lookahead]:
+    inner_cls = base.cls
+
+    def __init__(self, params, **hyperparameters):
+        k = hyperparameters.pop("lookahead_k", 5)
+        alpha = hyperparameters.pop("lookahead_alpha", 0.5)
+        _check_k(k)
+        Lookahead.__init__(self, inner_cls(params, **{**base.defaults, **hyperparameters}), k=k, alpha=alpha)
+
+    inner_sig = inspect.signature(inner_cls.__init__)
+    params = [p for p in inner_sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [
+        inspect.Parameter("lookahead_k", inspect.Parameter.KEYWORD_ONLY, default=5, annotation=int),
+        inspect.Parameter("lookahead_alpha", inspect.Parameter.KEYWORD_ONLY, default=0.5, annotation=float),
+    ]
+    __init__.__signature__ = inner_sig.replace(parameters=params)  # create_optimizer validates names with it
+    name = f"Lookahead{inner_cls.__name__}"
+    doc = (
+        f"Lookahead around :class:`{inner_cls.__module__}.{inner_cls.__name__}` (registry entry "
+        f"``lookahead_{base.name}``): the inner class's arguments plus ``lookahead_k`` and "
+        "``lookahead_alpha``."
+    )
+    return type(name, (Lookahead,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+def _lookahead_state(base: OptimizerSpec):
+    def rule(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+        return [*base.state(shape, dtype, hyper), StateTensor("slow_param", shape, dtype)]
+
+    return rule
+
+
+def _base_specs() -> dict[str, OptimizerSpec]:
+    from ..registry import SPEC_MODULES
+
+    found: dict[str, OptimizerSpec] = {}
+    for module_name in SPEC_MODULES:
+        if module_name == __name__:
+            continue
+        for spec in importlib.import_module(module_name).SPECS:
+            found[spec.name] = spec
+    return found
+
+
+def _make_specs() -> list[OptimizerSpec]:
+    bases = _base_specs()
+    specs = []
+    for name in LOOKAHEAD_BASES:
+        base = bases.get(name)
+        if base is None:
+            continue
+        specs.append(
+            OptimizerSpec(
+                name=f"lookahead_{name}",
+                cls=_lookahead_class(base),
+                summary=f"Lookahead (k fast steps, one slow step) around {name}",
+                paper="Zhang et al., Lookahead Optimizer: k steps forward, 1 step back, NeurIPS 2019",
+                state=_lookahead_state(base),
+                defaults={},
+                family=base.family,
+                per_parameter=False,
+                accepts_model=base.accepts_model,
+            )
+        )
+    return specs
+
+
+_SPECS: list[OptimizerSpec] | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # SPECS is built on first access, after the base modules are importable (no import cycle, any order)
+    global _SPECS
+    if name == "SPECS":
+        if _SPECS is None:
+            _SPECS = _make_specs()
+        return _SPECS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

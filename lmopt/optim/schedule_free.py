@@ -1,0 +1,492 @@
+"""Schedule-Free AdamW: no learning-rate schedule, an average of iterates that needs no extra memory.
+
+Update rule (Defazio et al. 2024, Algorithm 1 with Adam preconditioning; the form of the ``schedulefree``
+package's ``AdamWScheduleFree``). The optimizer keeps ``z`` (the base SGD-like sequence) and ``v`` (Adam's
+second
+moment); the parameter holds ``y`` in train mode and the averaged point ``x`` in eval mode, where
+``y = (1 - beta1) * z + beta1 * x``. At step ``t = k + 1`` with gradient ``g`` evaluated at ``y``:
+
+.. code-block:: text
+
+    lr_t   = lr * min(1, t / warmup_steps)                         (linear warmup; no other schedule)
+    lr_max = max(lr_max, lr_t)
+    w_t    = t^r * lr_max^weight_lr_power;   W_t = W_{t-1} + w_t;   c_t = w_t / W_t
+    v      <- beta2 * v + (1 - beta2) * g^2
+    u      = g / (sqrt(v / (1 - beta2^t)) + eps) + weight_decay * y        (decay evaluated at y)
+    y      <- (1 - c_t) * y + c_t * z + lr_t * (beta1 * (1 - c_t) - 1) * u
+    z      <- z - lr_t * u
+
+which is the paper's ``z <- z - lr u``, ``x <- (1 - c) x + c z``, ``y = (1 - beta1) z + beta1 x`` written on
+``y`` directly, so ``x`` is never stored. :meth:`ScheduleFreeAdamW.eval` moves the parameters to ``x``
+(``p <- p + (1 - 1/beta1)(z - p)``) and :meth:`~ScheduleFreeAdamW.train` back to ``y``.
+
+Modes and checkpoints: a new optimizer starts in train mode (``y = x = z`` before the first step). The mode is
+kept per group as ``train_mode`` and saved in ``state_dict``; loading a checkpoint restores the mode it was
+saved
+in, which matches the parameters saved with it. :meth:`~ScheduleFreeAdamW.evaluating` is a context manager
+that
+switches the optimizer (and optionally the model) to eval mode and back, for evaluation and for checkpoints
+taken at ``x``. :func:`recompute_batchnorm_statistics` refreshes BatchNorm running statistics at ``x``.
+
+Reference: Defazio, Yang, Mehta, Mishchenko, Khaled & Cutkosky, "The Road Less Scheduled", NeurIPS 2024;
+``schedulefree`` (facebookresearch/schedule_free), ``AdamWScheduleFree``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import OptimizerSpec, StateTensor
+from . import _blocks
+from .base import (
+    Implementation,
+    LmoptOptimizer,
+    check_betas,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    is_dtensor,
+)
+
+__all__ = ["ScheduleFreeAdamW", "recompute_batchnorm_statistics", "schedule_free_adamw"]
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _single_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2):
+    # reads like the package's for-loop path: u = g / denom (+ decay at y), then y and z
+    adaptive_y_lr = lr * (beta1 * (1 - ckp1) - 1)
+    for y_, g_, z_, v_ in zip(ys, grads, zs, vs, strict=False):
+        dtype = _math_dtype(y_)
+        y, g, z, v = (t if t.dtype == dtype else t.to(dtype) for t in (y_, g_, z_, v_))
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.div(bias_correction2).sqrt_().add_(eps)
+        u = g.div(denom)
+        if weight_decay != 0:
+            u.add_(y, alpha=weight_decay)
+        y.lerp_(z, ckp1)
+        y.add_(u, alpha=adaptive_y_lr)
+        z.sub_(u, alpha=lr)
+        for dst, src in ((y_, y), (z_, z), (v_, v)):
+            if dst is not src:
+                dst.copy_(src)
+
+
+def _blocked_coefficients(lr, beta1, weight_decay, ckp1, bias_correction2):
+    # u = s * g / (sqrt(v) + eps * s) with s = sqrt(bias_correction2) equals g / (sqrt(v / bc2) + eps); decay
+    # is
+    # folded into the y and z coefficients: z' = z - lr*wd*y, y' = c_y*y + c*z' + a*s*g/d (see module
+    # docstring)
+    s = math.sqrt(bias_correction2)
+    a = lr * (beta1 * (1 - ckp1) - 1)
+    c_y = 1 - ckp1 + weight_decay * (a + ckp1 * lr)
+    return s, a, c_y
+
+
+def _multi_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2):
+    s, a, c_y = _blocked_coefficients(lr, beta1, weight_decay, ckp1, bias_correction2)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, y in enumerate(ys):
+        buckets[(y.device, y.dtype)].append(i)
+    for (_device, dtype), idx in buckets.items():
+        math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        y_, z_, v_ = [ys[i] for i in idx], [zs[i] for i in idx], [vs[i] for i in idx]
+        y, z, v = (t if dtype == math_dtype else [x.to(math_dtype) for x in t] for t in (y_, z_, v_))
+        g = [grads[i] if grads[i].dtype == math_dtype else grads[i].to(math_dtype) for i in idx]
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, eps * s)
+        if weight_decay != 0:
+            torch._foreach_add_(z, y, alpha=-lr * weight_decay)
+            torch._foreach_mul_(y, c_y)
+            torch._foreach_add_(y, z, alpha=ckp1)
+        else:
+            torch._foreach_lerp_(y, z, ckp1)
+        torch._foreach_addcdiv_(y, g, denom, a * s)
+        torch._foreach_addcdiv_(z, g, denom, -lr * s)
+        del denom, g
+        if dtype != math_dtype:
+            for dst, src in zip(y_ + z_ + v_, y + z + v, strict=True):
+                dst.copy_(src)
+
+
+def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2):
+    # the foreach rule applied block by block, so the 4 tensors and the denominator stay in cache between the
+    # ops: one read of y, z, v, g and one write of y, z, v from memory (28 bytes per fp32 parameter)
+    small = [i for i, y in enumerate(ys) if y.numel() < _blocks.BLOCK_ELEMENTS]
+    if small:  # tensors that fit one block: one foreach call each op, not one Python call per tensor
+        pick = [[t[i] for i in small] for t in (ys, grads, zs, vs)]
+        _multi_tensor_sf(
+            *pick,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            ckp1=ckp1,
+            bias_correction2=bias_correction2,
+        )
+        large = [i for i in range(len(ys)) if ys[i].numel() >= _blocks.BLOCK_ELEMENTS]
+        ys, grads, zs, vs = ([t[i] for i in large] for t in (ys, grads, zs, vs))
+    s, a, c_y = _blocked_coefficients(lr, beta1, weight_decay, ckp1, bias_correction2)
+    scratch: dict[torch.dtype, Tensor] = {}
+    for y_, g_, z_, v_ in zip(ys, grads, zs, vs, strict=False):
+        n = y_.numel()
+        dtype = _math_dtype(y_)
+        flat = [t.reshape(-1) for t in (y_, g_, z_, v_)]
+        if dtype not in scratch:
+            scratch[dtype] = torch.empty(min(n, _blocks.BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
+        elif scratch[dtype].numel() < min(n, _blocks.BLOCK_ELEMENTS):
+            scratch[dtype] = torch.empty(min(n, _blocks.BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
+        for start in range(0, n, _blocks.BLOCK_ELEMENTS):
+            end = min(n, start + _blocks.BLOCK_ELEMENTS)
+            yb_, gb, zb_, vb_ = (t[start:end] for t in flat)
+            yb, zb, vb = (t if t.dtype == dtype else t.to(dtype) for t in (yb_, zb_, vb_))
+            if gb.dtype != dtype:
+                gb = gb.to(dtype)
+            vb.mul_(beta2).addcmul_(gb, gb, value=1 - beta2)
+            denom = torch.sqrt(vb, out=scratch[dtype][: end - start])
+            denom.add_(eps * s)
+            if weight_decay != 0:
+                zb.add_(yb, alpha=-lr * weight_decay)
+                yb.mul_(c_y).add_(zb, alpha=ckp1)
+            else:
+                yb.lerp_(zb, ckp1)
+            yb.addcdiv_(gb, denom, value=a * s)
+            zb.addcdiv_(gb, denom, value=-lr * s)
+            for dst, src in ((yb_, yb), (zb_, zb), (vb_, vb)):
+                if dst is not src:
+                    dst.copy_(src)
+
+
+_IMPLEMENTATIONS = {"for_loop": _single_tensor_sf, "foreach": _multi_tensor_sf, "blocked": _blocked_sf}
+
+
+def _blocked_applies(ys: list[Tensor]) -> bool:
+    """Blocks of flat views need plain contiguous CPU tensors (on GPUs the launches would dominate)."""
+    return all(y.device.type == "cpu" and not is_dtensor(y) and y.is_contiguous() for y in ys)
+
+
+def schedule_free_adamw(
+    ys: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ckp1: float,
+    bias_correction2: float,
+    implementation: str = "auto",
+) -> None:
+    """Functional Schedule-Free AdamW step (see the module docstring for the rule).
+
+    ``ys`` are the parameters in train mode; ``lr`` is the warmed-up rate of this step, ``ckp1`` the averaging
+    weight ``c_t`` and ``bias_correction2`` is ``1 - beta2^t``. Updates ``ys``, ``zs`` and ``exp_avg_sqs`` in
+    place; the gradients are not modified.
+    """
+    if implementation == "auto":
+        implementation = "blocked" if _blocked_applies(ys) else "foreach"
+    if implementation == "blocked" and not _blocked_applies(ys):
+        raise ValueError("implementation='blocked' needs contiguous non-DTensor CPU parameters; use 'foreach'")
+    _IMPLEMENTATIONS[implementation](
+        ys,
+        grads,
+        zs,
+        exp_avg_sqs,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        ckp1=ckp1,
+        bias_correction2=bias_correction2,
+    )
+
+
+class ScheduleFreeAdamW(LmoptOptimizer):
+    """Schedule-Free AdamW (Defazio et al. 2024): train without a learning-rate schedule.
+
+    The parameters hold ``y`` (where gradients are taken) in train mode and the average ``x`` in eval mode.
+    Call :meth:`train` before training steps and :meth:`eval` before evaluation or saving, or use
+    ``with optimizer.evaluating(model): ...`` which does both ways for you. The mode is saved in
+    ``state_dict``.
+
+    Args:
+        params: parameters or param groups.
+        lr: peak learning rate (default 0.0025, the package's default; the paper uses 1-10x AdamW's lr).
+        betas: ``(beta1, beta2)``: beta1 is the interpolation between ``z`` and ``x`` (default (0.9, 0.999)).
+        eps: added to the denominator (default 1e-8).
+        weight_decay: decay evaluated at ``y``, applied to both sequences (default 0).
+        warmup_steps: linear warmup length (default 0); no other schedule is needed.
+        r: polynomial weighting power of the average (default 0).
+        weight_lr_power: the average weights steps by ``lr_max^weight_lr_power`` (default 2).
+        implementation: ``"auto"`` (default: ``"blocked"`` on CPU, else ``"foreach"``), ``"for_loop"``,
+            ``"foreach"`` or ``"blocked"`` (the foreach rule over cache-sized blocks: one pass over memory).
+        nonfinite, check_finite: see :class:`lmopt.optim.base.LmoptOptimizer`.
+
+    State per parameter: ``z`` and ``exp_avg_sq``, in the parameter's dtype. Per group: ``k`` (steps taken),
+    ``weight_sum``, ``lr_max``, ``scheduled_lr`` (for logging) and ``train_mode``.
+
+    Example:
+        >>> opt = ScheduleFreeAdamW(model.parameters(), lr=1e-3, warmup_steps=100)
+        >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+        >>> with opt.evaluating(model):        # parameters at x, model.eval(); restored afterwards
+        ...     val_loss = loss_fn(model(x_val), y_val)
+        ...     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, "ckpt.pt")
+
+    Reference: Defazio et al., "The Road Less Scheduled", NeurIPS 2024.
+    """
+
+    implementations = ("for_loop", "foreach", "blocked")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.0025,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        implementation: Implementation | str = "auto",
+        nonfinite: str = "raise",
+        check_finite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            implementation=implementation,
+            k=0,
+            weight_sum=0.0,
+            lr_max=-1.0,
+            scheduled_lr=0.0,
+            train_mode=True,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_positive("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        check_positive("betas[0]", group["betas"][0])  # eval mode divides by beta1
+        check_positive("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        ws = group["warmup_steps"]
+        if isinstance(ws, bool) or not isinstance(ws, int) or ws < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {ws!r}")
+        check_nonnegative("r", group["r"])
+        check_nonnegative("weight_lr_power", group["weight_lr_power"])
+        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
+
+    # -- modes
+    # ---------------------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """``"train"`` (parameters hold y) or ``"eval"`` (parameters hold x)."""
+        return "train" if all(g["train_mode"] for g in self.param_groups) else "eval"
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Move the parameters to the averaged point ``x`` (for evaluation and checkpoints). Idempotent."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                self._move(group, 1 - 1 / group["betas"][0])
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Move the parameters back to ``y``, where gradients are taken. Idempotent."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                self._move(group, 1 - group["betas"][0])
+                group["train_mode"] = True
+
+    def _move(self, group: dict[str, Any], weight: float) -> None:
+        params = [p for p in group["params"] if "z" in self.state[p]]
+        if params:
+            zs = [self.state[p]["z"] for p in params]
+            if all(p.dtype == z.dtype for p, z in zip(params, zs, strict=False)):
+                torch._foreach_lerp_(params, zs, weight)
+            else:
+                for p, z in zip(params, zs, strict=False):
+                    p.lerp_(z.to(p.dtype), weight)
+
+    @contextlib.contextmanager
+    def evaluating(self, model: nn.Module | None = None) -> Iterator[ScheduleFreeAdamW]:
+        """Context manager: parameters at ``x`` (and ``model.eval()`` when given) inside, restored after.
+
+        Use it around evaluation and around ``torch.save`` of a checkpoint; it restores the previous mode of
+        the
+        optimizer and of the model on exit, also when the block raises.
+        """
+        was_train = self.mode == "train"
+        model_was_training = model.training if model is not None else False
+        self.eval()
+        if model is not None:
+            model.eval()
+        try:
+            yield self
+        finally:
+            if was_train:
+                self.train()
+            if model is not None:
+                model.train(model_was_training)
+
+    # -- the step
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step; the optimizer must be in train mode (see :meth:`train`)."""
+        if not all(g["train_mode"] for g in self.param_groups):
+            raise RuntimeError(
+                "ScheduleFreeAdamW.step() called in eval mode: the parameters hold the average x, not y. "
+                "Call "
+                "optimizer.train() before training steps (and optimizer.eval() before evaluation), or use "
+                "`with optimizer.evaluating(model):` around evaluation"
+            )
+        return super().step(closure)
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        state["z"] = param.detach().clone(memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        k = group["k"]
+        warmup = group["warmup_steps"]
+        sched = (k + 1) / warmup if k < warmup else 1.0
+        lr = float(group["lr"]) * sched
+        group["scheduled_lr"] = lr
+        lr_max = group["lr_max"] = max(lr, group["lr_max"])
+        weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
+        weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+        ckp1 = weight / weight_sum if weight_sum != 0 else 0.0  # lr = 0 (checkpoint initialisation): no move
+        states = [self.state[p] for p in params]
+        schedule_free_adamw(
+            params,
+            grads,
+            [s["z"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            ckp1=ckp1,
+            bias_correction2=1 - beta2 ** (k + 1),
+            implementation=group["implementation"],
+        )
+        group["k"] = k + 1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("train_mode", True)
+
+
+@torch.no_grad()
+def recompute_batchnorm_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    optimizer: ScheduleFreeAdamW | None = None,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> int:
+    """Recompute the running statistics of every BatchNorm layer at the evaluation point ``x``.
+
+    BatchNorm running means and variances are accumulated during training at ``y``, where the gradients are
+    taken, but Schedule-Free evaluates at ``x``: the statistics no longer match the weights, which costs
+    accuracy
+    (the ``schedulefree`` authors recommend this refresh). This helper resets the running statistics, switches
+    the
+    optimizer to eval mode (parameters at ``x``) and runs ``model`` in train mode over ``batches`` with an
+    exact
+    cumulative average (``momentum=None``), then restores each layer's momentum, the model's mode and the
+    optimizer's mode. Models without BatchNorm are left untouched.
+
+    Args:
+        model: the model.
+        batches: an iterable of inputs (a few dozen training batches is usually enough).
+        optimizer: the Schedule-Free optimizer (its mode is switched to eval during the pass and restored);
+            None when the parameters already hold ``x``.
+        forward: ``forward(model, batch)`` (default: ``model(batch)``, or ``model(*batch)`` for tuples/lists).
+
+    Returns:
+        the number of batches run (0 when the model has no BatchNorm layer).
+
+    Example:
+        >>> recompute_batchnorm_statistics(model, (x for x, _ in itertools.islice(train_loader, 50)), opt)
+        >>> with opt.evaluating(model):
+        ...     accuracy = evaluate(model)
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    was_train_mode = optimizer is not None and optimizer.mode == "train"
+    if optimizer is not None:
+        optimizer.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+    model.train()
+    count = 0
+    try:
+        for batch in batches:
+            if forward is not None:
+                forward(model, batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+            count += 1
+    finally:
+        for m, momentum in zip(norms, momenta, strict=False):
+            m.momentum = momentum
+        model.train(was_training)
+        if was_train_mode:
+            optimizer.train()
+    return count
+
+
+# -----------------------------------------------------------------------------------------------------------
+# registry entry
+def _schedule_free_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+    return [StateTensor("z", shape, dtype), StateTensor("exp_avg_sq", shape, dtype)]
+
+
+SPECS = [
+    OptimizerSpec(
+        name="schedule_free_adamw",
+        cls=ScheduleFreeAdamW,
+        summary="Schedule-Free AdamW: no LR schedule, iterate averaging at no extra memory, train/eval modes",
+        paper="Defazio et al., The Road Less Scheduled, NeurIPS 2024",
+        state=_schedule_free_state,
+        # LLM recipe (the paper's GPT-2 runs and the package README): warmup, beta2 0.95, decay 0.1
+        defaults={},
+        family="adam",
+        per_parameter=False,  # the averaging weight and step counter are per group: no gradient release
+        aliases={"schedule_free": {}, "adamw_schedulefree": {}},
+    ),
+]
