@@ -192,7 +192,8 @@ def create_optimizer(
 
     Given an ``nn.Module``, the parameters are split with :func:`lmopt.param_groups` (no weight decay for biases,
     norms and embeddings); ``weight_decay`` and ``lr_multipliers`` go to that split and ``no_decay=False``
-    turns it off. Given parameters or param groups, they are used as they are.
+    turns it off. Given parameters or param groups, they are used as they are. ``lookahead=True`` (or
+    ``{"k": 5, "alpha": 0.5}``) wraps the result in :class:`lmopt.Lookahead`.
 
     Example:
         >>> opt = lmopt.create_optimizer("adamw", model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
@@ -206,6 +207,7 @@ def create_optimizer(
     hyper = {**spec.defaults, **implied, **hyperparameters}
     use_structural_groups = hyper.pop("no_decay", True)
     lr_multipliers = hyper.pop("lr_multipliers", None)
+    lookahead = hyper.pop("lookahead", None)
     accepted = {k for k in inspect.signature(spec.cls.__init__).parameters if k not in ("self", "params")}
     unknown = sorted(set(hyper) - accepted - {"model"})
     if unknown:
@@ -232,4 +234,13 @@ def create_optimizer(
         if lr_multipliers:
             raise ValueError("lr_multipliers needs a model (names come from named_parameters); pass the model")
         params = model_or_params
-    return spec.cls(params, **hyper)
+    optimizer = spec.cls(params, **hyper)
+    if lookahead:
+        from .optim.lookahead import Lookahead
+
+        options = {} if lookahead is True else dict(lookahead)
+        unknown = sorted(set(options) - {"k", "alpha"})
+        if unknown:
+            raise ValueError(f"lookahead takes True or a dict with 'k' and 'alpha', got keys {unknown}")
+        optimizer = Lookahead(optimizer, **options)
+    return optimizer

@@ -73,3 +73,14 @@ def test_cli_list(capsys, monkeypatch):
     for spec in list_optimizers():
         assert spec.name in out
     assert "adamw_torch_fused" in out and "8.000" in out
+
+
+def test_lookahead_option_wraps_any_registry_optimizer():
+    from lmopt.optim.lookahead import Lookahead
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = create_optimizer("lion", params, lr=1e-4, lookahead={"k": 3, "alpha": 0.5})
+    assert isinstance(opt, Lookahead) and opt.param_groups[0]["lookahead_k"] == 3
+    assert isinstance(create_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2))], lookahead=True), Lookahead)
+    with pytest.raises(ValueError, match="lookahead"):
+        create_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2))], lookahead={"steps": 3})
