@@ -7,7 +7,7 @@ Public API (everything else is internal):
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
 """
 
-from .optim import Adam, AdamW, LmoptOptimizer, NonFiniteGradientError
+from .optim import Adam, Adam8bit, AdamW, AdamW4bit, AdamW8bit, Lion8bit, LmoptOptimizer, NonFiniteGradientError
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
 
@@ -15,7 +15,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adam",
+    "Adam8bit",
     "AdamW",
+    "AdamW4bit",
+    "AdamW8bit",
+    "Lion8bit",
     "LmoptOptimizer",
     "NonFiniteGradientError",
     "OptimizerSpec",

@@ -37,6 +37,7 @@ __all__ = [
 SPEC_MODULES: tuple[str, ...] = (
     "lmopt.optim.adamw",
     "lmopt.optim.torch_optim",
+    "lmopt.optim.lowbit",
 )
 
 #: the shape used to quote "state bytes per parameter" (a large hidden matrix; small tensors differ)

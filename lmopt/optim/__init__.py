@@ -2,5 +2,16 @@
 
 from .adamw import Adam, AdamW, adamw
 from .base import LmoptOptimizer, NonFiniteGradientError
+from .lowbit import Adam8bit, AdamW4bit, AdamW8bit, Lion8bit
 
-__all__ = ["Adam", "AdamW", "LmoptOptimizer", "NonFiniteGradientError", "adamw"]
+__all__ = [
+    "Adam",
+    "Adam8bit",
+    "AdamW",
+    "AdamW4bit",
+    "AdamW8bit",
+    "Lion8bit",
+    "LmoptOptimizer",
+    "NonFiniteGradientError",
+    "adamw",
+]
