@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ConfigStruct", "JobStruct", "QmapStruct", "kernel_status", "load"]
+__all__ = ["ConfigStruct", "JobStruct", "QmapStruct", "first_nonfinite", "kernel_status", "load"]
 
 _SOURCE = Path(__file__).with_name("lowbit_cpu.c")
 _LOCK = threading.Lock()
@@ -92,7 +92,7 @@ def _flags() -> list[str]:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]  # FMA is available to the compiler but contraction is off
-    return flags
+    return flags + os.environ.get("LMOPT_KERNEL_CFLAGS", "").split()  # for experiments (e.g. -march=native)
 
 
 def _compiler() -> str | None:
@@ -126,6 +126,9 @@ def _build() -> ctypes.CDLL:
                                       ctypes.c_int]
     lib.lmopt_lowbit_step.restype = ctypes.c_int
     lib.lmopt_lowbit_abi.restype = ctypes.c_int
+    lib.lmopt_first_nonfinite.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                                          ctypes.POINTER(ctypes.c_int32), ctypes.c_int, ctypes.c_int]
+    lib.lmopt_first_nonfinite.restype = ctypes.c_int
     expected = ctypes.sizeof(ConfigStruct) * 1000 + ctypes.sizeof(JobStruct)
     if lib.lmopt_lowbit_abi() != expected:
         raise RuntimeError("kernel structure layout does not match its Python declaration")
@@ -149,6 +152,24 @@ def load() -> ctypes.CDLL | None:
                               "path", RuntimeWarning, stacklevel=3)
         _STATE["lib"] = lib
         return lib
+
+
+def first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
+    """Index of the first tensor holding inf/NaN, -1 when all are finite, or None when the kernel cannot
+    check them (not built, or a tensor that is not a contiguous fp32/bf16 CPU tensor)."""
+    lib = load()
+    if lib is None or not tensors:
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous() or (
+            type(t).__name__ == "DTensor"
+        ):
+            return None
+    count = len(tensors)
+    ptrs = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+    ns = (ctypes.c_int64 * count)(*[t.numel() for t in tensors])
+    bf16 = (ctypes.c_int32 * count)(*[int(t.dtype == torch.bfloat16) for t in tensors])
+    return int(lib.lmopt_first_nonfinite(ptrs, ns, bf16, count, torch.get_num_threads()))
 
 
 def kernel_status() -> str:

@@ -24,8 +24,8 @@
 #define MAX_BLOCK 4096
 
 typedef struct {
-    const uint8_t *lut; /* 2 * nk codes, +3 bytes of padding */
-    const float *mid;   /* ncodes thresholds, last = +inf */
+    const int32_t *lut; /* 2 * nk entries: (c0 << 24) | threshold bits (lmopt/quant/maps.py) */
+    const float *mid;   /* ncodes thresholds, last = +inf (unused by the kernel; kept for checks) */
     const float *val;   /* ncodes values */
     int32_t shift;      /* 23 - M */
     int32_t base;       /* (127 - E) << M */
@@ -94,8 +94,10 @@ static inline int code_of(const qmap_t *q, float x) {
     int32_t mag = (int32_t)(bits & 0x7FFFFFFFu);
     int32_t k = (mag >> q->shift) - q->base;
     if (k < 0) k = 0;
-    int c0 = q->lut[k + s * q->nk];
-    return c0 + (x > q->mid[c0] ? 1 : 0);
+    uint32_t entry = (uint32_t)q->lut[k + s * q->nk];
+    int32_t low_mask = (1 << q->shift) - 1;
+    int32_t key = (mag & low_mask) ^ (s ? low_mask : 0);
+    return (int)(entry >> 24) + (key > (int32_t)(entry & (uint32_t)low_mask) ? 1 : 0);
 }
 static inline int read_code(const uint8_t *codes, int bits, int64_t i) {
     if (bits == 8) return codes[i];
@@ -190,6 +192,27 @@ static inline __m256 load8_p(const config_t *cfg, const job_t *job, int64_t i) {
 static inline __m256 load8_g(const config_t *cfg, const job_t *job, int64_t i) {
     return cfg->g_bf16 ? load8_bf16((const uint16_t *)job->g + i) : _mm256_loadu_ps((const float *)job->g + i);
 }
+/* table lookups: 8 scalar loads beat vpgatherdd on AMD Zen 2/3 (a gather there is ~20 uops) */
+static inline __m256 lookup_ps(const float *table, __m256i idx) {
+#ifdef LMOPT_USE_GATHER
+    return _mm256_i32gather_ps(table, idx, 4);
+#else
+    int32_t ii[8] __attribute__((aligned(32)));
+    _mm256_store_si256((__m256i *)ii, idx);
+    return _mm256_setr_ps(table[ii[0]], table[ii[1]], table[ii[2]], table[ii[3]], table[ii[4]], table[ii[5]],
+                          table[ii[6]], table[ii[7]]);
+#endif
+}
+static inline __m256i lookup_epi32(const int32_t *table, __m256i idx) {
+#ifdef LMOPT_USE_GATHER
+    return _mm256_i32gather_epi32((const int *)table, idx, 4);
+#else
+    int32_t ii[8] __attribute__((aligned(32)));
+    _mm256_store_si256((__m256i *)ii, idx);
+    return _mm256_setr_epi32(table[ii[0]], table[ii[1]], table[ii[2]], table[ii[3]], table[ii[4]], table[ii[5]],
+                             table[ii[6]], table[ii[7]]);
+#endif
+}
 static inline __m256i codes8_load(const uint8_t *codes, int bits, int64_t i) {
     if (bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
     uint32_t w;
@@ -200,7 +223,7 @@ static inline __m256i codes8_load(const uint8_t *codes, int bits, int64_t i) {
 static inline __m256 dequant8(const qmap_t *q, __m256i c, __m256 scale) {
     __m256 v;
     if (q->bits == 8) {
-        v = _mm256_i32gather_ps(q->val, c, 4);
+        v = lookup_ps(q->val, c);
     } else {
         __m256 lo = _mm256_loadu_ps(q->val), hi = _mm256_loadu_ps(q->val + 8);
         __m256 a = _mm256_permutevar8x32_ps(lo, c), b = _mm256_permutevar8x32_ps(hi, c);
@@ -216,11 +239,13 @@ static inline __m256i code8_of(const qmap_t *q, __m256 x) {
     __m256i mag = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));
     __m256i k = _mm256_sub_epi32(_mm256_srlv_epi32(mag, _mm256_set1_epi32(q->shift)), _mm256_set1_epi32(q->base));
     k = _mm256_max_epi32(k, _mm256_setzero_si256());
-    __m256i idx = _mm256_add_epi32(k, _mm256_mullo_epi32(s, _mm256_set1_epi32(q->nk)));
-    __m256i c0 = _mm256_and_si256(_mm256_i32gather_epi32((const int *)q->lut, idx, 1), _mm256_set1_epi32(0xFF));
-    __m256 mid = _mm256_i32gather_ps(q->mid, c0, 4);
-    __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(x, mid, _CMP_GT_OQ));
-    return _mm256_sub_epi32(c0, gt); /* gt is -1 where true */
+    __m256i neg = _mm256_sub_epi32(_mm256_setzero_si256(), s); /* all ones where negative */
+    __m256i idx = _mm256_add_epi32(k, _mm256_and_si256(neg, _mm256_set1_epi32(q->nk)));
+    __m256i entry = lookup_epi32(q->lut, idx);
+    __m256i low_mask = _mm256_set1_epi32((1 << q->shift) - 1);
+    __m256i key = _mm256_xor_si256(_mm256_and_si256(mag, low_mask), _mm256_and_si256(neg, low_mask));
+    __m256i gt = _mm256_cmpgt_epi32(key, _mm256_and_si256(entry, low_mask));
+    return _mm256_sub_epi32(_mm256_srli_epi32(entry, 24), gt); /* gt is -1 where true */
 }
 static inline void codes8_store(uint8_t *codes, int bits, int64_t i, __m256i c) {
     __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
@@ -424,3 +449,83 @@ int lmopt_lowbit_step(const config_t *cfg, const job_t *jobs, int njobs, int nth
 }
 
 int lmopt_lowbit_abi(void) { return (int)(sizeof(config_t) * 1000 + sizeof(job_t)); }
+
+/* ------------------------------------------------------------------------------------ finiteness check */
+/* index of the first tensor holding inf or NaN, or -1: one read of the gradients at memory bandwidth */
+typedef struct {
+    const void *const *ptrs;
+    const int64_t *ns;
+    const int32_t *bf16;
+    int count;
+    int64_t first, last; /* element range over the concatenation */
+    int bad;
+} finite_range_t;
+
+static int64_t count_nonfinite(const void *ptr, int is_bf16, int64_t lo, int64_t hi) {
+    int64_t bad = 0;
+    int64_t i = lo;
+    if (is_bf16) {
+        const uint16_t *x = (const uint16_t *)ptr;
+        for (; i < hi; i++) bad |= ((x[i] & 0x7F80) == 0x7F80);
+        return bad;
+    }
+    const uint32_t *x = (const uint32_t *)ptr;
+#ifdef __AVX2__
+    const __m256i mask = _mm256_set1_epi32(0x7F800000);
+    __m256i acc = _mm256_setzero_si256();
+    for (; i + 8 <= hi; i += 8) {
+        __m256i v = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), mask);
+        acc = _mm256_or_si256(acc, _mm256_cmpeq_epi32(v, mask));
+    }
+    bad |= !_mm256_testz_si256(acc, acc);
+#endif
+    for (; i < hi; i++) bad |= ((x[i] & 0x7F800000u) == 0x7F800000u);
+    return bad;
+}
+
+static void *finite_range(void *arg) {
+    finite_range_t *r = (finite_range_t *)arg;
+    int64_t offset = 0;
+    r->bad = -1;
+    for (int j = 0; j < r->count && offset < r->last; j++) {
+        int64_t n = r->ns[j];
+        int64_t lo = r->first > offset ? r->first - offset : 0;
+        int64_t hi = r->last - offset < n ? r->last - offset : n;
+        if (lo < hi && count_nonfinite(r->ptrs[j], r->bf16[j], lo, hi)) {
+            r->bad = j;
+            return NULL;
+        }
+        offset += n;
+    }
+    return NULL;
+}
+
+int lmopt_first_nonfinite(const void *const *ptrs, const int64_t *ns, const int32_t *bf16, int count, int nthreads) {
+    int64_t total = 0;
+    for (int j = 0; j < count; j++) total += ns[j];
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 64) nthreads = 64;
+    if (total < 65536 * (int64_t)nthreads) nthreads = 1;
+    finite_range_t ranges[64];
+    pthread_t tids[64];
+    for (int t = 0; t < nthreads; t++) {
+        ranges[t].ptrs = ptrs;
+        ranges[t].ns = ns;
+        ranges[t].bf16 = bf16;
+        ranges[t].count = count;
+        ranges[t].first = total * t / nthreads;
+        ranges[t].last = total * (t + 1) / nthreads;
+    }
+    int started = 0;
+    for (int t = 1; t < nthreads; t++) {
+        if (pthread_create(&tids[t], NULL, finite_range, &ranges[t]) != 0) break;
+        started = t;
+    }
+    finite_range(&ranges[0]);
+    for (int t = started + 1; t < nthreads; t++) finite_range(&ranges[t]);
+    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
+    int bad = -1;
+    for (int t = 0; t < nthreads; t++)
+        if (ranges[t].bad >= 0 && (bad < 0 || ranges[t].bad < bad)) bad = ranges[t].bad;
+    return bad;
+}

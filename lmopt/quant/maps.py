@@ -84,7 +84,7 @@ class CodeMap:
         values: sorted fp32 values, ``2**bits`` of them.
         midpoints: ``2**bits`` fp32 thresholds; ``midpoints[c]`` separates codes ``c`` and ``c + 1``; the last is
             +inf.
-        lut: uint8 table of ``2 * lut_buckets`` codes (+3 bytes of padding for 32-bit gathers).
+        lut: int32 table of ``2 * lut_buckets`` entries ``(c0 << 24) | threshold`` (see ``encode_with_lut``).
         lut_exponents: ``E``: magnitudes below ``2**-E`` share the bucket of zero.
         lut_mantissa_bits: ``M``: mantissa bits in the bucket index.
     """
@@ -107,15 +107,25 @@ class CodeMap:
         return torch.bucketize(normalized, self.midpoints[:-1], right=False)
 
     def encode_with_lut(self, normalized: Tensor) -> Tensor:
-        """The same codes, found with the kernel's table method (used to test the table)."""
+        """The same codes, found with the kernel's table method (used to test the table).
+
+        The bucket of ``x`` is its sign, exponent and top ``M`` mantissa bits. A bucket's entry holds the code
+        ``c0`` of its lowest value and, when a midpoint falls inside the bucket, that midpoint's remaining
+        mantissa bits (flipped for negative buckets, where a larger magnitude is a smaller value): the code is
+        ``c0 + (low bits of x > threshold)``, exact because ``x`` and the midpoint share all higher bits. One
+        table read per element.
+        """
         x = normalized.float().clamp(-1.0, 1.0).contiguous()
         bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         sign = bits >> 31
         mag = bits & 0x7FFFFFFF
+        shift = 23 - self.lut_mantissa_bits
+        low_mask = (1 << shift) - 1
         base = (127 - self.lut_exponents) << self.lut_mantissa_bits
-        bucket = ((mag >> (23 - self.lut_mantissa_bits)) - base).clamp_min(0) + sign * self.lut_buckets
-        c0 = self.lut[bucket].to(torch.int64)
-        return c0 + (x > self.midpoints[c0]).to(torch.int64)
+        bucket = ((mag >> shift) - base).clamp_min(0) + sign * self.lut_buckets
+        entry = self.lut[bucket].to(torch.int64) & 0xFFFFFFFF
+        key = (mag & low_mask) ^ (sign * low_mask)
+        return (entry >> 24) + (key > (entry & low_mask)).to(torch.int64)
 
     def decode(self, codes: Tensor) -> Tensor:
         return self.values[codes.to(torch.int64)]
@@ -127,7 +137,7 @@ class CodeMap:
 def _build(name: str, values: Tensor, signed: bool, bits: int) -> CodeMap:
     values = values.to(torch.float32).contiguous()
     midpoints = torch.cat([(values[:-1] + values[1:]) / 2, torch.tensor([float("inf")])])
-    for exponents in (24, 28, 32):
+    for exponents in (23, 24, 28, 32):
         for mantissa_bits in (6, 8, 10):
             lut = _build_lut(values, midpoints, exponents, mantissa_bits)
             if lut is not None:
@@ -136,7 +146,10 @@ def _build(name: str, values: Tensor, signed: bool, bits: int) -> CodeMap:
 
 
 def _build_lut(values: Tensor, midpoints: Tensor, exponents: int, mantissa_bits: int) -> Tensor | None:
+    """int32 table: per bucket ``(c0 << 24) | threshold`` (see :meth:`CodeMap.encode_with_lut`), or None when
+    some bucket holds two midpoints (then a finer table is tried)."""
     shift = 23 - mantissa_bits
+    low_mask = (1 << shift) - 1
     base = (127 - exponents) << mantissa_bits
     buckets = (exponents << mantissa_bits) + 1
     k = torch.arange(buckets, dtype=torch.int64)
@@ -146,18 +159,20 @@ def _build_lut(values: Tensor, midpoints: Tensor, exponents: int, mantissa_bits:
     end[-1] = 0x3F800000  # the top bucket holds 1.0 only (inputs are clamped to [-1, 1])
     lo = start.to(torch.int32).view(torch.float32)
     hi = end.to(torch.int32).view(torch.float32)
-    if bool((values.abs().max() > 1.0)):
+    if bool(values.abs().max() > 1.0):
         return None
     inner = midpoints[:-1]
     table = []
-    for low_value, high_value in ((lo, hi), (-hi, -lo)):  # positive buckets, then negative ones
+    for sign, (low_value, high_value) in enumerate(((lo, hi), (-hi, -lo))):  # positive buckets, then negative
         c0 = torch.bucketize(low_value, inner, right=False)
         c1 = torch.bucketize(high_value, inner, right=False)
-        if bool((c1 > c0 + 1).any()):
+        if bool((c1 > c0 + 1).any()) or bool(c1[0] != c0[0]):  # the merged bucket 0 may hold no midpoint
             return None
-        table.append(c0)
-    lut = torch.cat(table).to(torch.uint8)
-    return torch.cat([lut, torch.zeros(3, dtype=torch.uint8)])
+        has_mid = c1 == c0 + 1
+        mid_bits = midpoints[c0.clamp_max(len(inner) - 1)].view(torch.int32).to(torch.int64) & low_mask
+        threshold = torch.where(has_mid, mid_bits ^ (low_mask if sign else 0), torch.full_like(c0, low_mask))
+        table.append((c0 << 24) | threshold)
+    return torch.cat(table).to(torch.int32)
 
 
 #: the maps lmopt uses, by name: de = dynamic exponent, s / u = signed / unsigned, lin4 = zero-free linear
