@@ -7,8 +7,10 @@ Public API (everything else is internal):
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
 """
 
+from . import schedules, train
 from .optim import Adam, Adam8bit, AdamW, AdamW4bit, AdamW8bit, Lion8bit, LmoptOptimizer, NonFiniteGradientError
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
+from .recipes import Recipe, recipe
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
 
 __version__ = "0.1.0"
@@ -23,6 +25,7 @@ __all__ = [
     "LmoptOptimizer",
     "NonFiniteGradientError",
     "OptimizerSpec",
+    "Recipe",
     "ParamGroups",
     "ParamInfo",
     "StateTensor",
@@ -32,4 +35,7 @@ __all__ = [
     "get_spec",
     "list_optimizers",
     "param_groups",
+    "recipe",
+    "schedules",
+    "train",
 ]

@@ -62,6 +62,8 @@ class OptimSpec:
         dtypes: parameter dtypes the optimizer supports.
         build: builds the optimizer for a model and a variant (default: ``create_optimizer(name, params)``).
         step: one training step (default: zero_grad, MSE backward, step); Sophia-style optimizers override.
+        distributed: checked on FSDP2 (DTensor) parameters against an unsharded run (tests/test_distributed.py).
+        distributed_tol: largest relative difference allowed there (reductions run in another order).
     """
 
     name: str
@@ -77,6 +79,8 @@ class OptimSpec:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     build: Builder | None = None
     step: StepFn = default_step
+    distributed: bool = True
+    distributed_tol: float = 1e-5
 
     def make(self, model: nn.Module, variant: dict[str, Any]) -> torch.optim.Optimizer:
         if self.build is not None:
@@ -180,8 +184,10 @@ OPTIM_DB: list[OptimSpec] = [
     # torch's eps=1e-8 underflows in fp16 (0/0 = NaN): torch's own limitation, so fp16 is not claimed
     OptimSpec(name="rmsprop", variants=[{"lr": 1e-3}, {"lr": 1e-3, "momentum": 0.9, "centered": True}],
               lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16), invalid=[({"lr": -1.0}, "learning rate")]),
-    OptimSpec(name="radam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16), invalid=[({"lr": -1.0}, "learning rate")]),
-    OptimSpec(name="nadam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16), invalid=[({"lr": -1.0}, "learning rate")]),
+    OptimSpec(name="radam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16),
+              invalid=[({"lr": -1.0}, "learning rate")]),
+    OptimSpec(name="nadam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16),
+              invalid=[({"lr": -1.0}, "learning rate")]),
     # ------------------------------------------------------- low-bit state: 8-bit / 4-bit moments (issue 5)
     # the quantized trajectories are checked against bitsandbytes / torchao in tests/test_lowbit_peers.py;
     # the alias entries run with the default threshold (every test tensor is small -> fp32 moments), which

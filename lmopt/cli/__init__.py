@@ -13,6 +13,8 @@ __all__ = ["main", "SUBCOMMANDS"]
 
 SUBCOMMANDS: tuple[str, ...] = (
     "lmopt.cli.list_cmd",
+    "lmopt.cli.schedule_cmd",
+    "lmopt.cli.recipe_cmd",
 )
 
 

@@ -105,8 +105,11 @@ def _upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
 
 def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
     pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
-    if pairs:
+    if pairs and not is_dtensor(pairs[0][0]):
         torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+    else:  # DTensor has no sharding rule for _foreach_copy_
+        for d, s in pairs:
+            d.copy_(s)
 
 
 def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,
@@ -210,11 +213,11 @@ def adamw(
     amsgrad: bool = False,
     maximize: bool = False,
     implementation: Implementation = "auto",
-) -> None:
+) -> str:
     """Functional Adam/AdamW/AMSGrad step over lists of tensors (see the module docstring for the rule).
 
     Updates ``params``, the moments and ``state_steps`` in place. ``decoupled=False`` is Adam with an L2
-    penalty added to the gradient.
+    penalty added to the gradient. Returns the implementation that ran (what ``"auto"`` chose).
     """
     if implementation == "auto":
         implementation = "fused" if fused_applies(params, exp_avgs) else "foreach"
@@ -227,6 +230,7 @@ def adamw(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
     )
+    return implementation
 
 
 class AdamW(LmoptOptimizer):
@@ -296,7 +300,7 @@ class AdamW(LmoptOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adamw(
+        self._implementation_used[id(group)] = adamw(
             params,
             grads,
             [s["exp_avg"] for s in states],

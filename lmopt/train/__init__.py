@@ -1,0 +1,50 @@
+"""Training-loop practice: clipping, accumulation, z-loss, health monitoring, complete checkpoints, a loop.
+
+* :func:`clip_grad_norm` -- global-norm clipping over all param groups, returning the pre-clip norm and factor
+* :class:`GradientAccumulator` -- k micro-batches equal one large batch (by 1/k or by tokens)
+* :func:`z_loss`, :func:`cross_entropy_with_z_loss` -- PaLM's z-loss
+* :class:`HealthMonitor` -- loss spikes, gradient norms, clip rate, update ratios, NaN/inf, with suggestions
+* :func:`save_checkpoint`, :func:`load_checkpoint`, :class:`CheckpointManager`, :class:`PreemptionHandler`
+* :func:`fit` -- the reference training loop that uses all of the above
+"""
+
+from .accumulate import GradientAccumulator
+from .checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointManager,
+    PreemptionHandler,
+    TrainState,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .clip import ClipResult, clip_grad_norm
+from .fit import FitResult, StepInfo, fit, lm_loss
+from .monitor import SUGGESTIONS, HealthEvent, HealthMonitor
+from .zloss import cross_entropy_with_z_loss, z_loss
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SUGGESTIONS",
+    "CheckpointError",
+    "CheckpointManager",
+    "ClipResult",
+    "FitResult",
+    "GradientAccumulator",
+    "HealthEvent",
+    "HealthMonitor",
+    "PreemptionHandler",
+    "StepInfo",
+    "TrainState",
+    "capture_rng_state",
+    "clip_grad_norm",
+    "cross_entropy_with_z_loss",
+    "fit",
+    "lm_loss",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+    "z_loss",
+]

@@ -1,0 +1,126 @@
+"""Gradient accumulation: k micro-batches give the gradient of one large batch.
+
+Two weightings:
+
+* ``"mean"`` -- each micro-batch loss (a mean over its tokens) is scaled by ``1/k`` before ``backward``: exact
+  when every micro-batch holds the same number of tokens;
+* ``"tokens"`` -- micro-batches differ in size (padding, packing): the loss of micro-batch ``i`` (a mean over
+  its ``n_i`` tokens) is scaled by ``n_i`` before ``backward`` and, after the last one, the gradients are
+  divided by ``sum(n_i)``. The result is the gradient of the mean over all tokens of the large batch, without
+  knowing the total in advance.
+
+The optimizer steps once, after the last micro-batch (:attr:`GradientAccumulator.is_last` says when). With a
+GradScaler, pass it: losses are scaled with it. With DistributedDataParallel, pass the model: gradients are
+synchronised only on the last micro-batch (``no_sync`` for the others).
+
+Example:
+    >>> acc = GradientAccumulator(optimizer, steps=4, weighting="tokens")
+    >>> for micro in micro_batches:                       # 4 of them
+    ...     loss = lm_loss(model, micro)                  # mean over the micro-batch's tokens
+    ...     acc.backward(loss, tokens=int((micro["labels"] != -100).sum()))
+    >>> mean_loss = acc.finish()                          # gradients now hold the large batch's
+    >>> clip_grad_norm(optimizer, 1.0); optimizer.step(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = ["GradientAccumulator"]
+
+
+class GradientAccumulator:
+    """Scale micro-batch losses so that accumulated gradients equal those of one large batch.
+
+    Args:
+        optimizer: the optimizer whose parameters receive the gradients.
+        steps: micro-batches per optimizer step (k >= 1).
+        weighting: ``"mean"`` (scale by 1/k) or ``"tokens"`` (scale by each micro-batch's token count, then
+            divide by the total in :meth:`finish`).
+        scaler: an optional GradScaler; losses are scaled with it.
+        model: an optional model; when it has ``no_sync`` (DDP), all micro-batches but the last run inside it.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        steps: int,
+        *,
+        weighting: Literal["mean", "tokens"] = "mean",
+        scaler: torch.amp.GradScaler | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if weighting not in ("mean", "tokens"):
+            raise ValueError(f"weighting must be 'mean' or 'tokens', got {weighting!r}")
+        self.optimizer = optimizer
+        self.steps = steps
+        self.weighting = weighting
+        self.scaler = scaler
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the micro-batches of the current step (the gradients are left as they are)."""
+        self.micro_step = 0
+        self.tokens = 0
+        self._loss_sum: Tensor | None = None
+
+    @property
+    def is_last(self) -> bool:
+        """True when the next :meth:`backward` is the last micro-batch of the step."""
+        return self.micro_step == self.steps - 1
+
+    def backward(self, loss: Tensor, *, tokens: int | None = None) -> bool:
+        """Backpropagate one micro-batch's mean ``loss``; return True when it was the last one of the step."""
+        if self.micro_step >= self.steps:
+            raise RuntimeError(f"all {self.steps} micro-batches of this step are done; call finish() first")
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("loss must be a scalar tensor (the mean over the micro-batch)")
+        if self.weighting == "tokens":
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise ValueError(
+                    f"tokens must be the micro-batch's token count (an integer >= 0), got {tokens!r}"
+                )
+            weight = float(tokens)
+            self.tokens += tokens
+        else:
+            weight = 1.0 / self.steps
+            if tokens is not None:
+                self.tokens += int(tokens)
+        scaled = loss * weight
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        last = self.is_last
+        sync_off = getattr(self.model, "no_sync", None)
+        ctx = sync_off() if (sync_off is not None and not last) else contextlib.nullcontext()
+        with ctx:
+            scaled.backward()
+        detached = loss.detach().float() * weight
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self.micro_step += 1
+        return last
+
+    @torch.no_grad()
+    def finish(self) -> Tensor:
+        """End the step: normalise token-weighted gradients; return the large batch's mean loss (a tensor)."""
+        if self.micro_step != self.steps:
+            raise RuntimeError(f"finish() after {self.micro_step} of {self.steps} micro-batches")
+        loss = self._loss_sum if self._loss_sum is not None else torch.zeros(())
+        if self.weighting == "tokens":
+            if self.tokens == 0:
+                raise ValueError("no tokens in any micro-batch of this step: the mean loss is undefined")
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, float(self.tokens))
+            loss = loss / self.tokens
+        self.reset()
+        return loss

@@ -1,0 +1,75 @@
+"""The registry: names, aliases, errors, exact state declarations, and the `lmopt list` command."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmopt
+from lmopt.cli import main
+from lmopt.registry import create_optimizer, get_spec, list_optimizers, resolve_name
+
+
+def test_hugging_face_and_lmopt_aliases():
+    assert get_spec("adamw_torch").name == "adamw"
+    spec, implied = resolve_name("adamw_torch_fused")
+    assert spec.name == "adamw" and implied == {"implementation": "fused"}
+    assert get_spec("AdamW").name == "adamw"  # case-insensitive
+    opt = create_optimizer("adamw_torch_fused", [torch.nn.Parameter(torch.zeros(3))])
+    assert opt.param_groups[0]["implementation"] == "fused"
+
+
+def test_torch_optim_entries_are_torch_classes():
+    for name, cls in [("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad), ("rmsprop", torch.optim.RMSprop),
+                      ("radam", torch.optim.RAdam), ("nadam", torch.optim.NAdam)]:
+        assert get_spec(name).cls is cls
+    opt = create_optimizer("sgd_nesterov", [torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adamww'.*'adamw'"):
+        get_spec("adamww")
+    with pytest.raises(ValueError, match="lmopt list"):
+        get_spec("definitely-not-an-optimizer")
+
+
+def test_unknown_hyperparameter_names_what_is_accepted():
+    with pytest.raises(ValueError, match=r"does not take 'beta1'.*betas"):
+        create_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2))], beta1=0.9)
+
+
+def test_every_entry_is_complete():
+    names = set()
+    for spec in list_optimizers():
+        assert spec.name == spec.name.lower() and spec.paper and spec.summary
+        assert issubclass(spec.cls, torch.optim.Optimizer)
+        for alias in spec.aliases:
+            assert alias not in names
+            names.add(alias)
+        names.add(spec.name)
+        assert spec.bytes_per_parameter() >= 0
+
+
+def test_state_bytes_rule():
+    adamw = get_spec("adamw")
+    assert adamw.state_bytes((10, 10)) == 4 + 2 * 100 * 4
+    assert adamw.state_bytes((10, 10), state_dtype="bf16") == 4 + 2 * 100 * 2
+    assert adamw.state_bytes((10, 10), torch.bfloat16) == 4 + 2 * 100 * 2
+    assert get_spec("amsgrad").bytes_per_parameter() == pytest.approx(12.0, rel=1e-6)
+    assert get_spec("sgd").state_bytes((5,)) == 0
+    assert get_spec("sgd").state_bytes((5,), momentum=0.9) == 20
+
+
+def test_public_api_is_explicit():
+    for name in lmopt.__all__:
+        assert hasattr(lmopt, name), name
+
+
+def test_cli_list(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for spec in list_optimizers():
+        assert spec.name in out
+    assert "adamw_torch_fused" in out and "8.000" in out
