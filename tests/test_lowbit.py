@@ -321,24 +321,36 @@ def test_a_kernel_step_allocates_no_full_model_temporaries():
 
 
 # ------------------------------------------------------------------------------ bf16 without a master copy
-def _bf16_drift(rounding: str | None, steps: int = 200) -> float:
-    """Distance between a bf16 run (no master copy) and the fp32 run of the same problem."""
+OPTIMIZERS = {
+    "AdamW8bit": lambda p, r: lmopt.AdamW8bit([p], lr=2e-4, weight_decay=0.0, param_rounding=r),
+    "AdamW4bit": lambda p, r: lmopt.AdamW4bit([p], lr=2e-4, weight_decay=0.0, param_rounding=r),
+    "Lion8bit": lambda p, r: lmopt.Lion8bit([p], lr=2e-4, param_rounding=r),
+    "AdamW fp32 state": lambda p, r: lmopt.AdamW([p], lr=2e-4, weight_decay=0.0, state_dtype="fp32",
+                                                 param_rounding=r),
+    "AdamW bf16 state": lambda p, r: lmopt.AdamW([p], lr=2e-4, weight_decay=0.0, state_dtype="bf16",
+                                                 param_rounding=r),
+}
+
+
+def _bf16_drift(name: str, rounding: str | None, steps: int = 200) -> float:
+    """Mean parameter after ``steps`` of a bf16 run (no master copy), or of the fp32 run when rounding is None."""
     torch.manual_seed(0)
     target = torch.full((8192,), 1.05)
     start = 1.0 + torch.rand(8192) * 0.01
     p = torch.nn.Parameter(start.clone().to(torch.bfloat16 if rounding else torch.float32))
-    opt = lmopt.AdamW8bit([p], lr=2e-4, weight_decay=0.0, param_rounding=rounding or "nearest")
+    opt = OPTIMIZERS[name](p, rounding or "nearest")
     for _ in range(steps):
         p.grad = (p.detach().float() - target).to(p.dtype)
         opt.step()
     return p.detach().float().mean().item()
 
 
-def test_plain_bf16_rounding_stalls_where_stochastic_and_kahan_track_fp32():
-    fp32 = _bf16_drift(None)
-    moved = fp32 - 1.005  # Adam moves ~lr per step: ~0.04 in 200 steps
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_plain_bf16_rounding_stalls_where_stochastic_and_kahan_track_fp32(name):
+    fp32 = _bf16_drift(name, None)
+    moved = fp32 - 1.005  # Adam and Lion move ~lr per step: ~0.04 in 200 steps
     assert moved > 0.03
-    nearest, stochastic, kahan = (_bf16_drift(r) for r in ("nearest", "stochastic", "kahan"))
+    nearest, stochastic, kahan = (_bf16_drift(name, r) for r in ("nearest", "stochastic", "kahan"))
     assert abs(nearest - 1.005) < 0.01  # lr * update is below half a bf16 ulp at 1.0 (2**-8): no movement
     assert abs(stochastic - fp32) < 0.1 * moved
     assert abs(kahan - fp32) < 0.1 * moved
