@@ -71,7 +71,7 @@ def batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=g)
-        window = torch.stack([data[s: s + seq + 1] for s in starts.tolist()])
+        window = torch.stack([data[s : s + seq + 1] for s in starts.tolist()])
         yield window[:, :-1], window[:, 1:]
 
 
@@ -81,7 +81,8 @@ def run(name: str, make_opt, args, train: torch.Tensor, val: torch.Tensor) -> di
     opt = make_opt(lmopt.param_groups(model, weight_decay=0.1))
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+    )
     losses = []
     start = time.perf_counter()
     for x, y in batches(train, args.steps, args.batch, args.seq, seed=1):
@@ -95,16 +96,27 @@ def run(name: str, make_opt, args, train: torch.Tensor, val: torch.Tensor) -> di
     elapsed = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
-        val_losses = [F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item()
-                      for x, y in batches(val, args.eval_batches, args.batch, args.seq, seed=2)]
-    tail = losses[-max(1, args.steps // 10):]
+        val_losses = [
+            F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item()
+            for x, y in batches(val, args.eval_batches, args.batch, args.seq, seed=2)
+        ]
+    tail = losses[-max(1, args.steps // 10) :]
     summary = getattr(opt, "state_summary", lambda: "")()
     state_bytes = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{name}: val {sum(val_losses) / len(val_losses):.4f}, train tail {sum(tail) / len(tail):.4f}, "
-          f"{elapsed:.0f} s; {summary}", flush=True)
-    return {"name": name, "val": sum(val_losses) / len(val_losses), "train": sum(tail) / len(tail),
-            "seconds": elapsed, "state_bytes": state_bytes, "params": n_params}
+    print(
+        f"{name}: val {sum(val_losses) / len(val_losses):.4f}, train tail {sum(tail) / len(tail):.4f}, "
+        f"{elapsed:.0f} s; {summary}",
+        flush=True,
+    )
+    return {
+        "name": name,
+        "val": sum(val_losses) / len(val_losses),
+        "train": sum(tail) / len(tail),
+        "seconds": elapsed,
+        "state_bytes": state_bytes,
+        "params": n_params,
+    }
 
 
 def main() -> None:
@@ -146,7 +158,8 @@ def main() -> None:
     for r in results:
         lines.append(
             f"| {r['name']} | {r['val']:.4f} | {100 * (r['val'] / base['val'] - 1):+.2f}% | {r['train']:.4f} | "
-            f"{100 * (r['train'] / base['train'] - 1):+.2f}% | {r['state_bytes']:,} | {r['seconds']:.0f} |")
+            f"{100 * (r['train'] / base['train'] - 1):+.2f}% | {r['state_bytes']:,} | {r['seconds']:.0f} |"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

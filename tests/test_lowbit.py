@@ -41,13 +41,19 @@ def test_lookup_table_finds_the_nearest_code(name):
     cm = code_map(name)
     g = torch.Generator().manual_seed(0)
     inner = cm.midpoints[:-1]
-    x = torch.cat([
-        torch.rand(20000, generator=g) * 2 - 1,
-        torch.randn(20000, generator=g) * 1e-3,
-        torch.rand(2000, generator=g) * 1e-6,
-        torch.tensor([0.0, -0.0, 1.0, -1.0]),
-        inner, inner.nextafter(torch.tensor(2.0)), inner.nextafter(torch.tensor(-2.0)), cm.values, -cm.values,
-    ]).clamp(-1, 1)
+    x = torch.cat(
+        [
+            torch.rand(20000, generator=g) * 2 - 1,
+            torch.randn(20000, generator=g) * 1e-3,
+            torch.rand(2000, generator=g) * 1e-6,
+            torch.tensor([0.0, -0.0, 1.0, -1.0]),
+            inner,
+            inner.nextafter(torch.tensor(2.0)),
+            inner.nextafter(torch.tensor(-2.0)),
+            cm.values,
+            -cm.values,
+        ]
+    ).clamp(-1, 1)
     assert torch.equal(cm.encode(x), cm.encode_with_lut(x))
     # the rule is "nearest value": no other code is closer (up to the rounding of the fp32 midpoints)
     err = (cm.decode(cm.encode(x)) - x).abs()
@@ -151,8 +157,9 @@ def test_quantized_state_checks_its_tensors():
 @pytest.mark.parametrize("kind", ["first", "second"])
 def test_moment_helpers_match_their_registry_rule(precision, kind):
     param = torch.randn(40, 33)
-    fmt = MomentFormat(precision, kind, block_size=32 if precision in ("8bit", "4bit") else None,
-                       min_quantized_numel=100)
+    fmt = MomentFormat(
+        precision, kind, block_size=32 if precision in ("8bit", "4bit") else None, min_quantized_numel=100
+    )
     state: dict = {}
     init_moment(state, "exp_avg", param, fmt)
     declared = {t.name: t for t in moment_state("exp_avg", tuple(param.shape), param.dtype, fmt)}
@@ -203,15 +210,27 @@ def _steps(params, opts, dtype, steps=4, seed=1):
             opt.step()
 
 
-CLASSES = [(lmopt.AdamW8bit, {}), (lmopt.AdamW4bit, {"weight_decay": 0.1}), (lmopt.Adam8bit, {"weight_decay": 0.1}),
-           (lmopt.Lion8bit, {"weight_decay": 0.5}), (lmopt.AdamW8bit, {"maximize": True, "block_size": 64})]
-KERNEL_CASES = [(c, kw, dt, r) for c, kw in CLASSES for dt, rs in ((torch.float32, ["nearest"]),
-                (torch.bfloat16, ["nearest", "stochastic", "kahan"])) for r in rs]
+CLASSES = [
+    (lmopt.AdamW8bit, {}),
+    (lmopt.AdamW4bit, {"weight_decay": 0.1}),
+    (lmopt.Adam8bit, {"weight_decay": 0.1}),
+    (lmopt.Lion8bit, {"weight_decay": 0.5}),
+    (lmopt.AdamW8bit, {"maximize": True, "block_size": 64}),
+]
+KERNEL_CASES = [
+    (c, kw, dt, r)
+    for c, kw in CLASSES
+    for dt, rs in ((torch.float32, ["nearest"]), (torch.bfloat16, ["nearest", "stochastic", "kahan"]))
+    for r in rs
+]
 
 
 @pytest.mark.skipif(not KERNEL, reason="CPU kernel unavailable")
-@pytest.mark.parametrize(("cls", "kw", "dtype", "rounding"), KERNEL_CASES,
-                         ids=[f"{c.__name__}-{i}-{str(d)[6:]}-{r}" for i, (c, kw, d, r) in enumerate(KERNEL_CASES)])
+@pytest.mark.parametrize(
+    ("cls", "kw", "dtype", "rounding"),
+    KERNEL_CASES,
+    ids=[f"{c.__name__}-{i}-{str(d)[6:]}-{r}" for i, (c, kw, d, r) in enumerate(KERNEL_CASES)],
+)
 def test_kernel_matches_reference_bit_for_bit(cls, kw, dtype, rounding):
     params, opts = _pair(cls, dtype, param_rounding=rounding, **kw)
     _steps(params, opts, dtype)
@@ -262,8 +281,7 @@ def test_summary_shows_small_tensors_kept_in_fp32():
     opt = lmopt.AdamW4bit([big, small])
     (big.sum() + small.sum()).backward()
     opt.step()
-    assert set(opt.state[big]) == {"step", "exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes",
-                                   "exp_avg_sq_scales"}
+    assert set(opt.state[big]) == {"step", "exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales"}
     assert set(opt.state[small]) == {"step", "exp_avg", "exp_avg_sq"}
     summary = opt.state_summary()
     assert "1 tensors with 4bit state" in summary and "1 small tensors (< 4096 elements)" in summary
@@ -325,10 +343,8 @@ OPTIMIZERS = {
     "AdamW8bit": lambda p, r: lmopt.AdamW8bit([p], lr=2e-4, weight_decay=0.0, param_rounding=r),
     "AdamW4bit": lambda p, r: lmopt.AdamW4bit([p], lr=2e-4, weight_decay=0.0, param_rounding=r),
     "Lion8bit": lambda p, r: lmopt.Lion8bit([p], lr=2e-4, param_rounding=r),
-    "AdamW fp32 state": lambda p, r: lmopt.AdamW([p], lr=2e-4, weight_decay=0.0, state_dtype="fp32",
-                                                 param_rounding=r),
-    "AdamW bf16 state": lambda p, r: lmopt.AdamW([p], lr=2e-4, weight_decay=0.0, state_dtype="bf16",
-                                                 param_rounding=r),
+    "AdamW fp32 state": lambda p, r: lmopt.AdamW([p], lr=2e-4, weight_decay=0.0, state_dtype="fp32", param_rounding=r),
+    "AdamW bf16 state": lambda p, r: lmopt.AdamW([p], lr=2e-4, weight_decay=0.0, state_dtype="bf16", param_rounding=r),
 }
 
 

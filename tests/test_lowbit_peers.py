@@ -60,13 +60,17 @@ def test_dynamic_maps_equal_bitsandbytes():
     functional = pytest.importorskip("bitsandbytes.functional")
     from lmopt.quant import dynamic_exponent_map
 
-    assert torch.equal(dynamic_exponent_map(signed=True, exponent_bits=7, total_bits=8),
-                       functional.create_dynamic_map(signed=True))
-    assert torch.equal(dynamic_exponent_map(signed=False, exponent_bits=7, total_bits=8),
-                       functional.create_dynamic_map(signed=False))
+    assert torch.equal(
+        dynamic_exponent_map(signed=True, exponent_bits=7, total_bits=8), functional.create_dynamic_map(signed=True)
+    )
+    assert torch.equal(
+        dynamic_exponent_map(signed=False, exponent_bits=7, total_bits=8), functional.create_dynamic_map(signed=False)
+    )
     four = functional.create_dynamic_map(True, 3, 4)  # padded with zeros to 256 entries by bitsandbytes
-    assert torch.equal(dynamic_exponent_map(signed=True, exponent_bits=3, total_bits=4),
-                       torch.cat([four[four < 0], torch.zeros(1), four[four > 0]]))
+    assert torch.equal(
+        dynamic_exponent_map(signed=True, exponent_bits=3, total_bits=4),
+        torch.cat([four[four < 0], torch.zeros(1), four[four > 0]]),
+    )
 
 
 def test_adamw8bit_tracks_bitsandbytes():

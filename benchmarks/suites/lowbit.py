@@ -74,13 +74,25 @@ def record_finite_norm(optimizer):
 
 CASES = [
     Case("torch.optim.AdamW fused (fp32 state)", "adamw", "torch_fused", peer=True, bytes_per_param=28.0),
-    Case("lmopt AdamW8bit", "adamw", "lmopt_adamw8bit", bytes_per_param=16.0,
-         note="C kernel; includes the inf/NaN check of the gradients"),
-    Case("lmopt AdamW8bit, norm from clipping", "adamw", "lmopt_adamw8bit", prepare="record_finite_norm",
-         bytes_per_param=16.0, note="global norm recorded by clipping replaces the check"),
+    Case(
+        "lmopt AdamW8bit",
+        "adamw",
+        "lmopt_adamw8bit",
+        bytes_per_param=16.0,
+        note="C kernel; includes the inf/NaN check of the gradients",
+    ),
+    Case(
+        "lmopt AdamW8bit, norm from clipping",
+        "adamw",
+        "lmopt_adamw8bit",
+        prepare="record_finite_norm",
+        bytes_per_param=16.0,
+        note="global norm recorded by clipping replaces the check",
+    ),
     Case("lmopt AdamW4bit", "adamw", "lmopt_adamw4bit", bytes_per_param=14.0),
-    Case("lmopt AdamW8bit for_loop (PyTorch reference path)", "adamw", "lmopt_adamw8bit_reference",
-         bytes_per_param=16.0),
+    Case(
+        "lmopt AdamW8bit for_loop (PyTorch reference path)", "adamw", "lmopt_adamw8bit_reference", bytes_per_param=16.0
+    ),
     Case("bitsandbytes AdamW8bit", "adamw", "bnb_adamw8bit", peer=True, bytes_per_param=16.0),
     Case("torchao AdamW8bit", "adamw", "torchao_adamw8bit", peer=True, bytes_per_param=16.0),
     Case("torchao AdamW4bit", "adamw", "torchao_adamw4bit", peer=True, bytes_per_param=14.0),

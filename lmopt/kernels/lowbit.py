@@ -117,18 +117,28 @@ def _build() -> ctypes.CDLL:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True,
-                                  text=True, check=False)
+            proc = subprocess.run(
+                [cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, check=False
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"building {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
             os.replace(out, target)  # atomic: concurrent builders never see a half-written library
     lib = ctypes.CDLL(str(target))
-    lib.lmopt_lowbit_step.argtypes = [ctypes.POINTER(ConfigStruct), ctypes.POINTER(JobStruct), ctypes.c_int,
-                                      ctypes.c_int]
+    lib.lmopt_lowbit_step.argtypes = [
+        ctypes.POINTER(ConfigStruct),
+        ctypes.POINTER(JobStruct),
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
     lib.lmopt_lowbit_step.restype = ctypes.c_int
     lib.lmopt_lowbit_abi.restype = ctypes.c_int
-    lib.lmopt_first_nonfinite.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
-                                          ctypes.POINTER(ctypes.c_int32), ctypes.c_int, ctypes.c_int]
+    lib.lmopt_first_nonfinite.argtypes = [
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
     lib.lmopt_first_nonfinite.restype = ctypes.c_int
     expected = ctypes.sizeof(ConfigStruct) * 1000 + ctypes.sizeof(JobStruct)
     if lib.lmopt_lowbit_abi() != expected:
@@ -149,8 +159,11 @@ def load() -> ctypes.CDLL | None:
                 lib = _build()
             except Exception as exc:  # any build problem: fall back, loudly, once
                 _STATE["error"] = str(exc)
-                warnings.warn(f"lmopt: the CPU low-bit kernel is unavailable ({exc}); using the slower PyTorch "
-                              "path", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"lmopt: the CPU low-bit kernel is unavailable ({exc}); using the slower PyTorch path",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         _STATE["lib"] = lib
         return lib
 
@@ -162,8 +175,11 @@ def first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
     if lib is None or not tensors:
         return None
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous() or (
-            type(t).__name__ == "DTensor"
+        if (
+            t.device.type != "cpu"
+            or t.dtype not in (torch.float32, torch.bfloat16)
+            or not t.is_contiguous()
+            or (type(t).__name__ == "DTensor")
         ):
             return None
     count = len(tensors)

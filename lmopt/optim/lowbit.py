@@ -75,9 +75,15 @@ def _check_min_numel(value: Any) -> None:
 
 def _qmap_struct(name: str) -> kernel_module.QmapStruct:
     cm = code_map(name)
-    return kernel_module.QmapStruct(cm.lut.data_ptr(), cm.midpoints.data_ptr(), cm.values.data_ptr(),
-                                    23 - cm.lut_mantissa_bits, (127 - cm.lut_exponents) << cm.lut_mantissa_bits,
-                                    cm.lut_buckets, cm.bits)
+    return kernel_module.QmapStruct(
+        cm.lut.data_ptr(),
+        cm.midpoints.data_ptr(),
+        cm.values.data_ptr(),
+        23 - cm.lut_mantissa_bits,
+        (127 - cm.lut_exponents) << cm.lut_mantissa_bits,
+        cm.lut_buckets,
+        cm.bits,
+    )
 
 
 class LowBitOptimizer(LmoptOptimizer):
@@ -157,8 +163,16 @@ class LowBitOptimizer(LmoptOptimizer):
             else:
                 self._reference_step(group, p, g, s, seeds.get(id(p), 0))
         for (p_bf16, g_bf16), idx in fused.items():
-            self._kernel_step(lib, group, [params[i] for i in idx], [grads[i] for i in idx],
-                              [states[i] for i in idx], seeds, p_bf16, g_bf16)
+            self._kernel_step(
+                lib,
+                group,
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                [states[i] for i in idx],
+                seeds,
+                p_bf16,
+                g_bf16,
+            )
 
     def _param_seeds(self) -> dict[int, int]:
         # a parameter's stochastic-rounding seed is its position in the optimizer: stable across a resume
@@ -179,10 +193,23 @@ class LowBitOptimizer(LmoptOptimizer):
         second = self._format(group, self.moments[-1][1])
         qm = _qmap_struct(first.qmap)
         cfg = kernel_module.ConfigStruct(
-            algo=0 if self.algorithm == "adam" else 1, p_bf16=int(p_bf16), g_bf16=int(g_bf16), block=first.blocks,
-            decoupled=int(self._decoupled), maximize=int(group["maximize"]),
-            rounding=_ROUNDING_CODE[group["param_rounding"]], has_wd=int(wd != 0.0), beta1=beta1, beta2=beta2,
-            omb1=1 - beta1, omb2=1 - beta2, eps=float(group.get("eps", 0.0)), wd=wd, lrwd=lr * wd, lr=lr, qm=qm,
+            algo=0 if self.algorithm == "adam" else 1,
+            p_bf16=int(p_bf16),
+            g_bf16=int(g_bf16),
+            block=first.blocks,
+            decoupled=int(self._decoupled),
+            maximize=int(group["maximize"]),
+            rounding=_ROUNDING_CODE[group["param_rounding"]],
+            has_wd=int(wd != 0.0),
+            beta1=beta1,
+            beta2=beta2,
+            omb1=1 - beta1,
+            omb2=1 - beta2,
+            eps=float(group.get("eps", 0.0)),
+            wd=wd,
+            lrwd=lr * wd,
+            lr=lr,
+            qm=qm,
             qv=_qmap_struct(second.qmap) if self.algorithm == "adam" else qm,
         )
         jobs = (kernel_module.JobStruct * len(params))()
@@ -227,7 +254,7 @@ class LowBitOptimizer(LmoptOptimizer):
     def state_summary(self) -> str:
         """One line: how many tensors keep quantized state, how many full precision (small), bytes, kernel."""
         quantized = full = qbytes = fbytes = 0
-        for p, s in self.state.items():
+        for s in self.state.values():
             nbytes = sum(t.nbytes for k, t in s.items() if isinstance(t, Tensor) and k != "step")
             if f"{self.moments[0][0]}_codes" in s:
                 quantized, qbytes = quantized + 1, qbytes + nbytes
@@ -235,11 +262,16 @@ class LowBitOptimizer(LmoptOptimizer):
                 full, fbytes = full + 1, fbytes + nbytes
         thresholds = sorted({g["min_quantized_numel"] for g in self.param_groups})
         blocks = sorted({self._format(g, "first").blocks for g in self.param_groups})
-        kernel = kernel_module.kernel_status() if any(
-            g["implementation"] != "for_loop" for g in self.param_groups) else "reference path (for_loop)"
-        return (f"{quantized} tensors with {self.precision} state ({qbytes:,} B, blocks of "
-                f"{'/'.join(map(str, blocks))}), {full} small tensors (< {'/'.join(map(str, thresholds))} "
-                f"elements) with fp32 state ({fbytes:,} B); {kernel}")
+        kernel = (
+            kernel_module.kernel_status()
+            if any(g["implementation"] != "for_loop" for g in self.param_groups)
+            else "reference path (for_loop)"
+        )
+        return (
+            f"{quantized} tensors with {self.precision} state ({qbytes:,} B, blocks of "
+            f"{'/'.join(map(str, blocks))}), {full} small tensors (< {'/'.join(map(str, thresholds))} "
+            f"elements) with fp32 state ({fbytes:,} B); {kernel}"
+        )
 
     def __repr__(self) -> str:
         return f"{super().__repr__()}\n  state: {self.state_summary()}"
@@ -288,9 +320,17 @@ class AdamW8bit(LowBitOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        block_size=block_size, min_quantized_numel=min_quantized_numel,
-                        param_rounding=param_rounding, implementation=implementation)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
+            param_rounding=param_rounding,
+            implementation=implementation,
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int) -> None:
@@ -315,8 +355,9 @@ class AdamW8bit(LowBitOptimizer):
             delta.sub_(p32 * (lr * wd))
         store_moment(state, "exp_avg", m, fm)
         store_moment(state, "exp_avg_sq", v, fv)
-        apply_update_(p, p32, delta, group["param_rounding"], comp=state.get("kahan_comp"),
-                      key=stochastic_key(seed, int(step)))
+        apply_update_(
+            p, p32, delta, group["param_rounding"], comp=state.get("kahan_comp"), key=stochastic_key(seed, int(step))
+        )
 
 
 class Adam8bit(AdamW8bit):
@@ -345,9 +386,20 @@ class Adam8bit(AdamW8bit):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize, block_size=block_size,
-                         min_quantized_numel=min_quantized_numel, param_rounding=param_rounding,
-                         implementation=implementation, nonfinite=nonfinite, check_finite=check_finite)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            maximize=maximize,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
+            param_rounding=param_rounding,
+            implementation=implementation,
+            nonfinite=nonfinite,
+            check_finite=check_finite,
+        )
 
 
 class AdamW4bit(AdamW8bit):
@@ -400,9 +452,16 @@ class Lion8bit(LowBitOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, block_size=block_size,
-                        min_quantized_numel=min_quantized_numel, param_rounding=param_rounding,
-                        implementation=implementation)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
+            param_rounding=param_rounding,
+            implementation=implementation,
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int) -> None:
@@ -421,8 +480,14 @@ class Lion8bit(LowBitOptimizer):
             delta.sub_(p32 * (lr * wd))
         m.mul_(beta2).add_(g32 * (1 - beta2))
         store_moment(state, "exp_avg", m, fm)
-        apply_update_(p, p32, delta, group["param_rounding"], comp=state.get("kahan_comp"),
-                      key=stochastic_key(seed, int(float(state["step"]))))
+        apply_update_(
+            p,
+            p32,
+            delta,
+            group["param_rounding"],
+            comp=state.get("kahan_comp"),
+            key=stochastic_key(seed, int(float(state["step"]))),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

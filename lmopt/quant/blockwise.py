@@ -61,8 +61,11 @@ def unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
 
 
 def _check_block_size(block_size: int, bits: int) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 16 <= block_size <= 4096 or (
-        block_size % 16
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or not 16 <= block_size <= 4096
+        or (block_size % 16)
     ):
         raise ValueError(f"block_size must be a multiple of 16 in [16, 4096], got {block_size!r}")
 
@@ -150,23 +153,33 @@ class QuantizedState:
 
     __slots__ = ("codes", "scales", "qmap", "block_size", "shape")
 
-    def __init__(self, codes: Tensor, scales: Tensor, qmap: CodeMap | str, block_size: int,
-                 shape: tuple[int, ...] | torch.Size) -> None:
+    def __init__(
+        self, codes: Tensor, scales: Tensor, qmap: CodeMap | str, block_size: int, shape: tuple[int, ...] | torch.Size
+    ) -> None:
         self.qmap = code_map(qmap) if isinstance(qmap, str) else qmap
         _check_block_size(block_size, self.qmap.bits)
         self.shape = torch.Size(shape)
         n = self.shape.numel()
         if codes.dtype != torch.uint8 or codes.numel() != code_bytes(n, self.qmap.bits):
-            raise ValueError(f"codes must be uint8 with {code_bytes(n, self.qmap.bits)} elements for shape "
-                             f"{tuple(self.shape)}, got {codes.dtype} with {codes.numel()}")
+            raise ValueError(
+                f"codes must be uint8 with {code_bytes(n, self.qmap.bits)} elements for shape "
+                f"{tuple(self.shape)}, got {codes.dtype} with {codes.numel()}"
+            )
         if scales.dtype != torch.float32 or scales.numel() != num_blocks(n, block_size):
-            raise ValueError(f"scales must be fp32 with {num_blocks(n, block_size)} elements, got {scales.dtype} "
-                             f"with {scales.numel()}")
+            raise ValueError(
+                f"scales must be fp32 with {num_blocks(n, block_size)} elements, got {scales.dtype} "
+                f"with {scales.numel()}"
+            )
         self.codes, self.scales, self.block_size = codes, scales, block_size
 
     @classmethod
-    def zeros(cls, shape: tuple[int, ...] | torch.Size, qmap: CodeMap | str, block_size: int,
-              device: torch.device | str | None = None) -> QuantizedState:
+    def zeros(
+        cls,
+        shape: tuple[int, ...] | torch.Size,
+        qmap: CodeMap | str,
+        block_size: int,
+        device: torch.device | str | None = None,
+    ) -> QuantizedState:
         """A quantized tensor of zeros (codes of 0.0; scales 0)."""
         cm = code_map(qmap) if isinstance(qmap, str) else qmap
         n = torch.Size(shape).numel()
@@ -213,10 +226,12 @@ class QuantizedState:
         if start < 0 or length < 0 or end > self.numel or start % b or (end % b and end != self.numel):
             raise ValueError(f"narrow({start}, {length}) must cover whole blocks of {b} within {self.numel}")
         per_byte = 1 if self.qmap.bits == 8 else 2
-        codes = self.codes[start // per_byte: -(-end // per_byte)]
-        scales = self.scales[start // b: num_blocks(end, b)]
+        codes = self.codes[start // per_byte : -(-end // per_byte)]
+        scales = self.scales[start // b : num_blocks(end, b)]
         return QuantizedState(codes, scales, self.qmap, b, (length,))
 
     def __repr__(self) -> str:
-        return (f"QuantizedState(shape={tuple(self.shape)}, map={self.qmap.name}, bits={self.qmap.bits}, "
-                f"block_size={self.block_size}, bytes={self.nbytes})")
+        return (
+            f"QuantizedState(shape={tuple(self.shape)}, map={self.qmap.name}, bits={self.qmap.bits}, "
+            f"block_size={self.block_size}, bytes={self.nbytes})"
+        )

@@ -53,8 +53,7 @@ MomentKind = Literal["first", "second"]
 
 #: default block sizes, chosen by the measurement in docs/low-bit-state.md
 DEFAULT_BLOCK_SIZE = {"8bit": 256, "4bit": 128}
-_MAPS = {("8bit", "first"): "de8s", ("8bit", "second"): "de8u", ("4bit", "first"): "de4s",
-         ("4bit", "second"): "lin4u"}
+_MAPS = {("8bit", "first"): "de8s", ("8bit", "second"): "de8u", ("4bit", "first"): "de4s", ("4bit", "second"): "lin4u"}
 
 
 @dataclass(frozen=True)
@@ -127,8 +126,10 @@ def moment_state(name: str, shape: tuple[int, ...], param_dtype: torch.dtype, fm
     for s in shape:
         n *= s
     if fmt.quantizes(n):
-        return [StateTensor(f"{name}_codes", codes_shape(shape, fmt.bits), torch.uint8),
-                StateTensor(f"{name}_scales", (num_blocks(n, fmt.blocks),), torch.float32)]
+        return [
+            StateTensor(f"{name}_codes", codes_shape(shape, fmt.bits), torch.uint8),
+            StateTensor(f"{name}_scales", (num_blocks(n, fmt.blocks),), torch.float32),
+        ]
     return [StateTensor(name, tuple(shape), fmt.full_dtype(param_dtype))]
 
 
@@ -139,12 +140,12 @@ def init_moment(state: dict[str, Any], name: str, param: Tensor, fmt: MomentForm
         state[f"{name}_codes"] = q.codes.view(codes_shape(tuple(param.shape), fmt.bits))
         state[f"{name}_scales"] = q.scales
     else:
-        state[name] = torch.zeros_like(param, dtype=fmt.full_dtype(param.dtype),
-                                       memory_format=torch.contiguous_format)
+        state[name] = torch.zeros_like(param, dtype=fmt.full_dtype(param.dtype), memory_format=torch.contiguous_format)
 
 
-def quantized_view(state: dict[str, Any], name: str, fmt: MomentFormat, shape: tuple[int, ...] | torch.Size
-                   ) -> QuantizedState | None:
+def quantized_view(
+    state: dict[str, Any], name: str, fmt: MomentFormat, shape: tuple[int, ...] | torch.Size
+) -> QuantizedState | None:
     """The :class:`QuantizedState` over a quantized moment's entries, or None for a full-precision moment."""
     codes = state.get(f"{name}_codes")
     if codes is None:
@@ -152,8 +153,13 @@ def quantized_view(state: dict[str, Any], name: str, fmt: MomentFormat, shape: t
     return QuantizedState(codes.view(-1), state[f"{name}_scales"], fmt.qmap, fmt.blocks, shape)
 
 
-def load_moment(state: dict[str, Any], name: str, fmt: MomentFormat, shape: tuple[int, ...] | torch.Size,
-                dtype: torch.dtype = torch.float32) -> Tensor:
+def load_moment(
+    state: dict[str, Any],
+    name: str,
+    fmt: MomentFormat,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """The moment's values in ``dtype``: the state tensor itself when it already has that dtype (update it in
     place), else a new tensor (write it back with :func:`store_moment`)."""
     q = quantized_view(state, name, fmt, shape)
