@@ -290,8 +290,9 @@ def test_summary_shows_small_tensors_kept_in_fp32():
     assert lmopt.get_spec("adamw8bit").bytes_per_parameter() < 2.05
 
 
+@pytest.mark.parametrize("cls", [lmopt.AdamW8bit, lmopt.AdamW])
 @pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
-def test_bf16_resume_is_bit_exact(rounding):
+def test_bf16_resume_is_bit_exact(rounding, cls):
     def make():
         torch.manual_seed(0)
         return torch.nn.Parameter(torch.randn(70, 80).to(torch.bfloat16))
@@ -303,19 +304,20 @@ def test_bf16_resume_is_bit_exact(rounding):
             opt.step()
 
     straight = make()
-    opt = lmopt.AdamW8bit([straight], lr=1e-3, param_rounding=rounding)
+    opt = cls([straight], lr=1e-3, param_rounding=rounding)
     run(straight, opt, 4, 1)
     run(straight, opt, 4, 2)
     first = make()
-    opt_first = lmopt.AdamW8bit([first], lr=1e-3, param_rounding=rounding)
+    opt_first = cls([first], lr=1e-3, param_rounding=rounding)
     run(first, opt_first, 4, 1)
     buffer = io.BytesIO()
     torch.save({"p": first.detach(), "opt": opt_first.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    assert saved["opt"]["state"][0]["exp_avg_codes"].dtype == torch.uint8
+    for name, value in saved["opt"]["state"][0].items():  # dtypes survive torch.load(weights_only=True)
+        assert value.dtype == opt_first.state[first][name].dtype, name
     resumed = torch.nn.Parameter(saved["p"].clone())
-    opt_resumed = lmopt.AdamW8bit([resumed], lr=1e-3, param_rounding=rounding)
+    opt_resumed = cls([resumed], lr=1e-3, param_rounding=rounding)
     opt_resumed.load_state_dict(saved["opt"])
     run(resumed, opt_resumed, 4, 2)
     assert torch.equal(resumed, straight)
@@ -364,8 +366,8 @@ def _bf16_drift(name: str, rounding: str | None, steps: int = 200) -> float:
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_plain_bf16_rounding_stalls_where_stochastic_and_kahan_track_fp32(name):
     fp32 = _bf16_drift(name, None)
-    moved = fp32 - 1.005  # Adam and Lion move ~lr per step: ~0.04 in 200 steps
-    assert moved > 0.03
+    moved = fp32 - 1.005  # Adam and Lion move ~lr per step: 0.02-0.04 in 200 steps
+    assert moved > 0.015
     nearest, stochastic, kahan = (_bf16_drift(name, r) for r in ("nearest", "stochastic", "kahan"))
     assert abs(nearest - 1.005) < 0.01  # lr * update is below half a bf16 ulp at 1.0 (2**-8): no movement
     assert abs(stochastic - fp32) < 0.1 * moved
