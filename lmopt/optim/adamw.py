@@ -334,6 +334,7 @@ class AdamW(LmoptOptimizer):
             low = [i for i, p in enumerate(params) if p.dtype in (torch.bfloat16, torch.float16)]
             if low:
                 self._rounded_step(group, [params[i] for i in low], [grads[i] for i in low])
+                self._implementation_used[id(group)] = f"{group['param_rounding']} rounding (per tensor)"
                 keep = [i for i in range(len(params)) if i not in set(low)]
                 params, grads = [params[i] for i in keep], [grads[i] for i in keep]
                 if not params:

@@ -162,6 +162,7 @@ class LowBitOptimizer(LmoptOptimizer):
                 fused[(p.dtype == torch.bfloat16, g.dtype == torch.bfloat16)].append(i)
             else:
                 self._reference_step(group, p, g, s, seeds.get(id(p), 0))
+        self._implementation_used[id(group)] = "fused" if fused else "for_loop"
         for (p_bf16, g_bf16), idx in fused.items():
             self._kernel_step(
                 lib,
