@@ -91,7 +91,7 @@ CASES = [
     ),
     Case("lmopt AdamW4bit", "adamw", "lmopt_adamw4bit", bytes_per_param=14.0),
     Case(
-        "lmopt AdamW8bit for_loop (PyTorch reference path)", "adamw", "lmopt_adamw8bit_reference", bytes_per_param=16.0
+        "lmopt reference path: AdamW8bit for_loop (PyTorch)", "adamw", "lmopt_adamw8bit_reference", bytes_per_param=16.0
     ),
     Case("bitsandbytes AdamW8bit", "adamw", "bnb_adamw8bit", peer=True, bytes_per_param=16.0),
     Case("torchao AdamW8bit", "adamw", "torchao_adamw8bit", peer=True, bytes_per_param=16.0),
