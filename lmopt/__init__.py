@@ -3,7 +3,8 @@
 Public API (everything else is internal):
 
 * optimizers: :class:`AdamW`, :class:`Adam`, :class:`Adafactor`, :class:`CAME`, :class:`AdamMini`, :class:`Lion`,
-  :class:`Sophia`, :class:`ScheduleFreeAdamW`, :class:`Muon`, :class:`AdaBound`, :class:`Lookahead`,
+  :class:`Sophia`, :class:`AdamW8bit`, :class:`AdamW4bit`, :class:`Adam8bit`, :class:`Lion8bit`,
+  :class:`ScheduleFreeAdamW`, :class:`Muon`, :class:`AdaBound`, :class:`Lookahead`,
   :class:`GradientRelease` (and every registry entry via :func:`create_optimizer`)
 * registry: :func:`create_optimizer`, :func:`list_optimizers`, :func:`get_spec`, :class:`OptimizerSpec`
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
@@ -17,10 +18,14 @@ from .optim import (
     AdaBound,
     Adafactor,
     Adam,
+    Adam8bit,
     AdamMini,
     AdamW,
+    AdamW4bit,
+    AdamW8bit,
     GradientRelease,
     Lion,
+    Lion8bit,
     LmoptOptimizer,
     Lookahead,
     Muon,
@@ -40,10 +45,14 @@ __all__ = [
     "AdaBound",
     "Adafactor",
     "Adam",
+    "Adam8bit",
     "AdamMini",
     "AdamW",
+    "AdamW4bit",
+    "AdamW8bit",
     "GradientRelease",
     "Lion",
+    "Lion8bit",
     "LmoptOptimizer",
     "Lookahead",
     "Muon",

@@ -46,6 +46,7 @@ SPEC_MODULES: tuple[str, ...] = (
     "lmopt.optim.muon",
     "lmopt.optim.adabound",
     "lmopt.optim.lookahead",
+    "lmopt.optim.lowbit",
 )
 
 #: the shape used to quote "state bytes per parameter" (a large hidden matrix; small tensors differ)

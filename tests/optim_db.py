@@ -334,6 +334,32 @@ def _lookahead_specs() -> list[OptimSpec]:
     ]
 
 
+
+def _lion_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+    from lion_pytorch import Lion
+
+    kw = {k: v for k, v in kw.items() if k not in ("implementation", "param_rounding")}
+    return Lion(model.parameters(), **kw)
+
+
+_LOWBIT_INVALID = [
+    ({"lr": -1.0}, "lr"),
+    ({"betas": (0.9, 1.0)}, "betas"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"block_size": 100}, "block_size"),
+    ({"block_size": 8192}, "block_size"),
+    ({"min_quantized_numel": -1}, "min_quantized_numel"),
+    ({"param_rounding": "up"}, "param_rounding"),
+    ({"implementation": "foreach"}, "implementation"),
+]
+# variants use small thresholds and blocks so the test model's tiny tensors are quantized (with partial blocks)
+_LOWBIT_VARIANTS = [
+    {"lr": 1e-2, "min_quantized_numel": 16, "block_size": 32},
+    {"lr": 3e-3, "betas": (0.8, 0.95), "weight_decay": 0.1, "eps": 1e-6, "min_quantized_numel": 16,
+     "block_size": 16},
+    {"lr": 1e-3, "maximize": True, "min_quantized_numel": 0, "block_size": 64},
+]
+
 OPTIM_DB: list[OptimSpec] = [
     # ---------------------------------------------------------------------------------------- Adam family
     OptimSpec(
@@ -495,6 +521,29 @@ OPTIM_DB: list[OptimSpec] = [
         invalid=_ADABOUND_INVALID,
     ),
     *_lookahead_specs(),
+
+
+    # ------------------------------------------------------- low-bit state: 8-bit / 4-bit moments (issue 5)
+    # the quantized trajectories are checked against bitsandbytes / torchao in tests/test_lowbit_peers.py;
+    # the alias entries run with the default threshold (every test tensor is small -> fp32 moments), which
+    # checks the algorithm itself against torch / lion-pytorch in float64.
+    OptimSpec(name="adamw8bit", variants=_LOWBIT_VARIANTS, implementations=("for_loop", "fused"),
+              implementation_tol=(0.0, 0.0), invalid=[*_LOWBIT_INVALID, ({"eps": 0.0}, "eps")]),
+    OptimSpec(name="adam8bit", variants=[{**_LOWBIT_VARIANTS[1], "weight_decay": 0.05}],
+              implementations=("for_loop", "fused"), implementation_tol=(0.0, 0.0), invalid=_LOWBIT_INVALID),
+    OptimSpec(name="adamw4bit", variants=_LOWBIT_VARIANTS[:2], implementations=("for_loop", "fused"),
+              implementation_tol=(0.0, 0.0), invalid=_LOWBIT_INVALID),
+    OptimSpec(name="lion8bit",
+              variants=[{"lr": 1e-3, "min_quantized_numel": 16, "block_size": 32},
+                        {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5, "min_quantized_numel": 0,
+                         "block_size": 16}],
+              implementations=("for_loop", "fused"), implementation_tol=(0.0, 0.0), invalid=_LOWBIT_INVALID),
+    OptimSpec(name="adamw_8bit", variants=[{"lr": 3e-3, "weight_decay": 0.1, "eps": 1e-6}],
+              reference=_adamw_ref, implementations=("for_loop", "fused"), invalid=_LOWBIT_INVALID),
+    OptimSpec(name="adam_8bit", variants=[{"lr": 1e-2, "weight_decay": 0.05}], reference=_adam_ref,
+              implementations=("for_loop", "fused"), invalid=_LOWBIT_INVALID),
+    OptimSpec(name="lion_8bit", variants=[{"lr": 1e-3, "weight_decay": 0.5}], reference=_lion_ref,
+              implementations=("for_loop", "fused"), invalid=_LOWBIT_INVALID),
 ]
 
 BY_NAME = {spec.name: spec for spec in OPTIM_DB}

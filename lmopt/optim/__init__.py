@@ -8,6 +8,7 @@ from .base import LmoptOptimizer, NonFiniteGradientError
 from .came import CAME, came
 from .lion import Lion, lion
 from .lookahead import Lookahead, with_lookahead
+from .lowbit import Adam8bit, AdamW4bit, AdamW8bit, Lion8bit
 from .muon import Muon
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
@@ -21,6 +22,11 @@ __all__ = [
     "Adam",
     "AdamW",
     "adamw",
+    # low-bit state (docs/low-bit-state.md)
+    "Adam8bit",
+    "AdamW4bit",
+    "AdamW8bit",
+    "Lion8bit",
     # memory-efficient and sign/curvature optimizers (docs/optimizers-memory-efficient.md)
     "CAME",
     "Adafactor",

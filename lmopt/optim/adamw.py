@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..quant.rounding import PARAM_ROUNDINGS, apply_update_, stochastic_key
 from ..registry import OptimizerSpec, StateTensor
 from .base import (
     Implementation,
@@ -248,6 +249,9 @@ class AdamW(LmoptOptimizer):
             (bf16 halves state memory: 4 bytes per parameter instead of 8).
         implementation: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"``.
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
+        param_rounding: how bf16/fp16 parameters (no fp32 master copy) take the update: ``"nearest"``
+            (default), ``"stochastic"`` (bf16) or ``"kahan"`` (adds a ``kahan_comp`` state tensor in the
+            parameter's dtype); see :mod:`lmopt.quant.rounding`. No effect on fp32 parameters.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -274,9 +278,11 @@ class AdamW(LmoptOptimizer):
         implementation: Implementation = "auto",
         nonfinite: str = "raise",
         check_finite: bool = True,
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, state_dtype=state_dtype, implementation=implementation)
+                        maximize=maximize, state_dtype=state_dtype, implementation=implementation,
+                        param_rounding=param_rounding)
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -288,6 +294,8 @@ class AdamW(LmoptOptimizer):
         check_choice("maximize", group["maximize"], (True, False))
         group["state_dtype"] = normalize_state_dtype(group["state_dtype"])
         check_choice("implementation", group["implementation"], ("auto", *self.implementations))
+        group.setdefault("param_rounding", "nearest")
+        check_choice("param_rounding", group["param_rounding"], PARAM_ROUNDINGS)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         dtype = resolve_state_dtype(group["state_dtype"], param.dtype)
@@ -296,8 +304,41 @@ class AdamW(LmoptOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        rounding = group.get("param_rounding", "nearest")
+        if rounding == "stochastic" and param.dtype == torch.float16:
+            raise ValueError("param_rounding='stochastic' supports bf16 parameters, not float16; use 'kahan'")
+        if rounding == "kahan" and param.dtype in (torch.bfloat16, torch.float16):
+            state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+
+    def _rounded_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """bf16/fp16 parameters without a master copy, ``param_rounding`` "stochastic" or "kahan": the update of
+        each tensor is computed on an fp32 copy (one tensor at a time: no full-model temporaries), then written
+        back with that rounding (lmopt.quant.rounding)."""
+        beta1, beta2 = group["betas"]
+        seeds = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        impl = "for_loop" if group["implementation"] == "for_loop" else "foreach"
+        for p, g in zip(params, grads):
+            s = self.state[p]
+            shadow = p.float()
+            adamw([shadow], [g], [s["exp_avg"]], [s["exp_avg_sq"]],
+                  [s["max_exp_avg_sq"]] if group["amsgrad"] else [], [s["step"]], lr=float(group["lr"]),
+                  beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                  decoupled=self._decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"],
+                  implementation=impl)
+            before = p.float()
+            apply_update_(p, before, shadow.sub_(before), group["param_rounding"], comp=s.get("kahan_comp"),
+                          key=stochastic_key(seeds.get(id(p), 0), int(float(s["step"]))))
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        if group.get("param_rounding", "nearest") != "nearest":
+            low = [i for i, p in enumerate(params) if p.dtype in (torch.bfloat16, torch.float16)]
+            if low:
+                self._rounded_step(group, [params[i] for i in low], [grads[i] for i in low])
+                self._implementation_used[id(group)] = f"{group['param_rounding']} rounding (per tensor)"
+                keep = [i for i in range(len(params)) if i not in set(low)]
+                params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+                if not params:
+                    return
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         self._implementation_used[id(group)] = adamw(
@@ -343,10 +384,11 @@ class Adam(AdamW):
         implementation: Implementation = "auto",
         nonfinite: str = "raise",
         check_finite: bool = True,
+        param_rounding: str = "nearest",
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
                          state_dtype=state_dtype, implementation=implementation, nonfinite=nonfinite,
-                         check_finite=check_finite)
+                         check_finite=check_finite, param_rounding=param_rounding)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,6 +403,8 @@ def adam_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, A
     out = [step_tensor(), StateTensor("exp_avg", shape, moment), StateTensor("exp_avg_sq", shape, moment)]
     if hyper.get("amsgrad"):
         out.append(StateTensor("max_exp_avg_sq", shape, moment))
+    if hyper.get("param_rounding") == "kahan" and dtype in (torch.bfloat16, torch.float16):
+        out.append(StateTensor("kahan_comp", shape, dtype))
     return out
 
 

@@ -1,0 +1,197 @@
+"""Build and call the CPU low-bit step kernel (lowbit_cpu.c).
+
+The kernel is plain C (AVX2 when the CPU has it, a scalar path otherwise) with no dependency on torch's
+headers, so it compiles in about a second with the system's C compiler at first use, and is cached under
+``$LMOPT_CACHE_DIR`` (default ``~/.cache/lmopt``) by a hash of its source, flags and compiler. It is called
+through ``ctypes`` (which releases the GIL) with raw data pointers of contiguous CPU tensors.
+
+Why not ``torch.utils.cpp_extension.load_inline``: including torch's headers makes a build take ~30-60 s on
+two cores and needs ninja; this kernel needs nothing from torch but pointers. Why not ``torch.compile``: it
+cannot express the per-block absmax -> quantize dependency in one pass, and it is ~2x slower than the fused
+kernel even for fp32 AdamW on this CPU (benchmarks/results).
+
+If no compiler is found or the build fails, :func:`load` returns None once with a warning, and the
+optimizers use the PyTorch reference path. ``LMOPT_DISABLE_KERNELS=1`` forces that path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["ConfigStruct", "JobStruct", "QmapStruct", "first_nonfinite", "kernel_status", "load"]
+
+_SOURCE = Path(__file__).with_name("lowbit_cpu.c")
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+class QmapStruct(ctypes.Structure):
+    _fields_ = [
+        ("lut", ctypes.c_void_p),
+        ("mid", ctypes.c_void_p),
+        ("val", ctypes.c_void_p),
+        ("shift", ctypes.c_int32),
+        ("base", ctypes.c_int32),
+        ("nk", ctypes.c_int32),
+        ("bits", ctypes.c_int32),
+    ]
+
+
+class JobStruct(ctypes.Structure):
+    _fields_ = [
+        ("p", ctypes.c_void_p),
+        ("g", ctypes.c_void_p),
+        ("m_codes", ctypes.c_void_p),
+        ("m_scales", ctypes.c_void_p),
+        ("v_codes", ctypes.c_void_p),
+        ("v_scales", ctypes.c_void_p),
+        ("comp", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("step_size", ctypes.c_float),
+        ("inv_bc2", ctypes.c_float),
+        ("key", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class ConfigStruct(ctypes.Structure):
+    _fields_ = [
+        ("algo", ctypes.c_int32),
+        ("p_bf16", ctypes.c_int32),
+        ("g_bf16", ctypes.c_int32),
+        ("block", ctypes.c_int32),
+        ("decoupled", ctypes.c_int32),
+        ("maximize", ctypes.c_int32),
+        ("rounding", ctypes.c_int32),
+        ("has_wd", ctypes.c_int32),
+        ("beta1", ctypes.c_float),
+        ("beta2", ctypes.c_float),
+        ("omb1", ctypes.c_float),
+        ("omb2", ctypes.c_float),
+        ("eps", ctypes.c_float),
+        ("wd", ctypes.c_float),
+        ("lrwd", ctypes.c_float),
+        ("lr", ctypes.c_float),
+        ("qm", QmapStruct),
+        ("qv", QmapStruct),
+    ]
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]  # FMA is available to the compiler but contraction is off
+    return flags + os.environ.get("LMOPT_KERNEL_CFLAGS", "").split()  # for experiments (e.g. -march=native)
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    source = _SOURCE.read_bytes()
+    flags = _flags()
+    stat = os.stat(cc)  # the compiler's identity without running it (its path, size and mtime)
+    version = f"{os.path.realpath(cc)}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(source + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LMOPT_CACHE_DIR", Path.home() / ".cache" / "lmopt")) / "kernels"
+    target = cache / f"lowbit_cpu_{digest}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            out = Path(tmp) / target.name
+            proc = subprocess.run(
+                [cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"building {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+            os.replace(out, target)  # atomic: concurrent builders never see a half-written library
+    lib = ctypes.CDLL(str(target))
+    lib.lmopt_lowbit_step.argtypes = [
+        ctypes.POINTER(ConfigStruct),
+        ctypes.POINTER(JobStruct),
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.lmopt_lowbit_step.restype = ctypes.c_int
+    lib.lmopt_lowbit_abi.restype = ctypes.c_int
+    lib.lmopt_first_nonfinite.argtypes = [
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.lmopt_first_nonfinite.restype = ctypes.c_int
+    expected = ctypes.sizeof(ConfigStruct) * 1000 + ctypes.sizeof(JobStruct)
+    if lib.lmopt_lowbit_abi() != expected:
+        raise RuntimeError("kernel structure layout does not match its Python declaration")
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (with one warning) when it cannot be built."""
+    with _LOCK:
+        if "lib" in _STATE:
+            return _STATE["lib"]  # type: ignore[return-value]
+        lib = None
+        if os.environ.get("LMOPT_DISABLE_KERNELS", "") not in ("", "0"):
+            _STATE["error"] = "disabled by LMOPT_DISABLE_KERNELS"
+        else:
+            try:
+                lib = _build()
+            except Exception as exc:  # any build problem: fall back, loudly, once
+                _STATE["error"] = str(exc)
+                warnings.warn(
+                    f"lmopt: the CPU low-bit kernel is unavailable ({exc}); using the slower PyTorch path",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _STATE["lib"] = lib
+        return lib
+
+
+def first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
+    """Index of the first tensor holding inf/NaN, -1 when all are finite, or None when the kernel cannot
+    check them (not built, or a tensor that is not a contiguous fp32/bf16 CPU tensor)."""
+    lib = load()
+    if lib is None or not tensors:
+        return None
+    for t in tensors:
+        if (
+            t.device.type != "cpu"
+            or t.dtype not in (torch.float32, torch.bfloat16)
+            or not t.is_contiguous()
+            or (type(t).__name__ == "DTensor")
+        ):
+            return None
+    count = len(tensors)
+    ptrs = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+    ns = (ctypes.c_int64 * count)(*[t.numel() for t in tensors])
+    bf16 = (ctypes.c_int32 * count)(*[int(t.dtype == torch.bfloat16) for t in tensors])
+    return int(lib.lmopt_first_nonfinite(ptrs, ns, bf16, count, torch.get_num_threads()))
+
+
+def kernel_status() -> str:
+    """One line: whether the kernel is loaded, and why not."""
+    lib = load()
+    if lib is not None:
+        return f"cpu kernel loaded ({torch.backends.cpu.get_cpu_capability()})"
+    return f"cpu kernel unavailable: {_STATE.get('error')}"

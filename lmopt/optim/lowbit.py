@@ -1,0 +1,556 @@
+"""AdamW / Adam / Lion with 8-bit and 4-bit blockwise-quantized state, and bf16 parameters without a master copy.
+
+Update rules (the math of :mod:`lmopt.optim.adamw` and of Lion), with the moments stored quantized between
+steps: each step dequantizes them, updates them in fp32, updates the parameter from the *unquantized* new
+moments, and quantizes them back (Dettmers et al. 2022):
+
+.. code-block:: text
+
+    AdamW8bit / AdamW4bit (decoupled decay), Adam8bit (coupled L2: g <- g + weight_decay * p):
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        p <- p - lr * weight_decay * p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    Lion8bit (Chen et al. 2023):
+        p <- p - lr * weight_decay * p - lr * sign(beta1 * m + (1 - beta1) * g)
+        m <- beta2 * m + (1 - beta2) * g
+
+State per parameter (see :mod:`lmopt.quant.moments`): ``step`` (fp32 scalar); each moment as
+``<name>_codes`` (uint8: parameter-shaped for 8 bits, flat ``ceil(n / 2)`` for 4 bits) and ``<name>_scales``
+(fp32, one absmax per block); tensors with fewer than ``min_quantized_numel`` elements (default 4096) keep fp32
+moments under the plain names (``exp_avg``, ``exp_avg_sq``); ``kahan_comp`` (parameter dtype) for bf16/fp16
+parameters with ``param_rounding="kahan"``. Maps: 8-bit = signed / unsigned dynamic exponent (blocks of 256);
+4-bit = signed 4-bit dynamic exponent for ``m`` and zero-point-free linear for ``v`` (Li et al. 2023; blocks
+of 128). ``optimizer.state_summary()`` (also in ``repr``) says which tensors are quantized.
+
+Implementations: ``fused`` -- the C kernel of :mod:`lmopt.kernels.lowbit` (one pass over memory, AVX2,
+threads), used for contiguous fp32/bf16 CPU tensors; ``for_loop`` -- the PyTorch reference path (any device,
+dtype, DTensor); ``auto`` (default) picks ``fused`` where it applies and the kernel built, else ``for_loop``.
+The two compute the same bits (tested).
+
+bf16 parameters without an fp32 master copy: ``param_rounding="stochastic"`` or ``"kahan"`` (see
+:mod:`lmopt.quant.rounding`); ``"nearest"`` (default) is plain rounding, which stalls once updates fall
+under half a bf16 ulp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..kernels import lowbit as kernel_module
+from ..quant.maps import code_map
+from ..quant.moments import MomentFormat, init_moment, load_moment, moment_state, store_moment
+from ..quant.rounding import PARAM_ROUNDINGS, apply_update_, stochastic_key
+from ..registry import OptimizerSpec, StateTensor
+from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive, is_dtensor
+
+__all__ = ["Adam8bit", "AdamW4bit", "AdamW8bit", "Lion8bit", "LowBitOptimizer"]
+
+_ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """Correctly rounded square root. torch's vectorized fp32 sqrt on CPU is not (it differs from IEEE sqrt
+    in the last bit for ~17% of inputs); the fp64 square root rounded to fp32 is, and matches the kernel."""
+    return x.sqrt() if x.dtype == torch.float64 else x.double().sqrt_().to(x.dtype)
+
+
+def _check_block_size(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 4096 or value % 16:
+        raise ValueError(f"block_size must be None or a multiple of 16 in [16, 4096], got {value!r}")
+
+
+def _check_min_numel(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"min_quantized_numel must be an integer >= 0, got {value!r}")
+
+
+def _qmap_struct(name: str) -> kernel_module.QmapStruct:
+    cm = code_map(name)
+    return kernel_module.QmapStruct(
+        cm.lut.data_ptr(),
+        cm.midpoints.data_ptr(),
+        cm.values.data_ptr(),
+        23 - cm.lut_mantissa_bits,
+        (127 - cm.lut_exponents) << cm.lut_mantissa_bits,
+        cm.lut_buckets,
+        cm.bits,
+    )
+
+
+class LowBitOptimizer(LmoptOptimizer):
+    """Shared machinery of the low-bit optimizers: moment formats, the kernel / reference dispatch, summaries.
+
+    Subclasses set ``precision`` ("8bit" / "4bit"), ``moments`` (state names and kinds) and ``algorithm``
+    ("adam" / "lion"), and ``_decoupled``.
+    """
+
+    implementations = ("for_loop", "fused")
+    precision = "8bit"
+    algorithm = "adam"
+    moments: tuple[tuple[str, str], ...] = (("exp_avg", "first"), ("exp_avg_sq", "second"))
+    _decoupled = True
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_positive("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        if "eps" in group:
+            check_positive("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_choice("maximize", group["maximize"], (True, False))
+        _check_block_size(group["block_size"])
+        _check_min_numel(group["min_quantized_numel"])
+        check_choice("param_rounding", group["param_rounding"], PARAM_ROUNDINGS)
+        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
+
+    def _format(self, group: dict[str, Any], kind: str) -> MomentFormat:
+        return MomentFormat(self.precision, kind, group["block_size"], group["min_quantized_numel"])  # type: ignore[arg-type]
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        if group["param_rounding"] == "stochastic" and param.dtype == torch.float16:
+            raise ValueError("param_rounding='stochastic' supports bf16 parameters, not float16; use 'kahan'")
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        for name, kind in self.moments:
+            init_moment(state, name, param, self._format(group, kind))
+        if group["param_rounding"] == "kahan" and param.dtype in (torch.bfloat16, torch.float16):
+            state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+
+    def _first_nonfinite(self, collected) -> str | None:
+        """The base check, one pass of the C kernel when it applies (torch's inf-norm reduction reads at a
+        fraction of memory bandwidth on CPU and would cost more than the whole low-bit step)."""
+        if any(g["implementation"] == "for_loop" for g in self.param_groups):
+            return super()._first_nonfinite(collected)
+        for gi, _group, _params, grads, indices in collected:
+            bad = kernel_module.first_nonfinite(grads)
+            if bad is None:
+                return super()._first_nonfinite(collected)
+            if bad >= 0:
+                return self._param_name(gi, indices[bad])
+        return None
+
+    # -- dispatch ------------------------------------------------------------------------------------------------
+    def _kernel_applies(self, p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
+        return (
+            f"{self.moments[0][0]}_codes" in state
+            and p.device.type == "cpu"
+            and not is_dtensor(p)
+            and p.dtype in (torch.float32, torch.bfloat16)
+            and g.dtype in (torch.float32, torch.bfloat16)
+            and p.is_contiguous()
+            and g.is_contiguous()
+            and ("kahan_comp" not in state or state["kahan_comp"].is_contiguous())
+        )
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        seeds = self._param_seeds()
+        lib = kernel_module.load() if group["implementation"] in ("auto", "fused") else None
+        fused: dict[tuple[bool, bool], list[int]] = defaultdict(list)
+        for i, (p, g, s) in enumerate(zip(params, grads, states)):
+            if p.numel() == 0:
+                continue
+            if lib is not None and self._kernel_applies(p, g, s):
+                fused[(p.dtype == torch.bfloat16, g.dtype == torch.bfloat16)].append(i)
+            else:
+                self._reference_step(group, p, g, s, seeds.get(id(p), 0))
+        self._implementation_used[id(group)] = "fused" if fused else "for_loop"
+        for (p_bf16, g_bf16), idx in fused.items():
+            self._kernel_step(
+                lib,
+                group,
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                [states[i] for i in idx],
+                seeds,
+                p_bf16,
+                g_bf16,
+            )
+
+    def _param_seeds(self) -> dict[int, int]:
+        # a parameter's stochastic-rounding seed is its position in the optimizer: stable across a resume
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def _scalars(self, group: dict[str, Any], step: float) -> tuple[float, float]:
+        """Per-tensor (lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)) for Adam; unused by Lion.
+
+        The kernel multiplies by the inverse (torch's division by a Python scalar does too, but rounds the
+        reciprocal its own way): both paths get this one fp32 number."""
+        beta1, beta2 = group["betas"]
+        return group["lr"] / (1 - beta1**step), 1.0 / math.sqrt(1 - beta2**step)
+
+    def _kernel_step(self, lib, group, params, grads, states, seeds, p_bf16: bool, g_bf16: bool) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        first = self._format(group, self.moments[0][1])
+        second = self._format(group, self.moments[-1][1])
+        qm = _qmap_struct(first.qmap)
+        cfg = kernel_module.ConfigStruct(
+            algo=0 if self.algorithm == "adam" else 1,
+            p_bf16=int(p_bf16),
+            g_bf16=int(g_bf16),
+            block=first.blocks,
+            decoupled=int(self._decoupled),
+            maximize=int(group["maximize"]),
+            rounding=_ROUNDING_CODE[group["param_rounding"]],
+            has_wd=int(wd != 0.0),
+            beta1=beta1,
+            beta2=beta2,
+            omb1=1 - beta1,
+            omb2=1 - beta2,
+            eps=float(group.get("eps", 0.0)),
+            wd=wd,
+            lrwd=lr * wd,
+            lr=lr,
+            qm=qm,
+            qv=_qmap_struct(second.qmap) if self.algorithm == "adam" else qm,
+        )
+        jobs = (kernel_module.JobStruct * len(params))()
+        m_name = self.moments[0][0]
+        v_name = self.moments[-1][0]
+        for j, (p, g, s) in enumerate(zip(params, grads, states)):
+            step = float(s["step"])
+            job = jobs[j]
+            job.p, job.g, job.n = p.data_ptr(), g.data_ptr(), p.numel()
+            job.m_codes, job.m_scales = s[f"{m_name}_codes"].data_ptr(), s[f"{m_name}_scales"].data_ptr()
+            if self.algorithm == "adam":
+                job.v_codes, job.v_scales = s[f"{v_name}_codes"].data_ptr(), s[f"{v_name}_scales"].data_ptr()
+                job.step_size, job.inv_bc2 = self._scalars(group, step)
+            comp = s.get("kahan_comp")
+            job.comp = comp.data_ptr() if comp is not None else None
+            job.key = stochastic_key(seeds.get(id(p), 0), int(step))
+        status = lib.lmopt_lowbit_step(ctypes.byref(cfg), jobs, len(params), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"lmopt low-bit kernel failed with status {status}")
+
+    def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int) -> None:
+        raise NotImplementedError
+
+    # -- state dicts: quantized entries bypass torch's cast to the parameter dtype ---------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        held: dict[tuple[Any, str], Tensor] = {}
+        stripped = {}
+        for key, entries in state_dict.get("state", {}).items():
+            entries = dict(entries)
+            for name in [n for n in entries if n.endswith(("_codes", "_scales"))]:
+                held[(key, name)] = entries.pop(name)
+            stripped[key] = entries
+        state_dict["state"] = stripped
+        super().load_state_dict(state_dict)
+        ids = [p for group in self.param_groups for p in group["params"]]
+        for (key, name), value in held.items():
+            p = ids[key]
+            self.state[p][name] = value.to(device=p.device)
+
+    # -- what happened, visibly --------------------------------------------------------------------------------
+    def state_summary(self) -> str:
+        """One line: how many tensors keep quantized state, how many full precision (small), bytes, kernel."""
+        quantized = full = qbytes = fbytes = 0
+        for s in self.state.values():
+            nbytes = sum(t.nbytes for k, t in s.items() if isinstance(t, Tensor) and k != "step")
+            if f"{self.moments[0][0]}_codes" in s:
+                quantized, qbytes = quantized + 1, qbytes + nbytes
+            elif s:
+                full, fbytes = full + 1, fbytes + nbytes
+        thresholds = sorted({g["min_quantized_numel"] for g in self.param_groups})
+        blocks = sorted({self._format(g, "first").blocks for g in self.param_groups})
+        kernel = (
+            kernel_module.kernel_status()
+            if any(g["implementation"] != "for_loop" for g in self.param_groups)
+            else "reference path (for_loop)"
+        )
+        return (
+            f"{quantized} tensors with {self.precision} state ({qbytes:,} B, blocks of "
+            f"{'/'.join(map(str, blocks))}), {full} small tensors (< {'/'.join(map(str, thresholds))} "
+            f"elements) with fp32 state ({fbytes:,} B); {kernel}"
+        )
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()}\n  state: {self.state_summary()}"
+
+
+class AdamW8bit(LowBitOptimizer):
+    """AdamW with 8-bit blockwise-quantized moments (Dettmers et al. 2022): ~2 bytes of state per parameter.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 1e-3).
+        betas: ``(beta1, beta2)`` (default (0.9, 0.999)).
+        eps: added to the denominator (default 1e-8).
+        weight_decay: decoupled decay coefficient, multiplied by lr (default 0.01).
+        maximize: ascend instead of descend.
+        block_size: elements per absmax block (default None: 256 for 8-bit, 128 for 4-bit).
+        min_quantized_numel: tensors with fewer elements keep fp32 moments (default 4096).
+        param_rounding: how bf16 parameters take the update: ``"nearest"`` (default), ``"stochastic"`` or
+            ``"kahan"`` (no effect on fp32 parameters).
+        implementation: ``"auto"`` (default), ``"fused"`` (the C kernel) or ``"for_loop"`` (PyTorch).
+        nonfinite, check_finite: see :class:`lmopt.optim.base.LmoptOptimizer`.
+
+    Example:
+        >>> opt = lmopt.AdamW8bit(lmopt.param_groups(model, weight_decay=0.1), lr=3e-4, betas=(0.9, 0.95))
+        >>> print(opt.state_summary())    # after the first step: which tensors are quantized
+
+    Reference: Dettmers, Lewis, Shleifer & Zettlemoyer, "8-bit Optimizers via Block-wise Quantization",
+    ICLR 2022.
+    """
+
+    precision = "8bit"
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
+        param_rounding: str = "nearest",
+        implementation: str = "auto",
+        nonfinite: str = "raise",
+        check_finite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
+            param_rounding=param_rounding,
+            implementation=implementation,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+
+    def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        step = float(state["step"])
+        g32 = g.to(dtype)
+        if group["maximize"]:
+            g32 = -g32
+        p32 = p if p.dtype == dtype else p.to(dtype)
+        if not self._decoupled and wd != 0:
+            g32 = g32 + p32 * wd
+        fm, fv = self._format(group, "first"), self._format(group, "second")
+        m = load_moment(state, "exp_avg", fm, p.shape, dtype)
+        v = load_moment(state, "exp_avg_sq", fv, p.shape, dtype)
+        m.mul_(beta1).add_(g32 * (1 - beta1))
+        v.mul_(beta2).add_((g32 * g32) * (1 - beta2))
+        step_size, inv_bc2 = self._scalars(group, step)
+        delta = (m / _sqrt(v).mul_(inv_bc2).add_(eps)).mul_(step_size).neg_()
+        if self._decoupled and wd != 0:
+            delta.sub_(p32 * (lr * wd))
+        store_moment(state, "exp_avg", m, fm)
+        store_moment(state, "exp_avg_sq", v, fv)
+        apply_update_(
+            p, p32, delta, group["param_rounding"], comp=state.get("kahan_comp"), key=stochastic_key(seed, int(step))
+        )
+
+
+class Adam8bit(AdamW8bit):
+    """Adam (coupled L2: ``g <- g + weight_decay * p``) with 8-bit moments; ``weight_decay`` defaults to 0.
+
+    Same arguments and state as :class:`AdamW8bit`.
+
+    Reference: Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022; Kingma & Ba 2015.
+    """
+
+    _decoupled = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
+        param_rounding: str = "nearest",
+        implementation: str = "auto",
+        nonfinite: str = "raise",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            maximize=maximize,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
+            param_rounding=param_rounding,
+            implementation=implementation,
+            nonfinite=nonfinite,
+            check_finite=check_finite,
+        )
+
+
+class AdamW4bit(AdamW8bit):
+    """AdamW with 4-bit moments (Li et al. 2023): ~1 byte of state per parameter.
+
+    First moment: signed 4-bit dynamic-exponent map; second moment: zero-point-free linear map
+    (``(k + 1) / 16``), so no second moment rounds to zero; blocks of 128 by default. Same arguments and state
+    names as :class:`AdamW8bit` (codes are flat, two per byte).
+
+    Reference: Li, Chen & Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
+    """
+
+    precision = "4bit"
+
+
+class Lion8bit(LowBitOptimizer):
+    """Lion with an 8-bit blockwise-quantized momentum: ~1 byte of state per parameter.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 1e-4; Lion wants 3-10x less than AdamW).
+        betas: ``(beta1, beta2)``: interpolation for the update and momentum decay (default (0.9, 0.99)).
+        weight_decay: decoupled decay, multiplied by lr (default 0.0; use 3-10x AdamW's).
+        maximize, block_size, min_quantized_numel, param_rounding, implementation, nonfinite, check_finite:
+            as for :class:`AdamW8bit`.
+
+    Example:
+        >>> opt = lmopt.Lion8bit(model.parameters(), lr=1e-4, weight_decay=1.0)
+
+    Reference: Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023; state quantization
+    after Dettmers et al. 2022.
+    """
+
+    precision = "8bit"
+    algorithm = "lion"
+    moments = (("exp_avg", "first"),)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
+        param_rounding: str = "nearest",
+        implementation: str = "auto",
+        nonfinite: str = "raise",
+        check_finite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
+            param_rounding=param_rounding,
+            implementation=implementation,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+
+    def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        g32 = g.to(dtype)
+        if group["maximize"]:
+            g32 = -g32
+        p32 = p if p.dtype == dtype else p.to(dtype)
+        fm = self._format(group, "first")
+        m = load_moment(state, "exp_avg", fm, p.shape, dtype)
+        c = m * beta1 + g32 * (1 - beta1)
+        delta = c.sign_().mul_(lr).neg_()
+        if wd != 0:
+            delta.sub_(p32 * (lr * wd))
+        m.mul_(beta2).add_(g32 * (1 - beta2))
+        store_moment(state, "exp_avg", m, fm)
+        apply_update_(
+            p,
+            p32,
+            delta,
+            group["param_rounding"],
+            comp=state.get("kahan_comp"),
+            key=stochastic_key(seed, int(float(state["step"]))),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry entries: exact state (codes + scales for tensors >= min_quantized_numel, fp32 moments below)
+def _lowbit_state(precision: str, moments: tuple[tuple[str, str], ...]):
+    def rule(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+        out = [StateTensor("step", (), torch.float32)]
+        for name, kind in moments:
+            fmt = MomentFormat(precision, kind, hyper.get("block_size"), hyper.get("min_quantized_numel", 4096))  # type: ignore[arg-type]
+            out += moment_state(name, shape, dtype, fmt)
+        if hyper.get("param_rounding") == "kahan" and dtype in (torch.bfloat16, torch.float16):
+            out.append(StateTensor("kahan_comp", shape, dtype))
+        return out
+
+    return rule
+
+
+_DETTMERS = "Dettmers, Lewis, Shleifer & Zettlemoyer, 8-bit Optimizers via Block-wise Quantization, ICLR 2022"
+_ADAM_MOMENTS = (("exp_avg", "first"), ("exp_avg_sq", "second"))
+
+SPECS = [
+    OptimizerSpec(
+        name="adamw8bit",
+        cls=AdamW8bit,
+        summary="AdamW with 8-bit blockwise-quantized moments (2 B/param); fused CPU kernel",
+        paper=_DETTMERS,
+        state=_lowbit_state("8bit", _ADAM_MOMENTS),
+        family="adam",
+        aliases={
+            "adamw_bnb_8bit": {},
+            "adamw_8bit": {},
+            "adamw_torch_8bit": {},
+            "paged_adamw_8bit": {},
+            "adamw_8bit_sr": {"param_rounding": "stochastic"},
+            "adamw_8bit_kahan": {"param_rounding": "kahan"},
+        },
+    ),
+    OptimizerSpec(
+        name="adam8bit",
+        cls=Adam8bit,
+        summary="Adam (coupled L2) with 8-bit blockwise-quantized moments",
+        paper=_DETTMERS,
+        state=_lowbit_state("8bit", _ADAM_MOMENTS),
+        family="adam",
+        aliases={"adam_8bit": {}, "adam_bnb_8bit": {}, "paged_adam_8bit": {}},
+    ),
+    OptimizerSpec(
+        name="adamw4bit",
+        cls=AdamW4bit,
+        summary="AdamW with 4-bit moments (1 B/param): DE map for m, zero-free linear map for v",
+        paper="Li, Chen & Zhu, Memory Efficient Optimizers with 4-bit States, NeurIPS 2023",
+        state=_lowbit_state("4bit", _ADAM_MOMENTS),
+        family="adam",
+        aliases={"adamw_torch_4bit": {}, "adamw_4bit": {}},
+    ),
+    OptimizerSpec(
+        name="lion8bit",
+        cls=Lion8bit,
+        summary="Lion with an 8-bit blockwise-quantized momentum (1 B/param)",
+        paper="Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023; " + _DETTMERS,
+        state=_lowbit_state("8bit", (("exp_avg", "first"),)),
+        family="lion",
+        aliases={"lion_8bit": {}, "paged_lion_8bit": {}},
+    ),
+]

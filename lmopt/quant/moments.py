@@ -1,0 +1,191 @@
+"""Optimizer moments at a chosen precision: the small helper every EMA-state optimizer can reuse.
+
+An optimizer that keeps an exponential moving average (Adam's ``exp_avg`` / ``exp_avg_sq``, CAME's and
+Adafactor's first moment, Lion's momentum) describes each moment with a :class:`MomentFormat` and calls four
+functions; the state entries, their registry declaration and the small-tensor rule then agree by construction:
+
+.. code-block:: python
+
+    from lmopt.quant import MomentFormat, init_moment, load_moment, store_moment, moment_state
+
+    fmt = MomentFormat("8bit", "first")                  # signed dynamic-exponent map, blocks of 256
+    init_moment(state, "exp_avg", param, fmt)            # in _init_state
+    m = load_moment(state, "exp_avg", fmt, param.shape)  # fp32 values (the state tensor itself when fp32)
+    m.lerp_(grad, 1 - beta1)
+    store_moment(state, "exp_avg", m, fmt)               # quantize back (no-op when m is the state tensor)
+    # registry rule: moment_state("exp_avg", shape, dtype, fmt) -> [StateTensor, ...]
+
+State entries: a full-precision moment is one tensor under its own name (``exp_avg``); a quantized one is
+``<name>_codes`` (uint8; parameter-shaped for 8 bits, ``ceil(n / 2)`` flat for 4 bits) and ``<name>_scales``
+(fp32, one per block). Tensors with fewer than ``min_quantized_numel`` elements (default 4096, as in
+bitsandbytes and torchao) keep a full-precision moment (fp32; fp64 for fp64 parameters): their share of
+memory is negligible and their blocks would be mostly scale. :func:`moment_summary` reports which did.
+
+Precisions: ``"fp32"``, ``"bf16"``, ``"8bit"`` (dynamic-exponent maps, Dettmers et al. 2022: signed for
+first moments, unsigned for second moments; blocks of 256) and ``"4bit"`` (Li et al. 2023: signed 4-bit
+dynamic-exponent map for first moments, zero-point-free linear map for second moments; blocks of 128).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..registry import StateTensor
+from .blockwise import QuantizedState, _check_block_size, code_bytes, num_blocks
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "MomentFormat",
+    "init_moment",
+    "load_moment",
+    "moment_state",
+    "moment_summary",
+    "quantized_view",
+    "store_moment",
+]
+
+Precision = Literal["fp32", "bf16", "8bit", "4bit"]
+MomentKind = Literal["first", "second"]
+
+#: default block sizes, chosen by the measurement in docs/low-bit-state.md
+DEFAULT_BLOCK_SIZE = {"8bit": 256, "4bit": 128}
+_MAPS = {("8bit", "first"): "de8s", ("8bit", "second"): "de8u", ("4bit", "first"): "de4s", ("4bit", "second"): "lin4u"}
+
+
+@dataclass(frozen=True)
+class MomentFormat:
+    """How one moment is stored.
+
+    Attributes:
+        precision: ``"fp32"``, ``"bf16"``, ``"8bit"`` or ``"4bit"``.
+        kind: ``"first"`` (signed values: a signed map) or ``"second"`` (non-negative: an unsigned map).
+        block_size: elements per absmax block (default 256 for 8-bit, 128 for 4-bit); a multiple of 16.
+        min_quantized_numel: tensors with fewer elements keep a full-precision moment (default 4096).
+    """
+
+    precision: Precision
+    kind: MomentKind = "first"
+    block_size: int | None = None
+    min_quantized_numel: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "8bit", "4bit"):
+            raise ValueError(f"precision must be one of fp32, bf16, 8bit, 4bit, got {self.precision!r}")
+        if self.kind not in ("first", "second"):
+            raise ValueError(f"kind must be 'first' or 'second', got {self.kind!r}")
+        if self.quantized:
+            _check_block_size(self.blocks, 8)
+        m = self.min_quantized_numel
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"min_quantized_numel must be an integer >= 0, got {m!r}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in ("8bit", "4bit")
+
+    @property
+    def blocks(self) -> int:
+        """The effective block size."""
+        return self.block_size if self.block_size is not None else DEFAULT_BLOCK_SIZE.get(self.precision, 0)
+
+    @property
+    def qmap(self) -> str:
+        """Name of the code map (see :data:`lmopt.quant.maps.CODE_MAPS`)."""
+        return _MAPS[(self.precision, self.kind)]
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.precision == "8bit" else 4
+
+    def quantizes(self, numel: int) -> bool:
+        """True when a tensor of ``numel`` elements is stored quantized under this format."""
+        return self.quantized and numel >= max(1, self.min_quantized_numel)
+
+    def full_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        """dtype of an unquantized moment for a parameter of ``param_dtype``."""
+        if self.precision == "bf16":
+            return torch.bfloat16
+        return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def codes_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
+    """8-bit codes keep the parameter's shape (they shard like it); 4-bit codes are flat, two per byte."""
+    n = 1
+    for s in shape:
+        n *= s
+    return tuple(shape) if bits == 8 else (code_bytes(n, 4),)
+
+
+def moment_state(name: str, shape: tuple[int, ...], param_dtype: torch.dtype, fmt: MomentFormat) -> list[StateTensor]:
+    """The exact state entries of one moment (for a registry ``state`` rule)."""
+    n = 1
+    for s in shape:
+        n *= s
+    if fmt.quantizes(n):
+        return [
+            StateTensor(f"{name}_codes", codes_shape(shape, fmt.bits), torch.uint8),
+            StateTensor(f"{name}_scales", (num_blocks(n, fmt.blocks),), torch.float32),
+        ]
+    return [StateTensor(name, tuple(shape), fmt.full_dtype(param_dtype))]
+
+
+def init_moment(state: dict[str, Any], name: str, param: Tensor, fmt: MomentFormat) -> None:
+    """Create the zero moment ``name`` for ``param`` in ``state`` (codes of zero and zero scales if quantized)."""
+    if fmt.quantizes(param.numel()):
+        q = QuantizedState.zeros(param.shape, fmt.qmap, fmt.blocks, device=param.device)
+        state[f"{name}_codes"] = q.codes.view(codes_shape(tuple(param.shape), fmt.bits))
+        state[f"{name}_scales"] = q.scales
+    else:
+        state[name] = torch.zeros_like(param, dtype=fmt.full_dtype(param.dtype), memory_format=torch.contiguous_format)
+
+
+def quantized_view(
+    state: dict[str, Any], name: str, fmt: MomentFormat, shape: tuple[int, ...] | torch.Size
+) -> QuantizedState | None:
+    """The :class:`QuantizedState` over a quantized moment's entries, or None for a full-precision moment."""
+    codes = state.get(f"{name}_codes")
+    if codes is None:
+        return None
+    return QuantizedState(codes.view(-1), state[f"{name}_scales"], fmt.qmap, fmt.blocks, shape)
+
+
+def load_moment(
+    state: dict[str, Any],
+    name: str,
+    fmt: MomentFormat,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The moment's values in ``dtype``: the state tensor itself when it already has that dtype (update it in
+    place), else a new tensor (write it back with :func:`store_moment`)."""
+    q = quantized_view(state, name, fmt, shape)
+    if q is not None:
+        return q.dequantize(dtype)
+    t = state[name]
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def store_moment(state: dict[str, Any], name: str, value: Tensor, fmt: MomentFormat) -> None:
+    """Write ``value`` back into the moment (quantizing it when the moment is quantized)."""
+    q = quantized_view(state, name, fmt, value.shape)
+    if q is not None:
+        q.copy_(value)
+    elif state[name] is not value:
+        state[name].copy_(value)
+
+
+def moment_summary(states: list[dict[str, Any]], name: str) -> dict[str, int]:
+    """How many tensors keep moment ``name`` quantized vs in full precision, and their state bytes."""
+    out = {"quantized_tensors": 0, "full_precision_tensors": 0, "quantized_bytes": 0, "full_precision_bytes": 0}
+    for state in states:
+        if f"{name}_codes" in state:
+            out["quantized_tensors"] += 1
+            out["quantized_bytes"] += state[f"{name}_codes"].nbytes + state[f"{name}_scales"].nbytes
+        elif name in state:
+            out["full_precision_tensors"] += 1
+            out["full_precision_bytes"] += state[name].nbytes
+    return out
