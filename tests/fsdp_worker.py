@@ -55,6 +55,8 @@ def main(out_path: str) -> None:
                     results[spec.name]["nonfinite_raised"] = False
                 except FloatingPointError:
                     results[spec.name]["nonfinite_raised"] = True
+        except NotImplementedError as err:
+            results[spec.name] = {"unsupported": str(err)}
         except Exception as err:  # reported per optimizer, the others still run
             results[spec.name] = {"error": f"{type(err).__name__}: {err}"}
     if dist.get_rank() == 0:

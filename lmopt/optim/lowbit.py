@@ -115,6 +115,14 @@ class LowBitOptimizer(LmoptOptimizer):
         return MomentFormat(self.precision, kind, group["block_size"], group["min_quantized_numel"])  # type: ignore[arg-type]
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        if is_dtensor(param) and any(self._format(group, kind).quantizes(param.numel()) for _, kind in self.moments):
+            # Quantized state must be built per local shard (blocks never straddling a shard) and saved as
+            # DTensors for resharding; until that lands, refuse instead of mixing plain and sharded tensors.
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot quantize the state of DTensor (FSDP2) parameters yet (tensors of "
+                f"{param.numel()} elements); under FSDP2 use 'adamw' with state_dtype='bf16' (4 B/param of state) "
+                "or another registry optimizer"
+            )
         if group["param_rounding"] == "stochastic" and param.dtype == torch.float16:
             raise ValueError("param_rounding='stochastic' supports bf16 parameters, not float16; use 'kahan'")
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
