@@ -171,9 +171,17 @@ def test_sparse_gradients(spec: OptimSpec):
 NONFINITE = [s for s in OPTIM_DB if s.lmopt_engine]
 
 
+@pytest.fixture(params=["kernel", "norm"])
+def finiteness_check(request, monkeypatch):
+    """Both ways of finding inf/NaN: lmopt's C kernel, and the 2-norm used where the kernel does not apply."""
+    if request.param == "norm":
+        monkeypatch.setattr("lmopt.optim.base._kernel_first_nonfinite", lambda tensors: None)
+    return request.param
+
+
 @pytest.mark.parametrize("spec", NONFINITE, ids=[s.name for s in NONFINITE])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_raise_leaves_everything_unchanged(spec: OptimSpec, bad: float):
+def test_nonfinite_raise_leaves_everything_unchanged(spec: OptimSpec, bad: float, finiteness_check):
     model = make_model()
     opt = spec.make(model, spec.variants[0])
     _run(spec, model, opt, 2)
@@ -214,7 +222,7 @@ def test_nonfinite_skip_counts_and_resumes(spec: OptimSpec):
 
 
 @pytest.mark.parametrize("spec", NONFINITE, ids=[s.name for s in NONFINITE])
-def test_huge_finite_gradients_are_not_reported(spec: OptimSpec):
+def test_huge_finite_gradients_are_not_reported(spec: OptimSpec, finiteness_check):
     """The fast check's norm overflows for huge finite gradients; that must not be mistaken for inf/NaN."""
     model = make_model()
     opt = spec.make(model, {**spec.variants[0], "nonfinite": "skip"})

@@ -210,8 +210,15 @@ class LmoptOptimizer(Optimizer):
             dense = [g for g in grads if g.numel() > 0]
             if not dense:
                 continue
-            # The 2-norm propagates NaN and inf and is the fastest vectorised reduction on CPU (the inf-norm is
-            # ~30x slower there). It can overflow for huge finite gradients, so a non-finite norm is confirmed
+            nonempty = [i for i, g in zip(indices, grads) if g.numel() > 0]
+            # Contiguous fp32/bf16 CPU gradients: one exact pass of lmopt's C kernel at memory bandwidth.
+            bad_index = _kernel_first_nonfinite(dense)
+            if bad_index is not None:
+                if bad_index < 0:
+                    continue
+                return self._param_name(gi, nonempty[bad_index])
+            # Elsewhere the 2-norm propagates NaN and inf and is the fastest vectorised reduction (the inf-norm is
+            # ~30x slower on CPU). It can overflow for huge finite gradients, so a non-finite norm is confirmed
             # element-wise before anything is reported: the slow path runs only when something looks wrong.
             if any(map(is_dtensor, dense)):  # a DTensor norm is a pending partial value: reduce it fully
                 norms = [torch.linalg.vector_norm(g).full_tensor() for g in dense]
@@ -220,7 +227,6 @@ class LmoptOptimizer(Optimizer):
             flags = torch.stack([n.float() for n in norms]).isfinite()
             if bool(flags.all()):
                 continue
-            nonempty = [i for i, g in zip(indices, grads) if g.numel() > 0]
             for k in (~flags).nonzero().flatten().tolist():
                 g = dense[k].full_tensor() if is_dtensor(dense[k]) else dense[k]
                 if not bool(torch.isfinite(g).all()):
@@ -306,6 +312,14 @@ class LmoptOptimizer(Optimizer):
             ran = f", last step ran {used!r}" if used else ""
             lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters{ran}, {keys}")
         return "\n".join(lines)
+
+
+def _kernel_first_nonfinite(tensors: list[Tensor]) -> int | None:
+    """Index of the first tensor with inf/NaN (-1: none) from the C kernel, or None where it does not apply
+    (not CPU fp32/bf16 contiguous plain tensors, no C compiler, or ``LMOPT_DISABLE_KERNELS=1``)."""
+    from ..kernels.lowbit import first_nonfinite
+
+    return first_nonfinite(tensors)
 
 
 def fp32_view(t: Tensor) -> Tensor:

@@ -131,19 +131,6 @@ class LowBitOptimizer(LmoptOptimizer):
         if group["param_rounding"] == "kahan" and param.dtype in (torch.bfloat16, torch.float16):
             state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
 
-    def _first_nonfinite(self, collected) -> str | None:
-        """The base check, one pass of the C kernel when it applies (torch's inf-norm reduction reads at a
-        fraction of memory bandwidth on CPU and would cost more than the whole low-bit step)."""
-        if any(g["implementation"] == "for_loop" for g in self.param_groups):
-            return super()._first_nonfinite(collected)
-        for gi, _group, _params, grads, indices in collected:
-            bad = kernel_module.first_nonfinite(grads)
-            if bad is None:
-                return super()._first_nonfinite(collected)
-            if bad >= 0:
-                return self._param_name(gi, indices[bad])
-        return None
-
     # -- dispatch ------------------------------------------------------------------------------------------------
     def _kernel_applies(self, p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
         return (
