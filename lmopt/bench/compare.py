@@ -155,9 +155,9 @@ class CompareConfig:
     """
 
     optimizers: list[str] | None = None
-    steps: int = 160
+    steps: int = 120
     model: str = "small"
-    batch_size: int = 8
+    batch_size: int = 4
     seq_len: int = 256
     seed: int = 0
     device: str = "auto"
