@@ -216,6 +216,10 @@ CLASSES = [
     (lmopt.Adam8bit, {"weight_decay": 0.1}),
     (lmopt.Lion8bit, {"weight_decay": 0.5}),
     (lmopt.AdamW8bit, {"maximize": True, "block_size": 64}),
+    # no weight decay: the kernel's compile-time specializations without the decay term
+    (lmopt.AdamW8bit, {"weight_decay": 0.0}),
+    (lmopt.AdamW4bit, {"weight_decay": 0.0, "block_size": 256}),
+    (lmopt.Lion8bit, {"weight_decay": 0.0}),
 ]
 KERNEL_CASES = [
     (c, kw, dt, r)

@@ -8,8 +8,22 @@
  *
  * The arithmetic is exactly that of lmopt's PyTorch reference path (lmopt/optim/lowbit.py): same operations in
  * the same order, no fused multiply-add (compiled with -ffp-contract=off), IEEE sqrt and division, the same
- * nearest-code rule (code = number of midpoints < x, found with a lookup table: see lmopt/quant/maps.py) and the
- * same counter-based hash for stochastic rounding. The AVX2 path and the scalar path compute identical bits.
+ * nearest-code rule (code = number of midpoints < x) and the same counter-based hash for stochastic rounding.
+ * The AVX2 path and the scalar path compute identical bits.
+ *
+ * How codes are found (AVX2):
+ *  - 8-bit maps: decoding is a table read per element (scalar loads indexed by the code bytes; on AMD Zen they
+ *    beat vgatherdps); encoding reads one entry of a bucket table indexed by the sign, exponent and top mantissa
+ *    bits of x (see lmopt/quant/maps.py) and compares with the one midpoint that can fall in the bucket.
+ *  - 4-bit maps: no table reads at all. Encoding is a branchless binary search over the 15 sorted midpoints,
+ *    held in three registers and indexed with vpermps; decoding is two vpermps, or (c + 1) / 16 computed
+ *    exactly for the zero-free linear map.
+ * The common configurations (fp32 parameters and gradients, decoupled or no weight decay, Adam 8/4-bit,
+ * Lion 8-bit) are compiled as separate specializations so no flag is tested inside the element loops.
+ *
+ * Where the time goes (benchmarks/lowbit_kernel_breakdown.py): the Adam arithmetic of the first pass alone
+ * costs about what torch's fused fp32 AdamW step costs on a 2-core AVX2 machine, so the quantization pass is
+ * the price of the 4-6x smaller state.
  *
  * Threads: the blocks of all tensors are split into `nthreads` contiguous ranges, one pthread each.
  */
@@ -25,7 +39,7 @@
 
 typedef struct {
     const int32_t *lut; /* 2 * nk entries: (c0 << 24) | threshold bits (lmopt/quant/maps.py) */
-    const float *mid;   /* ncodes thresholds, last = +inf (unused by the kernel; kept for checks) */
+    const float *mid;   /* ncodes thresholds, last = +inf (the 4-bit search reads the first 15) */
     const float *val;   /* ncodes values */
     int32_t shift;      /* 23 - M */
     int32_t base;       /* (127 - E) << M */
@@ -317,90 +331,210 @@ static inline float hmax8(__m256 v) {
 #endif
 
 /* ------------------------------------------------------------------------------------------------ block */
-static void process_block(const config_t *cfg, const job_t *job, int64_t b, float *mbuf, float *vbuf) {
-    const int64_t B = cfg->block;
+#define AINLINE static inline __attribute__((always_inline))
+
+/* what one call derives once from the config: the 4-bit search tables and the linear-map flags */
+typedef struct {
+#ifdef __AVX2__
+    __m256 m7[2], t1[2], t2[2], t3[2]; /* [0] first moment, [1] second moment */
+#endif
+    int lin[2]; /* the map is the zero-free linear 4-bit map (k + 1) / 16: decode without a table */
+} derived_t;
+
+static int is_linear4(const qmap_t *q) {
+    if (q->bits != 4) return 0;
+    for (int k = 0; k < 16; k++)
+        if (q->val[k] != (float)(k + 1) * 0.0625f) return 0;
+    return 1;
+}
+
+static void derive(const config_t *cfg, derived_t *d) {
+    const qmap_t *qs[2] = {&cfg->qm, &cfg->qv};
+    for (int k = 0; k < 2; k++) {
+        const qmap_t *q = qs[k];
+        d->lin[k] = is_linear4(q);
+#ifdef __AVX2__
+        if (q->bits == 4) {
+            const float *mid = q->mid;
+            d->m7[k] = _mm256_set1_ps(mid[7]);
+            d->t1[k] = _mm256_setr_ps(mid[3], mid[11], 0, 0, 0, 0, 0, 0);
+            d->t2[k] = _mm256_setr_ps(mid[1], mid[5], mid[9], mid[13], 0, 0, 0, 0);
+            d->t3[k] = _mm256_setr_ps(mid[0], mid[2], mid[4], mid[6], mid[8], mid[10], mid[12], mid[14]);
+        }
+#endif
+    }
+}
+
+#ifdef __AVX2__
+/* 8 table values at 8 byte codes: scalar loads straight from the codes (no index vector round trip) */
+AINLINE __m256 lookup_codes8(const float *table, const uint8_t *c) {
+    return _mm256_setr_ps(table[c[0]], table[c[1]], table[c[2]], table[c[3]], table[c[4]], table[c[5]],
+                          table[c[6]], table[c[7]]);
+}
+/* nearest 4-bit code: branchless binary search over the 15 sorted midpoints with in-register permutes.
+ * Each level compares x with the midpoint chosen by the bits found so far; the final count of midpoints < x
+ * is the code: exactly the bucketize rule, for any sorted map, with no table reads. */
+AINLINE __m256i bsearch4(const derived_t *d, int k, __m256 x) {
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i j = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(d->m7[k], x, _CMP_LT_OQ)), one);
+    __m256 c = _mm256_permutevar8x32_ps(d->t1[k], j);
+    j = _mm256_sub_epi32(_mm256_add_epi32(j, j), _mm256_castps_si256(_mm256_cmp_ps(c, x, _CMP_LT_OQ)));
+    c = _mm256_permutevar8x32_ps(d->t2[k], j);
+    j = _mm256_sub_epi32(_mm256_add_epi32(j, j), _mm256_castps_si256(_mm256_cmp_ps(c, x, _CMP_LT_OQ)));
+    c = _mm256_permutevar8x32_ps(d->t3[k], j);
+    return _mm256_sub_epi32(_mm256_add_epi32(j, j), _mm256_castps_si256(_mm256_cmp_ps(c, x, _CMP_LT_OQ)));
+}
+/* 4-bit codes of 8 elements -> values times the block scale */
+AINLINE __m256 dequant4(const qmap_t *q, int lin, __m256i c, __m256 scale) {
+    if (lin) /* (c + 1) / 16 exactly, then the same single rounding as table value * scale */
+        return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(c, _mm256_set1_epi32(1))),
+                                           _mm256_set1_ps(0.0625f)), scale);
+    return dequant8(q, c, scale);
+}
+/* 16 codes (two vectors of 8 int32) -> 16 bytes (8-bit) or 8 bytes of nibble pairs (4-bit) */
+AINLINE void codes16_store(uint8_t *codes, const int BITS, int64_t i, __m256i c0, __m256i c1) {
+    __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(c0, c1), 0xD8);
+    __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    if (BITS == 8) {
+        _mm_storeu_si128((__m128i *)(codes + i), bytes);
+    } else { /* even element in the low nibble: byte = c[2k] + 16 c[2k + 1] */
+        __m128i pairs = _mm_maddubs_epi16(bytes, _mm_set1_epi16(0x1001));
+        _mm_storel_epi64((__m128i *)(codes + (i >> 1)), _mm_packus_epi16(pairs, pairs));
+    }
+}
+AINLINE __m256i encode8(const qmap_t *q, const derived_t *d, int k, const int BITS, __m256 x) {
+    if (BITS == 4) /* clamp to [-1, 1] like the table path (x is finite) */
+        return bsearch4(d, k, _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f)));
+    return code8_of(q, x);
+}
+#endif
+
+/* quantize buf[0 .. end - start) (elements start .. end of the tensor) with 1 / scale `inv` */
+AINLINE void quantize_range(const qmap_t *q, const derived_t *d, int k, const int BITS, const float *buf,
+                            int64_t start, int64_t end, float inv, uint8_t *codes) {
+    int64_t j = start;
+#ifdef __AVX2__
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (; j + 16 <= end; j += 16) {
+        __m256i c0 = encode8(q, d, k, BITS, _mm256_mul_ps(_mm256_loadu_ps(buf + (j - start)), vinv));
+        __m256i c1 = encode8(q, d, k, BITS, _mm256_mul_ps(_mm256_loadu_ps(buf + (j - start) + 8), vinv));
+        codes16_store(codes, BITS, j, c0, c1);
+    }
+    for (; j + 8 <= end; j += 8)
+        codes8_store(codes, BITS, j, encode8(q, d, k, BITS, _mm256_mul_ps(_mm256_loadu_ps(buf + (j - start)), vinv)));
+#endif
+    scalar_quantize(q, buf, j, end, start, inv, codes);
+}
+
+AINLINE void block_impl(const config_t *cfg, const derived_t *d, const job_t *job, int64_t b,
+                        float *restrict mbuf, float *restrict vbuf, const int ALGO, const int PB, const int GB,
+                        const int BM, const int BV, const int RND, const int DEC, const int WD, const int MAX) {
+    config_t c = *cfg; /* a local copy: code stores (uint8) may alias anything, locals they cannot */
+    c.algo = ALGO;
+    c.p_bf16 = PB;
+    c.g_bf16 = GB;
+    c.qm.bits = BM;
+    c.qv.bits = BV;
+    c.rounding = RND;
+    c.decoupled = DEC;
+    c.has_wd = WD;
+    c.maximize = MAX;
+    job_t jb = *job;
+    const int64_t B = c.block;
     const int64_t start = b * B;
-    const int64_t end = start + B < job->n ? start + B : job->n;
-    const float sm = job->m_scales[b];
-    const float sv = cfg->algo == 0 ? job->v_scales[b] : 0.0f;
+    const int64_t end = start + B < jb.n ? start + B : jb.n;
+    const float sm = jb.m_scales[b];
+    const float sv = ALGO == 0 ? jb.v_scales[b] : 0.0f;
     float am = 0.0f, av = 0.0f;
     int64_t i = start;
 #ifdef __AVX2__
     {
         const __m256 vsm = _mm256_set1_ps(sm), vsv = _mm256_set1_ps(sv);
-        const __m256 b1 = _mm256_set1_ps(cfg->beta1), b2 = _mm256_set1_ps(cfg->beta2);
-        const __m256 o1 = _mm256_set1_ps(cfg->omb1), o2 = _mm256_set1_ps(cfg->omb2);
-        const __m256 eps = _mm256_set1_ps(cfg->eps), wd = _mm256_set1_ps(cfg->wd), lrwd = _mm256_set1_ps(cfg->lrwd);
-        const __m256 bc2 = _mm256_set1_ps(job->inv_bc2), ss = _mm256_set1_ps(job->step_size);
-        const __m256 lr = _mm256_set1_ps(cfg->lr), zero = _mm256_setzero_ps();
+        const __m256 b1 = _mm256_set1_ps(c.beta1), b2 = _mm256_set1_ps(c.beta2);
+        const __m256 o1 = _mm256_set1_ps(c.omb1), o2 = _mm256_set1_ps(c.omb2);
+        const __m256 eps = _mm256_set1_ps(c.eps), wd = _mm256_set1_ps(c.wd), lrwd = _mm256_set1_ps(c.lrwd);
+        const __m256 bc2 = _mm256_set1_ps(jb.inv_bc2), ss = _mm256_set1_ps(jb.step_size);
+        const __m256 lr = _mm256_set1_ps(c.lr), zero = _mm256_setzero_ps();
         const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+        const int lin_m = d->lin[0], lin_v = d->lin[1];
         __m256 vam = zero, vav = zero;
         for (; i + 8 <= end; i += 8) {
-            __m256 g = load8_g(cfg, job, i);
-            if (cfg->maximize) g = _mm256_xor_ps(g, sign);
-            __m256 p = load8_p(cfg, job, i);
-            __m256 m = dequant8(&cfg->qm, codes8_load(job->m_codes, cfg->qm.bits, i), vsm);
+            __m256 g = load8_g(&c, &jb, i);
+            if (MAX) g = _mm256_xor_ps(g, sign);
+            __m256 p = load8_p(&c, &jb, i);
+            __m256 m = BM == 8 ? _mm256_mul_ps(lookup_codes8(c.qm.val, jb.m_codes + i), vsm)
+                               : dequant4(&c.qm, lin_m, codes8_load(jb.m_codes, BM, i), vsm);
             __m256 delta;
-            if (cfg->algo == 0) {
-                if (!cfg->decoupled && cfg->has_wd) g = _mm256_add_ps(g, _mm256_mul_ps(p, wd));
-                __m256 v = dequant8(&cfg->qv, codes8_load(job->v_codes, cfg->qv.bits, i), vsv);
+            if (ALGO == 0) {
+                if (!DEC && WD) g = _mm256_add_ps(g, _mm256_mul_ps(p, wd));
+                __m256 v = BV == 8 ? _mm256_mul_ps(lookup_codes8(c.qv.val, jb.v_codes + i), vsv)
+                                   : dequant4(&c.qv, lin_v, codes8_load(jb.v_codes, BV, i), vsv);
                 m = _mm256_add_ps(_mm256_mul_ps(m, b1), _mm256_mul_ps(g, o1));
                 v = _mm256_add_ps(_mm256_mul_ps(v, b2), _mm256_mul_ps(_mm256_mul_ps(g, g), o2));
                 __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), bc2), eps);
                 __m256 upd = _mm256_mul_ps(_mm256_div_ps(m, denom), ss);
                 delta = _mm256_xor_ps(upd, sign);
-                if (cfg->decoupled && cfg->has_wd) delta = _mm256_sub_ps(delta, _mm256_mul_ps(p, lrwd));
+                if (DEC && WD) delta = _mm256_sub_ps(delta, _mm256_mul_ps(p, lrwd));
                 _mm256_storeu_ps(vbuf + (i - start), v);
-                vav = _mm256_max_ps(vav, _mm256_andnot_ps(sign, v));
+                vav = _mm256_max_ps(vav, v); /* v >= 0 */
             } else {
-                __m256 c = _mm256_add_ps(_mm256_mul_ps(m, b1), _mm256_mul_ps(g, o1));
-                __m256 pos = _mm256_and_ps(_mm256_cmp_ps(c, zero, _CMP_GT_OQ), one);
-                __m256 neg = _mm256_and_ps(_mm256_cmp_ps(c, zero, _CMP_LT_OQ), one);
+                __m256 cc = _mm256_add_ps(_mm256_mul_ps(m, b1), _mm256_mul_ps(g, o1));
+                __m256 pos = _mm256_and_ps(_mm256_cmp_ps(cc, zero, _CMP_GT_OQ), one);
+                __m256 neg = _mm256_and_ps(_mm256_cmp_ps(cc, zero, _CMP_LT_OQ), one);
                 __m256 sg = _mm256_sub_ps(pos, neg);
                 delta = _mm256_xor_ps(_mm256_mul_ps(sg, lr), sign);
-                if (cfg->has_wd) delta = _mm256_sub_ps(delta, _mm256_mul_ps(p, lrwd));
+                if (WD) delta = _mm256_sub_ps(delta, _mm256_mul_ps(p, lrwd));
                 m = _mm256_add_ps(_mm256_mul_ps(m, b2), _mm256_mul_ps(g, o2));
             }
             _mm256_storeu_ps(mbuf + (i - start), m);
             vam = _mm256_max_ps(vam, _mm256_andnot_ps(sign, m));
-            store8_param(cfg, job, i, p, delta);
+            store8_param(&c, &jb, i, p, delta);
         }
         am = hmax8(vam);
         av = hmax8(vav);
     }
 #endif
-    scalar_elems(cfg, job, i, end, sm, sv, mbuf, vbuf, start, &am, &av);
+    scalar_elems(&c, &jb, i, end, sm, sv, mbuf, vbuf, start, &am, &av);
 
     /* quantize the new moments with the new scales */
-    const float im = am > 0.0f ? 1.0f / am : 0.0f;
-    job->m_scales[b] = am;
-    int64_t j = start;
-#ifdef __AVX2__
-    {
-        const __m256 vim = _mm256_set1_ps(im);
-        for (; j + 8 <= end; j += 8)
-            codes8_store(job->m_codes, cfg->qm.bits, j, code8_of(&cfg->qm, _mm256_mul_ps(_mm256_loadu_ps(mbuf + (j - start)), vim)));
+    jb.m_scales[b] = am;
+    quantize_range(&c.qm, d, 0, BM, mbuf, start, end, am > 0.0f ? 1.0f / am : 0.0f, jb.m_codes);
+    if (ALGO == 0) {
+        jb.v_scales[b] = av;
+        quantize_range(&c.qv, d, 1, BV, vbuf, start, end, av > 0.0f ? 1.0f / av : 0.0f, jb.v_codes);
     }
-#endif
-    scalar_quantize(&cfg->qm, mbuf, j, end, start, im, job->m_codes);
-    if (cfg->algo == 0) {
-        const float iv = av > 0.0f ? 1.0f / av : 0.0f;
-        job->v_scales[b] = av;
-        j = start;
-#ifdef __AVX2__
-        {
-            const __m256 viv = _mm256_set1_ps(iv);
-            for (; j + 8 <= end; j += 8)
-                codes8_store(job->v_codes, cfg->qv.bits, j, code8_of(&cfg->qv, _mm256_mul_ps(_mm256_loadu_ps(vbuf + (j - start)), viv)));
-        }
-#endif
-        scalar_quantize(&cfg->qv, vbuf, j, end, start, iv, job->v_codes);
+}
+
+typedef void (*block_fn)(const config_t *, const derived_t *, const job_t *, int64_t, float *, float *);
+static void block_generic(const config_t *c, const derived_t *d, const job_t *j, int64_t b, float *mb, float *vb) {
+    block_impl(c, d, j, b, mb, vb, c->algo, c->p_bf16, c->g_bf16, c->qm.bits, c->qv.bits, c->rounding, c->decoupled,
+               c->has_wd, c->maximize);
+}
+/* the common cases, specialized at compile time: fp32 parameters and gradients, decoupled weight decay (or
+ * none), not maximizing */
+#define SPECIALIZE(name, algo, bits, wd)                                                                  \
+    static void name(const config_t *c, const derived_t *d, const job_t *j, int64_t b, float *mb, float *vb) { \
+        block_impl(c, d, j, b, mb, vb, algo, 0, 0, bits, bits, 0, 1, wd, 0);                             \
     }
+SPECIALIZE(block_adam8_wd, 0, 8, 1)
+SPECIALIZE(block_adam8, 0, 8, 0)
+SPECIALIZE(block_adam4_wd, 0, 4, 1)
+SPECIALIZE(block_adam4, 0, 4, 0)
+SPECIALIZE(block_lion8_wd, 1, 8, 1)
+SPECIALIZE(block_lion8, 1, 8, 0)
+
+static block_fn choose_block_fn(const config_t *c) {
+    if (c->p_bf16 || c->g_bf16 || c->rounding || c->maximize || (c->has_wd && !c->decoupled)) return block_generic;
+    if (c->algo == 0 && c->qm.bits == 8 && c->qv.bits == 8) return c->has_wd ? block_adam8_wd : block_adam8;
+    if (c->algo == 0 && c->qm.bits == 4 && c->qv.bits == 4) return c->has_wd ? block_adam4_wd : block_adam4;
+    if (c->algo == 1 && c->qm.bits == 8) return c->has_wd ? block_lion8_wd : block_lion8;
+    return block_generic;
 }
 
 /* ---------------------------------------------------------------------------------------------- threads */
 typedef struct {
     const config_t *cfg;
+    const derived_t *derived;
     const job_t *jobs;
     int njobs;
     int64_t first, last; /* global block range [first, last) */
@@ -408,14 +542,15 @@ typedef struct {
 
 static void *run_range(void *arg) {
     const range_t *r = (const range_t *)arg;
-    float mbuf[MAX_BLOCK], vbuf[MAX_BLOCK];
+    float mbuf[MAX_BLOCK] __attribute__((aligned(64))), vbuf[MAX_BLOCK] __attribute__((aligned(64)));
+    const block_fn fn = choose_block_fn(r->cfg);
     int64_t offset = 0;
     for (int j = 0; j < r->njobs && offset < r->last; j++) {
         const job_t *job = &r->jobs[j];
         int64_t nb = (job->n + r->cfg->block - 1) / r->cfg->block;
         int64_t lo = r->first > offset ? r->first - offset : 0;
         int64_t hi = r->last - offset < nb ? r->last - offset : nb;
-        for (int64_t b = lo; b < hi; b++) process_block(r->cfg, job, b, mbuf, vbuf);
+        for (int64_t b = lo; b < hi; b++) fn(r->cfg, r->derived, job, b, mbuf, vbuf);
         offset += nb;
     }
     return NULL;
@@ -430,8 +565,11 @@ int lmopt_lowbit_step(const config_t *cfg, const job_t *jobs, int njobs, int nth
     if (total < 64 * nthreads) nthreads = 1;
     range_t ranges[64];
     pthread_t tids[64];
+    derived_t derived;
+    derive(cfg, &derived);
     for (int t = 0; t < nthreads; t++) {
         ranges[t].cfg = cfg;
+        ranges[t].derived = &derived;
         ranges[t].jobs = jobs;
         ranges[t].njobs = njobs;
         ranges[t].first = total * t / nthreads;
