@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import lowbit as kernel_module
+from ..kernels import lowbit_triton as triton_module
 from ..quant.maps import code_map
 from ..quant.moments import MomentFormat, init_moment, load_moment, moment_state, store_moment
 from ..quant.rounding import PARAM_ROUNDINGS, apply_update_, stochastic_key
@@ -144,20 +145,143 @@ class LowBitOptimizer(LmoptOptimizer):
             and ("kahan_comp" not in state or state["kahan_comp"].is_contiguous())
         )
 
+    def _triton_applies(self, p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
+        return (
+            f"{self.moments[0][0]}_codes" in state
+            and p.is_cuda
+            and not is_dtensor(p)
+            and p.dtype in (torch.float32, torch.bfloat16)
+            and g.dtype in (torch.float32, torch.bfloat16)
+            and p.is_contiguous()
+            and g.is_contiguous()
+            and ("kahan_comp" not in state or state["kahan_comp"].is_contiguous())
+        )
+
+    def _plain_batch_applies(self, p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
+        # fp32 CUDA parameters whose moments stayed fp32 (below min_quantized_numel): on a GPU, per-tensor
+        # PyTorch ops for dozens of small tensors cost more launch time than the whole quantized step
+        return (
+            p.is_cuda
+            and not is_dtensor(p)
+            and p.dtype == torch.float32
+            and g.dtype == torch.float32
+            and all(state.get(name) is not None and state[name].dtype == torch.float32 for name, _ in self.moments)
+        )
+
+    def _plain_batch_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        steps: list[float],
+        states: list[dict[str, Any]],
+    ) -> None:
+        """The reference update of full-precision fp32 moments on CUDA, batched with foreach kernels: the same
+        operations in the same order as :meth:`_reference_step` (CUDA's fp32 square root is IEEE, like the
+        reference's fp64 one rounded to fp32), so the results are the same bits."""
+        beta1, beta2 = group["betas"]
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        gs = torch._foreach_neg(grads) if group["maximize"] else grads
+        ms = [s[self.moments[0][0]] for s in states]
+        if self.algorithm == "adam":
+            vs = [s[self.moments[-1][0]] for s in states]
+            if not self._decoupled and wd != 0:
+                gs = torch._foreach_add(gs, torch._foreach_mul(params, wd))
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta1))
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_add_(vs, torch._foreach_mul(torch._foreach_mul(gs, gs), 1 - beta2))
+            scalars = [self._scalars(group, step) for step in steps]
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_mul_(denom, [inv_bc2 for _, inv_bc2 in scalars])
+            torch._foreach_add_(denom, float(group["eps"]))
+            delta = torch._foreach_div(ms, denom)
+            torch._foreach_mul_(delta, [step_size for step_size, _ in scalars])
+            torch._foreach_neg_(delta)
+            if self._decoupled and wd != 0:
+                torch._foreach_sub_(delta, torch._foreach_mul(params, lr * wd))
+        else:
+            c = torch._foreach_mul(ms, beta1)
+            torch._foreach_add_(c, torch._foreach_mul(gs, 1 - beta1))
+            delta = torch._foreach_sign(c)
+            torch._foreach_mul_(delta, lr)
+            torch._foreach_neg_(delta)
+            if wd != 0:
+                torch._foreach_sub_(delta, torch._foreach_mul(params, lr * wd))
+            torch._foreach_mul_(ms, beta2)
+            torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta2))
+        torch._foreach_add_(params, delta)
+
+    def _triton_step(
+        self, group: dict[str, Any], p: Tensor, g: Tensor, state: dict[str, Any], seed: int, step: float
+    ) -> None:
+        first = self._format(group, self.moments[0][1])
+        second = self._format(group, self.moments[-1][1])
+        beta1, beta2 = group["betas"]
+        hyper = dict(
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(group.get("eps", 0.0)),
+            weight_decay=float(group["weight_decay"]),
+            lr=float(group["lr"]),
+            decoupled=self._decoupled,
+            maximize=group["maximize"],
+            rounding=_ROUNDING_CODE[group["param_rounding"]],
+            key=stochastic_key(seed, int(step)),
+        )
+        m_name, v_name = self.moments[0][0], self.moments[-1][0]
+        adam = self.algorithm == "adam"
+        if adam:
+            hyper["step_size"], hyper["inv_bc2"] = self._scalars(group, step)
+        triton_module.lowbit_step_cuda(
+            p,
+            g,
+            state[f"{m_name}_codes"],
+            state[f"{m_name}_scales"],
+            state[f"{v_name}_codes"] if adam else None,
+            state[f"{v_name}_scales"] if adam else None,
+            state.get("kahan_comp"),
+            m_map=first.qmap,
+            v_map=second.qmap if adam else None,
+            block=first.blocks,
+            bits=8 if self.precision == "8bit" else 4,
+            algorithm=self.algorithm,
+            hyper=hyper,
+        )
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
         torch._foreach_add_([s["step"] for s in states], 1)
         seeds = self._param_seeds()
         lib = kernel_module.load() if group["implementation"] in ("auto", "fused") else None
         fused: dict[tuple[bool, bool], list[int]] = defaultdict(list)
+        use_triton = group["implementation"] in ("auto", "fused") and any(p.is_cuda for p in params)
+        use_triton = use_triton and triton_module.available()
+        triton_done = False
+        # one device-to-host read of all step counters, not one synchronizing float() per tensor
+        cuda_steps = torch.stack([s["step"] for s in states]).tolist() if use_triton else []
+        plain: list[int] = []  # full-precision (small) fp32 CUDA tensors: one batch of foreach kernels
         for i, (p, g, s) in enumerate(zip(params, grads, states)):
             if p.numel() == 0:
                 continue
-            if lib is not None and self._kernel_applies(p, g, s):
+            if use_triton and self._triton_applies(p, g, s):
+                self._triton_step(group, p, g, s, seeds.get(id(p), 0), cuda_steps[i])
+                triton_done = True
+            elif use_triton and self._plain_batch_applies(p, g, s):
+                plain.append(i)
+            elif lib is not None and self._kernel_applies(p, g, s):
                 fused[(p.dtype == torch.bfloat16, g.dtype == torch.bfloat16)].append(i)
             else:
                 self._reference_step(group, p, g, s, seeds.get(id(p), 0))
-        self._implementation_used[id(group)] = "fused" if fused else "for_loop"
+        if plain:
+            self._plain_batch_step(
+                group,
+                [params[i] for i in plain],
+                [grads[i] for i in plain],
+                [cuda_steps[i] for i in plain],
+                [states[i] for i in plain],
+            )
+        self._implementation_used[id(group)] = "fused" if fused or triton_done else "for_loop"
         for (p_bf16, g_bf16), idx in fused.items():
             self._kernel_step(
                 lib,
@@ -287,7 +411,8 @@ class AdamW8bit(LowBitOptimizer):
         min_quantized_numel: tensors with fewer elements keep fp32 moments (default 4096).
         param_rounding: how bf16 parameters take the update: ``"nearest"`` (default), ``"stochastic"`` or
             ``"kahan"`` (no effect on fp32 parameters).
-        implementation: ``"auto"`` (default), ``"fused"`` (the C kernel) or ``"for_loop"`` (PyTorch).
+        implementation: ``"auto"`` (default), ``"fused"`` (the C kernel on CPU, the Triton kernel on CUDA) or
+            ``"for_loop"`` (PyTorch).
         nonfinite, check_finite: see :class:`lmopt.optim.base.LmoptOptimizer`.
 
     Example:

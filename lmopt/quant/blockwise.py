@@ -135,7 +135,7 @@ def dequantize_blockwise(
     cm = code_map(qmap) if isinstance(qmap, str) else qmap
     n = math.prod(shape)
     idx = codes.reshape(-1) if cm.bits == 8 else unpack_nibbles(codes.reshape(-1), n)
-    values = cm.values.to(codes.device)[idx.to(torch.int64)] * _expand(scales, n, block_size)
+    values = cm.on(codes.device)[0][idx.to(torch.int64)] * _expand(scales, n, block_size)
     return values.reshape(shape).to(dtype)
 
 

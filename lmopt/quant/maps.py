@@ -24,7 +24,7 @@ reads instead of a binary search.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -97,6 +97,7 @@ class CodeMap:
     lut: Tensor
     lut_exponents: int
     lut_mantissa_bits: int
+    _device_tables: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def lut_buckets(self) -> int:
@@ -104,7 +105,7 @@ class CodeMap:
 
     def encode(self, normalized: Tensor) -> Tensor:
         """Nearest codes (int64) of fp32 values already normalized to [-1, 1] (the reference rule)."""
-        return torch.bucketize(normalized, self.midpoints[:-1], right=False)
+        return torch.bucketize(normalized, self.on(normalized.device)[1][:-1], right=False)
 
     def encode_with_lut(self, normalized: Tensor) -> Tensor:
         """The same codes, found with the kernel's table method (used to test the table).
@@ -123,12 +124,21 @@ class CodeMap:
         low_mask = (1 << shift) - 1
         base = (127 - self.lut_exponents) << self.lut_mantissa_bits
         bucket = ((mag >> shift) - base).clamp_min(0) + sign * self.lut_buckets
-        entry = self.lut[bucket].to(torch.int64) & 0xFFFFFFFF
+        entry = self.on(x.device)[2][bucket].to(torch.int64) & 0xFFFFFFFF
         key = (mag & low_mask) ^ (sign * low_mask)
         return (entry >> 24) + (key > (entry & low_mask)).to(torch.int64)
 
     def decode(self, codes: Tensor) -> Tensor:
-        return self.values[codes.to(torch.int64)]
+        return self.on(codes.device)[0][codes.to(torch.int64)]
+
+    def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(values, midpoints, lut) on ``device``: the CPU tensors themselves, or copies made once per device."""
+        if device.type == "cpu":
+            return self.values, self.midpoints, self.lut
+        key = str(device)
+        if key not in self._device_tables:
+            self._device_tables[key] = (self.values.to(device), self.midpoints.to(device), self.lut.to(device))
+        return self._device_tables[key]
 
     def __repr__(self) -> str:
         return f"CodeMap({self.name!r}, bits={self.bits}, signed={self.signed})"
