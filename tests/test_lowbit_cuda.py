@@ -22,6 +22,8 @@ CASES = [
     (lmopt.AdamW8bit, {"weight_decay": 0.0, "maximize": True, "block_size": 64}),
     (lmopt.Adam8bit, {"weight_decay": 0.1}),
     (lmopt.AdamW4bit, {"weight_decay": 0.1}),
+    (lmopt.AdamW4bit, {"weight_decay": 0.1, "block_size": 48}),  # not a power of two: masked tile columns
+    (lmopt.AdamW8bit, {"weight_decay": 0.1, "block_size": 4096}),  # one block per program
     (lmopt.Lion8bit, {"weight_decay": 0.5, "lr": 1e-4}),
 ]
 DTYPES = [

@@ -126,6 +126,34 @@ def _kernel():
             tl.store(p_ptr + offs, r, mask=mask)
 
     @triton.jit
+    def _load_codes(
+        c_ptr, rows, n, mask, BLOCK: tl.constexpr, BP2: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr
+    ):
+        # codes of a [ROWS, BP2] tile as int32; 4-bit bytes hold (even, odd) elements in (low, high) nibbles
+        if BITS == 8:
+            return tl.load(c_ptr + rows * BLOCK + tl.arange(0, BP2)[None, :], mask=mask, other=0).to(tl.int32)
+        HALF: tl.constexpr = BP2 // 2
+        half_cols = tl.arange(0, HALF)[None, :]
+        index = rows * (BLOCK // 2) + half_cols
+        ok = (half_cols < BLOCK // 2) & (index < (n + 1) // 2)
+        byte = tl.load(c_ptr + index, mask=ok, other=0).to(tl.int32)
+        return tl.reshape(tl.join(byte & 15, byte >> 4), (ROWS, BP2))
+
+    @triton.jit
+    def _store_codes(
+        c_ptr, rows, n, mask, codes, BLOCK: tl.constexpr, BP2: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr
+    ):
+        if BITS == 8:
+            tl.store(c_ptr + rows * BLOCK + tl.arange(0, BP2)[None, :], codes.to(tl.uint8), mask=mask)
+        else:
+            HALF: tl.constexpr = BP2 // 2
+            even, odd = tl.split(tl.reshape(tl.where(mask, codes, 0), (ROWS, HALF, 2)))
+            half_cols = tl.arange(0, HALF)[None, :]
+            index = rows * (BLOCK // 2) + half_cols
+            ok = (half_cols < BLOCK // 2) & (index < (n + 1) // 2)
+            tl.store(c_ptr + index, (even | (odd << 4)).to(tl.uint8), mask=ok)
+
+    @triton.jit
     def lowbit_kernel(
         p_ptr,
         g_ptr,
@@ -139,6 +167,7 @@ def _kernel():
         mlut_ptr,
         vlut_ptr,
         n,
+        nblocks,
         beta1,
         beta2,
         omb1,
@@ -151,6 +180,8 @@ def _kernel():
         inv_bc2,
         key,
         BLOCK: tl.constexpr,
+        BP2: tl.constexpr,
+        ROWS: tl.constexpr,
         BITS: tl.constexpr,
         ALGO: tl.constexpr,
         DECOUPLED: tl.constexpr,
@@ -165,113 +196,38 @@ def _kernel():
         V_BASE: tl.constexpr,
         V_NK: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)
-        sm = tl.load(ms_ptr + b)
-        sv = tl.load(vs_ptr + b)  # Lion passes the first moment's scales here (unused)
-        if BITS == 8:
-            offs = b * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if MAXIMIZE:
-                g = -g
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            mcode = tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32)
-            m = tl.load(mval_ptr + mcode) * sm
-            v = m
-            if ALGO == 0:
-                vcode = tl.load(vc_ptr + offs, mask=mask, other=0).to(tl.int32)
-                v = tl.load(vval_ptr + vcode) * sv
-            m, v, delta = _moments_and_delta(
-                p, g, m, v, beta1, beta2, omb1, omb2, eps, wd, lrwd, lr, step_size, inv_bc2, ALGO, DECOUPLED, HAS_WD
-            )
-            _store_param(p_ptr, comp_ptr, offs, mask, p, delta, key, P_BF16, ROUNDING)
-            am = tl.max(tl.where(mask, tl.abs(m), 0.0), axis=0)
-            tl.store(ms_ptr + b, am)
-            im = tl.where(am > 0, tl.div_rn(1.0, am), 0.0)
-            tl.store(mc_ptr + offs, _encode(m * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True).to(tl.uint8), mask=mask)
-            if ALGO == 0:
-                av = tl.max(tl.where(mask, v, 0.0), axis=0)
-                tl.store(vs_ptr + b, av)
-                iv = tl.where(av > 0, tl.div_rn(1.0, av), 0.0)
-                tl.store(vc_ptr + offs, _encode(v * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False).to(tl.uint8), mask=mask)
-        else:
-            HALF: tl.constexpr = BLOCK // 2
-            pair = b * HALF + tl.arange(0, HALF)  # byte index of each (even, odd) pair
-            even = 2 * pair
-            odd = even + 1
-            me = even < n
-            mo = odd < n
-            mbyte = tl.load(mc_ptr + pair, mask=me, other=0).to(tl.int32)
-            g0 = tl.load(g_ptr + even, mask=me, other=0.0).to(tl.float32)
-            g1 = tl.load(g_ptr + odd, mask=mo, other=0.0).to(tl.float32)
-            if MAXIMIZE:
-                g0 = -g0
-                g1 = -g1
-            p0 = tl.load(p_ptr + even, mask=me, other=0.0).to(tl.float32)
-            p1 = tl.load(p_ptr + odd, mask=mo, other=0.0).to(tl.float32)
-            m0 = tl.load(mval_ptr + (mbyte & 15)) * sm
-            m1 = tl.load(mval_ptr + (mbyte >> 4)) * sm
-            v0 = m0
-            v1 = m1
-            if ALGO == 0:
-                vbyte = tl.load(vc_ptr + pair, mask=me, other=0).to(tl.int32)
-                v0 = tl.load(vval_ptr + (vbyte & 15)) * sv
-                v1 = tl.load(vval_ptr + (vbyte >> 4)) * sv
-            m0, v0, d0 = _moments_and_delta(
-                p0,
-                g0,
-                m0,
-                v0,
-                beta1,
-                beta2,
-                omb1,
-                omb2,
-                eps,
-                wd,
-                lrwd,
-                lr,
-                step_size,
-                inv_bc2,
-                ALGO,
-                DECOUPLED,
-                HAS_WD,
-            )
-            m1, v1, d1 = _moments_and_delta(
-                p1,
-                g1,
-                m1,
-                v1,
-                beta1,
-                beta2,
-                omb1,
-                omb2,
-                eps,
-                wd,
-                lrwd,
-                lr,
-                step_size,
-                inv_bc2,
-                ALGO,
-                DECOUPLED,
-                HAS_WD,
-            )
-            _store_param(p_ptr, comp_ptr, even, me, p0, d0, key, P_BF16, ROUNDING)
-            _store_param(p_ptr, comp_ptr, odd, mo, p1, d1, key, P_BF16, ROUNDING)
-            am = tl.maximum(
-                tl.max(tl.where(me, tl.abs(m0), 0.0), axis=0), tl.max(tl.where(mo, tl.abs(m1), 0.0), axis=0)
-            )
-            tl.store(ms_ptr + b, am)
-            im = tl.where(am > 0, tl.div_rn(1.0, am), 0.0)
-            c0 = _encode(m0 * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True)
-            c1 = tl.where(mo, _encode(m1 * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True), 0)
-            tl.store(mc_ptr + pair, (c0 | (c1 << 4)).to(tl.uint8), mask=me)
-            if ALGO == 0:
-                av = tl.maximum(tl.max(tl.where(me, v0, 0.0), axis=0), tl.max(tl.where(mo, v1, 0.0), axis=0))
-                tl.store(vs_ptr + b, av)
-                iv = tl.where(av > 0, tl.div_rn(1.0, av), 0.0)
-                c0 = _encode(v0 * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False)
-                c1 = tl.where(mo, _encode(v1 * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False), 0)
-                tl.store(vc_ptr + pair, (c0 | (c1 << 4)).to(tl.uint8), mask=me)
+        # one program: ROWS consecutive quantization blocks as a [ROWS, BP2] tile (BP2: BLOCK rounded up to a
+        # power of two; the extra columns are masked), contiguous in memory
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+        cols = tl.arange(0, BP2)[None, :]
+        offs = rows * BLOCK + cols
+        mask = (cols < BLOCK) & (offs < n)
+        row_ok = rows < nblocks
+        sm = tl.load(ms_ptr + rows, mask=row_ok, other=0.0)
+        sv = tl.load(vs_ptr + rows, mask=row_ok, other=0.0)  # Lion passes the first moment's scales (unused)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(mval_ptr + _load_codes(mc_ptr, rows, n, mask, BLOCK, BP2, BITS, ROWS)) * sm
+        v = m
+        if ALGO == 0:
+            v = tl.load(vval_ptr + _load_codes(vc_ptr, rows, n, mask, BLOCK, BP2, BITS, ROWS)) * sv
+        m, v, delta = _moments_and_delta(
+            p, g, m, v, beta1, beta2, omb1, omb2, eps, wd, lrwd, lr, step_size, inv_bc2, ALGO, DECOUPLED, HAS_WD
+        )
+        _store_param(p_ptr, comp_ptr, offs, mask, p, delta, key, P_BF16, ROUNDING)
+        am = tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1)[:, None]
+        tl.store(ms_ptr + rows, am, mask=row_ok)
+        im = tl.where(am > 0, tl.div_rn(1.0, am), 0.0)
+        codes = _encode(m * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True)
+        _store_codes(mc_ptr, rows, n, mask, codes, BLOCK, BP2, BITS, ROWS)
+        if ALGO == 0:
+            av = tl.max(tl.where(mask, v, 0.0), axis=1)[:, None]
+            tl.store(vs_ptr + rows, av, mask=row_ok)
+            iv = tl.where(av > 0, tl.div_rn(1.0, av), 0.0)
+            codes = _encode(v * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False)
+            _store_codes(vc_ptr, rows, n, mask, codes, BLOCK, BP2, BITS, ROWS)
 
     return lowbit_kernel
 
@@ -318,7 +274,10 @@ def lowbit_step_cuda(
         v_codes, v_scales = m_codes, m_scales
     beta1, beta2 = hyper["beta1"], hyper["beta2"]
     wd, lr = hyper["weight_decay"], hyper["lr"]
-    grid = ((n + block - 1) // block,)
+    nblocks = (n + block - 1) // block
+    bp2 = 1 << (block - 1).bit_length()  # tile width: the block rounded up to a power of two
+    rows = max(1, min(16, 2048 // bp2))  # ~2048 elements per program
+    grid = ((nblocks + rows - 1) // rows,)
     kernel[grid](
         p,
         g,
@@ -332,6 +291,7 @@ def lowbit_step_cuda(
         mlut,
         vlut,
         n,
+        nblocks,
         beta1,
         beta2,
         1 - beta1,
@@ -344,6 +304,8 @@ def lowbit_step_cuda(
         hyper.get("inv_bc2", 1.0),
         hyper.get("key", 0),
         BLOCK=block,
+        BP2=bp2,
+        ROWS=rows,
         BITS=bits,
         ALGO=0 if algorithm == "adam" else 1,
         DECOUPLED=bool(hyper["decoupled"]),
@@ -357,6 +319,6 @@ def lowbit_step_cuda(
         V_SHIFT=vs_,
         V_BASE=vb,
         V_NK=vk,
-        num_warps=4 if block >= 256 else 2,
+        num_warps=4,
         enable_fp_fusion=False,
     )
