@@ -18,12 +18,14 @@ so an 8-bit step can beat fp32 AdamW's (benchmarks/step_speed_cuda.py).
 from __future__ import annotations
 
 import functools
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "lowbit_step_cuda"]
+__all__ = ["CudaItem", "available", "lowbit_step_cuda"]
 
 
 @functools.cache
@@ -155,19 +157,13 @@ def _kernel():
 
     @triton.jit
     def lowbit_kernel(
-        p_ptr,
-        g_ptr,
-        mc_ptr,
-        ms_ptr,
-        vc_ptr,
-        vs_ptr,
-        comp_ptr,
+        table_ptr,
+        scalar_ptr,
+        program_ptr,
         mval_ptr,
         vval_ptr,
         mlut_ptr,
         vlut_ptr,
-        n,
-        nblocks,
         beta1,
         beta2,
         omb1,
@@ -176,9 +172,6 @@ def _kernel():
         wd,
         lrwd,
         lr,
-        step_size,
-        inv_bc2,
-        key,
         BLOCK: tl.constexpr,
         BP2: tl.constexpr,
         ROWS: tl.constexpr,
@@ -188,6 +181,7 @@ def _kernel():
         HAS_WD: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         P_BF16: tl.constexpr,
+        G_BF16: tl.constexpr,
         ROUNDING: tl.constexpr,
         M_SHIFT: tl.constexpr,
         M_BASE: tl.constexpr,
@@ -196,9 +190,38 @@ def _kernel():
         V_BASE: tl.constexpr,
         V_NK: tl.constexpr,
     ):
+        # every tensor of the launch in one grid: program -> (tensor, its program index); per tensor the table
+        # holds the data pointers, the element count and the stochastic-rounding key, and scalar_ptr its
+        # (step size, 1 / sqrt(bias correction 2))
+        pid = tl.program_id(0)
+        t = tl.load(program_ptr + 2 * pid).to(tl.int64)
+        local = tl.load(program_ptr + 2 * pid + 1).to(tl.int64)
+        row = table_ptr + t * 10
+        # the addresses come from memory, so the compiler cannot see their alignment: every tensor is checked
+        # to be 16-byte aligned before the launch, and saying so lets the loads below be vectorized
+        p_addr = tl.multiple_of(tl.load(row + 0), 16)
+        g_addr = tl.multiple_of(tl.load(row + 1), 16)
+        if P_BF16:
+            p_ptr = p_addr.to(tl.pointer_type(tl.bfloat16))
+        else:
+            p_ptr = p_addr.to(tl.pointer_type(tl.float32))
+        if G_BF16:
+            g_ptr = g_addr.to(tl.pointer_type(tl.bfloat16))
+        else:
+            g_ptr = g_addr.to(tl.pointer_type(tl.float32))
+        mc_ptr = tl.multiple_of(tl.load(row + 2), 16).to(tl.pointer_type(tl.uint8))
+        ms_ptr = tl.multiple_of(tl.load(row + 3), 16).to(tl.pointer_type(tl.float32))
+        vc_ptr = tl.multiple_of(tl.load(row + 4), 16).to(tl.pointer_type(tl.uint8))
+        vs_ptr = tl.multiple_of(tl.load(row + 5), 16).to(tl.pointer_type(tl.float32))
+        comp_ptr = tl.multiple_of(tl.load(row + 6), 16).to(tl.pointer_type(tl.bfloat16))
+        n = tl.load(row + 7)
+        key = tl.load(row + 8)
+        step_size = tl.load(scalar_ptr + 2 * t)
+        inv_bc2 = tl.load(scalar_ptr + 2 * t + 1)
+        nblocks = (n + BLOCK - 1) // BLOCK
         # one program: ROWS consecutive quantization blocks as a [ROWS, BP2] tile (BP2: BLOCK rounded up to a
         # power of two; the extra columns are masked), contiguous in memory
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+        rows = local * ROWS + tl.arange(0, ROWS)[:, None]
         cols = tl.arange(0, BP2)[None, :]
         offs = rows * BLOCK + cols
         mask = (cols < BLOCK) & (offs < n)
@@ -243,14 +266,42 @@ def _tables(name: str, device: torch.device) -> tuple[Tensor, Tensor, int, int, 
     return values, lut, shift, base, cm.lut_buckets
 
 
+@dataclass
+class CudaItem:
+    """One tensor of a launch: the parameter, its gradient, the moments' codes and scales (Lion: no second
+    moment), the Kahan buffer or None, and its per-tensor scalars."""
+
+    p: Tensor
+    g: Tensor
+    m_codes: Tensor
+    m_scales: Tensor
+    v_codes: Tensor | None
+    v_scales: Tensor | None
+    comp: Tensor | None
+    step_size: float = 0.0
+    inv_bc2: float = 1.0
+    key: int = 0
+
+
+_PROGRAMS: dict[tuple, Tensor] = {}
+
+
+def _program_map(numels: tuple[int, ...], block: int, rows: int, device: torch.device) -> Tensor:
+    """int32 [programs, 2]: (tensor index, program index within the tensor), cached by the tensors' sizes."""
+    key = (numels, block, rows, str(device))
+    if key not in _PROGRAMS:
+        if len(_PROGRAMS) > 64:
+            _PROGRAMS.clear()
+        counts = torch.tensor([((n + block - 1) // block + rows - 1) // rows for n in numels], dtype=torch.int64)
+        tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        local = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)
+        _PROGRAMS[key] = torch.stack([tensor, local], 1).to(torch.int32).to(device)
+    return _PROGRAMS[key]
+
+
 def lowbit_step_cuda(
-    p: Tensor,
-    g: Tensor,
-    m_codes: Tensor,
-    m_scales: Tensor,
-    v_codes: Tensor | None,
-    v_scales: Tensor | None,
-    comp: Tensor | None,
+    items: list[CudaItem],
     *,
     m_map: str,
     v_map: str | None,
@@ -259,39 +310,53 @@ def lowbit_step_cuda(
     algorithm: str,
     hyper: dict[str, Any],
 ) -> None:
-    """Update one CUDA tensor and its quantized moments in place (contiguous tensors; see the module doc).
+    """Update CUDA tensors and their quantized moments in place with one kernel launch (contiguous tensors of
+    one device, parameters of one dtype, gradients of one dtype; see the module doc).
 
-    ``hyper`` holds beta1, beta2, eps, weight_decay, lr, step_size, inv_bc2, key, decoupled, maximize,
-    rounding (0 nearest, 1 stochastic, 2 kahan).
+    ``hyper`` holds beta1, beta2, eps, weight_decay, lr, decoupled, maximize, rounding (0 nearest,
+    1 stochastic, 2 kahan).
     """
+    if not items:
+        return
     kernel = _kernel()
-    n = p.numel()
-    mval, mlut, ms, mb, mk = _tables(m_map, p.device)
+    device = items[0].p.device
+    mval, mlut, ms, mb, mk = _tables(m_map, device)
     if algorithm == "adam":
-        vval, vlut, vs_, vb, vk = _tables(v_map, p.device)  # type: ignore[arg-type]
+        vval, vlut, vs_, vb, vk = _tables(v_map, device)  # type: ignore[arg-type]
     else:
         vval, vlut, vs_, vb, vk = mval, mlut, ms, mb, mk
-        v_codes, v_scales = m_codes, m_scales
+    table, scalars = [], []
+    for it in items:
+        v_codes = it.v_codes if it.v_codes is not None else it.m_codes
+        v_scales = it.v_scales if it.v_scales is not None else it.m_scales
+        table += [
+            it.p.data_ptr(),
+            it.g.data_ptr(),
+            it.m_codes.data_ptr(),
+            it.m_scales.data_ptr(),
+            v_codes.data_ptr(),
+            v_scales.data_ptr(),
+            it.comp.data_ptr() if it.comp is not None else 0,
+            it.p.numel(),
+            it.key,
+            0,
+        ]
+        scalars += [it.step_size, it.inv_bc2]
+    table_t = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+    scalars_t = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
+    bp2 = 1 << (block - 1).bit_length()  # tile width: the block rounded up to a power of two
+    rows = int(os.environ.get("LMOPT_TRITON_ROWS", 0)) or max(1, min(16, 2048 // bp2))  # ~2048 elements
+    programs = _program_map(tuple(it.p.numel() for it in items), block, rows, device)
     beta1, beta2 = hyper["beta1"], hyper["beta2"]
     wd, lr = hyper["weight_decay"], hyper["lr"]
-    nblocks = (n + block - 1) // block
-    bp2 = 1 << (block - 1).bit_length()  # tile width: the block rounded up to a power of two
-    rows = max(1, min(16, 2048 // bp2))  # ~2048 elements per program
-    grid = ((nblocks + rows - 1) // rows,)
-    kernel[grid](
-        p,
-        g,
-        m_codes,
-        m_scales,
-        v_codes,
-        v_scales,
-        comp if comp is not None else p,
+    kernel[(programs.shape[0],)](
+        table_t,
+        scalars_t,
+        programs,
         mval,
         vval,
         mlut,
         vlut,
-        n,
-        nblocks,
         beta1,
         beta2,
         1 - beta1,
@@ -300,9 +365,6 @@ def lowbit_step_cuda(
         wd,
         lr * wd,
         lr,
-        hyper.get("step_size", 0.0),
-        hyper.get("inv_bc2", 1.0),
-        hyper.get("key", 0),
         BLOCK=block,
         BP2=bp2,
         ROWS=rows,
@@ -311,7 +373,8 @@ def lowbit_step_cuda(
         DECOUPLED=bool(hyper["decoupled"]),
         HAS_WD=wd != 0.0,
         MAXIMIZE=bool(hyper["maximize"]),
-        P_BF16=p.dtype == torch.bfloat16,
+        P_BF16=items[0].p.dtype == torch.bfloat16,
+        G_BF16=items[0].g.dtype == torch.bfloat16,
         ROUNDING=int(hyper["rounding"]),
         M_SHIFT=ms,
         M_BASE=mb,

@@ -146,15 +146,14 @@ class LowBitOptimizer(LmoptOptimizer):
         )
 
     def _triton_applies(self, p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
+        tensors = [p, g, *(state[k] for k in state if k.endswith(("_codes", "_scales")) or k == "kahan_comp")]
         return (
             f"{self.moments[0][0]}_codes" in state
             and p.is_cuda
             and not is_dtensor(p)
             and p.dtype in (torch.float32, torch.bfloat16)
             and g.dtype in (torch.float32, torch.bfloat16)
-            and p.is_contiguous()
-            and g.is_contiguous()
-            and ("kahan_comp" not in state or state["kahan_comp"].is_contiguous())
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)  # the kernel assumes both
         )
 
     def _plain_batch_applies(self, p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
@@ -213,8 +212,10 @@ class LowBitOptimizer(LmoptOptimizer):
         torch._foreach_add_(params, delta)
 
     def _triton_step(
-        self, group: dict[str, Any], p: Tensor, g: Tensor, state: dict[str, Any], seed: int, step: float
+        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], int, float]]
     ) -> None:
+        """One Triton launch for ``items`` (parameter, gradient, state, stochastic-rounding seed, step): CUDA
+        tensors of one device with one parameter dtype and one gradient dtype."""
         first = self._format(group, self.moments[0][1])
         second = self._format(group, self.moments[-1][1])
         beta1, beta2 = group["betas"]
@@ -227,20 +228,28 @@ class LowBitOptimizer(LmoptOptimizer):
             decoupled=self._decoupled,
             maximize=group["maximize"],
             rounding=_ROUNDING_CODE[group["param_rounding"]],
-            key=stochastic_key(seed, int(step)),
         )
         m_name, v_name = self.moments[0][0], self.moments[-1][0]
         adam = self.algorithm == "adam"
-        if adam:
-            hyper["step_size"], hyper["inv_bc2"] = self._scalars(group, step)
+        cuda_items = []
+        for p, g, state, seed, step in items:
+            step_size, inv_bc2 = self._scalars(group, step) if adam else (0.0, 1.0)
+            cuda_items.append(
+                triton_module.CudaItem(
+                    p,
+                    g,
+                    state[f"{m_name}_codes"],
+                    state[f"{m_name}_scales"],
+                    state[f"{v_name}_codes"] if adam else None,
+                    state[f"{v_name}_scales"] if adam else None,
+                    state.get("kahan_comp"),
+                    step_size,
+                    inv_bc2,
+                    stochastic_key(seed, int(step)),
+                )
+            )
         triton_module.lowbit_step_cuda(
-            p,
-            g,
-            state[f"{m_name}_codes"],
-            state[f"{m_name}_scales"],
-            state[f"{v_name}_codes"] if adam else None,
-            state[f"{v_name}_scales"] if adam else None,
-            state.get("kahan_comp"),
+            cuda_items,
             m_map=first.qmap,
             v_map=second.qmap if adam else None,
             block=first.blocks,
@@ -257,7 +266,7 @@ class LowBitOptimizer(LmoptOptimizer):
         fused: dict[tuple[bool, bool], list[int]] = defaultdict(list)
         use_triton = group["implementation"] in ("auto", "fused") and any(p.is_cuda for p in params)
         use_triton = use_triton and triton_module.available()
-        triton_done = False
+        launches: dict[tuple, list] = defaultdict(list)  # Triton: one launch per device and dtypes
         # one device-to-host read of all step counters, not one synchronizing float() per tensor
         cuda_steps = torch.stack([s["step"] for s in states]).tolist() if use_triton else []
         plain: list[int] = []  # full-precision (small) fp32 CUDA tensors: one batch of foreach kernels
@@ -265,8 +274,7 @@ class LowBitOptimizer(LmoptOptimizer):
             if p.numel() == 0:
                 continue
             if use_triton and self._triton_applies(p, g, s):
-                self._triton_step(group, p, g, s, seeds.get(id(p), 0), cuda_steps[i])
-                triton_done = True
+                launches[(p.device, p.dtype, g.dtype)].append((p, g, s, seeds.get(id(p), 0), cuda_steps[i]))
             elif use_triton and self._plain_batch_applies(p, g, s):
                 plain.append(i)
             elif lib is not None and self._kernel_applies(p, g, s):
@@ -281,7 +289,9 @@ class LowBitOptimizer(LmoptOptimizer):
                 [cuda_steps[i] for i in plain],
                 [states[i] for i in plain],
             )
-        self._implementation_used[id(group)] = "fused" if fused or triton_done else "for_loop"
+        for items in launches.values():
+            self._triton_step(group, items)
+        self._implementation_used[id(group)] = "fused" if fused or launches else "for_loop"
         for (p_bf16, g_bf16), idx in fused.items():
             self._kernel_step(
                 lib,
