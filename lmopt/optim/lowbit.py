@@ -303,12 +303,14 @@ class LowBitOptimizer(LmoptOptimizer):
             held[key] = {n: entries.pop(n) for n in [n for n in entries if n in suffixes]}
             stripped[key] = entries
         state_dict["state"] = stripped
+        params = self._saved_params(state_dict)
         super().load_state_dict(state_dict)
         groups = {id(p): group for group in self.param_groups for p in group["params"]}
-        ids = [p for group in self.param_groups for p in group["params"]]
         requantized = []
         for key, saved in held.items():
-            p = ids[key]
+            p = params.get(key)
+            if p is None:
+                continue
             state = self.state[p]
             for name, value in list(state.items()):  # full-precision entries: in the parameter's form
                 if isinstance(value, Tensor):

@@ -27,10 +27,10 @@ on every rank) records ``S``: the slot layout is a function of the parameter's s
 so a state dict says which layout its codes have, and :func:`reshard_quantized` converts between layouts.
 
 **Resharding.** Loading state saved with ``S`` shards into a run with ``S'`` shards (another world size, or an
-unsharded run: ``S' = 1``) dequantizes the saved blocks that overlap each new shard and quantizes them into the
-new blocks: one more rounding of the moments (each value moves by at most half a code gap of its new block's
-absmax); lossless where the old and the new block boundaries coincide. Same ``S``: the slots are copied as is
-(bit-exact).
+unsharded run: ``S' = 1``): where each new block is a saved block (same ``S``, or all shard boundaries of both
+layouts on block boundaries) codes and scales are copied, bit-exact; otherwise the saved blocks overlapping
+each new shard are dequantized and quantized into the new blocks: one more rounding of the moments (each value
+moves by at most half a code gap of its new block's absmax).
 """
 
 from __future__ import annotations
@@ -286,8 +286,9 @@ def reshard_quantized(
     ``codes`` / ``scales`` are the saved global tensors, plain or DTensor (a DTensor is used as its local slot
     when it is already laid out and placed like ``layout`` (no communication), else gathered with
     ``full_tensor()``). An unsharded moment is ``saved_shards=1`` (8-bit codes in the parameter's shape are
-    flattened). With the same number of shards the slot is copied; otherwise the moment is requantized into
-    the new blocks (see the module doc).
+    flattened). Where every block of this rank's shard is a saved block (the same number of shards, or shard
+    boundaries on block boundaries) codes and scales are copied; otherwise this rank's elements are
+    dequantized and requantized into the new blocks (see the module doc); ``requantized`` says which.
 
     Raises:
         ValueError: the saved tensors do not have the sizes that layout and block size imply.
@@ -317,15 +318,37 @@ def reshard_quantized(
             local_codes = _full(codes).reshape(-1)[k * slot_codes : (k + 1) * slot_codes].clone()
             local_scales = _full(scales).reshape(-1)[k * slot_scales : (k + 1) * slot_scales].clone()
         return layout.wrap_slot(local_codes), layout.wrap_slot(local_scales), False
-    # requantize: dequantize the saved shards overlapping this rank's elements, quantize them into new blocks
     full_codes, full_scales = _full(codes).reshape(-1), _full(scales).reshape(-1)
     start, n = layout.local_offset, layout.local_numel
-    values = torch.zeros(n, dtype=torch.float32, device=full_codes.device)
+    pieces = []  # (saved shard, its first element, its size, [a, b) = the overlap with this rank's elements)
     for k in range(saved_shards):
         lo, m = saved.shard_offset(k), saved.shard_numel(k)
         a, b = max(lo, start), min(lo + m, start + n)
-        if a >= b:
-            continue
+        if a < b:
+            pieces.append((k, lo, m, a, b))
+    local_codes = torch.zeros(slot_codes, dtype=torch.uint8, device=full_codes.device)
+    local_scales = torch.zeros(slot_scales, dtype=torch.float32, device=full_codes.device)
+    per_byte = 8 // bits
+    aligned = all(
+        (a - start) % block_size == 0
+        and (a - lo) % block_size == 0
+        and ((b - a) % block_size == 0 or (b == start + n and b == lo + m))
+        for _, lo, _, a, b in pieces
+    )
+    if aligned:  # every new block is a saved block: copy codes and scales (bit-exact)
+        for k, lo, _, a, b in pieces:
+            src = k * saved_codes + (a - lo) // per_byte
+            length = -(-(b - a) // per_byte)
+            dst = (a - start) // per_byte
+            local_codes[dst : dst + length] = full_codes[src : src + length]
+            src = k * saved_scales + (a - lo) // block_size
+            length = num_blocks(b - a, block_size)
+            dst = (a - start) // block_size
+            local_scales[dst : dst + length] = full_scales[src : src + length]
+        return layout.wrap_slot(local_codes), layout.wrap_slot(local_scales), False
+    # requantize: dequantize the saved shards overlapping this rank's elements, quantize them into new blocks
+    values = torch.zeros(n, dtype=torch.float32, device=full_codes.device)
+    for k, lo, m, a, b in pieces:
         shard = dequantize_blockwise(
             full_codes[k * saved_codes : k * saved_codes + code_bytes(m, bits)],
             full_scales[k * saved_scales : k * saved_scales + num_blocks(m, block_size)],
@@ -334,8 +357,6 @@ def reshard_quantized(
             (m,),
         )
         values[a - start : b - start] = shard[a - lo : b - lo]
-    local_codes = torch.zeros(slot_codes, dtype=torch.uint8, device=full_codes.device)
-    local_scales = torch.zeros(slot_scales, dtype=torch.float32, device=full_codes.device)
     if n:
         quantize_blockwise(values, qmap, block_size, codes=local_codes[: code_bytes(n, bits)],
                            scales=local_scales[: num_blocks(n, block_size)])
