@@ -10,7 +10,9 @@ Per low-bit optimizer (rank 0 writes a JSON file named on the command line):
 * ``reshard``: a state dict saved with 2 shards loads into an unsharded optimizer, into a 1-shard HSDP mesh and
   back (requantized, with a warning): bit-exact where the blocks coincide, close where they do not.
 * ``dcp``: ``get_optimizer_state_dict`` -> ``torch.distributed.checkpoint`` save/load ->
-  ``set_optimizer_state_dict`` resumes bit-exactly, and so does the ``full_state_dict=True`` flow.
+  ``set_optimizer_state_dict`` resumes bit-exactly, and so does the ``full_state_dict=True`` flow. Into another
+  number of shards the full_state_dict flow requantizes; a sharded DCP load stops at DCP's size check, and the
+  documented fix (``dcp_to_torch_save``, then the full_state_dict flow) works.
 * ``unsupported``: a Shard(1) parameter with quantized state raises NotImplementedError naming the fix.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -26,6 +29,8 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -188,14 +193,26 @@ def reshard(name, kw, shapes, mesh, hsdp_mesh) -> dict:
     return out
 
 
-def dcp_round_trip(name, kw) -> dict:
+_TMPDIRS: list[str] = []
+
+
+def _shared_tmpdir() -> str:
+    holder = [tempfile.mkdtemp(prefix="lmopt_dcp_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    _TMPDIRS.append(holder[0])
+    return holder[0]
+
+
+def dcp_round_trip(name, kw, hsdp_mesh) -> dict:
     """FSDP2 model: get_optimizer_state_dict -> DCP save / load -> set_optimizer_state_dict, and the
-    full_state_dict flow; both must resume bit-exactly on the same world size."""
+    full_state_dict flow; both must resume bit-exactly on the same world size. Into 1 shard (an HSDP mesh of
+    2 replicas x 1 shard): the full_state_dict flow requantizes (with a warning); a sharded DCP load stops at
+    DCP's size check (the per-shard slots make the global sizes differ)."""
     out = {}
 
-    def model_and_opt(seed=0):
+    def model_and_opt(seed=0, mesh=None):
         model = make_model(seed=seed)
-        fully_shard(model)
+        fully_shard(model, mesh=mesh)
         return model, lmopt.create_optimizer(name, list(model.parameters()), **kw)
 
     def train(model, opt, seeds):
@@ -213,10 +230,7 @@ def dcp_round_trip(name, kw) -> dict:
         resumed, opt_resumed = model_and_opt(seed=123)
         resumed.load_state_dict(first.state_dict())
         if mode == "dcp":
-            path = tempfile.mkdtemp(prefix="lmopt_dcp_") if dist.get_rank() == 0 else None
-            holder = [path]
-            dist.broadcast_object_list(holder, src=0)
-            path = holder[0]
+            path = _shared_tmpdir()
             dcp.save({"optim": get_optimizer_state_dict(first, opt_first)}, checkpoint_id=path)
             target = {"optim": get_optimizer_state_dict(resumed, opt_resumed)}
             dcp.load(target, checkpoint_id=path)
@@ -241,6 +255,56 @@ def dcp_round_trip(name, kw) -> dict:
                 else:
                     same = same and value == other
         out[mode] = "bit-exact" if same else "differs"
+    # another number of shards: 2 -> 1
+    first, opt_first = model_and_opt()
+    train(first, opt_first, range(30, 33))
+    full = _save_load(get_optimizer_state_dict(first, opt_first, options=StateDictOptions(full_state_dict=True)))
+    resumed, opt_resumed = model_and_opt(seed=123, mesh=hsdp_mesh)
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), first.parameters()):
+            p.copy_(distribute_tensor(q.full_tensor(), p.device_mesh, p.placements))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_optimizer_state_dict(resumed, opt_resumed, full, options=StateDictOptions(full_state_dict=True))
+    out["full_to_1_shard_warned"] = any("requantized" in str(w.message) for w in caught)
+    train(resumed, opt_resumed, range(33, 36))
+    worst = 0.0
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        a, b = p.full_tensor(), q.full_tensor()
+        worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item())
+    out["full_to_1_shard"] = worst
+    path = _shared_tmpdir()
+    dcp.save({"optim": get_optimizer_state_dict(first, opt_first)}, checkpoint_id=path)
+    other, opt_other = model_and_opt(seed=123, mesh=hsdp_mesh)
+    target = {"optim": get_optimizer_state_dict(other, opt_other)}
+    try:
+        dcp.load(target, checkpoint_id=path)
+        out["dcp_to_1_shard"] = "loaded"
+    except CheckpointException as err:  # a BaseException
+        out["dcp_to_1_shard"] = f"{type(err).__name__}: {str(err)[-400:]}"
+    # the fix: convert the DCP checkpoint to one torch.save file (full tensors), load it as a full state dict
+    converted = os.path.join(path, "converted.pt")
+    if dist.get_rank() == 0:
+        dcp_to_torch_save(path, converted)
+    dist.barrier()
+    other, opt_other = model_and_opt(seed=123, mesh=hsdp_mesh)
+    with torch.no_grad():
+        for p, q in zip(other.parameters(), first.parameters()):
+            p.copy_(distribute_tensor(q.full_tensor(), p.device_mesh, p.placements))
+    full = torch.load(converted, weights_only=True)["optim"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_optimizer_state_dict(other, opt_other, full, options=StateDictOptions(full_state_dict=True))
+    out["dcp_converted_to_1_shard_warned"] = any("requantized" in str(w.message) for w in caught)
+    train(other, opt_other, range(33, 36))
+    same = all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(other.parameters(),
+                                                                               resumed.parameters()))
+    out["dcp_converted_to_1_shard"] = "same as full_to_1_shard" if same else "differs"
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for path in _TMPDIRS:
+            shutil.rmtree(path, ignore_errors=True)
+    _TMPDIRS.clear()
     return out
 
 
@@ -276,7 +340,7 @@ def main(out_path: str) -> None:
             res["unaligned"] = sharded_vs_plain(name, kw, UNALIGNED, torch.float32, mesh)
             res["reshard_aligned"] = reshard(name, kw, ALIGNED, mesh, hsdp_mesh)
             res["reshard_unaligned"] = reshard(name, kw, UNALIGNED, mesh, hsdp_mesh)
-            res["dcp"] = dcp_round_trip(name, kw)
+            res["dcp"] = dcp_round_trip(name, kw, hsdp_mesh)
             res["unsupported"] = unsupported(name, kw, mesh)
             # requantizing moves a value by at most the largest distance from a value in [-1, 1] to its code
             # in the map, times its block's absmax (<= the tensor's largest magnitude)

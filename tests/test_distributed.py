@@ -95,9 +95,15 @@ def test_lowbit_state_reshards_between_world_sizes(name, lowbit_results):
 @pytest.mark.parametrize("name", LOWBIT)
 def test_lowbit_state_through_distributed_checkpoint(name, lowbit_results):
     """get_optimizer_state_dict -> DCP save/load -> set_optimizer_state_dict, and the full_state_dict flow
-    (plain tensors), resume bit-exactly; a Shard(1) parameter is refused naming the fix."""
+    (plain tensors), resume bit-exactly. Into 1 shard: the full_state_dict flow requantizes with a warning; a
+    sharded DCP load stops at DCP's size check, and converting it (dcp_to_torch_save) then loading it as a full
+    state dict works (docs/low-bit-state.md). A Shard(1) parameter is refused naming the fix."""
     result = lowbit_results[name]
     assert "error" not in result, result.get("error")
-    assert result["dcp"] == {"dcp": "bit-exact", "full_state_dict": "bit-exact", "full_state_dict_is_plain": True}
+    dcp = result["dcp"]
+    assert dcp["dcp"] == dcp["full_state_dict"] == "bit-exact" and dcp["full_state_dict_is_plain"], dcp
+    assert dcp["full_to_1_shard_warned"] and dcp["full_to_1_shard"] < BY_NAME[name].distributed_tol
+    assert "Size mismatch" in dcp["dcp_to_1_shard"] and "_scales" in dcp["dcp_to_1_shard"]
+    assert dcp["dcp_converted_to_1_shard_warned"] and dcp["dcp_converted_to_1_shard"] == "same as full_to_1_shard"
     message = result["unsupported"]
     assert "Shard(dim=1)" in message and "Shard it on dim 0" in message and "min_quantized_numel" in message
