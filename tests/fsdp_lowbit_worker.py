@@ -300,12 +300,57 @@ def dcp_round_trip(name, kw, hsdp_mesh) -> dict:
     same = all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(other.parameters(),
                                                                                resumed.parameters()))
     out["dcp_converted_to_1_shard"] = "same as full_to_1_shard" if same else "differs"
+    out["dcp_equal_sizes"] = dcp_equal_sizes(name, kw, hsdp_mesh)
     dist.barrier()
     if dist.get_rank() == 0:
         for path in _TMPDIRS:
             shutil.rmtree(path, ignore_errors=True)
     _TMPDIRS.clear()
     return out
+
+
+def dcp_equal_sizes(name, kw, hsdp_mesh) -> str:
+    """A (2, 56) weight has as many code bytes and scales on 2 shards (2 x 56 elements: 2 x 2 blocks of 32)
+    as on 1 (112: 4 blocks), with other blocks: DCP loads the 2-shard checkpoint into 1 shard, and
+    load_state_dict, seeing ``<name>_shards`` = 2, requantizes it -- as the full_state_dict flow does."""
+
+    def model_and_opt(mesh=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(56, 2, bias=False)
+        fully_shard(model, mesh=mesh)
+        return model, lmopt.create_optimizer(name, list(model.parameters()), **kw)
+
+    def train(model, opt, seeds):
+        for s in seeds:
+            opt.zero_grad(set_to_none=True)
+            g = torch.Generator().manual_seed(s)
+            model(torch.randn(8, 56, generator=g)).pow(2).mean().backward()
+            opt.step()
+
+    first, opt_first = model_and_opt()
+    train(first, opt_first, range(3))
+    path = _shared_tmpdir()
+    dcp.save({"optim": get_optimizer_state_dict(first, opt_first)}, checkpoint_id=path)
+    full = get_optimizer_state_dict(first, opt_first, options=StateDictOptions(full_state_dict=True))
+    runs, warned = [], []
+    for mode in ("dcp", "full_state_dict"):
+        model, opt = model_and_opt(hsdp_mesh)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), first.parameters()):
+                p.copy_(distribute_tensor(q.full_tensor(), p.device_mesh, p.placements))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if mode == "dcp":
+                target = {"optim": get_optimizer_state_dict(model, opt)}
+                dcp.load(target, checkpoint_id=path)
+                set_optimizer_state_dict(model, opt, target["optim"])
+            else:
+                set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
+        warned.append(any("requantized" in str(w.message) for w in caught))
+        train(model, opt, range(3, 6))
+        runs.append([p.full_tensor() for p in model.parameters()])
+    same = all(torch.equal(a, b) for a, b in zip(*runs))
+    return f"warned {warned}, " + ("same as full_state_dict" if same else "differs")
 
 
 def unsupported(name, kw, mesh) -> str:

@@ -105,5 +105,6 @@ def test_lowbit_state_through_distributed_checkpoint(name, lowbit_results):
     assert dcp["full_to_1_shard_warned"] and dcp["full_to_1_shard"] < BY_NAME[name].distributed_tol
     assert "Size mismatch" in dcp["dcp_to_1_shard"] and "_scales" in dcp["dcp_to_1_shard"]
     assert dcp["dcp_converted_to_1_shard_warned"] and dcp["dcp_converted_to_1_shard"] == "same as full_to_1_shard"
+    assert dcp["dcp_equal_sizes"] == "warned [True, True], same as full_state_dict"
     message = result["unsupported"]
     assert "Shard(dim=1)" in message and "Shard it on dim 0" in message and "min_quantized_numel" in message
