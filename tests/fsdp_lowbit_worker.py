@@ -43,7 +43,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lmopt  # noqa: E402
-from lmopt.quant import code_map, load_moment  # noqa: E402
+from lmopt.quant import MomentFormat, code_map, init_moment, load_moment, store_moment  # noqa: E402
 from tests.optim_db import make_batch, make_model  # noqa: E402
 
 NAMES = ("adamw8bit", "adam8bit", "adamw4bit", "lion8bit")
@@ -364,11 +364,55 @@ def unsupported(name, kw, mesh) -> str:
     return "no error"
 
 
+def small_shard1(name, kw, mesh) -> str:
+    """A Shard(1) tensor under min_quantized_numel keeps fp32 moments and steps as DTensor math."""
+    x, g = torch.randn(2, 6), torch.randn(2, 6)  # 12 elements < min_quantized_numel
+    p, q = torch.nn.Parameter(distribute_tensor(x, mesh, [Shard(1)])), torch.nn.Parameter(x.clone())
+    opts = [lmopt.create_optimizer(name, [t], **kw) for t in (p, q)]
+    p.grad, q.grad = distribute_tensor(g, mesh, [Shard(1)]), g.clone()
+    for opt in opts:
+        opt.step()
+    ok = torch.allclose(p.full_tensor(), q, rtol=1e-6, atol=1e-7) and isinstance(opts[0].state[p]["exp_avg"], DTensor)
+    return "ok" if ok else "differs"
+
+
+def helpers(mesh) -> dict:
+    """lmopt.quant's moment helpers on a DTensor parameter, as CAME / Adafactor would keep a quantized first
+    moment: load_moment gives a DTensor, store_moment takes one (and refuses a plain tensor); bit-identical to
+    the plain helpers where blocks align (a 6 x 32 tensor in 2 shards of 3 blocks of 32)."""
+    out = {}
+    g = torch.Generator().manual_seed(5)
+    for precision, kind in (("8bit", "first"), ("4bit", "second")):
+        fmt = MomentFormat(precision, kind, block_size=32, min_quantized_numel=16)
+        x = torch.randn(6, 32, generator=g)
+        plain, sharded = {}, {}
+        init_moment(plain, "m", x, fmt)
+        init_moment(sharded, "m", distribute_tensor(x, mesh, [Shard(0)]), fmt)
+        for _ in range(3):
+            update = torch.randn(6, 32, generator=g)
+            update = update.abs() if kind == "second" else update
+            m = load_moment(plain, "m", fmt, x.shape)
+            m.mul_(0.9).add_(update, alpha=0.1)
+            store_moment(plain, "m", m, fmt)
+            md = load_moment(sharded, "m", fmt, x.shape)
+            md.mul_(0.9).add_(distribute_tensor(update, mesh, [Shard(0)]), alpha=0.1)
+            store_moment(sharded, "m", md, fmt)
+        back = load_moment(sharded, "m", fmt, x.shape)
+        same = isinstance(back, DTensor) and torch.equal(back.full_tensor(), load_moment(plain, "m", fmt, x.shape))
+        out[precision] = "bit-identical" if same else "differs"
+        try:
+            store_moment(sharded, "m", m, fmt)
+            out[f"{precision}_plain_value"] = "accepted"
+        except ValueError as err:
+            out[f"{precision}_plain_value"] = str(err)
+    return out
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (2,))
     hsdp_mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
-    results = {}
+    results = {"helpers": helpers(mesh)}
     for name in NAMES:
         res: dict = {}
         try:
@@ -387,6 +431,7 @@ def main(out_path: str) -> None:
             res["reshard_unaligned"] = reshard(name, kw, UNALIGNED, mesh, hsdp_mesh)
             res["dcp"] = dcp_round_trip(name, kw, hsdp_mesh)
             res["unsupported"] = unsupported(name, kw, mesh)
+            res["small_shard1"] = small_shard1(name, kw, mesh)
             # requantizing moves a value by at most the largest distance from a value in [-1, 1] to its code
             # in the map, times its block's absmax (<= the tensor's largest magnitude)
             maps = {opt_format.qmap for opt_format in _formats(name, kw)}

@@ -108,3 +108,13 @@ def test_lowbit_state_through_distributed_checkpoint(name, lowbit_results):
     assert dcp["dcp_equal_sizes"] == "warned [True, True], same as full_state_dict"
     message = result["unsupported"]
     assert "Shard(dim=1)" in message and "Shard it on dim 0" in message and "min_quantized_numel" in message
+    assert result["small_shard1"] == "ok"  # fp32 moments (a small tensor) still step on any placement
+
+
+def test_quant_moment_helpers_on_dtensors_8bit_4bit(lowbit_results):
+    """load_moment / store_moment on a DTensor parameter (CAME / Adafactor's future quantized first moment):
+    DTensor in, DTensor out, bit-identical to the plain helpers where blocks align; a plain value is refused."""
+    helpers = lowbit_results["helpers"]
+    assert helpers["8bit"] == helpers["4bit"] == "bit-identical", helpers
+    assert "the state is a DTensor but the value is a plain tensor" in helpers["8bit_plain_value"]
+    assert "the state is a DTensor but the value is a plain tensor" in helpers["4bit_plain_value"]

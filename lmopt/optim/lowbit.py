@@ -204,8 +204,14 @@ class LowBitOptimizer(LmoptOptimizer):
         out_p, out_g, out_s, offsets = [], [], [], []
         for p, g, s in zip(params, grads, states):
             offset = 0
-            if is_dtensor(p) and ShardLayout.unsupported_reason(p) is None:
-                layout = ShardLayout.of(p)
+            layout = None
+            if is_dtensor(p):
+                try:
+                    layout = ShardLayout.of(p)
+                except NotImplementedError:
+                    if any(is_dtensor(s.get(f"{name}_codes")) for name in formats):
+                        raise
+            if layout is not None:
                 if not is_dtensor(g):
                     raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} has a plain-tensor gradient")
                 if tuple(g.placements) != tuple(p.placements):
