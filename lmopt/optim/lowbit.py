@@ -326,10 +326,11 @@ class LowBitOptimizer(LmoptOptimizer):
                     continue
                 codes, scales = saved[f"{name}_codes"], saved[f"{name}_scales"]
                 shards = int(saved.get(f"{name}_shards", 1))
-                if not is_dtensor(p) and not is_dtensor(codes) and shards == 1:
+                fmt = self._format(groups[id(p)], kind)
+                shape = codes_shape(tuple(p.shape), fmt.bits)
+                if not is_dtensor(p) and not is_dtensor(codes) and shards == 1 and tuple(codes.shape) == shape:
                     state[f"{name}_codes"], state[f"{name}_scales"] = codes.to(p.device), scales.to(p.device)
                     continue
-                fmt = self._format(groups[id(p)], kind)
                 if is_dtensor(p) and ShardLayout.unsupported_reason(p) is not None:
                     raise NotImplementedError(
                         f"{type(self).__name__}: cannot load quantized state into a DTensor parameter of shape "
@@ -340,7 +341,7 @@ class LowBitOptimizer(LmoptOptimizer):
                     codes.to(p.device), scales.to(p.device), shards, layout, fmt.qmap, fmt.blocks
                 )
                 if not is_dtensor(p):
-                    codes = codes.view(codes_shape(tuple(p.shape), fmt.bits))
+                    codes = codes.view(shape)
                 state[f"{name}_codes"], state[f"{name}_scales"] = codes, scales
                 if is_dtensor(p):
                     state[f"{name}_shards"] = layout.shards
