@@ -345,8 +345,6 @@ def _lion_explicit_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Opti
     return Lion(model.parameters(), **kw)
 
 
-_NO_DTENSOR = "cannot quantize the state of DTensor"
-
 _LOWBIT_INVALID = [
     ({"lr": -1.0}, "lr"),
     ({"betas": (0.9, 1.0)}, "betas"),
@@ -529,20 +527,25 @@ OPTIM_DB: list[OptimSpec] = [
 
 
     # ------------------------------------------------------- low-bit state: 8-bit / 4-bit moments (issue 5)
-    # Quantized state of DTensor (FSDP2) parameters is not supported yet: refused with a clear error.
+    # FSDP2: the state is quantized per local shard, so where a shard boundary falls inside a block (on the
+    # test model, split 2 ways: the 16-element vectors into 8 + 8, the 3x12 weight into 24 + 12, ...) the blocks,
+    # hence the rounding of the moments, differ from the unsharded run's, and the trajectories drift apart by
+    # about as much as either is from fp32 AdamW (6 steps, measured: adamw8bit 0.031, adam8bit 0.021,
+    # adamw4bit 0.27 -- 4-bit codes are coarse -- lion8bit 0.0: a sign seldom flips). Tolerances ~2.5x that;
+    # where blocks align the sharded state is bit-identical to unsharded (tests/fsdp_lowbit_worker.py).
     # the quantized trajectories are checked against bitsandbytes / torchao in tests/test_lowbit_peers.py;
     # the alias entries run with the default threshold (every test tensor is small -> fp32 moments), which
     # checks the algorithm itself against torch / lion-pytorch in float64.
-    OptimSpec(name="adamw8bit", distributed_unsupported=_NO_DTENSOR,
+    OptimSpec(name="adamw8bit", distributed_tol=0.08,
               variants=_LOWBIT_VARIANTS, implementations=("for_loop", "fused"),
               implementation_tol=(0.0, 0.0), invalid=[*_LOWBIT_INVALID, ({"eps": 0.0}, "eps")]),
-    OptimSpec(name="adam8bit", distributed_unsupported=_NO_DTENSOR,
+    OptimSpec(name="adam8bit", distributed_tol=0.06,
               variants=[{**_LOWBIT_VARIANTS[1], "weight_decay": 0.05}],
               implementations=("for_loop", "fused"), implementation_tol=(0.0, 0.0), invalid=_LOWBIT_INVALID),
-    OptimSpec(name="adamw4bit", distributed_unsupported=_NO_DTENSOR,
+    OptimSpec(name="adamw4bit", distributed_tol=0.6,
               variants=_LOWBIT_VARIANTS[:2], implementations=("for_loop", "fused"),
               implementation_tol=(0.0, 0.0), invalid=_LOWBIT_INVALID),
-    OptimSpec(name="lion8bit", distributed_unsupported=_NO_DTENSOR,
+    OptimSpec(name="lion8bit", distributed_tol=0.05,  # a flipped sign moves an element by 2 * lr
 
               variants=[{"lr": 1e-3, "min_quantized_numel": 16, "block_size": 32},
                         {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5, "min_quantized_numel": 0,

@@ -4,6 +4,7 @@ against the PyTorch reference path, bf16 parameters without a master copy, and m
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -25,6 +26,7 @@ from lmopt.quant import (
 )
 from lmopt.quant.blockwise import pack_nibbles, unpack_nibbles
 from lmopt.quant.rounding import stochastic_round_bf16
+from lmopt.quant.sharded import ShardLayout, reshard_quantized
 
 MAPS = ["de8s", "de8u", "de4s", "lin4u"]
 KERNEL = kernel_module.load() is not None
@@ -186,6 +188,111 @@ def test_moment_format_validation():
         MomentFormat("8bit", block_size=20)
     with pytest.raises(ValueError, match="min_quantized_numel"):
         MomentFormat("8bit", min_quantized_numel=-5)
+
+
+# ------------------------------------------- sharded layouts (DTensor state; torchrun checks: test_distributed.py)
+def _slots(x: torch.Tensor, shards: int, qmap: str, block: int, codes=None, scales=None):
+    """The global codes / scales of ``x`` quantized per dim-0 shard in the slot layout (as ``shards`` ranks
+    holding a DTensor would have them), built from the unsharded quantization (``codes`` / ``scales`` if
+    given)."""
+    if codes is None:
+        codes, scales = quantize_blockwise(x, qmap, block)
+    parts = [
+        reshard_quantized(codes, scales, 1, ShardLayout(x.shape, shards, k), qmap, block)[:2] for k in range(shards)
+    ]
+    return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (1, 7), (8,), (3, 64)])
+@pytest.mark.parametrize("shards", [1, 2, 3, 4])
+def test_shard_layout_splits_like_torch_chunk(shape, shards):
+    """Shard k holds torch.chunk's k-th piece (FSDP2's split; trailing shards may be short or empty)."""
+    full = torch.arange(math.prod(shape)).reshape(shape)
+    chunks = list(full.chunk(shards))
+    chunks += [full[:0]] * (shards - len(chunks))
+    offset = 0
+    for k in range(shards):
+        layout = ShardLayout(torch.Size(shape), shards, k)
+        assert layout.local_shape == tuple(chunks[k].shape) and layout.local_offset == offset
+        assert layout.local_numel == chunks[k].numel() <= layout.capacity
+        offset += layout.local_numel
+    scalar = ShardLayout(torch.Size(()))
+    assert scalar.local_shape == () and scalar.local_numel == scalar.capacity == 1
+
+
+@pytest.mark.parametrize(("qmap", "block"), [("de8s", 32), ("de8u", 16), ("de4s", 32), ("lin4u", 16)])
+def test_reshard_copies_coinciding_blocks_and_requantizes_the_others(qmap, block):
+    torch.manual_seed(0)
+    signed = not qmap.endswith("u")
+    aligned = torch.randn(6, 32) if signed else torch.rand(6, 32)  # 2 or 3 shards of 2-3 rows: whole blocks
+    for shards in (2, 3):
+        codes, scales = _slots(aligned, shards, qmap, block)
+        back_codes, back_scales, requantized = reshard_quantized(
+            codes, scales, shards, ShardLayout(aligned.shape), qmap, block
+        )
+        assert not requantized
+        expected = quantize_blockwise(aligned, qmap, block)
+        assert torch.equal(back_codes, expected[0]) and torch.equal(back_scales, expected[1])
+    odd = torch.randn(7, 9) if signed else torch.rand(7, 9)  # shards of 36 / 27 elements cut blocks
+    codes, scales = _slots(odd, 2, qmap, block)
+    values = dequantize_blockwise(*quantize_blockwise(odd, qmap, block), qmap, block, odd.shape)
+    for target in (ShardLayout(odd.shape), ShardLayout(odd.shape, 3, 1)):
+        new_codes, new_scales, requantized = reshard_quantized(codes, scales, 2, target, qmap, block)
+        assert requantized
+        n, start = target.local_numel, target.local_offset
+        got = dequantize_blockwise(new_codes[: (n if code_map(qmap).bits == 8 else (n + 1) // 2)],
+                                   new_scales[: -(-n // block)], qmap, block, (n,))
+        # two roundings (per old shard, then per new block) from the same values: within two code gaps
+        assert (got - values.reshape(-1)[start : start + n]).abs().max() <= 0.5 * odd.abs().max()
+    with pytest.raises(ValueError, match="block_size"):
+        reshard_quantized(codes, scales, 2, ShardLayout(odd.shape), qmap, block * 2)
+
+
+def test_registry_rule_on_a_shard_counts_its_slot():
+    """The memory planner applies the state rule to device 0's shard (ceil(rows / N) rows): exactly the slot a
+    sharded quantized moment allocates on every rank."""
+    for precision, kind in (("8bit", "first"), ("4bit", "second")):
+        fmt = MomentFormat(precision, kind, block_size=64, min_quantized_numel=16)
+        for shape, shards in (((1000, 33), 3), ((7, 129), 2), ((4097,), 4)):
+            layout = ShardLayout(torch.Size(shape), shards)
+            shard_shape = (layout.chunk_rows, *shape[1:])
+            declared = {t.name: t.nbytes for t in moment_state("m", shard_shape, torch.float32, fmt)}
+            slot_codes, slot_scales = layout.slot_sizes(fmt.bits, fmt.blocks)
+            assert declared == {"m_codes": slot_codes, "m_scales": 4 * slot_scales}
+
+
+def test_a_plain_optimizer_loads_state_quantized_on_shards():
+    """A state dict of 2 shards in plain tensors (``get_optimizer_state_dict(full_state_dict=True)``) loads
+    into an unsharded optimizer: copied where blocks coincide, requantized with a warning where not."""
+    for cols, warns in ((32, False), (33, True)):  # shard boundary at 32 * cols: a multiple of 64, or not
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64, cols))
+        opt = lmopt.AdamW8bit([p], lr=1e-2, block_size=64, min_quantized_numel=16)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        sd = opt.state_dict()
+        state = sd["state"][0] = dict(sd["state"][0])  # torch's state_dict shares the state's dicts
+        for name, kind in (("exp_avg", "first"), ("exp_avg_sq", "second")):
+            fmt = MomentFormat("8bit", kind, 64)
+            codes, scales = opt.state[p][f"{name}_codes"], opt.state[p][f"{name}_scales"]
+            state[f"{name}_codes"], state[f"{name}_scales"] = _slots(p.detach(), 2, fmt.qmap, 64, codes, scales)
+            state[f"{name}_shards"] = 2
+        q = torch.nn.Parameter(p.detach().clone())
+        other = lmopt.AdamW8bit([q], lr=1e-2, block_size=64, min_quantized_numel=16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            other.load_state_dict(sd)
+        assert any("requantized" in str(w.message) for w in caught) == warns
+        assert set(other.state[q]) == {"step", "exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes",
+                                       "exp_avg_sq_scales"}
+        assert other.state[q]["exp_avg_codes"].shape == p.shape  # the unsharded layout again
+        for name, kind in (("exp_avg", "first"), ("exp_avg_sq", "second")):
+            fmt = MomentFormat("8bit", kind, 64)
+            a, b = load_moment(other.state[q], name, fmt, q.shape), load_moment(opt.state[p], name, fmt, p.shape)
+            if warns:  # two requantizations (to the 2-shard slots above, and back): each within 0.0071 x absmax
+                assert (a - b).abs().max() <= 2 * 0.0071 * b.abs().max()
+            else:
+                assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- kernel == reference, bit for bit

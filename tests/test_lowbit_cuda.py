@@ -46,9 +46,12 @@ def _run(cls, kw, dtype, rounding, implementation, steps=5):
     return params, opt
 
 
+@pytest.mark.parametrize("launch", ["table", "direct"])
 @pytest.mark.parametrize(("cls", "kw"), CASES, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(CASES)])
 @pytest.mark.parametrize(("dtype", "rounding"), DTYPES, ids=[f"{str(d)[6:]}-{r}" for d, r in DTYPES])
-def test_triton_kernel_matches_reference(cls, kw, dtype, rounding):
+def test_triton_kernel_matches_reference(cls, kw, dtype, rounding, launch, monkeypatch):
+    # "table": all tensors in one launch through the address table; "direct": a launch per tensor
+    monkeypatch.setattr(lowbit_triton, "_DIRECT_NUMEL", 0 if launch == "direct" else 1 << 62)
     ref_params, ref_opt = _run(cls, kw, dtype, rounding, "for_loop")
     params, opt = _run(cls, kw, dtype, rounding, "fused")
     assert opt._implementation_used[id(opt.param_groups[0])] == "fused"

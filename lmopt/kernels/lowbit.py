@@ -60,7 +60,7 @@ class JobStruct(ctypes.Structure):
         ("step_size", ctypes.c_float),
         ("inv_bc2", ctypes.c_float),
         ("key", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("offset", ctypes.c_uint32),
     ]
 
 

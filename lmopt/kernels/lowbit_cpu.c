@@ -59,7 +59,7 @@ typedef struct {
     float step_size; /* Adam: lr / (1 - beta1^t) */
     float inv_bc2;   /* Adam: 1 / sqrt(1 - beta2^t) */
     uint32_t key;    /* stochastic rounding key */
-    uint32_t pad;
+    uint32_t offset; /* index of the tensor's first element in the whole parameter (a shard's offset), mod 2^32 */
 } job_t;
 
 typedef struct {
@@ -138,7 +138,7 @@ static inline void store_param(const config_t *cfg, const job_t *job, int64_t i,
     if (cfg->rounding == 0) {
         pp[i] = f32_to_bf16_rne(p + delta);
     } else if (cfg->rounding == 1) {
-        pp[i] = f32_to_bf16_sr(p + delta, job->key, i);
+        pp[i] = f32_to_bf16_sr(p + delta, job->key, i + (int64_t)job->offset);
     } else {
         float s = bf16_to_f32(job->comp[i]) + delta;
         uint16_t r = f32_to_bf16_rne(p + s);
@@ -308,7 +308,8 @@ static inline void store8_param(const config_t *cfg, const job_t *job, int64_t i
     if (cfg->rounding == 0) {
         _mm_storeu_si128((__m128i *)pp, bf16_rne8(_mm256_add_ps(p, delta)));
     } else if (cfg->rounding == 1) {
-        __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)((uint32_t)i + job->offset)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         __m256i r = _mm256_and_si256(hash8(_mm256_xor_si256(idx, _mm256_set1_epi32((int)job->key))),
                                      _mm256_set1_epi32(0xFFFF));
         __m256i u = _mm256_add_epi32(_mm256_castps_si256(_mm256_add_ps(p, delta)), r);

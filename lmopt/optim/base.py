@@ -282,11 +282,11 @@ class LmoptOptimizer(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("lmopt", {})
         saved_state = state_dict.get("state", {})
+        params = self._saved_params(state_dict)
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype: put each saved tensor back as it was saved
-        ids = [p for group in self.param_groups for p in group["params"]]
         for key, values in saved_state.items():
-            p = ids[key] if isinstance(key, int) else None
+            p = params.get(key)
             if p is None or p not in self.state:
                 continue
             restored = self.state[p]
@@ -294,6 +294,12 @@ class LmoptOptimizer(Optimizer):
                 if isinstance(value, Tensor) and value.dtype != restored[name].dtype:
                     restored[name] = value.to(device=p.device, copy=True)
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+    def _saved_params(self, state_dict: dict[str, Any]) -> dict[Any, Tensor]:
+        """Saved state key -> parameter, as torch's loader pairs them: the saved groups' ``params`` entries
+        (indices, or fully qualified names in ``get_optimizer_state_dict`` flows) in order."""
+        saved = (key for group in state_dict.get("param_groups", []) for key in group["params"])
+        return dict(zip(saved, (p for group in self.param_groups for p in group["params"])))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -24,8 +24,22 @@ of 128). ``optimizer.state_summary()`` (also in ``repr``) says which tensors are
 
 Implementations: ``fused`` -- the C kernel of :mod:`lmopt.kernels.lowbit` (one pass over memory, AVX2,
 threads), used for contiguous fp32/bf16 CPU tensors; ``for_loop`` -- the PyTorch reference path (any device,
-dtype, DTensor); ``auto`` (default) picks ``fused`` where it applies and the kernel built, else ``for_loop``.
+dtype); ``auto`` (default) picks ``fused`` where it applies and the kernel built, else ``for_loop``.
 The two compute the same bits (tested).
+
+DTensor (FSDP2) parameters: the state is quantized per local shard (blocks never straddle a shard boundary)
+and kept as DTensors on the parameter's mesh (:mod:`lmopt.quant.sharded`: codes and scales as 1-D ``Shard(0)``
+DTensors of equal per-shard slots, ``<name>_shards`` = the number of shards). A step works on local tensors
+(``param.to_local()``, ``grad.to_local()``, the state's local pieces) with no communication, through the kernel
+or the PyTorch path; empty local shards are skipped. Where shard boundaries are not multiples of
+``block_size``, the blocks differ from the unsharded tensor's, so a sharded run is not bit-identical to an
+unsharded one (it is where they are). Stochastic rounding hashes the *global* element index, so it draws the
+same bits sharded or not; the kernel has no shard offset, so bf16 shards after the first with
+``param_rounding="stochastic"`` take the PyTorch path (same bits). ``state_dict`` keeps the DTensors (it
+round-trips through ``torch.save`` / ``torch.load(weights_only=True)``, ``torch.distributed.checkpoint`` and
+``get_optimizer_state_dict``); ``load_state_dict`` requantizes state saved with another number of shards
+(another world size, or unsharded <-> sharded) into the current blocks, with a warning. Placements other than
+``Shard(0)`` / ``Replicate()`` cannot hold quantized state and raise :class:`NotImplementedError`.
 
 bf16 parameters without an fp32 master copy: ``param_rounding="stochastic"`` or ``"kahan"`` (see
 :mod:`lmopt.quant.rounding`); ``"nearest"`` (default) is plain rounding, which stalls once updates fall
@@ -36,6 +50,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -46,8 +61,17 @@ from torch import Tensor
 from ..kernels import lowbit as kernel_module
 from ..kernels import lowbit_triton as triton_module
 from ..quant.maps import code_map
-from ..quant.moments import MomentFormat, init_moment, load_moment, moment_state, store_moment
+from ..quant.moments import (
+    MomentFormat,
+    codes_shape,
+    init_moment,
+    load_moment,
+    local_nbytes,
+    moment_state,
+    store_moment,
+)
 from ..quant.rounding import PARAM_ROUNDINGS, apply_update_, stochastic_key
+from ..quant.sharded import ShardLayout, local_state, reshard_quantized, to_layout_of
 from ..registry import OptimizerSpec, StateTensor
 from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive, is_dtensor
 
@@ -117,16 +141,18 @@ class LowBitOptimizer(LmoptOptimizer):
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         if is_dtensor(param) and any(self._format(group, kind).quantizes(param.numel()) for _, kind in self.moments):
-            # Quantized state must be built per local shard (blocks never straddling a shard) and saved as
-            # DTensors for resharding; until that lands, refuse instead of mixing plain and sharded tensors.
-            raise NotImplementedError(
-                f"{type(self).__name__} cannot quantize the state of DTensor (FSDP2) parameters yet (tensors of "
-                f"{param.numel()} elements); under FSDP2 use 'adamw' with state_dtype='bf16' (4 B/param of state) "
-                "or another registry optimizer"
-            )
+            reason = ShardLayout.unsupported_reason(param)
+            if reason is not None:
+                raise NotImplementedError(
+                    f"{type(self).__name__} cannot quantize the state of a DTensor parameter of shape "
+                    f"{tuple(param.shape)}: {reason}. Shard it on dim 0 (fully_shard's default), or keep its "
+                    f"state in fp32 with min_quantized_numel > {param.numel()} (a param group of its own)"
+                )
         if group["param_rounding"] == "stochastic" and param.dtype == torch.float16:
             raise ValueError("param_rounding='stochastic' supports bf16 parameters, not float16; use 'kahan'")
-        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        # the step counter lives on the CPU (as in torch.optim's non-capturable optimizers): reading it for the
+        # bias corrections and the stochastic-rounding key then never waits for the GPU
+        state["step"] = torch.zeros((), dtype=torch.float32)
         for name, kind in self.moments:
             init_moment(state, name, param, self._format(group, kind))
         if group["param_rounding"] == "kahan" and param.dtype in (torch.bfloat16, torch.float16):
@@ -211,11 +237,9 @@ class LowBitOptimizer(LmoptOptimizer):
             torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta2))
         torch._foreach_add_(params, delta)
 
-    def _triton_step(
-        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], int, float]]
-    ) -> None:
-        """One Triton launch for ``items`` (parameter, gradient, state, stochastic-rounding seed, step): CUDA
-        tensors of one device with one parameter dtype and one gradient dtype."""
+    def _triton_step(self, group: dict[str, Any], items: list[tuple]) -> None:
+        """One Triton launch for ``items`` (parameter, gradient, state, stochastic-rounding seed, step, shard
+        offset): CUDA tensors of one device with one parameter dtype and one gradient dtype."""
         first = self._format(group, self.moments[0][1])
         second = self._format(group, self.moments[-1][1])
         beta1, beta2 = group["betas"]
@@ -232,7 +256,7 @@ class LowBitOptimizer(LmoptOptimizer):
         m_name, v_name = self.moments[0][0], self.moments[-1][0]
         adam = self.algorithm == "adam"
         cuda_items = []
-        for p, g, state, seed, step in items:
+        for p, g, state, seed, step, offset in items:
             step_size, inv_bc2 = self._scalars(group, step) if adam else (0.0, 1.0)
             cuda_items.append(
                 triton_module.CudaItem(
@@ -246,6 +270,7 @@ class LowBitOptimizer(LmoptOptimizer):
                     step_size,
                     inv_bc2,
                     stochastic_key(seed, int(step)),
+                    offset,
                 )
             )
         triton_module.lowbit_step_cuda(
@@ -261,26 +286,27 @@ class LowBitOptimizer(LmoptOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
         torch._foreach_add_([s["step"] for s in states], 1)
-        seeds = self._param_seeds()
+        all_seeds = self._param_seeds()
+        seeds = [all_seeds.get(id(p), 0) for p in params]
+        params, grads, states, offsets = self._local_views(group, params, grads, states)
         lib = kernel_module.load() if group["implementation"] in ("auto", "fused") else None
         fused: dict[tuple[bool, bool], list[int]] = defaultdict(list)
         use_triton = group["implementation"] in ("auto", "fused") and any(p.is_cuda for p in params)
         use_triton = use_triton and triton_module.available()
         launches: dict[tuple, list] = defaultdict(list)  # Triton: one launch per device and dtypes
-        # one device-to-host read of all step counters, not one synchronizing float() per tensor
-        cuda_steps = torch.stack([s["step"] for s in states]).tolist() if use_triton else []
+        cuda_steps = [float(s["step"]) for s in states] if use_triton else []  # CPU counters: no GPU sync
         plain: list[int] = []  # full-precision (small) fp32 CUDA tensors: one batch of foreach kernels
         for i, (p, g, s) in enumerate(zip(params, grads, states)):
-            if p.numel() == 0:
+            if p.numel() == 0:  # also an empty local shard
                 continue
             if use_triton and self._triton_applies(p, g, s):
-                launches[(p.device, p.dtype, g.dtype)].append((p, g, s, seeds.get(id(p), 0), cuda_steps[i]))
+                launches[(p.device, p.dtype, g.dtype)].append((p, g, s, seeds[i], cuda_steps[i], offsets[i]))
             elif use_triton and self._plain_batch_applies(p, g, s):
                 plain.append(i)
             elif lib is not None and self._kernel_applies(p, g, s):
                 fused[(p.dtype == torch.bfloat16, g.dtype == torch.bfloat16)].append(i)
             else:
-                self._reference_step(group, p, g, s, seeds.get(id(p), 0))
+                self._reference_step(group, p, g, s, seeds[i], offsets[i])
         if plain:
             self._plain_batch_step(
                 group,
@@ -299,10 +325,39 @@ class LowBitOptimizer(LmoptOptimizer):
                 [params[i] for i in idx],
                 [grads[i] for i in idx],
                 [states[i] for i in idx],
-                seeds,
+                [seeds[i] for i in idx],
+                [offsets[i] for i in idx],
                 p_bf16,
                 g_bf16,
             )
+
+    def _local_views(self, group, params, grads, states):
+        """DTensor parameters as plain local tensors: (params, grads, states, offsets), where each state is a
+        view of the local pieces (:func:`lmopt.quant.sharded.local_state`) and the offset is the flat index of
+        the shard's first element (for stochastic rounding). Plain parameters pass through."""
+        formats = {name: self._format(group, kind) for name, kind in self.moments}
+        out_p, out_g, out_s, offsets = [], [], [], []
+        for p, g, s in zip(params, grads, states):
+            offset = 0
+            layout = None
+            if is_dtensor(p):
+                try:
+                    layout = ShardLayout.of(p)
+                except NotImplementedError:
+                    if any(is_dtensor(s.get(f"{name}_codes")) for name in formats):
+                        raise
+            if layout is not None:
+                if not is_dtensor(g):
+                    raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} has a plain-tensor gradient")
+                if tuple(g.placements) != tuple(p.placements):
+                    g = g.redistribute(p.device_mesh, p.placements)
+                p, g, s, offset = p.to_local(), g.to_local(), local_state(s, layout, formats), layout.local_offset
+            # else: a plain parameter, or a DTensor placed otherwise with full-precision state: DTensor math
+            out_p.append(p)
+            out_g.append(g)
+            out_s.append(s)
+            offsets.append(offset)
+        return out_p, out_g, out_s, offsets
 
     def _param_seeds(self) -> dict[int, int]:
         # a parameter's stochastic-rounding seed is its position in the optimizer: stable across a resume
@@ -316,7 +371,7 @@ class LowBitOptimizer(LmoptOptimizer):
         beta1, beta2 = group["betas"]
         return group["lr"] / (1 - beta1**step), 1.0 / math.sqrt(1 - beta2**step)
 
-    def _kernel_step(self, lib, group, params, grads, states, seeds, p_bf16: bool, g_bf16: bool) -> None:
+    def _kernel_step(self, lib, group, params, grads, states, seeds, offsets, p_bf16: bool, g_bf16: bool) -> None:
         beta1, beta2 = group["betas"]
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         first = self._format(group, self.moments[0][1])
@@ -355,37 +410,86 @@ class LowBitOptimizer(LmoptOptimizer):
                 job.step_size, job.inv_bc2 = self._scalars(group, step)
             comp = s.get("kahan_comp")
             job.comp = comp.data_ptr() if comp is not None else None
-            job.key = stochastic_key(seeds.get(id(p), 0), int(step))
+            job.key = stochastic_key(seeds[j], int(step))
+            job.offset = offsets[j] & 0xFFFFFFFF
         status = lib.lmopt_lowbit_step(ctypes.byref(cfg), jobs, len(params), torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"lmopt low-bit kernel failed with status {status}")
 
-    def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int) -> None:
+    def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int, offset: int = 0) -> None:
         raise NotImplementedError
 
     # -- state dicts: quantized entries bypass torch's cast to the parameter dtype ---------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; quantized moments go back without torch's cast to the parameter dtype.
+
+        Sharded state: DTensor entries stay DTensors. Quantized moments saved with another number of shards
+        than the parameter now has (another world size, or unsharded <-> FSDP2) are requantized into the
+        current per-shard blocks (a warning says so: one more rounding of those moments); full-precision
+        entries are sliced or gathered to the parameter's form, so plain and DTensor state never mix.
+        """
         state_dict = dict(state_dict)
-        held: dict[tuple[Any, str], Tensor] = {}
+        suffixes = tuple(f"{name}{suffix}" for name, _ in self.moments for suffix in ("_codes", "_scales", "_shards"))
+        held: dict[Any, dict[str, Any]] = {}
         stripped = {}
         for key, entries in state_dict.get("state", {}).items():
             entries = dict(entries)
-            for name in [n for n in entries if n.endswith(("_codes", "_scales"))]:
-                held[(key, name)] = entries.pop(name)
+            held[key] = {n: entries.pop(n) for n in [n for n in entries if n in suffixes]}
             stripped[key] = entries
         state_dict["state"] = stripped
+        params = self._saved_params(state_dict)
         super().load_state_dict(state_dict)
-        ids = [p for group in self.param_groups for p in group["params"]]
-        for (key, name), value in held.items():
-            p = ids[key]
-            self.state[p][name] = value.to(device=p.device)
+        groups = {id(p): group for group in self.param_groups for p in group["params"]}
+        requantized = []
+        for key, saved in held.items():
+            p = params.get(key)
+            if p is None:
+                continue
+            state = self.state[p]
+            for name, value in list(state.items()):  # full-precision entries: in the parameter's form
+                if isinstance(value, Tensor):
+                    state[name] = to_layout_of(value, p)
+            for name, kind in self.moments:
+                if f"{name}_codes" not in saved:
+                    continue
+                codes, scales = saved[f"{name}_codes"], saved[f"{name}_scales"]
+                shards = int(saved.get(f"{name}_shards", 1))
+                fmt = self._format(groups[id(p)], kind)
+                shape = codes_shape(tuple(p.shape), fmt.bits)
+                if not is_dtensor(p) and not is_dtensor(codes) and shards == 1 and tuple(codes.shape) == shape:
+                    state[f"{name}_codes"], state[f"{name}_scales"] = codes.to(p.device), scales.to(p.device)
+                    continue
+                if is_dtensor(p) and ShardLayout.unsupported_reason(p) is not None:
+                    raise NotImplementedError(
+                        f"{type(self).__name__}: cannot load quantized state into a DTensor parameter of shape "
+                        f"{tuple(p.shape)}: {ShardLayout.unsupported_reason(p)}"
+                    )
+                layout = ShardLayout.of(p)
+                codes, scales, requant = reshard_quantized(
+                    codes.to(p.device), scales.to(p.device), shards, layout, fmt.qmap, fmt.blocks
+                )
+                if not is_dtensor(p):
+                    codes = codes.view(shape)
+                state[f"{name}_codes"], state[f"{name}_scales"] = codes, scales
+                if is_dtensor(p):
+                    state[f"{name}_shards"] = layout.shards
+                if requant:
+                    requantized.append(f"{tuple(p.shape)} {name} ({shards} -> {layout.shards} shards)")
+        if requantized:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: requantized {len(requantized)} moment(s) saved with "
+                f"another sharding into the current blocks ({', '.join(requantized[:4])}"
+                f"{', ...' if len(requantized) > 4 else ''}): one more rounding of those moments; see "
+                "docs/low-bit-state.md",
+                stacklevel=2,
+            )
 
     # -- what happened, visibly --------------------------------------------------------------------------------
     def state_summary(self) -> str:
         """One line: how many tensors keep quantized state, how many full precision (small), bytes, kernel."""
         quantized = full = qbytes = fbytes = 0
         for s in self.state.values():
-            nbytes = sum(t.nbytes for k, t in s.items() if isinstance(t, Tensor) and k != "step")
+            nbytes = sum(local_nbytes(t) for k, t in s.items() if isinstance(t, Tensor) and k != "step")
             if f"{self.moments[0][0]}_codes" in s:
                 quantized, qbytes = quantized + 1, qbytes + nbytes
             elif s:
@@ -464,7 +568,7 @@ class AdamW8bit(LowBitOptimizer):
         )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
-    def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int) -> None:
+    def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int, offset: int = 0) -> None:
         beta1, beta2 = group["betas"]
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -487,7 +591,13 @@ class AdamW8bit(LowBitOptimizer):
         store_moment(state, "exp_avg", m, fm)
         store_moment(state, "exp_avg_sq", v, fv)
         apply_update_(
-            p, p32, delta, group["param_rounding"], comp=state.get("kahan_comp"), key=stochastic_key(seed, int(step))
+            p,
+            p32,
+            delta,
+            group["param_rounding"],
+            comp=state.get("kahan_comp"),
+            key=stochastic_key(seed, int(step)),
+            offset=offset,
         )
 
 
@@ -595,7 +705,7 @@ class Lion8bit(LowBitOptimizer):
         )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
-    def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int) -> None:
+    def _reference_step(self, group, p: Tensor, g: Tensor, state: dict[str, Any], seed: int, offset: int = 0) -> None:
         beta1, beta2 = group["betas"]
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -618,6 +728,7 @@ class Lion8bit(LowBitOptimizer):
             group["param_rounding"],
             comp=state.get("kahan_comp"),
             key=stochastic_key(seed, int(float(state["step"]))),
+            offset=offset,
         )
 
 

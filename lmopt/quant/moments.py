@@ -21,6 +21,13 @@ State entries: a full-precision moment is one tensor under its own name (``exp_a
 bitsandbytes and torchao) keep a full-precision moment (fp32; fp64 for fp64 parameters): their share of
 memory is negligible and their blocks would be mostly scale. :func:`moment_summary` reports which did.
 
+Sharded (DTensor, FSDP2) parameters: the same four calls work. A quantized moment is then quantized per local
+shard and stored as 1-D DTensors (``<name>_codes`` / ``<name>_scales`` in equal per-shard slots, plus
+``<name>_shards``, the number of shards its blocks were computed on; see :mod:`lmopt.quant.sharded`);
+``load_moment`` returns a DTensor placed like the parameter and ``store_moment`` takes one. Whether a moment
+is quantized depends on the parameter's global size, as unsharded. A full-precision moment is a DTensor like
+the parameter. The registry rule (:func:`moment_state`) describes the unsharded layout.
+
 Precisions: ``"fp32"``, ``"bf16"``, ``"8bit"`` (dynamic-exponent maps, Dettmers et al. 2022: signed for
 first moments, unsigned for second moments; blocks of 256) and ``"4bit"`` (Li et al. 2023: signed 4-bit
 dynamic-exponent map for first moments, zero-point-free linear map for second moments; blocks of 128).
@@ -36,15 +43,18 @@ from torch import Tensor
 
 from ..registry import StateTensor
 from .blockwise import QuantizedState, _check_block_size, code_bytes, num_blocks
+from .sharded import ShardLayout, is_dtensor, local_quantized, sharded_quantized_zeros
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "MomentFormat",
     "init_moment",
     "load_moment",
+    "local_nbytes",
     "moment_state",
     "moment_summary",
     "quantized_view",
+    "state_layout",
     "store_moment",
 ]
 
@@ -134,8 +144,18 @@ def moment_state(name: str, shape: tuple[int, ...], param_dtype: torch.dtype, fm
 
 
 def init_moment(state: dict[str, Any], name: str, param: Tensor, fmt: MomentFormat) -> None:
-    """Create the zero moment ``name`` for ``param`` in ``state`` (codes of zero and zero scales if quantized)."""
+    """Create the zero moment ``name`` for ``param`` in ``state`` (codes of zero and zero scales if quantized).
+
+    Raises:
+        NotImplementedError: a quantized moment of a DTensor parameter placed other than Shard(0) / Replicate.
+    """
     if fmt.quantizes(param.numel()):
+        if is_dtensor(param):
+            layout = ShardLayout.of(param)
+            codes, scales = sharded_quantized_zeros(layout, fmt.qmap, fmt.blocks, device=param.device)
+            state[f"{name}_codes"], state[f"{name}_scales"] = codes, scales
+            state[f"{name}_shards"] = layout.shards
+            return
         q = QuantizedState.zeros(param.shape, fmt.qmap, fmt.blocks, device=param.device)
         state[f"{name}_codes"] = q.codes.view(codes_shape(tuple(param.shape), fmt.bits))
         state[f"{name}_scales"] = q.scales
@@ -143,13 +163,39 @@ def init_moment(state: dict[str, Any], name: str, param: Tensor, fmt: MomentForm
         state[name] = torch.zeros_like(param, dtype=fmt.full_dtype(param.dtype), memory_format=torch.contiguous_format)
 
 
+def state_layout(state: dict[str, Any], name: str, shape: tuple[int, ...] | torch.Size) -> ShardLayout:
+    """The shard layout of quantized moment ``name`` of a parameter of global ``shape``: a single shard for
+    plain state; for DTensor state, read from the codes' mesh and placements."""
+    codes = state[f"{name}_codes"]
+    if not is_dtensor(codes):
+        return ShardLayout(torch.Size(shape))
+    mesh, shards, index = codes.device_mesh, 1, 0
+    for dim, pl in enumerate(codes.placements):
+        if pl.is_shard():
+            shards, index = mesh.size(dim), mesh.get_coordinate()[dim]
+    saved = state.get(f"{name}_shards", shards)
+    if saved != shards:
+        raise ValueError(
+            f"{name}: the codes were quantized on {saved} shards but are placed on {shards}; restore state with "
+            "lmopt.quant.sharded.reshard_quantized (the low-bit optimizers' load_state_dict does), which "
+            "requantizes it"
+        )
+    return ShardLayout(torch.Size(shape), shards, index, mesh, tuple(codes.placements))
+
+
 def quantized_view(
     state: dict[str, Any], name: str, fmt: MomentFormat, shape: tuple[int, ...] | torch.Size
 ) -> QuantizedState | None:
-    """The :class:`QuantizedState` over a quantized moment's entries, or None for a full-precision moment."""
+    """The :class:`QuantizedState` over a quantized moment's entries, or None for a full-precision moment.
+
+    ``shape`` is the parameter's (global) shape; for DTensor state the view covers this rank's shard (shape
+    ``state_layout(...).local_shape``)."""
     codes = state.get(f"{name}_codes")
     if codes is None:
         return None
+    if is_dtensor(codes):
+        return local_quantized(codes, state[f"{name}_scales"], state_layout(state, name, shape), fmt.qmap,
+                               fmt.blocks)
     return QuantizedState(codes.view(-1), state[f"{name}_scales"], fmt.qmap, fmt.blocks, shape)
 
 
@@ -161,31 +207,51 @@ def load_moment(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """The moment's values in ``dtype``: the state tensor itself when it already has that dtype (update it in
-    place), else a new tensor (write it back with :func:`store_moment`)."""
+    place), else a new tensor (write it back with :func:`store_moment`). Sharded quantized state gives a
+    DTensor placed like the parameter (``shape`` is the global shape)."""
     q = quantized_view(state, name, fmt, shape)
     if q is not None:
-        return q.dequantize(dtype)
+        values = q.dequantize(dtype)
+        return state_layout(state, name, shape).wrap_local(values) if is_dtensor(state[f"{name}_codes"]) else values
     t = state[name]
     return t if t.dtype == dtype else t.to(dtype)
 
 
 def store_moment(state: dict[str, Any], name: str, value: Tensor, fmt: MomentFormat) -> None:
-    """Write ``value`` back into the moment (quantizing it when the moment is quantized)."""
+    """Write ``value`` back into the moment (quantizing it when the moment is quantized; sharded state takes a
+    DTensor ``value`` and quantizes its local shard).
+
+    Raises:
+        ValueError: a plain ``value`` for DTensor state or the reverse (shards and full tensors never mix).
+    """
+    target = state.get(f"{name}_codes", state.get(name))
+    if is_dtensor(target) != is_dtensor(value):
+        raise ValueError(
+            f"store_moment({name!r}): the state is a {'DTensor' if is_dtensor(target) else 'plain tensor'} but "
+            f"the value is a {'DTensor' if is_dtensor(value) else 'plain tensor'}; pass the moment as "
+            "load_moment returned it (or work on local shards with lmopt.quant.sharded.local_state)"
+        )
     q = quantized_view(state, name, fmt, value.shape)
     if q is not None:
-        q.copy_(value)
+        q.copy_(value.to_local() if is_dtensor(value) else value)
     elif state[name] is not value:
         state[name].copy_(value)
 
 
+def local_nbytes(t: Tensor) -> int:
+    """Bytes this rank holds for ``t`` (a DTensor's local piece)."""
+    return (t.to_local() if is_dtensor(t) else t).nbytes
+
+
 def moment_summary(states: list[dict[str, Any]], name: str) -> dict[str, int]:
-    """How many tensors keep moment ``name`` quantized vs in full precision, and their state bytes."""
+    """How many tensors keep moment ``name`` quantized vs in full precision, and their state bytes (on this
+    rank, for sharded state)."""
     out = {"quantized_tensors": 0, "full_precision_tensors": 0, "quantized_bytes": 0, "full_precision_bytes": 0}
     for state in states:
         if f"{name}_codes" in state:
             out["quantized_tensors"] += 1
-            out["quantized_bytes"] += state[f"{name}_codes"].nbytes + state[f"{name}_scales"].nbytes
+            out["quantized_bytes"] += local_nbytes(state[f"{name}_codes"]) + local_nbytes(state[f"{name}_scales"])
         elif name in state:
             out["full_precision_tensors"] += 1
-            out["full_precision_bytes"] += state[name].nbytes
+            out["full_precision_bytes"] += local_nbytes(state[name])
     return out

@@ -69,12 +69,14 @@ def apply_update_(
     *,
     comp: Tensor | None = None,
     key: int = 0,
+    offset: int = 0,
 ) -> None:
     """``param <- p32 + delta`` with the rounding the parameter's dtype needs.
 
     ``p32`` holds the parameter's current value in the math dtype (it may be ``param`` itself for fp32
     parameters); ``delta`` the full update in the same dtype. For fp32/fp64 parameters the rounding mode does
-    nothing. ``comp`` is the Kahan buffer (``rounding="kahan"``), ``key`` the stochastic-rounding key.
+    nothing. ``comp`` is the Kahan buffer (``rounding="kahan"``), ``key`` the stochastic-rounding key and
+    ``offset`` the flat index of ``param``'s first element in the whole tensor (a shard's offset under FSDP2).
     """
     if param.dtype in (torch.float32, torch.float64) or rounding == "nearest":
         if p32 is param:
@@ -85,7 +87,7 @@ def apply_update_(
     if rounding == "stochastic":
         if param.dtype != torch.bfloat16:
             raise ValueError(f"param_rounding='stochastic' supports bf16 parameters, not {param.dtype}; use 'kahan'")
-        param.copy_(stochastic_round_bf16(p32 + delta, key))
+        param.copy_(stochastic_round_bf16(p32 + delta, key, offset))
         return
     if comp is None:
         raise ValueError("param_rounding='kahan' needs the kahan_comp state buffer")
