@@ -562,7 +562,8 @@ SPECS = [
     OptimizerSpec(
         name="adafactor",
         cls=Adafactor,
-        summary="factored second moment (rows + columns), near-zero state; explicit lr as HF's 'adafactor'",
+        summary="factored second moment (rows + columns), near-zero state; explicit lr as HF's 'adafactor'; "
+        "beta1 adds a first moment (fp32, or bf16 / 8-bit / 4-bit with momentum_precision)",
         paper="Shazeer & Stern, Adafactor: Adaptive Learning Rates with Sublinear Memory Cost, ICML 2018",
         state=adafactor_state,
         defaults={"lr": 1e-3, "relative_step": False, "scale_parameter": False},

@@ -412,7 +412,8 @@ SPECS = [
     OptimizerSpec(
         name="came",
         cls=CAME,
-        summary="Adafactor's factored second moment + factored confidence residual; one full moment of state",
+        summary="Adafactor's factored second moment + factored confidence residual; one full moment of state "
+        "(fp32, or bf16 / 8-bit / 4-bit with momentum_precision)",
         paper="Luo et al., CAME: Confidence-guided Adaptive Memory Efficient Optimization, ACL 2023",
         state=came_state,
         family="factored",
