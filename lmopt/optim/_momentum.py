@@ -162,11 +162,17 @@ def step_with_momentum(
     fmt = momentum_format(group)
     quantized = [i for i, s in enumerate(states) if f"{_NAME}_codes" in s]
     plain = [i for i, s in enumerate(states) if f"{_NAME}_codes" not in s]
+    if quantized and (fmt is None or not fmt.quantized):  # checked before anything moves
+        raise RuntimeError(
+            "a param group's momentum_precision was changed to "
+            f"{group.get('momentum_precision')!r} after its quantized first moments were created; keep the "
+            "precision a group's state was created with"
+        )
     used = ""
     if plain:
         used = run(plain, [states[i].get(_NAME) for i in plain])
     for i in quantized:
-        assert fmt is not None, "quantized first moment in a group without momentum_precision"
+        assert fmt is not None
         m = load_moment(states[i], _NAME, fmt, params[i].shape, math_dtype(params[i].dtype))
         used = run([i], [m])
         _store(states[i], m, fmt)
