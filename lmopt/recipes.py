@@ -356,22 +356,31 @@ TRANSLATIONS: dict[str, Translation] = {
 }
 
 
+def _resolve(optimizer: str) -> tuple[str | None, Mapping[str, Any]]:
+    """The registry name an optimizer name or alias refers to and the hyperparameters the alias implies
+    (None, {} for an unregistered name)."""
+    from .registry import resolve_name
+
+    try:
+        spec, implied = resolve_name(optimizer)
+    except ValueError:
+        return None, {}
+    return spec.name, implied
+
+
 def _translation(optimizer: str) -> Translation:
     key = optimizer.strip().lower().replace("-", "_")
     if key in TRANSLATIONS:
         return TRANSLATIONS[key]
-    if key.startswith("lion"):  # lion8bit and other variants share Lion's hyperparameters
+    # an alias of a registered optimizer shares its translation ("adamw_torch_fused": AdamW's; "came8bit", a CAME
+    # with an 8-bit first moment: CAME's, which the "8bit" rule below must not turn into AdamW8bit's)
+    canonical, _implied = _resolve(key)
+    if canonical is not None and canonical in TRANSLATIONS:
+        return TRANSLATIONS[canonical]
+    if key.startswith("lion") or (canonical or "").startswith("lion"):  # lion8bit and other Lion variants
         return TRANSLATIONS["lion"]
     if "8bit" in key or "4bit" in key:
         return TRANSLATIONS["adamw8bit"]
-    try:  # an alias of a registered optimizer (e.g. "adamw_torch_fused") shares its translation
-        from .registry import resolve_name
-
-        canonical = resolve_name(key)[0].name
-    except ValueError:
-        canonical = None
-    if canonical is not None and canonical != key and canonical in TRANSLATIONS:
-        return TRANSLATIONS[canonical]
     return Translation(
         betas="optional",
         source="no published translation: AdamW's lr and weight decay",
@@ -738,6 +747,14 @@ def _translate(base: Recipe, optimizer: str) -> Recipe:
     optional = dict(t.optional.get(phase, {}))
     if t.betas == "optional":
         optional.update(betas=base.betas, eps=base.eps)
+    # what an alias implies is the user's choice ("adafactor8bit": beta1=0.9 with an 8-bit first moment), not a
+    # default for the translation to override
+    _canonical, implied = _resolve(optimizer)
+    overridden = sorted(k for k in implied if k in optional)
+    for key in overridden:
+        del optional[key]
+    if overridden:
+        notes.append(f"{optimizer}: keeps {', '.join(f'{k}={implied[k]!r}' for k in overridden)} (set by the alias)")
     for key in optional:
         sources[key] = f"{t.label} (passed only if {optimizer} takes {key})"
     for key in t.required.get(phase, {}):

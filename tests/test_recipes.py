@@ -129,6 +129,23 @@ def test_other_translations():
     assert unknown.optimizer == "my_optimizer" and unknown.optional == {"betas": (0.9, 0.95), "eps": 1e-8}
 
 
+def test_aliases_take_their_entrys_translation():
+    """came8bit is CAME with an 8-bit first moment: CAME's translation, not AdamW8bit's (which "8bit" in a name
+    otherwise means); an alias's own hyperparameters win over the translation's (adafactor8bit keeps beta1)."""
+    model = torch.nn.Linear(4, 4)
+    for phase in ("pretrain", "finetune"):
+        came = lmopt.recipe("1.3B", phase=phase, optimizer="came8bit")
+        assert came.betas == (0.9, 0.999, 0.9999) and came.optional == {"eps": (1e-30, 1e-16)}
+        opt = came.build_optimizer(model)
+        assert isinstance(opt, lmopt.CAME) and opt.param_groups[0]["momentum_precision"] == "8bit"
+        ada = lmopt.recipe("1.3B", phase=phase, optimizer="adafactor8bit")
+        assert "beta1" not in ada.optional and ada.betas is None
+        group = ada.build_optimizer(model).param_groups[0]
+        assert (group["beta1"], group["momentum_precision"]) == (0.9, "8bit")
+    assert any("keeps beta1=0.9" in n for n in lmopt.recipe("1.3B", optimizer="adafactor8bit").notes)
+    assert lmopt.recipe("1.3B", optimizer="paged_lion_8bit").betas == (0.9, 0.99)  # Lion's, via its entry
+
+
 def test_translation_does_not_need_the_optimizer_registered_until_build():
     r = lmopt.recipe("125M", optimizer="not_registered_yet", total_steps=3000)
     assert r.lr == 6e-4

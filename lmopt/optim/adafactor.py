@@ -22,7 +22,15 @@ for gradient ``g`` at step ``t`` of a parameter ``p``:
 
 State per parameter (torch.optim.Adafactor's key names): ``step`` (fp32 scalar); ``row_var`` and ``col_var``
 for factored tensors, ``variance`` for the others (fp32, fp64 for fp64 parameters); ``exp_avg`` (parameter
-shape and dtype) only with ``beta1``. A 4096 x 4096 fp32 matrix keeps 32 KiB instead of AdamW's 128 MiB.
+shape, in the parameter's dtype by default) only with ``beta1``. A 4096 x 4096 fp32 matrix keeps 32 KiB instead
+of AdamW's 128 MiB (64 MiB more with ``beta1``).
+
+``momentum_precision`` (with ``beta1``) keeps the first moment in ``"fp32"``, ``"bf16"`` (2 B/param),
+``"8bit"`` (1.016 B/param: ``exp_avg_codes`` uint8 + one fp32 ``exp_avg_scales`` per 256 values) or ``"4bit"``
+(0.531 B/param: codes two per byte + one scale per 128), with the signed dynamic-exponent maps of Dettmers et al.
+2022 / Li et al. 2023; tensors under ``min_quantized_numel`` elements (default 4096) keep an fp32 ``exp_avg``. A
+quantized step is: dequantize ``m`` -> the fp32 update above, unchanged (the parameter moves by the unquantized
+new ``m``) -> quantize ``m`` back (see :mod:`lmopt.optim._momentum`). The factored statistics stay fp32.
 
 With ``relative_step=True`` (this class's default, as the paper and transformers' class) ``lr`` is the cap of
 the relative step; ``warmup_init=True`` replaces the cap by ``1e-6 * t``. With ``relative_step=False`` the
@@ -47,6 +55,13 @@ from torch import Tensor
 
 from ..registry import OptimizerSpec, StateTensor
 from ._blocking import BLOCK_ELEMENTS, blockable, math_dtype, row_blocks
+from ._momentum import (
+    init_momentum,
+    momentum_state,
+    momentum_summary,
+    step_with_momentum,
+    validate_momentum_options,
+)
 from .base import (
     Implementation,
     LmoptOptimizer,
@@ -397,19 +412,29 @@ class Adafactor(LmoptOptimizer):
         scale_parameter: multiply the step by ``max(eps2, RMS(p))`` (default True).
         relative_step: ``rho_t = min(lr, 1/sqrt(t))`` instead of ``lr`` (default True).
         warmup_init: with ``relative_step``, ``rho_t = min(1e-6 t, 1/sqrt(t))`` (default False).
+        momentum_precision: storage of the first moment (needs ``beta1``): ``None`` (default: the parameter's
+            dtype), ``"fp32"``, ``"bf16"``, ``"8bit"`` or ``"4bit"`` (blockwise-quantized, signed
+            dynamic-exponent map).
+        block_size: values per absmax scale of a quantized moment (default None: 256 for 8-bit, 128 for 4-bit;
+            a multiple of 16 in [16, 4096]).
+        min_quantized_numel: tensors with fewer elements keep an fp32 first moment (default 4096).
         implementation: ``"auto"`` (default), ``"for_loop"`` or ``"fused"``.
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
 
     State: ``step``; ``row_var`` + ``col_var`` (>= 2 dims) or ``variance`` (< 2 dims); ``exp_avg`` with
-        ``beta1``.
+        ``beta1`` (``exp_avg_codes`` + ``exp_avg_scales`` when quantized).
 
     Example:
         >>> opt = Adafactor(model.parameters())                                     # the paper's schedule
         >>> # fine-tuning: an explicit learning rate
         >>> opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False)
+        >>> # with an 8-bit first moment (~1 B/param of state)
+        >>> opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, beta1=0.9, momentum_precision="8bit")
         >>> loss.backward(); opt.step(); opt.zero_grad()
 
-    Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018.
+    Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018;
+    quantized first moment after Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022
+    and Li et al., "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
     """
 
     implementations = ("for_loop", "fused")
@@ -427,6 +452,9 @@ class Adafactor(LmoptOptimizer):
         scale_parameter: bool = True,
         relative_step: bool = True,
         warmup_init: bool = False,
+        momentum_precision: str | torch.dtype | None = None,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
         implementation: Implementation = "auto",
         nonfinite: str = "raise",
         check_finite: bool = True,
@@ -441,6 +469,9 @@ class Adafactor(LmoptOptimizer):
             scale_parameter=scale_parameter,
             relative_step=relative_step,
             warmup_init=warmup_init,
+            momentum_precision=momentum_precision,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
             implementation=implementation,
         )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
@@ -457,6 +488,12 @@ class Adafactor(LmoptOptimizer):
             check_choice(flag, group[flag], (True, False))
         if group["warmup_init"] and not group["relative_step"]:
             raise ValueError("warmup_init=True needs relative_step=True (it warms up the relative step)")
+        validate_momentum_options(group)
+        if group["momentum_precision"] is not None and group["beta1"] is None:
+            raise ValueError(
+                f"momentum_precision={group['momentum_precision']!r} needs beta1 (without beta1 Adafactor keeps "
+                "no first moment); set beta1=0.9, or leave momentum_precision=None"
+            )
         check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
@@ -469,36 +506,46 @@ class Adafactor(LmoptOptimizer):
         else:
             state["variance"] = torch.zeros_like(param, dtype=stat_dtype, memory_format=torch.preserve_format)
         if group["beta1"] is not None:
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            init_momentum(type(self).__name__, group, param, state)
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
         eps1, eps2 = group["eps"]
-        self._implementation_used[id(group)] = adafactor(
-            params,
-            grads,
-            [s.get("row_var") for s in states],
-            [s.get("col_var") for s in states],
-            [s.get("variance") for s in states],
-            [s.get("exp_avg") for s in states],
-            [s["step"] for s in states],
-            lr=float(group["lr"]),
-            eps1=eps1,
-            eps2=eps2,
-            clip_threshold=group["clip_threshold"],
-            decay_rate=group["decay_rate"],
-            beta1=group["beta1"],
-            weight_decay=group["weight_decay"],
-            scale_parameter=group["scale_parameter"],
-            relative_step=group["relative_step"],
-            warmup_init=group["warmup_init"],
-            implementation=group["implementation"],
-        )
+
+        def run(idx: list[int], exp_avgs: list[Tensor | None]) -> str:
+            return adafactor(
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                [states[i].get("row_var") for i in idx],
+                [states[i].get("col_var") for i in idx],
+                [states[i].get("variance") for i in idx],
+                exp_avgs,
+                [states[i]["step"] for i in idx],
+                lr=float(group["lr"]),
+                eps1=eps1,
+                eps2=eps2,
+                clip_threshold=group["clip_threshold"],
+                decay_rate=group["decay_rate"],
+                beta1=group["beta1"],
+                weight_decay=group["weight_decay"],
+                scale_parameter=group["scale_parameter"],
+                relative_step=group["relative_step"],
+                warmup_init=group["warmup_init"],
+                implementation=group["implementation"],
+            )
+
+        self._implementation_used[id(group)] = step_with_momentum(group, params, states, run)
+
+    def __repr__(self) -> str:
+        summary = momentum_summary(self.param_groups, list(self.state.values()))
+        return super().__repr__() + (f"\n  state: {summary}" if summary else "")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # registry entries
 def adafactor_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+    """``step``, the factors, and with ``beta1`` the first moment at ``momentum_precision`` (codes + scales when
+    quantized)."""
     stat = math_dtype(dtype)
     out = [StateTensor("step", (), torch.float32)]
     shapes = factored_shapes(shape)
@@ -507,7 +554,7 @@ def adafactor_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[s
     else:
         out.append(StateTensor("variance", shape, stat))
     if hyper.get("beta1") is not None:
-        out.append(StateTensor("exp_avg", shape, dtype))
+        out += momentum_state(shape, dtype, hyper)
     return out
 
 
@@ -515,7 +562,8 @@ SPECS = [
     OptimizerSpec(
         name="adafactor",
         cls=Adafactor,
-        summary="factored second moment (rows + columns), near-zero state; explicit lr as HF's 'adafactor'",
+        summary="factored second moment (rows + columns), near-zero state; explicit lr as HF's 'adafactor'; "
+        "beta1 adds a first moment (fp32, or bf16 / 8-bit / 4-bit with momentum_precision)",
         paper="Shazeer & Stern, Adafactor: Adaptive Learning Rates with Sublinear Memory Cost, ICML 2018",
         state=adafactor_state,
         defaults={"lr": 1e-3, "relative_step": False, "scale_parameter": False},
@@ -529,6 +577,9 @@ SPECS = [
                 "warmup_init": True,
             },
             "adafactor_momentum": {"beta1": 0.9},
+            "adafactor_bf16": {"beta1": 0.9, "momentum_precision": "bf16"},
+            "adafactor8bit": {"beta1": 0.9, "momentum_precision": "8bit"},
+            "adafactor4bit": {"beta1": 0.9, "momentum_precision": "4bit"},
         },
     ),
 ]

@@ -283,7 +283,23 @@ class LmoptOptimizer(Optimizer):
         extra = state_dict.pop("lmopt", {})
         saved_state = state_dict.get("state", {})
         params = self._saved_params(state_dict)
+        # quantized moments (``<name>_codes`` uint8, ``<name>_scales`` fp32; lmopt.quant.moments) bypass torch's
+        # loader, which would first cast them to the parameter's dtype (4x the codes' memory, all at once)
+        held: dict[tuple[Any, str], Tensor] = {}
+        stripped: dict[Any, Any] = {}
+        for key, values in saved_state.items():
+            if isinstance(values, dict) and any(_is_quantized_entry(n) for n in values):
+                values = dict(values)
+                for name in [n for n in values if _is_quantized_entry(n)]:
+                    held[(key, name)] = values.pop(name)
+            stripped[key] = values
+        if held:
+            state_dict["state"] = stripped
         super().load_state_dict(state_dict)
+        for (key, name), value in held.items():
+            p = params.get(key)
+            if p is not None:
+                self.state[p][name] = value.to(device=p.device)
         # torch casts floating state to the parameter's dtype: put each saved tensor back as it was saved
         for key, values in saved_state.items():
             p = params.get(key)
@@ -291,7 +307,7 @@ class LmoptOptimizer(Optimizer):
                 continue
             restored = self.state[p]
             for name, value in values.items():
-                if isinstance(value, Tensor) and value.dtype != restored[name].dtype:
+                if isinstance(value, Tensor) and not _is_quantized_entry(name) and value.dtype != restored[name].dtype:
                     restored[name] = value.to(device=p.device, copy=True)
         self.skipped_steps = int(extra.get("skipped_steps", 0))
 
@@ -318,6 +334,11 @@ class LmoptOptimizer(Optimizer):
             ran = f", last step ran {used!r}" if used else ""
             lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters{ran}, {keys}")
         return "\n".join(lines)
+
+
+def _is_quantized_entry(name: Any) -> bool:
+    """A state entry of a blockwise-quantized moment (see :mod:`lmopt.quant.moments`)."""
+    return isinstance(name, str) and name.endswith(("_codes", "_scales"))
 
 
 def _kernel_first_nonfinite(tensors: list[Tensor]) -> int | None:

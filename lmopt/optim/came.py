@@ -16,9 +16,17 @@ Update rule (Luo et al. 2023, Algorithm 1, as the authors' ``came-pytorch`` pack
     otherwise: update <- m
     p <- p - lr * weight_decay * p - lr * update                                 (decoupled decay)
 
-State per parameter: ``step`` (fp32 scalar); ``exp_avg`` (parameter shape and dtype); for factored tensors
-``row_var``, ``col_var`` and the residual's ``res_row_var``, ``res_col_var``; else ``variance`` (statistics in
-fp32, fp64 for fp64 parameters). About 4.0 bytes per fp32 parameter (the first moment) plus the factors.
+State per parameter: ``step`` (fp32 scalar); the first moment ``exp_avg`` (parameter shape, in the parameter's
+dtype by default); for factored tensors ``row_var``, ``col_var`` and the residual's ``res_row_var``,
+``res_col_var``; else ``variance`` (statistics in fp32, fp64 for fp64 parameters). About 4.0 bytes per fp32
+parameter (the first moment) plus the factors.
+
+``momentum_precision`` keeps the first moment in ``"fp32"``, ``"bf16"`` (2 B/param), ``"8bit"`` (1.016 B/param:
+``exp_avg_codes`` uint8 + one fp32 ``exp_avg_scales`` per 256 values) or ``"4bit"`` (0.531 B/param: codes two
+per byte + one scale per 128), with the signed dynamic-exponent maps of Dettmers et al. 2022 / Li et al. 2023;
+tensors under ``min_quantized_numel`` elements (default 4096) keep an fp32 ``exp_avg``. A quantized step is:
+dequantize ``m`` -> the fp32 update above, unchanged (the parameter moves by the unquantized new ``m``, and the
+residual uses it) -> quantize ``m`` back (see :mod:`lmopt.optim._momentum`). The factored statistics stay fp32.
 
 Implementations: ``for_loop`` (plain per-tensor reference; reductions over dims, right on DTensor) and
 ``fused`` (plain CPU tensors: cache-blocked passes -- statistics, RMS of the update without materialising it,
@@ -36,6 +44,13 @@ from torch import Tensor
 
 from ..registry import OptimizerSpec, StateTensor
 from ._blocking import blockable, math_dtype
+from ._momentum import (
+    init_momentum,
+    momentum_state,
+    momentum_summary,
+    step_with_momentum,
+    validate_momentum_options,
+)
 from .adafactor import (
     _as_batched,
     _Blocks,
@@ -155,9 +170,12 @@ def _fused_came(
         # pass 3: the first moment, and the residual's row/column sums while u and m are in cache
         res_row_sum = torch.empty(nb, nr, dtype=blocks.dtype, device=p.device)
         res_col_sum = torch.zeros(nb, nc, dtype=blocks.dtype, device=p.device)
+        # a low-precision m (bf16) is rounded when stored; the parameter moves by the unrounded new m (as in the
+        # for_loop path and the paper), kept here in the math dtype until pass 4
+        m_exact = None if m.dtype == blocks.dtype else torch.empty(nb, nr, nc, dtype=blocks.dtype, device=p.device)
         for k, r0, r1, buf in blocks:
             mc = m3[k, r0:r1]
-            m32 = blocks.read(mc)
+            m32 = mc if m_exact is None else m_exact[k, r0:r1].copy_(mc)
             u = torch.outer(a[k, r0:r1], b[k], out=buf).mul_(blocks.read(g3[k, r0:r1]))
             m32.mul_(beta1).add_(u, alpha=1 - beta1)
             res = u.sub_(m32).square_()
@@ -179,7 +197,7 @@ def _fused_came(
             scale = torch.outer(ra[k, r0:r1], rb[k], out=buf)
             if decay is not None:
                 p32.mul_(decay)
-            p32.addcmul_(scale, blocks.read(m3[k, r0:r1]))
+            p32.addcmul_(scale, m3[k, r0:r1] if m_exact is None else m_exact[k, r0:r1])
             if low:
                 pc.copy_(p32)
     if rest:
@@ -266,17 +284,25 @@ class CAME(LmoptOptimizer):
         eps: ``(eps1, eps2)`` added to ``g^2`` and to the residual (default (1e-30, 1e-16)).
         clip_threshold: the update's RMS is clipped to this (default 1.0).
         weight_decay: decoupled decay, multiplied by lr (default 0.0).
+        momentum_precision: storage of the first moment ``exp_avg``: ``None`` (default: the parameter's dtype),
+            ``"fp32"``, ``"bf16"``, ``"8bit"`` or ``"4bit"`` (blockwise-quantized, signed dynamic-exponent map).
+        block_size: values per absmax scale of a quantized moment (default None: 256 for 8-bit, 128 for 4-bit;
+            a multiple of 16 in [16, 4096]).
+        min_quantized_numel: tensors with fewer elements keep an fp32 first moment (default 4096).
         implementation: ``"auto"`` (default), ``"for_loop"`` or ``"fused"``.
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
 
-    State: ``step``, ``exp_avg``; ``row_var``, ``col_var``, ``res_row_var``, ``res_col_var`` (>= 2 dims) or
-    ``variance`` (< 2 dims).
+    State: ``step``, ``exp_avg`` (or ``exp_avg_codes`` + ``exp_avg_scales`` when quantized); ``row_var``,
+    ``col_var``, ``res_row_var``, ``res_col_var`` (>= 2 dims) or ``variance`` (< 2 dims).
 
     Example:
         >>> opt = CAME(lmopt.param_groups(model, weight_decay=0.01), lr=2e-4)
+        >>> opt = CAME(model.parameters(), lr=2e-4, momentum_precision="8bit")   # ~1 B/param of state
         >>> loss.backward(); opt.step(); opt.zero_grad()
 
-    Reference: Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", ACL 2023.
+    Reference: Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", ACL 2023;
+    quantized first moment after Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022
+    and Li et al., "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
     """
 
     implementations = ("for_loop", "fused")
@@ -290,6 +316,9 @@ class CAME(LmoptOptimizer):
         clip_threshold: float = 1.0,
         weight_decay: float = 0.0,
         *,
+        momentum_precision: str | torch.dtype | None = None,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
         implementation: Implementation = "auto",
         nonfinite: str = "raise",
         check_finite: bool = True,
@@ -300,6 +329,9 @@ class CAME(LmoptOptimizer):
             eps=eps,
             clip_threshold=clip_threshold,
             weight_decay=weight_decay,
+            momentum_precision=momentum_precision,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
             implementation=implementation,
         )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
@@ -310,12 +342,13 @@ class CAME(LmoptOptimizer):
         check_eps_pair("eps", group["eps"])
         check_positive("clip_threshold", group["clip_threshold"])
         check_nonnegative("weight_decay", group["weight_decay"])
+        validate_momentum_options(group)
         check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         stat_dtype = math_dtype(param.dtype)
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        init_momentum(type(self).__name__, group, param, state)
         shapes = factored_shapes(tuple(param.shape))
         if shapes is not None:
             state["row_var"] = param.new_zeros(shapes[0], dtype=stat_dtype)
@@ -329,30 +362,39 @@ class CAME(LmoptOptimizer):
         states = [self.state[p] for p in params]
         eps1, eps2 = group["eps"]
         beta1, beta2, beta3 = group["betas"]
-        self._implementation_used[id(group)] = came(
-            params,
-            grads,
-            *(
-                [s.get(k) for s in states]
-                for k in ("row_var", "col_var", "res_row_var", "res_col_var", "variance", "exp_avg", "step")
-            ),
-            lr=float(group["lr"]),
-            eps1=eps1,
-            eps2=eps2,
-            clip_threshold=group["clip_threshold"],
-            beta1=beta1,
-            beta2=beta2,
-            beta3=beta3,
-            weight_decay=group["weight_decay"],
-            implementation=group["implementation"],
-        )
+
+        def run(idx: list[int], exp_avgs: list[Tensor | None]) -> str:
+            return came(
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                *([states[i].get(k) for i in idx] for k in ("row_var", "col_var", "res_row_var", "res_col_var")),
+                [states[i].get("variance") for i in idx],
+                exp_avgs,  # type: ignore[arg-type]
+                [states[i]["step"] for i in idx],
+                lr=float(group["lr"]),
+                eps1=eps1,
+                eps2=eps2,
+                clip_threshold=group["clip_threshold"],
+                beta1=beta1,
+                beta2=beta2,
+                beta3=beta3,
+                weight_decay=group["weight_decay"],
+                implementation=group["implementation"],
+            )
+
+        self._implementation_used[id(group)] = step_with_momentum(group, params, states, run)
+
+    def __repr__(self) -> str:
+        summary = momentum_summary(self.param_groups, list(self.state.values()))
+        return super().__repr__() + (f"\n  state: {summary}" if summary else "")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # registry entries
 def came_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+    """``step``, the first moment at ``momentum_precision`` (codes + scales when quantized), the factors."""
     stat = math_dtype(dtype)
-    out = [StateTensor("step", (), torch.float32), StateTensor("exp_avg", shape, dtype)]
+    out = [StateTensor("step", (), torch.float32), *momentum_state(shape, dtype, hyper)]
     shapes = factored_shapes(shape)
     if shapes is not None:
         out += [
@@ -370,9 +412,15 @@ SPECS = [
     OptimizerSpec(
         name="came",
         cls=CAME,
-        summary="Adafactor's factored second moment + factored confidence residual; one full moment of state",
+        summary="Adafactor's factored second moment + factored confidence residual; one full moment of state "
+        "(fp32, or bf16 / 8-bit / 4-bit with momentum_precision)",
         paper="Luo et al., CAME: Confidence-guided Adaptive Memory Efficient Optimization, ACL 2023",
         state=came_state,
         family="factored",
+        aliases={
+            "came_bf16": {"momentum_precision": "bf16"},
+            "came8bit": {"momentum_precision": "8bit"},
+            "came4bit": {"momentum_precision": "4bit"},
+        },
     ),
 ]
