@@ -497,6 +497,9 @@ AINLINE void block_impl(const config_t *cfg, const derived_t *d, const job_t *jo
 #endif
     scalar_elems(&c, &jb, i, end, sm, sv, mbuf, vbuf, start, &am, &av);
 
+#ifdef LMOPT_BENCH_SKIP_QUANTIZE /* a measurement build only (benchmarks/lowbit_kernel_breakdown.py) */
+    return;
+#endif
     /* quantize the new moments with the new scales */
     jb.m_scales[b] = am;
     quantize_range(&c.qm, d, 0, BM, mbuf, start, end, am > 0.0f ? 1.0f / am : 0.0f, jb.m_codes);

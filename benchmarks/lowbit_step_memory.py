@@ -1,0 +1,133 @@
+"""Extra memory one optimizer step allocates, at ~50M fp32 parameters in transformer-like shapes (CPU).
+
+For each optimizer (a fresh process each): build it, take one step (state is created), then measure a second
+step two ways:
+
+* torch allocator: the peak of the running sum of the step's tensor allocations and frees, from
+  ``torch.profiler`` with ``profile_memory=True`` (what PyTorch code allocates: temporaries of the reference
+  path, dequantized moments, ...);
+* RSS high-water mark: ``VmHWM`` from /proc/self/status after resetting it (``clear_refs``), minus the RSS
+  before the step (everything the process touched, the C kernel's stack buffers included).
+
+The issue's bound: the extra memory stays under the size of the largest single parameter's fp32 state
+(its two fp32 moments: 8 bytes per element of the largest tensor).
+
+Usage:
+    python benchmarks/lowbit_step_memory.py                # writes benchmarks/results/lowbit_step_memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+CASES = {
+    "lmopt AdamW8bit (C kernel)": "lmopt.AdamW8bit(params, lr=1e-3, weight_decay=0.1)",
+    "lmopt AdamW8bit, for_loop reference path": "lmopt.AdamW8bit(params, lr=1e-3, weight_decay=0.1, "
+    "implementation='for_loop')",
+    "lmopt AdamW4bit (C kernel)": "lmopt.AdamW4bit(params, lr=1e-3, weight_decay=0.1)",
+    "lmopt Lion8bit (C kernel)": "lmopt.Lion8bit(params, lr=1e-4, weight_decay=0.1)",
+    "lmopt CAME, momentum_precision='8bit'": "lmopt.CAME(params, lr=1e-4, momentum_precision='8bit')",
+    "torch.optim.AdamW fused (fp32 state)": "torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True)",
+    "bitsandbytes AdamW8bit": "__import__('bitsandbytes').optim.AdamW8bit(params, lr=1e-3, weight_decay=0.1)",
+}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(name: str, n_params: float) -> dict:
+    import torch
+    from harness import make_params
+
+    import lmopt  # noqa: F401  (used by the expressions in CASES)
+
+    params = make_params(n_params)
+    opt = eval(CASES[name], {"lmopt": lmopt, "torch": torch, "params": params})
+    opt.step()
+    largest = max(p.numel() for p in params)
+    # torch allocator: running sum of allocations (+) and frees (-) in time order
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    running = peak = 0
+    for e in events:
+        running += e.cpu_memory_usage
+        peak = max(peak, running)
+    # RSS high-water mark of the step
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kib("VmRSS")
+    opt.step()
+    hwm = _rss_kib("VmHWM")
+    return dict(
+        n=sum(p.numel() for p in params), largest=largest, torch_peak=peak, rss_growth=max(0, hwm - before) * 1024
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, default=50e6)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "lowbit_step_memory.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.params)))
+        return 0
+    import platform
+
+    import torch
+
+    rows = []
+    bound = None
+    for name in CASES:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", name, "--params", str(args.params)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            rows.append(f"| {name} | failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:120]} ||||")
+            continue
+        r = json.loads(line[7:])
+        bound = 8 * r["largest"]
+        rows.append(
+            f"| {name} | {r['torch_peak'] / 2**20:.2f} | {r['rss_growth'] / 2**20:.2f} | "
+            f"{max(r['torch_peak'], r['rss_growth']) / bound:.3f} |"
+        )
+        print(rows[-1], flush=True)
+    lines = [
+        "# Extra memory of one optimizer step (CPU, ~50M fp32 parameters)",
+        "",
+        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}",
+        f"- parameters: ~{args.params:.3g} fp32 in transformer-like shapes (benchmarks/harness.py); the bound is the "
+        f"largest parameter's two fp32 moments: {bound / 2**20 if bound else float('nan'):.1f} MiB",
+        "- command: `python benchmarks/lowbit_step_memory.py`",
+        "",
+        "| optimizer | torch allocator peak MiB | RSS high-water growth MiB | worst / bound |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "torch allocator peak: the largest running total of tensors the step allocated and had not yet freed "
+        "(torch.profiler). RSS growth: VmHWM during the step minus VmRSS before it. 'worst / bound' < 1 meets "
+        "the issue's requirement.",
+    ]
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
