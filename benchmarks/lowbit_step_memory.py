@@ -59,7 +59,11 @@ def worker(name: str, n_params: float) -> dict:
     # torch allocator: running sum of allocations (+) and frees (-) in time order
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         opt.step()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    # top-level events only: an operator's memory already includes its children's; "[memory]" events are the
+    # allocations and frees made outside any operator
+    events = sorted(
+        (e for e in prof.events() if e.cpu_memory_usage and e.cpu_parent is None), key=lambda e: e.time_range.start
+    )
     running = peak = 0
     for e in events:
         running += e.cpu_memory_usage

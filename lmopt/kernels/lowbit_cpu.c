@@ -15,9 +15,9 @@
  *  - 8-bit maps: decoding is a table read per element (scalar loads indexed by the code bytes; on AMD Zen they
  *    beat vgatherdps); encoding reads one entry of a bucket table indexed by the sign, exponent and top mantissa
  *    bits of x (see lmopt/quant/maps.py) and compares with the one midpoint that can fall in the bucket.
- *  - 4-bit maps: no table reads at all. Encoding is a branchless binary search over the 15 sorted midpoints,
- *    held in three registers and indexed with vpermps; decoding is two vpermps, or (c + 1) / 16 computed
- *    exactly for the zero-free linear map.
+ *  - 4-bit maps: encoding reads no table: a branchless binary search over the 15 sorted midpoints, held in
+ *    three registers and indexed with vpermps; decoding reads a 256-entry table of value pairs, one 8-byte
+ *    load per code byte (two elements).
  * The common configurations (fp32 parameters and gradients, decoupled or no weight decay, Adam 8/4-bit,
  * Lion 8-bit) are compiled as separate specializations so no flag is tested inside the element loops.
  *
@@ -206,17 +206,7 @@ static inline __m256 load8_p(const config_t *cfg, const job_t *job, int64_t i) {
 static inline __m256 load8_g(const config_t *cfg, const job_t *job, int64_t i) {
     return cfg->g_bf16 ? load8_bf16((const uint16_t *)job->g + i) : _mm256_loadu_ps((const float *)job->g + i);
 }
-/* table lookups: 8 scalar loads beat vpgatherdd on AMD Zen 2/3 (a gather there is ~20 uops) */
-static inline __m256 lookup_ps(const float *table, __m256i idx) {
-#ifdef LMOPT_USE_GATHER
-    return _mm256_i32gather_ps(table, idx, 4);
-#else
-    int32_t ii[8] __attribute__((aligned(32)));
-    _mm256_store_si256((__m256i *)ii, idx);
-    return _mm256_setr_ps(table[ii[0]], table[ii[1]], table[ii[2]], table[ii[3]], table[ii[4]], table[ii[5]],
-                          table[ii[6]], table[ii[7]]);
-#endif
-}
+/* table lookups: 8 scalar loads beat vpgatherdd on AMD Zen (a gather there is ~20 uops) */
 static inline __m256i lookup_epi32(const int32_t *table, __m256i idx) {
 #ifdef LMOPT_USE_GATHER
     return _mm256_i32gather_epi32((const int *)table, idx, 4);
@@ -226,25 +216,6 @@ static inline __m256i lookup_epi32(const int32_t *table, __m256i idx) {
     return _mm256_setr_epi32(table[ii[0]], table[ii[1]], table[ii[2]], table[ii[3]], table[ii[4]], table[ii[5]],
                              table[ii[6]], table[ii[7]]);
 #endif
-}
-static inline __m256i codes8_load(const uint8_t *codes, int bits, int64_t i) {
-    if (bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
-    uint32_t w;
-    memcpy(&w, codes + (i >> 1), 4);
-    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), _mm256_set1_epi32(15));
-}
-static inline __m256 dequant8(const qmap_t *q, __m256i c, __m256 scale) {
-    __m256 v;
-    if (q->bits == 8) {
-        v = lookup_ps(q->val, c);
-    } else {
-        __m256 lo = _mm256_loadu_ps(q->val), hi = _mm256_loadu_ps(q->val + 8);
-        __m256 a = _mm256_permutevar8x32_ps(lo, c), b = _mm256_permutevar8x32_ps(hi, c);
-        __m256i use_hi = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(7));
-        v = _mm256_blendv_ps(a, b, _mm256_castsi256_ps(use_hi));
-    }
-    return _mm256_mul_ps(v, scale);
 }
 static inline __m256i code8_of(const qmap_t *q, __m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
@@ -334,26 +305,25 @@ static inline float hmax8(__m256 v) {
 /* ------------------------------------------------------------------------------------------------ block */
 #define AINLINE static inline __attribute__((always_inline))
 
-/* what one call derives once from the config: the 4-bit search tables and the linear-map flags */
+/* what one call derives once from the config: the 4-bit search and decode tables */
 typedef struct {
 #ifdef __AVX2__
     __m256 m7[2], t1[2], t2[2], t3[2]; /* [0] first moment, [1] second moment */
 #endif
-    int lin[2]; /* the map is the zero-free linear 4-bit map (k + 1) / 16: decode without a table */
+    /* 4-bit maps: for each byte value B, the two values it codes (value[B & 15], value[B >> 4]): one 8-byte
+     * load decodes two elements */
+    float pair[2][512] __attribute__((aligned(64)));
 } derived_t;
-
-static int is_linear4(const qmap_t *q) {
-    if (q->bits != 4) return 0;
-    for (int k = 0; k < 16; k++)
-        if (q->val[k] != (float)(k + 1) * 0.0625f) return 0;
-    return 1;
-}
 
 static void derive(const config_t *cfg, derived_t *d) {
     const qmap_t *qs[2] = {&cfg->qm, &cfg->qv};
     for (int k = 0; k < 2; k++) {
         const qmap_t *q = qs[k];
-        d->lin[k] = is_linear4(q);
+        if (q->bits == 4)
+            for (int byte = 0; byte < 256; byte++) {
+                d->pair[k][2 * byte] = q->val[byte & 15];
+                d->pair[k][2 * byte + 1] = q->val[byte >> 4];
+            }
 #ifdef __AVX2__
         if (q->bits == 4) {
             const float *mid = q->mid;
@@ -385,12 +355,13 @@ AINLINE __m256i bsearch4(const derived_t *d, int k, __m256 x) {
     c = _mm256_permutevar8x32_ps(d->t3[k], j);
     return _mm256_sub_epi32(_mm256_add_epi32(j, j), _mm256_castps_si256(_mm256_cmp_ps(c, x, _CMP_LT_OQ)));
 }
-/* 4-bit codes of 8 elements -> values times the block scale */
-AINLINE __m256 dequant4(const qmap_t *q, int lin, __m256i c, __m256 scale) {
-    if (lin) /* (c + 1) / 16 exactly, then the same single rounding as table value * scale */
-        return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(c, _mm256_set1_epi32(1))),
-                                           _mm256_set1_ps(0.0625f)), scale);
-    return dequant8(q, c, scale);
+/* 8 elements' 4-bit codes (4 bytes) -> their map values, two per 8-byte load from the pair table */
+AINLINE __m256 lookup_pairs8(const float *pair, const uint8_t *c) {
+    __m128d a = _mm_loadl_pd(_mm_setzero_pd(), (const double *)(pair + 2 * c[0]));
+    a = _mm_loadh_pd(a, (const double *)(pair + 2 * c[1]));
+    __m128d b = _mm_loadl_pd(_mm_setzero_pd(), (const double *)(pair + 2 * c[2]));
+    b = _mm_loadh_pd(b, (const double *)(pair + 2 * c[3]));
+    return _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(a), b, 1));
 }
 /* 16 codes (two vectors of 8 int32) -> 16 bytes (8-bit) or 8 bytes of nibble pairs (4-bit) */
 AINLINE void codes16_store(uint8_t *codes, const int BITS, int64_t i, __m256i c0, __m256i c1) {
@@ -457,19 +428,18 @@ AINLINE void block_impl(const config_t *cfg, const derived_t *d, const job_t *jo
         const __m256 bc2 = _mm256_set1_ps(jb.inv_bc2), ss = _mm256_set1_ps(jb.step_size);
         const __m256 lr = _mm256_set1_ps(c.lr), zero = _mm256_setzero_ps();
         const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
-        const int lin_m = d->lin[0], lin_v = d->lin[1];
         __m256 vam = zero, vav = zero;
         for (; i + 8 <= end; i += 8) {
             __m256 g = load8_g(&c, &jb, i);
             if (MAX) g = _mm256_xor_ps(g, sign);
             __m256 p = load8_p(&c, &jb, i);
             __m256 m = BM == 8 ? _mm256_mul_ps(lookup_codes8(c.qm.val, jb.m_codes + i), vsm)
-                               : dequant4(&c.qm, lin_m, codes8_load(jb.m_codes, BM, i), vsm);
+                               : _mm256_mul_ps(lookup_pairs8(d->pair[0], jb.m_codes + (i >> 1)), vsm);
             __m256 delta;
             if (ALGO == 0) {
                 if (!DEC && WD) g = _mm256_add_ps(g, _mm256_mul_ps(p, wd));
                 __m256 v = BV == 8 ? _mm256_mul_ps(lookup_codes8(c.qv.val, jb.v_codes + i), vsv)
-                                   : dequant4(&c.qv, lin_v, codes8_load(jb.v_codes, BV, i), vsv);
+                                   : _mm256_mul_ps(lookup_pairs8(d->pair[1], jb.v_codes + (i >> 1)), vsv);
                 m = _mm256_add_ps(_mm256_mul_ps(m, b1), _mm256_mul_ps(g, o1));
                 v = _mm256_add_ps(_mm256_mul_ps(v, b2), _mm256_mul_ps(_mm256_mul_ps(g, g), o2));
                 __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), bc2), eps);
