@@ -103,24 +103,37 @@ def quantize_blockwise(
     """
     cm = code_map(qmap) if isinstance(qmap, str) else qmap
     _check_block_size(block_size, cm.bits)
-    flat = x.detach().reshape(-1).to(torch.float32)
+    flat = x.detach().reshape(-1)
     n = flat.numel()
-    if n and not bool(torch.isfinite(flat).all()):
-        raise ValueError("quantize_blockwise: input holds inf or NaN; blockwise scales need finite values")
-    absmax = _block_absmax(flat, block_size)
-    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    normalized = (flat * _expand(inverse, n, block_size)).clamp_(-1.0, 1.0)
-    idx = cm.encode(normalized)
-    new_codes = idx.to(torch.uint8) if cm.bits == 8 else pack_nibbles(idx)
-    if codes is None:
-        codes = new_codes
-    else:
-        codes.view(-1).copy_(new_codes)
-    if scales is None:
-        scales = absmax
-    else:
-        scales.copy_(absmax)
-    return codes, scales
+    chunk = _chunk(block_size)
+    for start in range(0, n, chunk):  # checked before anything is written
+        if not bool(torch.isfinite(flat[start : start + chunk]).all()):
+            raise ValueError("quantize_blockwise: input holds inf or NaN; blockwise scales need finite values")
+    code_count = n if cm.bits == 8 else (n + 1) // 2
+    out_codes = torch.empty(code_count, dtype=torch.uint8, device=flat.device) if codes is None else codes.view(-1)
+    out_scales = (
+        torch.empty(num_blocks(n, block_size), dtype=torch.float32, device=flat.device) if scales is None else scales
+    )
+    # chunk by chunk (whole blocks), so the temporaries stay a few MiB whatever the tensor's size
+    for start in range(0, n, chunk):
+        piece = flat[start : start + chunk].to(torch.float32)
+        m = piece.numel()
+        absmax = _block_absmax(piece, block_size)
+        inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+        normalized = (piece * _expand(inverse, m, block_size)).clamp_(-1.0, 1.0)
+        idx = cm.encode(normalized)
+        first_block = start // block_size
+        out_scales[first_block : first_block + absmax.numel()].copy_(absmax)
+        if cm.bits == 8:
+            out_codes[start : start + m].copy_(idx)
+        else:  # chunks start at even elements (blocks are multiples of 16)
+            out_codes[start // 2 : start // 2 + (m + 1) // 2].copy_(pack_nibbles(idx))
+    return (out_codes if codes is None else codes), out_scales
+
+
+def _chunk(block_size: int) -> int:
+    """Elements per chunk of the reference quantizer: whole blocks, about 2**20 elements."""
+    return max(1, (1 << 20) // block_size) * block_size
 
 
 def dequantize_blockwise(
@@ -134,9 +147,20 @@ def dequantize_blockwise(
     """Values of a blockwise-quantized tensor, in ``shape`` and ``dtype`` (a new tensor)."""
     cm = code_map(qmap) if isinstance(qmap, str) else qmap
     n = math.prod(shape)
-    idx = codes.reshape(-1) if cm.bits == 8 else unpack_nibbles(codes.reshape(-1), n)
-    values = cm.on(codes.device)[0][idx.to(torch.int64)] * _expand(scales, n, block_size)
-    return values.reshape(shape).to(dtype)
+    flat_codes = codes.reshape(-1)
+    values = cm.on(codes.device)[0]
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    chunk = _chunk(block_size)
+    for start in range(0, n, chunk):  # chunked like quantize_blockwise: small temporaries
+        m = min(chunk, n - start)
+        if cm.bits == 8:
+            idx = flat_codes[start : start + m]
+        else:
+            idx = unpack_nibbles(flat_codes[start // 2 : start // 2 + (m + 1) // 2], m)
+        first_block = start // block_size
+        block_scales = scales[first_block : first_block + num_blocks(m, block_size)]
+        out[start : start + m].copy_(values[idx.to(torch.int64)] * _expand(block_scales, m, block_size))
+    return out.reshape(shape)
 
 
 class QuantizedState:
