@@ -17,7 +17,6 @@ Writes benchmarks/results/lowbit_factored_quality.md.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -25,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lowbit_quality import TinyGPT, batches, load_corpus  # noqa: E402
+from lowbit_quality import TinyGPT, load_corpus, train_and_evaluate  # noqa: E402
 
 import lmopt  # noqa: E402
 
@@ -48,27 +46,7 @@ def run(label: str, hyper: dict[str, Any], precision: str, args: argparse.Namesp
     kw = {k: v for k, v in hyper.items() if k != "name"}
     opt = lmopt.create_optimizer(hyper["name"], lmopt.param_groups(model, weight_decay=0.1),
                                  momentum_precision=precision, **kw)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
-    )
-    losses = []
-    start = time.perf_counter()
-    for x, y in batches(train, args.steps, args.batch, args.seq, seed=data_seed):
-        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    elapsed = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        val_losses = [
-            F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item()
-            for x, y in batches(val, args.eval_batches, args.batch, args.seq, seed=2)
-        ]
+    losses, val_losses, elapsed = train_and_evaluate(model, opt, args, train, val, data_seed)
     tail = losses[-max(1, args.steps // 10) :]
     states = list(opt.state.values())
     result = {

@@ -75,17 +75,16 @@ def batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int):
         yield window[:, :-1], window[:, 1:]
 
 
-def run(name: str, make_opt, args, train: torch.Tensor, val: torch.Tensor) -> dict:
-    torch.manual_seed(0)
-    model = TinyGPT(args.d_model, args.layers, args.heads, args.seq)
-    opt = make_opt(lmopt.param_groups(model, weight_decay=0.1))
+def train_and_evaluate(model, opt, args, train: torch.Tensor, val: torch.Tensor, data_seed: int):
+    """``args.steps`` steps (warmup + cosine, clipping at 1.0) on ``train``, then the loss on ``args.eval_batches``
+    validation batches: (training losses, validation losses, seconds of training)."""
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
     )
     losses = []
     start = time.perf_counter()
-    for x, y in batches(train, args.steps, args.batch, args.seq, seed=1):
+    for x, y in batches(train, args.steps, args.batch, args.seq, seed=data_seed):
         loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,6 +99,14 @@ def run(name: str, make_opt, args, train: torch.Tensor, val: torch.Tensor) -> di
             F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item()
             for x, y in batches(val, args.eval_batches, args.batch, args.seq, seed=2)
         ]
+    return losses, val_losses, elapsed
+
+
+def run(name: str, make_opt, args, train: torch.Tensor, val: torch.Tensor) -> dict:
+    torch.manual_seed(0)
+    model = TinyGPT(args.d_model, args.layers, args.heads, args.seq)
+    opt = make_opt(lmopt.param_groups(model, weight_decay=0.1))
+    losses, val_losses, elapsed = train_and_evaluate(model, opt, args, train, val, data_seed=1)
     tail = losses[-max(1, args.steps // 10) :]
     summary = getattr(opt, "state_summary", lambda: "")()
     state_bytes = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))

@@ -35,6 +35,8 @@ from torch import Tensor
 from ..quant.blockwise import num_blocks
 from ..quant.moments import (
     MomentFormat,
+    check_block_size_option,
+    check_min_quantized_numel,
     init_moment,
     load_moment,
     moment_state,
@@ -77,23 +79,11 @@ def normalize_momentum_precision(value: Any) -> str | None:
     return value
 
 
-def _check_block_size(value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 4096 or value % 16:
-        raise ValueError(f"block_size must be None or a multiple of 16 in [16, 4096], got {value!r}")
-
-
-def _check_min_numel(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"min_quantized_numel must be an integer >= 0, got {value!r}")
-
-
 def validate_momentum_options(group: dict[str, Any]) -> None:
     """Check (and normalize) a param group's ``momentum_precision``, ``block_size``, ``min_quantized_numel``."""
     group["momentum_precision"] = normalize_momentum_precision(group.get("momentum_precision"))
-    _check_block_size(group.get("block_size"))
-    _check_min_numel(group.get("min_quantized_numel", 4096))
+    check_block_size_option(group.get("block_size"))
+    check_min_quantized_numel(group.get("min_quantized_numel", 4096))
 
 
 def momentum_format(hyper: Mapping[str, Any]) -> MomentFormat | None:

@@ -63,6 +63,8 @@ from ..kernels import lowbit_triton as triton_module
 from ..quant.maps import code_map
 from ..quant.moments import (
     MomentFormat,
+    check_block_size_option,
+    check_min_quantized_numel,
     codes_shape,
     init_moment,
     load_moment,
@@ -84,18 +86,6 @@ def _sqrt(x: Tensor) -> Tensor:
     """Correctly rounded square root. torch's vectorized fp32 sqrt on CPU is not (it differs from IEEE sqrt
     in the last bit for ~17% of inputs); the fp64 square root rounded to fp32 is, and matches the kernel."""
     return x.sqrt() if x.dtype == torch.float64 else x.double().sqrt_().to(x.dtype)
-
-
-def _check_block_size(value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 4096 or value % 16:
-        raise ValueError(f"block_size must be None or a multiple of 16 in [16, 4096], got {value!r}")
-
-
-def _check_min_numel(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"min_quantized_numel must be an integer >= 0, got {value!r}")
 
 
 def _qmap_struct(name: str) -> kernel_module.QmapStruct:
@@ -131,8 +121,8 @@ class LowBitOptimizer(LmoptOptimizer):
             check_positive("eps", group["eps"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_choice("maximize", group["maximize"], (True, False))
-        _check_block_size(group["block_size"])
-        _check_min_numel(group["min_quantized_numel"])
+        check_block_size_option(group["block_size"])
+        check_min_quantized_numel(group["min_quantized_numel"])
         check_choice("param_rounding", group["param_rounding"], PARAM_ROUNDINGS)
         check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 

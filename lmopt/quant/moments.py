@@ -48,6 +48,8 @@ from .sharded import ShardLayout, is_dtensor, local_quantized, sharded_quantized
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "MomentFormat",
+    "check_block_size_option",
+    "check_min_quantized_numel",
     "init_moment",
     "load_moment",
     "local_nbytes",
@@ -141,6 +143,20 @@ def moment_state(name: str, shape: tuple[int, ...], param_dtype: torch.dtype, fm
             StateTensor(f"{name}_scales", (num_blocks(n, fmt.blocks),), torch.float32),
         ]
     return [StateTensor(name, tuple(shape), fmt.full_dtype(param_dtype))]
+
+
+def check_block_size_option(value: Any) -> None:
+    """Validate an optimizer's ``block_size`` hyperparameter (None: the precision's default)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 4096 or value % 16:
+        raise ValueError(f"block_size must be None or a multiple of 16 in [16, 4096], got {value!r}")
+
+
+def check_min_quantized_numel(value: Any) -> None:
+    """Validate an optimizer's ``min_quantized_numel`` hyperparameter."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"min_quantized_numel must be an integer >= 0, got {value!r}")
 
 
 def init_moment(state: dict[str, Any], name: str, param: Tensor, fmt: MomentFormat) -> None:
