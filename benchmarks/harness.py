@@ -133,9 +133,13 @@ def _own_jiffies() -> int:
     return int(parts[11]) + int(parts[12])  # utime + stime
 
 
-def time_case(build: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-              prepare: Callable[[torch.optim.Optimizer], None] | None, n_params: float, min_steps: int,
-              min_seconds: float) -> dict[str, Any]:
+def time_case(
+    build: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    prepare: Callable[[torch.optim.Optimizer], None] | None,
+    n_params: float,
+    min_steps: int,
+    min_seconds: float,
+) -> dict[str, Any]:
     params = make_params(n_params)
     opt = build(params)
     t0 = time.perf_counter()
@@ -199,6 +203,8 @@ def machine_description() -> str:
     except OSError:
         pass
     simd = [f for f in ("avx2", "avx512f", "amx_tile") if f in flags]
-    return (f"{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, "
-            f"SIMD: {', '.join(simd) or 'none of avx2/avx512'}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, "
+        f"SIMD: {', '.join(simd) or 'none of avx2/avx512'}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )

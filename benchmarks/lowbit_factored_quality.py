@@ -39,13 +39,21 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
 PRECISIONS = ("fp32", "8bit", "4bit")
 
 
-def run(label: str, hyper: dict[str, Any], precision: str, args: argparse.Namespace, train: torch.Tensor,
-        val: torch.Tensor, data_seed: int = 1) -> dict[str, Any]:
+def run(
+    label: str,
+    hyper: dict[str, Any],
+    precision: str,
+    args: argparse.Namespace,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    data_seed: int = 1,
+) -> dict[str, Any]:
     torch.manual_seed(0)
     model = TinyGPT(args.d_model, args.layers, args.heads, args.seq)
     kw = {k: v for k, v in hyper.items() if k != "name"}
-    opt = lmopt.create_optimizer(hyper["name"], lmopt.param_groups(model, weight_decay=0.1),
-                                 momentum_precision=precision, **kw)
+    opt = lmopt.create_optimizer(
+        hyper["name"], lmopt.param_groups(model, weight_decay=0.1), momentum_precision=precision, **kw
+    )
     losses, val_losses, elapsed = train_and_evaluate(model, opt, args, train, val, data_seed)
     tail = losses[-max(1, args.steps // 10) :]
     states = list(opt.state.values())

@@ -38,8 +38,20 @@ def _run_one(suite: str, index: int, args: argparse.Namespace) -> None:
 
 
 def _spawn(suite: str, index: int, case: Case, args: argparse.Namespace) -> Result:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--suite", suite, "--run-case", str(index),
-           "--params", str(args.params), "--steps", str(args.steps), "--seconds", str(args.seconds)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--suite",
+        suite,
+        "--run-case",
+        str(index),
+        "--params",
+        str(args.params),
+        "--steps",
+        str(args.steps),
+        "--seconds",
+        str(args.seconds),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -103,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         status = f"{result.median_ms:8.1f} ms" if result.ok else f"failed: {result.error}"
         print(f"  {case.name:<48} {status}", flush=True)
         results.append(result)
-    command = "python benchmarks/step_speed.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python benchmarks/step_speed.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     lines = [
         f"# Step speed: suite `{args.suite}`",
         "",

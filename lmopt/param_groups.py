@@ -36,8 +36,19 @@ __all__ = ["ParamGroups", "ParamInfo", "classify_parameters", "param_groups"]
 
 _TORCH_NORMS: tuple[type[nn.Module], ...] = tuple(
     getattr(nn, n)
-    for n in ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
-              "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm")
+    for n in (
+        "LayerNorm",
+        "RMSNorm",
+        "GroupNorm",
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "SyncBatchNorm",
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "LocalResponseNorm",
+    )
     if hasattr(nn, n)
 )
 _NORM_NAME = re.compile(r"norm", re.IGNORECASE)
@@ -176,8 +187,10 @@ def param_groups(
         used = {p for p in lr_multipliers if any(_matches(i.name, p) for i in infos)}
         unused = sorted(set(lr_multipliers) - used)
         if unused:
-            raise ValueError(f"lr_multipliers patterns {unused} match no trainable parameter name; names look "
-                             f"like {[i.name for i in infos[:3]]}")
+            raise ValueError(
+                f"lr_multipliers patterns {unused} match no trainable parameter name; names look "
+                f"like {[i.name for i in infos[:3]]}"
+            )
 
     buckets: dict[tuple[bool, float], dict[str, Any]] = {}
     for info in infos:

@@ -110,8 +110,9 @@ class OptimizerSpec:
         out.update(overrides)
         return out
 
-    def state_tensors(self, shape: Iterable[int], dtype: torch.dtype = torch.float32,
-                      **hyperparameters: Any) -> list[StateTensor]:
+    def state_tensors(
+        self, shape: Iterable[int], dtype: torch.dtype = torch.float32, **hyperparameters: Any
+    ) -> list[StateTensor]:
         """The exact state tensors for one parameter of ``shape`` and ``dtype``."""
         return self.state(tuple(int(s) for s in shape), dtype, self.hyperparameters(**hyperparameters))
 
@@ -119,8 +120,9 @@ class OptimizerSpec:
         """Bytes of state for one parameter of ``shape`` and ``dtype``."""
         return sum(t.nbytes for t in self.state_tensors(shape, dtype, **hyperparameters))
 
-    def bytes_per_parameter(self, shape: Iterable[int] = REFERENCE_SHAPE, dtype: torch.dtype = torch.float32,
-                            **hyperparameters: Any) -> float:
+    def bytes_per_parameter(
+        self, shape: Iterable[int] = REFERENCE_SHAPE, dtype: torch.dtype = torch.float32, **hyperparameters: Any
+    ) -> float:
         """State bytes divided by parameter count for one tensor of ``shape`` (default a 4096 x 4096 matrix)."""
         shape = tuple(shape)
         return self.state_bytes(shape, dtype, **hyperparameters) / max(1, math.prod(shape))

@@ -242,9 +242,7 @@ def dcp_round_trip(name, kw, hsdp_mesh) -> dict:
             out["full_state_dict_is_plain"] = plain
             set_optimizer_state_dict(resumed, opt_resumed, _save_load(full), options=options)
         train(resumed, opt_resumed, range(33, 36))
-        same = all(
-            torch.equal(p.to_local(), q.to_local()) for p, q in zip(resumed.parameters(), straight.parameters())
-        )
+        same = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(resumed.parameters(), straight.parameters()))
         for p, q in zip(resumed.parameters(), straight.parameters()):
             for key, value in opt_straight.state[q].items():
                 other = opt_resumed.state[p].get(key)
@@ -297,8 +295,7 @@ def dcp_round_trip(name, kw, hsdp_mesh) -> dict:
         set_optimizer_state_dict(other, opt_other, full, options=StateDictOptions(full_state_dict=True))
     out["dcp_converted_to_1_shard_warned"] = any("requantized" in str(w.message) for w in caught)
     train(other, opt_other, range(33, 36))
-    same = all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(other.parameters(),
-                                                                               resumed.parameters()))
+    same = all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(other.parameters(), resumed.parameters()))
     out["dcp_converted_to_1_shard"] = "same as full_to_1_shard" if same else "differs"
     out["dcp_equal_sizes"] = dcp_equal_sizes(name, kw, hsdp_mesh)
     dist.barrier()
@@ -418,14 +415,19 @@ def main(out_path: str) -> None:
         try:
             kw = {"lr": 1e-2, "min_quantized_numel": 16, "block_size": 32}
             for impl in ("for_loop", "fused"):
-                res[f"aligned_{impl}"] = sharded_vs_plain(name, {**kw, "implementation": impl}, ALIGNED,
-                                                          torch.float32, mesh)
+                res[f"aligned_{impl}"] = sharded_vs_plain(
+                    name, {**kw, "implementation": impl}, ALIGNED, torch.float32, mesh
+                )
             if name == "adamw8bit":
                 for rounding in ("stochastic", "kahan"):
                     for impl in ("for_loop", "fused"):
                         res[f"aligned_bf16_{rounding}_{impl}"] = sharded_vs_plain(
-                            name, {**kw, "implementation": impl, "param_rounding": rounding}, ALIGNED,
-                            torch.bfloat16, mesh)
+                            name,
+                            {**kw, "implementation": impl, "param_rounding": rounding},
+                            ALIGNED,
+                            torch.bfloat16,
+                            mesh,
+                        )
             res["unaligned"] = sharded_vs_plain(name, kw, UNALIGNED, torch.float32, mesh)
             res["reshard_aligned"] = reshard(name, kw, ALIGNED, mesh, hsdp_mesh)
             res["reshard_unaligned"] = reshard(name, kw, UNALIGNED, mesh, hsdp_mesh)

@@ -144,10 +144,18 @@ def _adafactor_ref_for(name: str) -> Builder:
         from transformers.optimization import Adafactor as HFAdafactor
 
         h = _full(name, kw)
-        peer = HFAdafactor(model.parameters(), lr=None if h["relative_step"] else h["lr"], eps=h["eps"],
-                           clip_threshold=h["clip_threshold"], decay_rate=h["decay_rate"], beta1=h["beta1"],
-                           weight_decay=h["weight_decay"], scale_parameter=h["scale_parameter"],
-                           relative_step=h["relative_step"], warmup_init=h["warmup_init"])
+        peer = HFAdafactor(
+            model.parameters(),
+            lr=None if h["relative_step"] else h["lr"],
+            eps=h["eps"],
+            clip_threshold=h["clip_threshold"],
+            decay_rate=h["decay_rate"],
+            beta1=h["beta1"],
+            weight_decay=h["weight_decay"],
+            scale_parameter=h["scale_parameter"],
+            relative_step=h["relative_step"],
+            warmup_init=h["warmup_init"],
+        )
         return _rounded_first_moment(peer, h)
 
     return build
@@ -158,8 +166,14 @@ def _came_ref_for(name: str) -> Builder:
         from came_pytorch import CAME as PeerCAME
 
         h = _full(name, kw)
-        peer = PeerCAME(model.parameters(), lr=h["lr"], eps=h["eps"], clip_threshold=h["clip_threshold"],
-                        betas=h["betas"], weight_decay=h["weight_decay"])
+        peer = PeerCAME(
+            model.parameters(),
+            lr=h["lr"],
+            eps=h["eps"],
+            clip_threshold=h["clip_threshold"],
+            betas=h["betas"],
+            weight_decay=h["weight_decay"],
+        )
         return _rounded_first_moment(peer, h)
 
     return build
@@ -180,8 +194,7 @@ def _adam_mini_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimize
 
     h = _full("adam_mini", kw)
     named = [(f"mlp.{i}.weight" if p.ndim >= 2 else f"norm.{i}", p) for i, p in enumerate(model.parameters())]
-    return Adam_mini(named, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"],
-                     verbose=False)
+    return Adam_mini(named, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"], verbose=False)
 
 
 def _lion_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
@@ -195,8 +208,17 @@ def _sophia_ref(model: nn.Module, kw: dict[str, Any]) -> Any:
     from .reference.sophia import ReferenceSophia
 
     h = _full("sophia", kw)
-    keys = ("lr", "betas", "rho", "eps", "weight_decay", "update_period", "estimator", "hessian_distribution",
-            "maximize")
+    keys = (
+        "lr",
+        "betas",
+        "rho",
+        "eps",
+        "weight_decay",
+        "update_period",
+        "estimator",
+        "hessian_distribution",
+        "maximize",
+    )
     return ReferenceSophia(model.parameters(), **{k: h[k] for k in keys})
 
 
@@ -236,8 +258,12 @@ _FACTORED_INVALID = [
     ({"block_size": 100}, "block_size"),
     ({"min_quantized_numel": -1}, "min_quantized_numel"),
 ]
-_ADAFACTOR_INVALID = [*_FACTORED_INVALID, ({"decay_rate": 0.5}, "decay_rate"), ({"beta1": 1.0}, "beta1"),
-                      ({"warmup_init": True, "relative_step": False}, "warmup_init")]
+_ADAFACTOR_INVALID = [
+    *_FACTORED_INVALID,
+    ({"decay_rate": 0.5}, "decay_rate"),
+    ({"beta1": 1.0}, "beta1"),
+    ({"warmup_init": True, "relative_step": False}, "warmup_init"),
+]
 _CAME_INVALID = [*_FACTORED_INVALID, ({"betas": (0.9, 0.999)}, "betas"), ({"betas": (0.9, 0.999, 1.0)}, "betas")]
 
 
@@ -251,31 +277,57 @@ def _momentum_specs() -> list[OptimSpec]:
     """
     came_variants = [
         {"lr": 1e-3, "min_quantized_numel": 16, "block_size": 32},
-        {"lr": 2e-3, "weight_decay": 0.1, "betas": (0.8, 0.99, 0.999), "clip_threshold": 0.5,
-         "min_quantized_numel": 0, "block_size": 16},
+        {
+            "lr": 2e-3,
+            "weight_decay": 0.1,
+            "betas": (0.8, 0.99, 0.999),
+            "clip_threshold": 0.5,
+            "min_quantized_numel": 0,
+            "block_size": 16,
+        },
     ]
     adafactor_variants = [
         {"min_quantized_numel": 16, "block_size": 32},
-        {"lr": 1e-2, "relative_step": True, "scale_parameter": True, "weight_decay": 0.1, "min_quantized_numel": 0,
-         "block_size": 16},
+        {
+            "lr": 1e-2,
+            "relative_step": True,
+            "scale_parameter": True,
+            "weight_decay": 0.1,
+            "min_quantized_numel": 0,
+            "block_size": 16,
+        },
     ]
     specs = []
     for bits in ("8bit", "4bit", "bf16"):
         quantized = bits != "bf16"
-        came, adafactor = ("came8bit", "adafactor8bit") if bits == "8bit" else (
-            ("came4bit", "adafactor4bit") if bits == "4bit" else ("came_bf16", "adafactor_bf16"))
+        came, adafactor = (
+            ("came8bit", "adafactor8bit")
+            if bits == "8bit"
+            else (("came4bit", "adafactor4bit") if bits == "4bit" else ("came_bf16", "adafactor_bf16"))
+        )
         # bf16 rounding of m turns the implementations' last-bit differences into bf16 ulps (as adamw_bf16)
-        common: dict[str, Any] = dict(implementations=("for_loop", "fused"),
-                                      implementation_tol=(1e-5, 1e-6) if quantized else (1e-2, 1e-3),
-                                      # FSDP2: blocks cut at shard boundaries round m differently; measured
-                                      # came8bit 0.005, adafactor8bit 0.006, came4bit 0.10, adafactor4bit 0.044
-                                      distributed_tol=(0.02 if bits == "8bit" else 0.2) if quantized else 1e-5)
+        common: dict[str, Any] = dict(
+            implementations=("for_loop", "fused"),
+            implementation_tol=(1e-5, 1e-6) if quantized else (1e-2, 1e-3),
+            # FSDP2: blocks cut at shard boundaries round m differently; measured
+            # came8bit 0.005, adafactor8bit 0.006, came4bit 0.10, adafactor4bit 0.044
+            distributed_tol=(0.02 if bits == "8bit" else 0.2) if quantized else 1e-5,
+        )
         specs += [
-            OptimSpec(name=came, variants=came_variants if quantized else [{"lr": 1e-3}],
-                      reference=_came_ref_for(came), invalid=_CAME_INVALID, **common),
-            OptimSpec(name=adafactor, variants=adafactor_variants if quantized else [{}],
-                      reference=_adafactor_ref_for(adafactor),
-                      invalid=[*_ADAFACTOR_INVALID, ({"beta1": None}, "beta1")], **common),
+            OptimSpec(
+                name=came,
+                variants=came_variants if quantized else [{"lr": 1e-3}],
+                reference=_came_ref_for(came),
+                invalid=_CAME_INVALID,
+                **common,
+            ),
+            OptimSpec(
+                name=adafactor,
+                variants=adafactor_variants if quantized else [{}],
+                reference=_adafactor_ref_for(adafactor),
+                invalid=[*_ADAFACTOR_INVALID, ({"beta1": None}, "beta1")],
+                **common,
+            ),
         ]
     return specs
 
@@ -304,8 +356,9 @@ class _MuonReference:
         rest = [p for p in model.parameters() if p.ndim != 2]
         self.optimizers = [
             ReferenceMuon(matrices, ns_dtype=torch.float32, **kw),
-            torch.optim.AdamW(rest, lr=kw.get("lr", 1e-3), betas=betas, eps=eps,
-                              weight_decay=kw.get("weight_decay", 0.1)),
+            torch.optim.AdamW(
+                rest, lr=kw.get("lr", 1e-3), betas=betas, eps=eps, weight_decay=kw.get("weight_decay", 0.1)
+            ),
         ]
 
     @property
@@ -378,32 +431,59 @@ _ADABOUND_INVALID = [
     ({"weight_decay": -1.0}, "weight_decay"),
     ({"implementation": "fused"}, "implementation"),
 ]
-_LOOKAHEAD_INVALID = [({"lookahead_k": 0}, "lookahead k"), ({"lookahead_alpha": 1.5}, "alpha"),
-                      ({"lookahead_alpha": 0.0}, "alpha")]
+_LOOKAHEAD_INVALID = [
+    ({"lookahead_k": 0}, "lookahead k"),
+    ({"lookahead_alpha": 1.5}, "alpha"),
+    ({"lookahead_alpha": 0.0}, "alpha"),
+]
 
 
 def _lookahead_specs() -> list[OptimSpec]:
     low = (torch.float32, torch.bfloat16)
     return [
-        OptimSpec(name="lookahead_adamw",
-                  variants=[{"lr": 1e-2, "lookahead_k": 3},
-                            {"lr": 1e-2, "weight_decay": 0.1, "lookahead_alpha": 0.8}],
-                  reference=_lookahead_ref(_adamw_ref), invalid=_LOOKAHEAD_INVALID + [({"lr": -1.0}, "lr")]),
-        OptimSpec(name="lookahead_adam", variants=[{"lr": 1e-2, "lookahead_k": 4}],
-                  reference=_lookahead_ref(_adam_ref), invalid=_LOOKAHEAD_INVALID),
-        OptimSpec(name="lookahead_sgd", variants=[{"lr": 0.05, "momentum": 0.9, "lookahead_k": 2}],
-                  reference=_lookahead_ref(_torch_ref(torch.optim.SGD)), lmopt_engine=False,
-                  sparse_supported=True, invalid=_LOOKAHEAD_INVALID),
-        OptimSpec(name="lookahead_radam", variants=[{"lr": 1e-2, "lookahead_k": 3}],
-                  reference=_lookahead_ref(_torch_ref(torch.optim.RAdam)), lmopt_engine=False, dtypes=low,
-                  invalid=_LOOKAHEAD_INVALID),
-        OptimSpec(name="lookahead_adabound", variants=[{"lr": 1e-2, "lookahead_k": 3}],
-                  reference=_lookahead_ref(_adabound_ref(False)), invalid=_LOOKAHEAD_INVALID),
-        OptimSpec(name="lookahead_muon", variants=[{"lr": 1e-2, "lookahead_k": 3}],
-                  reference=_lookahead_ref(lambda model, kw: _MuonReference(model, kw)), reference_steps=50,
-                  reference_tol=(1e-5, 1e-8), invalid=_LOOKAHEAD_INVALID),
+        OptimSpec(
+            name="lookahead_adamw",
+            variants=[{"lr": 1e-2, "lookahead_k": 3}, {"lr": 1e-2, "weight_decay": 0.1, "lookahead_alpha": 0.8}],
+            reference=_lookahead_ref(_adamw_ref),
+            invalid=_LOOKAHEAD_INVALID + [({"lr": -1.0}, "lr")],
+        ),
+        OptimSpec(
+            name="lookahead_adam",
+            variants=[{"lr": 1e-2, "lookahead_k": 4}],
+            reference=_lookahead_ref(_adam_ref),
+            invalid=_LOOKAHEAD_INVALID,
+        ),
+        OptimSpec(
+            name="lookahead_sgd",
+            variants=[{"lr": 0.05, "momentum": 0.9, "lookahead_k": 2}],
+            reference=_lookahead_ref(_torch_ref(torch.optim.SGD)),
+            lmopt_engine=False,
+            sparse_supported=True,
+            invalid=_LOOKAHEAD_INVALID,
+        ),
+        OptimSpec(
+            name="lookahead_radam",
+            variants=[{"lr": 1e-2, "lookahead_k": 3}],
+            reference=_lookahead_ref(_torch_ref(torch.optim.RAdam)),
+            lmopt_engine=False,
+            dtypes=low,
+            invalid=_LOOKAHEAD_INVALID,
+        ),
+        OptimSpec(
+            name="lookahead_adabound",
+            variants=[{"lr": 1e-2, "lookahead_k": 3}],
+            reference=_lookahead_ref(_adabound_ref(False)),
+            invalid=_LOOKAHEAD_INVALID,
+        ),
+        OptimSpec(
+            name="lookahead_muon",
+            variants=[{"lr": 1e-2, "lookahead_k": 3}],
+            reference=_lookahead_ref(lambda model, kw: _MuonReference(model, kw)),
+            reference_steps=50,
+            reference_tol=(1e-5, 1e-8),
+            invalid=_LOOKAHEAD_INVALID,
+        ),
     ]
-
 
 
 def _lion_explicit_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
@@ -426,8 +506,7 @@ _LOWBIT_INVALID = [
 # variants use small thresholds and blocks so the test model's tiny tensors are quantized (with partial blocks)
 _LOWBIT_VARIANTS = [
     {"lr": 1e-2, "min_quantized_numel": 16, "block_size": 32},
-    {"lr": 3e-3, "betas": (0.8, 0.95), "weight_decay": 0.1, "eps": 1e-6, "min_quantized_numel": 16,
-     "block_size": 16},
+    {"lr": 3e-3, "betas": (0.8, 0.95), "weight_decay": 0.1, "eps": 1e-6, "min_quantized_numel": 16, "block_size": 16},
     {"lr": 1e-3, "maximize": True, "min_quantized_numel": 0, "block_size": 64},
 ]
 
@@ -467,17 +546,43 @@ OPTIM_DB: list[OptimSpec] = [
         invalid=_ADAM_INVALID,
     ),
     # ------------------------------------------------------------------------- torch.optim, registered as is
-    OptimSpec(name="sgd", variants=[{"lr": 0.05}, {"lr": 0.05, "momentum": 0.9, "nesterov": True}],
-              lmopt_engine=False, sparse_supported=True, invalid=[({"lr": -1.0}, "learning rate")]),
-    OptimSpec(name="adagrad", variants=[{"lr": 0.05}], lmopt_engine=False, sparse_supported=True,
-              dtypes=(torch.float32, torch.bfloat16), invalid=[({"lr": -1.0}, "learning rate")]),
+    OptimSpec(
+        name="sgd",
+        variants=[{"lr": 0.05}, {"lr": 0.05, "momentum": 0.9, "nesterov": True}],
+        lmopt_engine=False,
+        sparse_supported=True,
+        invalid=[({"lr": -1.0}, "learning rate")],
+    ),
+    OptimSpec(
+        name="adagrad",
+        variants=[{"lr": 0.05}],
+        lmopt_engine=False,
+        sparse_supported=True,
+        dtypes=(torch.float32, torch.bfloat16),
+        invalid=[({"lr": -1.0}, "learning rate")],
+    ),
     # torch's eps=1e-8 underflows in fp16 (0/0 = NaN): torch's own limitation, so fp16 is not claimed
-    OptimSpec(name="rmsprop", variants=[{"lr": 1e-3}, {"lr": 1e-3, "momentum": 0.9, "centered": True}],
-              lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16), invalid=[({"lr": -1.0}, "learning rate")]),
-    OptimSpec(name="radam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16),
-              invalid=[({"lr": -1.0}, "learning rate")]),
-    OptimSpec(name="nadam", variants=[{"lr": 1e-2}], lmopt_engine=False, dtypes=(torch.float32, torch.bfloat16),
-              invalid=[({"lr": -1.0}, "learning rate")]),
+    OptimSpec(
+        name="rmsprop",
+        variants=[{"lr": 1e-3}, {"lr": 1e-3, "momentum": 0.9, "centered": True}],
+        lmopt_engine=False,
+        dtypes=(torch.float32, torch.bfloat16),
+        invalid=[({"lr": -1.0}, "learning rate")],
+    ),
+    OptimSpec(
+        name="radam",
+        variants=[{"lr": 1e-2}],
+        lmopt_engine=False,
+        dtypes=(torch.float32, torch.bfloat16),
+        invalid=[({"lr": -1.0}, "learning rate")],
+    ),
+    OptimSpec(
+        name="nadam",
+        variants=[{"lr": 1e-2}],
+        lmopt_engine=False,
+        dtypes=(torch.float32, torch.bfloat16),
+        invalid=[({"lr": -1.0}, "learning rate")],
+    ),
     # ------------------------------------------------- memory-efficient / sign / curvature optimizers (issue 3)
     OptimSpec(
         name="adafactor",
@@ -485,8 +590,7 @@ OPTIM_DB: list[OptimSpec] = [
             {},
             {"lr": 1e-2, "relative_step": True, "scale_parameter": True},
             {"lr": 3e-3, "beta1": 0.9, "weight_decay": 0.1, "clip_threshold": 0.5},
-            {"lr": 1e-2, "relative_step": True, "scale_parameter": True, "warmup_init": True,
-             "decay_rate": -0.7},
+            {"lr": 1e-2, "relative_step": True, "scale_parameter": True, "warmup_init": True, "decay_rate": -0.7},
         ],
         reference=_adafactor_ref,
         reference_tol=(1e-6, 1e-9),
@@ -509,8 +613,7 @@ OPTIM_DB: list[OptimSpec] = [
         variants=[{"lr": 1e-2}, {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1, "eps": 1e-6}],
         reference=_adam_mini_ref,
         implementations=("for_loop", "fused"),
-        invalid=[*_ADAM_INVALID[:6], ({"n_heads": 0}, "n_heads"),
-                 ({"implementation": "cuda_magic"}, "implementation")],
+        invalid=[*_ADAM_INVALID[:6], ({"n_heads": 0}, "n_heads"), ({"implementation": "cuda_magic"}, "implementation")],
         build=_adam_mini_build,
     ),
     OptimSpec(
@@ -518,33 +621,45 @@ OPTIM_DB: list[OptimSpec] = [
         variants=[{"lr": 1e-3}, {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5}],
         reference=_lion_ref,
         implementations=("for_loop", "foreach", "fused"),
-        invalid=[({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"),
-                 ({"weight_decay": -1.0}, "weight_decay"),
-                 ({"implementation": "cuda_magic"}, "implementation")],
+        invalid=[
+            ({"lr": -1.0}, "lr"),
+            ({"betas": (0.9, 1.0)}, "betas"),
+            ({"weight_decay": -1.0}, "weight_decay"),
+            ({"implementation": "cuda_magic"}, "implementation"),
+        ],
     ),
     OptimSpec(
         name="sophia",
         variants=[
             {"lr": 1e-3, "estimator": "hutchinson", "update_period": 3},
             {"lr": 2e-3, "estimator": "gnb", "update_period": 2, "rho": 0.05, "weight_decay": 0.0},
-            {"lr": 1e-3, "estimator": "hutchinson", "update_period": 1, "hessian_distribution": "rademacher",
-             "betas": (0.9, 0.95), "maximize": True},
+            {
+                "lr": 1e-3,
+                "estimator": "hutchinson",
+                "update_period": 1,
+                "hessian_distribution": "rademacher",
+                "betas": (0.9, 0.95),
+                "maximize": True,
+            },
         ],
         reference=_sophia_ref,
         implementations=("for_loop", "foreach", "fused"),
-        invalid=[({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"rho": 0.0}, "rho"),
-                 ({"eps": 0.0}, "eps"),
-                 ({"weight_decay": -1.0}, "weight_decay"), ({"update_period": 0}, "update_period"),
-                 ({"estimator": "exact"}, "estimator"),
-                 ({"hessian_distribution": "uniform"}, "hessian_distribution"),
-                 ({"implementation": "cuda_magic"}, "implementation")],
+        invalid=[
+            ({"lr": -1.0}, "lr"),
+            ({"betas": (0.9, 1.0)}, "betas"),
+            ({"rho": 0.0}, "rho"),
+            ({"eps": 0.0}, "eps"),
+            ({"weight_decay": -1.0}, "weight_decay"),
+            ({"update_period": 0}, "update_period"),
+            ({"estimator": "exact"}, "estimator"),
+            ({"hessian_distribution": "uniform"}, "hessian_distribution"),
+            ({"implementation": "cuda_magic"}, "implementation"),
+        ],
         step=sophia_step,
         # FSDP2 reduces gradients outside autograd, so torch.autograd.grad cannot reach sharded parameters: the
         # Hessian refresh is unsupported there (documented); the step's math on DTensors is still checked.
         distributed_step=default_step,
     ),
-
-
     # ------------------------------------------------ issue 4: Schedule-Free AdamW, Muon, AdaBound, Lookahead
     OptimSpec(
         name="schedule_free_adamw",
@@ -591,8 +706,6 @@ OPTIM_DB: list[OptimSpec] = [
         invalid=_ADABOUND_INVALID,
     ),
     *_lookahead_specs(),
-
-
     # ------------------------------------------------------- low-bit state: 8-bit / 4-bit moments (issue 5)
     # FSDP2: the state is quantized per local shard, so where a shard boundary falls inside a block (on the
     # test model, split 2 ways: the 16-element vectors into 8 + 8, the 3x12 weight into 24 + 12, ...) the blocks,
@@ -603,27 +716,62 @@ OPTIM_DB: list[OptimSpec] = [
     # the quantized trajectories are checked against bitsandbytes / torchao in tests/test_lowbit_peers.py;
     # the alias entries run with the default threshold (every test tensor is small -> fp32 moments), which
     # checks the algorithm itself against torch / lion-pytorch in float64.
-    OptimSpec(name="adamw8bit", distributed_tol=0.08,
-              variants=_LOWBIT_VARIANTS, implementations=("for_loop", "fused"),
-              implementation_tol=(0.0, 0.0), invalid=[*_LOWBIT_INVALID, ({"eps": 0.0}, "eps")]),
-    OptimSpec(name="adam8bit", distributed_tol=0.06,
-              variants=[{**_LOWBIT_VARIANTS[1], "weight_decay": 0.05}],
-              implementations=("for_loop", "fused"), implementation_tol=(0.0, 0.0), invalid=_LOWBIT_INVALID),
-    OptimSpec(name="adamw4bit", distributed_tol=0.6,
-              variants=_LOWBIT_VARIANTS[:2], implementations=("for_loop", "fused"),
-              implementation_tol=(0.0, 0.0), invalid=_LOWBIT_INVALID),
-    OptimSpec(name="lion8bit", distributed_tol=0.05,  # a flipped sign moves an element by 2 * lr
-
-              variants=[{"lr": 1e-3, "min_quantized_numel": 16, "block_size": 32},
-                        {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5, "min_quantized_numel": 0,
-                         "block_size": 16}],
-              implementations=("for_loop", "fused"), implementation_tol=(0.0, 0.0), invalid=_LOWBIT_INVALID),
-    OptimSpec(name="adamw_8bit", variants=[{"lr": 3e-3, "weight_decay": 0.1, "eps": 1e-6}],
-              reference=_adamw_ref, implementations=("for_loop", "fused"), invalid=_LOWBIT_INVALID),
-    OptimSpec(name="adam_8bit", variants=[{"lr": 1e-2, "weight_decay": 0.05}], reference=_adam_ref,
-              implementations=("for_loop", "fused"), invalid=_LOWBIT_INVALID),
-    OptimSpec(name="lion_8bit", variants=[{"lr": 1e-3, "weight_decay": 0.5}], reference=_lion_explicit_ref,
-              implementations=("for_loop", "fused"), invalid=_LOWBIT_INVALID),
+    OptimSpec(
+        name="adamw8bit",
+        distributed_tol=0.08,
+        variants=_LOWBIT_VARIANTS,
+        implementations=("for_loop", "fused"),
+        implementation_tol=(0.0, 0.0),
+        invalid=[*_LOWBIT_INVALID, ({"eps": 0.0}, "eps")],
+    ),
+    OptimSpec(
+        name="adam8bit",
+        distributed_tol=0.06,
+        variants=[{**_LOWBIT_VARIANTS[1], "weight_decay": 0.05}],
+        implementations=("for_loop", "fused"),
+        implementation_tol=(0.0, 0.0),
+        invalid=_LOWBIT_INVALID,
+    ),
+    OptimSpec(
+        name="adamw4bit",
+        distributed_tol=0.6,
+        variants=_LOWBIT_VARIANTS[:2],
+        implementations=("for_loop", "fused"),
+        implementation_tol=(0.0, 0.0),
+        invalid=_LOWBIT_INVALID,
+    ),
+    OptimSpec(
+        name="lion8bit",
+        distributed_tol=0.05,  # a flipped sign moves an element by 2 * lr
+        variants=[
+            {"lr": 1e-3, "min_quantized_numel": 16, "block_size": 32},
+            {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5, "min_quantized_numel": 0, "block_size": 16},
+        ],
+        implementations=("for_loop", "fused"),
+        implementation_tol=(0.0, 0.0),
+        invalid=_LOWBIT_INVALID,
+    ),
+    OptimSpec(
+        name="adamw_8bit",
+        variants=[{"lr": 3e-3, "weight_decay": 0.1, "eps": 1e-6}],
+        reference=_adamw_ref,
+        implementations=("for_loop", "fused"),
+        invalid=_LOWBIT_INVALID,
+    ),
+    OptimSpec(
+        name="adam_8bit",
+        variants=[{"lr": 1e-2, "weight_decay": 0.05}],
+        reference=_adam_ref,
+        implementations=("for_loop", "fused"),
+        invalid=_LOWBIT_INVALID,
+    ),
+    OptimSpec(
+        name="lion_8bit",
+        variants=[{"lr": 1e-3, "weight_decay": 0.5}],
+        reference=_lion_explicit_ref,
+        implementations=("for_loop", "fused"),
+        invalid=_LOWBIT_INVALID,
+    ),
 ]
 
 BY_NAME = {spec.name: spec for spec in OPTIM_DB}

@@ -71,8 +71,10 @@ def test_per_group_hyperparameters_match_torch():
     model_b.load_state_dict(model_a.state_dict())
 
     def groups(m):
-        return [{"params": m[0].parameters(), "lr": 1e-2, "betas": (0.8, 0.9), "weight_decay": 0.0},
-                {"params": m[1].parameters(), "lr": 3e-3, "weight_decay": 0.2}]
+        return [
+            {"params": m[0].parameters(), "lr": 1e-2, "betas": (0.8, 0.9), "weight_decay": 0.0},
+            {"params": m[1].parameters(), "lr": 3e-3, "weight_decay": 0.2},
+        ]
 
     ours = lmopt.AdamW(groups(model_a), lr=1e-3)
     theirs = torch.optim.AdamW(groups(model_b), lr=1e-3)

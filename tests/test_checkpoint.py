@@ -32,8 +32,6 @@ from .optim_db import OPTIM_DB, OptimSpec, make_batch, make_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-
 def _setup(seed: int = 0):
     model = make_model(seed=seed)
     opt = lmopt.create_optimizer("adamw", model, lr=1e-2)

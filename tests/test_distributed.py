@@ -28,8 +28,17 @@ def _launch(worker_name: str, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp") / "results.json"
     worker = Path(__file__).with_name(worker_name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-           f"--master-port={_free_port()}", "--master-addr=127.0.0.1", str(worker), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--nnodes=1",
+        f"--master-port={_free_port()}",
+        "--master-addr=127.0.0.1",
+        str(worker),
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())

@@ -240,8 +240,13 @@ def test_reshard_copies_coinciding_blocks_and_requantizes_the_others(qmap, block
         new_codes, new_scales, requantized = reshard_quantized(codes, scales, 2, target, qmap, block)
         assert requantized
         n, start = target.local_numel, target.local_offset
-        got = dequantize_blockwise(new_codes[: (n if code_map(qmap).bits == 8 else (n + 1) // 2)],
-                                   new_scales[: -(-n // block)], qmap, block, (n,))
+        got = dequantize_blockwise(
+            new_codes[: (n if code_map(qmap).bits == 8 else (n + 1) // 2)],
+            new_scales[: -(-n // block)],
+            qmap,
+            block,
+            (n,),
+        )
         # two roundings (per old shard, then per new block) from the same values: within two code gaps
         assert (got - values.reshape(-1)[start : start + n]).abs().max() <= 0.5 * odd.abs().max()
     with pytest.raises(ValueError, match="block_size"):
@@ -283,8 +288,13 @@ def test_a_plain_optimizer_loads_state_quantized_on_shards():
             warnings.simplefilter("always")
             other.load_state_dict(sd)
         assert any("requantized" in str(w.message) for w in caught) == warns
-        assert set(other.state[q]) == {"step", "exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes",
-                                       "exp_avg_sq_scales"}
+        assert set(other.state[q]) == {
+            "step",
+            "exp_avg_codes",
+            "exp_avg_scales",
+            "exp_avg_sq_codes",
+            "exp_avg_sq_scales",
+        }
         assert other.state[q]["exp_avg_codes"].shape == p.shape  # the unsharded layout again
         for name, kind in (("exp_avg", "first"), ("exp_avg_sq", "second")):
             fmt = MomentFormat("8bit", kind, 64)

@@ -37,8 +37,11 @@ def test_every_registry_optimizer_has_a_spec():
     assert not missing, f"add an OptimSpec to tests/optim_db.py for: {missing}"
 
 
-@pytest.mark.parametrize(("spec", "variant"), [c for c in CASES if c[0].reference], ids=[
-    i for c, i in zip(CASES, CASE_IDS) if c[0].reference])
+@pytest.mark.parametrize(
+    ("spec", "variant"),
+    [c for c in CASES if c[0].reference],
+    ids=[i for c, i in zip(CASES, CASE_IDS) if c[0].reference],
+)
 def test_matches_reference(spec: OptimSpec, variant: int):
     kw = spec.variants[variant]
     ours, theirs = make_model(torch.float64), make_model(torch.float64)
@@ -53,8 +56,9 @@ def test_matches_reference(spec: OptimSpec, variant: int):
 IMPL_CASES = [(spec, i, impl) for spec, i in CASES for impl in spec.implementations[1:]]
 
 
-@pytest.mark.parametrize(("spec", "variant", "impl"), IMPL_CASES,
-                         ids=[f"{s.name}-{i}-{impl}" for s, i, impl in IMPL_CASES])
+@pytest.mark.parametrize(
+    ("spec", "variant", "impl"), IMPL_CASES, ids=[f"{s.name}-{i}-{impl}" for s, i, impl in IMPL_CASES]
+)
 def test_implementations_agree(spec: OptimSpec, variant: int, impl: str):
     kw = spec.variants[variant]
     plain, other = make_model(), make_model()
@@ -129,8 +133,11 @@ def test_params_without_grad_and_frozen_and_empty(spec: OptimSpec):
     empty = torch.nn.Parameter(torch.randn(0, 3))
     holder = torch.nn.Module()
     holder.used, holder.unused, holder.frozen, holder.empty = used, unused, frozen, empty
-    opt = spec.make(holder, spec.variants[0]) if spec.build else lmopt.create_optimizer(
-        spec.name, [used, unused, frozen, empty], **spec.variants[0])
+    opt = (
+        spec.make(holder, spec.variants[0])
+        if spec.build
+        else lmopt.create_optimizer(spec.name, [used, unused, frozen, empty], **spec.variants[0])
+    )
     before_unused, before_frozen = unused.detach().clone(), frozen.detach().clone()
     for _ in range(3):
         opt.zero_grad()
@@ -146,8 +153,9 @@ def test_params_without_grad_and_frozen_and_empty(spec: OptimSpec):
 INVALID_CASES = [(spec, kw, arg) for spec in OPTIM_DB for kw, arg in spec.invalid]
 
 
-@pytest.mark.parametrize(("spec", "kw", "arg"), INVALID_CASES,
-                         ids=[f"{s.name}-{a}-{i}" for i, (s, _, a) in enumerate(INVALID_CASES)])
+@pytest.mark.parametrize(
+    ("spec", "kw", "arg"), INVALID_CASES, ids=[f"{s.name}-{a}-{i}" for i, (s, _, a) in enumerate(INVALID_CASES)]
+)
 def test_invalid_hyperparameters_name_the_argument(spec: OptimSpec, kw, arg):
     model = make_model()
     with pytest.raises(ValueError, match=arg.replace("[", r"\[")):

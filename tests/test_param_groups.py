@@ -14,8 +14,13 @@ transformers = pytest.importorskip("transformers")
 
 def _llama(tie: bool = False):
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tie,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -97,8 +102,14 @@ class Tiny(nn.Module):
 def test_custom_rmsnorm_and_vectors():
     model = Tiny()
     roles = {i.name: i.role for i in classify_parameters(model)}
-    assert roles == {"tok.weight": "embedding", "norm.scale": "norm", "proj.weight": "matrix",
-                     "gate": "vector", "head.weight": "head", "head.bias": "bias"}
+    assert roles == {
+        "tok.weight": "embedding",
+        "norm.scale": "norm",
+        "proj.weight": "matrix",
+        "gate": "vector",
+        "head.weight": "head",
+        "head.bias": "bias",
+    }
     names = _by_name(param_groups(model, weight_decay=0.1))
     assert [n for n, g in names.items() if g["weight_decay"] > 0] == ["proj.weight", "head.weight"]
 

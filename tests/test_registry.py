@@ -20,8 +20,13 @@ def test_hugging_face_and_lmopt_aliases():
 
 
 def test_torch_optim_entries_are_torch_classes():
-    for name, cls in [("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad), ("rmsprop", torch.optim.RMSprop),
-                      ("radam", torch.optim.RAdam), ("nadam", torch.optim.NAdam)]:
+    for name, cls in [
+        ("sgd", torch.optim.SGD),
+        ("adagrad", torch.optim.Adagrad),
+        ("rmsprop", torch.optim.RMSprop),
+        ("radam", torch.optim.RAdam),
+        ("nadam", torch.optim.NAdam),
+    ]:
         assert get_spec(name).cls is cls
     opt = create_optimizer("sgd_nesterov", [torch.nn.Parameter(torch.zeros(3))], lr=0.1)
     assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9

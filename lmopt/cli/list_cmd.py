@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     for spec in list_optimizers():
         if args.family and spec.family != args.family:
             continue
-        table.add_row(spec.name, f"{spec.bytes_per_parameter():.3f}", spec.summary, spec.paper,
-                      ", ".join(alias_labels(spec)))
+        table.add_row(
+            spec.name, f"{spec.bytes_per_parameter():.3f}", spec.summary, spec.paper, ", ".join(alias_labels(spec))
+        )
     Console().print(table)
     return 0

@@ -62,8 +62,23 @@ def resolve_state_dtype(state_dtype: str | None, param_dtype: torch.dtype) -> to
     return param_dtype if resolved is None else resolved
 
 
-def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,
-                         beta2, eps, weight_decay, decoupled, amsgrad, maximize):
+def _single_tensor_adamw(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+):
     for i, p in enumerate(params):
         grad = grads[i].to(torch.float64 if p.dtype == torch.float64 else torch.float32)
         if maximize:
@@ -113,8 +128,23 @@ def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
             d.copy_(s)
 
 
-def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,
-                        beta2, eps, weight_decay, decoupled, amsgrad, maximize):
+def _multi_tensor_adamw(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+):
     # one foreach pass per (device, parameter dtype, state dtype) bucket
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -160,8 +190,23 @@ def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
         _copy_back(p_, p32)
 
 
-def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
-                 weight_decay, decoupled, amsgrad, maximize):
+def _fused_adamw(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+):
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -192,8 +237,7 @@ _IMPLEMENTATIONS = {"for_loop": _single_tensor_adamw, "foreach": _multi_tensor_a
 def fused_applies(params: list[Tensor], exp_avgs: list[Tensor]) -> bool:
     """torch's fused kernel needs state in the parameter's dtype, plain (non-DTensor) CPU or CUDA tensors."""
     return all(
-        m.dtype == p.dtype and p.device.type in ("cpu", "cuda") and not is_dtensor(p)
-        for p, m in zip(params, exp_avgs)
+        m.dtype == p.dtype and p.device.type in ("cpu", "cuda") and not is_dtensor(p) for p, m in zip(params, exp_avgs)
     )
 
 
@@ -228,8 +272,20 @@ def adamw(
             "use implementation='foreach' or 'auto'"
         )
     _IMPLEMENTATIONS[implementation](
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
-        eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        amsgrad=amsgrad,
+        maximize=maximize,
     )
     return implementation
 
@@ -280,9 +336,17 @@ class AdamW(LmoptOptimizer):
         check_finite: bool = True,
         param_rounding: str = "nearest",
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, state_dtype=state_dtype, implementation=implementation,
-                        param_rounding=param_rounding)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            state_dtype=state_dtype,
+            implementation=implementation,
+            param_rounding=param_rounding,
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -320,14 +384,32 @@ class AdamW(LmoptOptimizer):
         for p, g in zip(params, grads):
             s = self.state[p]
             shadow = p.float()
-            adamw([shadow], [g], [s["exp_avg"]], [s["exp_avg_sq"]],
-                  [s["max_exp_avg_sq"]] if group["amsgrad"] else [], [s["step"]], lr=float(group["lr"]),
-                  beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                  decoupled=self._decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"],
-                  implementation=impl)
+            adamw(
+                [shadow],
+                [g],
+                [s["exp_avg"]],
+                [s["exp_avg_sq"]],
+                [s["max_exp_avg_sq"]] if group["amsgrad"] else [],
+                [s["step"]],
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled=self._decoupled,
+                amsgrad=group["amsgrad"],
+                maximize=group["maximize"],
+                implementation=impl,
+            )
             before = p.float()
-            apply_update_(p, before, shadow.sub_(before), group["param_rounding"], comp=s.get("kahan_comp"),
-                          key=stochastic_key(seeds.get(id(p), 0), int(float(s["step"]))))
+            apply_update_(
+                p,
+                before,
+                shadow.sub_(before),
+                group["param_rounding"],
+                comp=s.get("kahan_comp"),
+                key=stochastic_key(seeds.get(id(p), 0), int(float(s["step"]))),
+            )
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         if group.get("param_rounding", "nearest") != "nearest":
@@ -386,9 +468,20 @@ class Adam(AdamW):
         check_finite: bool = True,
         param_rounding: str = "nearest",
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
-                         state_dtype=state_dtype, implementation=implementation, nonfinite=nonfinite,
-                         check_finite=check_finite, param_rounding=param_rounding)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            state_dtype=state_dtype,
+            implementation=implementation,
+            nonfinite=nonfinite,
+            check_finite=check_finite,
+            param_rounding=param_rounding,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ class NonFiniteGradientError(FloatingPointError):
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape "
-                             f"{tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")

@@ -40,8 +40,12 @@ def _radam_state(shape, dtype, hyper) -> list[StateTensor]:
 
 
 def _nadam_state(shape, dtype, hyper) -> list[StateTensor]:
-    return [_scalar("step"), _scalar("mu_product"), StateTensor("exp_avg", shape, dtype),
-            StateTensor("exp_avg_sq", shape, dtype)]
+    return [
+        _scalar("step"),
+        _scalar("mu_product"),
+        StateTensor("exp_avg", shape, dtype),
+        StateTensor("exp_avg_sq", shape, dtype),
+    ]
 
 
 SPECS = [

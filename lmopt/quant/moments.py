@@ -210,8 +210,7 @@ def quantized_view(
     if codes is None:
         return None
     if is_dtensor(codes):
-        return local_quantized(codes, state[f"{name}_scales"], state_layout(state, name, shape), fmt.qmap,
-                               fmt.blocks)
+        return local_quantized(codes, state[f"{name}_scales"], state_layout(state, name, shape), fmt.qmap, fmt.blocks)
     return QuantizedState(codes.view(-1), state[f"{name}_scales"], fmt.qmap, fmt.blocks, shape)
 
 

@@ -198,8 +198,9 @@ class ShardLayout:
         from torch.distributed.tensor import DTensor
 
         total = local.numel() * self.shards
-        return DTensor.from_local(local, self.mesh, self.state_placements(), run_check=False, shape=(total,),
-                                  stride=(1,))
+        return DTensor.from_local(
+            local, self.mesh, self.state_placements(), run_check=False, shape=(total,), stride=(1,)
+        )
 
     def wrap_local(self, local: Tensor) -> Tensor:
         """A DTensor shaped and placed like the parameter from this rank's (parameter-shaped) local tensor."""
@@ -207,8 +208,14 @@ class ShardLayout:
             return local
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(local.reshape(self.local_shape), self.mesh, self.placements, run_check=False,
-                                  shape=self.shape, stride=_contiguous_stride(self.shape))
+        return DTensor.from_local(
+            local.reshape(self.local_shape),
+            self.mesh,
+            self.placements,
+            run_check=False,
+            shape=self.shape,
+            stride=_contiguous_stride(self.shape),
+        )
 
 
 def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
@@ -242,17 +249,16 @@ def sharded_quantized_zeros(
     return layout.wrap_slot(codes), layout.wrap_slot(scales)
 
 
-def local_quantized(
-    codes: Tensor, scales: Tensor, layout: ShardLayout, qmap: str, block_size: int
-) -> QuantizedState:
+def local_quantized(codes: Tensor, scales: Tensor, layout: ShardLayout, qmap: str, block_size: int) -> QuantizedState:
     """The :class:`QuantizedState` of this rank's shard: views into the used start of its slot (shape
     ``layout.local_shape``)."""
     bits = code_map(qmap).bits
     n = layout.local_numel
     c = codes.to_local() if is_dtensor(codes) else codes
     s = scales.to_local() if is_dtensor(scales) else scales
-    return QuantizedState(c.reshape(-1)[: code_bytes(n, bits)], s[: num_blocks(n, block_size)], qmap, block_size,
-                          layout.local_shape)
+    return QuantizedState(
+        c.reshape(-1)[: code_bytes(n, bits)], s[: num_blocks(n, block_size)], qmap, block_size, layout.local_shape
+    )
 
 
 def local_state(state: Mapping[str, Any], layout: ShardLayout, formats: Mapping[str, Any]) -> dict[str, Any]:
@@ -358,8 +364,13 @@ def reshard_quantized(
         )
         values[a - start : b - start] = shard[a - lo : b - lo]
     if n:
-        quantize_blockwise(values, qmap, block_size, codes=local_codes[: code_bytes(n, bits)],
-                           scales=local_scales[: num_blocks(n, block_size)])
+        quantize_blockwise(
+            values,
+            qmap,
+            block_size,
+            codes=local_codes[: code_bytes(n, bits)],
+            scales=local_scales[: num_blocks(n, block_size)],
+        )
     return layout.wrap_slot(local_codes), layout.wrap_slot(local_scales), True
 
 

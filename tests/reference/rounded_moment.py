@@ -63,8 +63,9 @@ class RoundedFirstMoment:
     """Steps a full-precision peer optimizer, then rounds every stored first moment (``state["exp_avg"]``) to what
     its storage at ``precision`` holds."""
 
-    def __init__(self, optimizer: Any, precision: str | None, block_size: int | None = None,
-                 min_quantized_numel: int = 4096) -> None:
+    def __init__(
+        self, optimizer: Any, precision: str | None, block_size: int | None = None, min_quantized_numel: int = 4096
+    ) -> None:
         self.optimizer = optimizer
         self.precision, self.block_size, self.min_quantized_numel = precision, block_size, min_quantized_numel
 
