@@ -486,11 +486,13 @@ class LowBitOptimizer(LmoptOptimizer):
                 full, fbytes = full + 1, fbytes + nbytes
         thresholds = sorted({g["min_quantized_numel"] for g in self.param_groups})
         blocks = sorted({self._format(g, "first").blocks for g in self.param_groups})
-        kernel = (
-            kernel_module.kernel_status()
-            if any(g["implementation"] != "for_loop" for g in self.param_groups)
-            else "reference path (for_loop)"
-        )
+        on_cuda = any(p.is_cuda for g in self.param_groups for p in g["params"])
+        if all(g["implementation"] == "for_loop" for g in self.param_groups):
+            kernel = "reference path (for_loop)"
+        elif on_cuda:
+            kernel = "Triton kernels (CUDA)" if triton_module.available() else "CUDA without Triton: reference path"
+        else:
+            kernel = kernel_module.kernel_status()
         return (
             f"{quantized} tensors with {self.precision} state ({qbytes:,} B, blocks of "
             f"{'/'.join(map(str, blocks))}), {full} small tensors (< {'/'.join(map(str, thresholds))} "
