@@ -328,8 +328,9 @@ static void derive(const config_t *cfg, derived_t *d) {
         if (q->bits == 4) {
             const float *mid = q->mid;
             d->m7[k] = _mm256_set1_ps(mid[7]);
-            d->t1[k] = _mm256_setr_ps(mid[3], mid[11], 0, 0, 0, 0, 0, 0);
-            d->t2[k] = _mm256_setr_ps(mid[1], mid[5], mid[9], mid[13], 0, 0, 0, 0);
+            /* t1, t2: four entries or fewer, repeated in both 128-bit lanes for the in-lane vpermilps */
+            d->t1[k] = _mm256_setr_ps(mid[3], mid[11], 0, 0, mid[3], mid[11], 0, 0);
+            d->t2[k] = _mm256_setr_ps(mid[1], mid[5], mid[9], mid[13], mid[1], mid[5], mid[9], mid[13]);
             d->t3[k] = _mm256_setr_ps(mid[0], mid[2], mid[4], mid[6], mid[8], mid[10], mid[12], mid[14]);
         }
 #endif
@@ -348,9 +349,9 @@ AINLINE __m256 lookup_codes8(const float *table, const uint8_t *c) {
 AINLINE __m256i bsearch4(const derived_t *d, int k, __m256 x) {
     const __m256i one = _mm256_set1_epi32(1);
     __m256i j = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(d->m7[k], x, _CMP_LT_OQ)), one);
-    __m256 c = _mm256_permutevar8x32_ps(d->t1[k], j);
+    __m256 c = _mm256_permutevar_ps(d->t1[k], j); /* in-lane: cheaper than vpermps on AMD */
     j = _mm256_sub_epi32(_mm256_add_epi32(j, j), _mm256_castps_si256(_mm256_cmp_ps(c, x, _CMP_LT_OQ)));
-    c = _mm256_permutevar8x32_ps(d->t2[k], j);
+    c = _mm256_permutevar_ps(d->t2[k], j);
     j = _mm256_sub_epi32(_mm256_add_epi32(j, j), _mm256_castps_si256(_mm256_cmp_ps(c, x, _CMP_LT_OQ)));
     c = _mm256_permutevar8x32_ps(d->t3[k], j);
     return _mm256_sub_epi32(_mm256_add_epi32(j, j), _mm256_castps_si256(_mm256_cmp_ps(c, x, _CMP_LT_OQ)));
