@@ -222,7 +222,7 @@ static inline __m256i code8_of(const qmap_t *q, __m256 x) {
     __m256i bits = _mm256_castps_si256(x);
     __m256i s = _mm256_srli_epi32(bits, 31);
     __m256i mag = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));
-    __m256i k = _mm256_sub_epi32(_mm256_srlv_epi32(mag, _mm256_set1_epi32(q->shift)), _mm256_set1_epi32(q->base));
+    __m256i k = _mm256_sub_epi32(_mm256_srl_epi32(mag, _mm_cvtsi32_si128(q->shift)), _mm256_set1_epi32(q->base));
     k = _mm256_max_epi32(k, _mm256_setzero_si256());
     __m256i neg = _mm256_sub_epi32(_mm256_setzero_si256(), s); /* all ones where negative */
     __m256i idx = _mm256_add_epi32(k, _mm256_and_si256(neg, _mm256_set1_epi32(q->nk)));
@@ -231,6 +231,15 @@ static inline __m256i code8_of(const qmap_t *q, __m256 x) {
     __m256i key = _mm256_xor_si256(_mm256_and_si256(mag, low_mask), _mm256_and_si256(neg, low_mask));
     __m256i gt = _mm256_cmpgt_epi32(key, _mm256_and_si256(entry, low_mask));
     return _mm256_sub_epi32(_mm256_srli_epi32(entry, 24), gt); /* gt is -1 where true */
+}
+/* the same for x >= +0 (second moments: v and its scale are never negative, nor -0): no sign handling */
+static inline __m256i code8_of_nonneg(const qmap_t *q, __m256 x) {
+    __m256i bits = _mm256_castps_si256(_mm256_min_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i k = _mm256_sub_epi32(_mm256_srl_epi32(bits, _mm_cvtsi32_si128(q->shift)), _mm256_set1_epi32(q->base));
+    __m256i entry = lookup_epi32(q->lut, _mm256_max_epi32(k, _mm256_setzero_si256()));
+    __m256i low_mask = _mm256_set1_epi32((1 << q->shift) - 1);
+    __m256i gt = _mm256_cmpgt_epi32(_mm256_and_si256(bits, low_mask), _mm256_and_si256(entry, low_mask));
+    return _mm256_sub_epi32(_mm256_srli_epi32(entry, 24), gt);
 }
 static inline void codes8_store(uint8_t *codes, int bits, int64_t i, __m256i c) {
     __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
@@ -378,7 +387,7 @@ AINLINE void codes16_store(uint8_t *codes, const int BITS, int64_t i, __m256i c0
 AINLINE __m256i encode8(const qmap_t *q, const derived_t *d, int k, const int BITS, __m256 x) {
     if (BITS == 4) /* clamp to [-1, 1] like the table path (x is finite) */
         return bsearch4(d, k, _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f)));
-    return code8_of(q, x);
+    return k == 1 ? code8_of_nonneg(q, x) : code8_of(q, x); /* k == 1: Adam's second moment */
 }
 #endif
 
