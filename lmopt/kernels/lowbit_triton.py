@@ -111,26 +111,16 @@ def _kernel():
         return m, v, delta
 
     @triton.jit
-    def _ld(ptr, mask, MASKED: tl.constexpr):
-        # full blocks load without a mask, which lets the compiler vectorize
-        if MASKED:
-            return tl.load(ptr, mask=mask, other=0)
-        else:
-            return tl.load(ptr)
+    def _ld(ptr, mask):
+        return tl.load(ptr, mask=mask, other=0)
 
     @triton.jit
-    def _st(ptr, value, mask, MASKED: tl.constexpr):
-        if MASKED:
-            tl.store(ptr, value, mask=mask)
-        else:
-            tl.store(ptr, value)
+    def _st(ptr, value, mask):
+        tl.store(ptr, value, mask=mask)
 
     @triton.jit
-    def _absmax(x, mask, MASKED: tl.constexpr):
-        if MASKED:
-            return tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
-        else:
-            return tl.max(tl.abs(x), axis=0)
+    def _absmax(x, mask):
+        return tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
 
     @triton.jit
     def _store_param(
@@ -144,21 +134,20 @@ def _kernel():
         offset,
         P_BF16: tl.constexpr,
         ROUNDING: tl.constexpr,
-        MASKED: tl.constexpr,
     ):
         if not P_BF16:
-            _st(p_ptr + offs, p + delta, mask, MASKED)
+            _st(p_ptr + offs, p + delta, mask)
         elif ROUNDING == 0:
-            _st(p_ptr + offs, (p + delta).to(tl.bfloat16), mask, MASKED)
+            _st(p_ptr + offs, (p + delta).to(tl.bfloat16), mask)
         elif ROUNDING == 1:
             noise = _hash32((offs + offset).to(tl.uint32) ^ key.to(tl.uint32)) & 0xFFFF
             bits = (p + delta).to(tl.uint32, bitcast=True) + noise
-            _st(p_ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask, MASKED)
+            _st(p_ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask)
         else:
-            s = _ld(comp_ptr + offs, mask, MASKED).to(tl.float32) + delta
+            s = _ld(comp_ptr + offs, mask).to(tl.float32) + delta
             r = (p + s).to(tl.bfloat16)
-            _st(comp_ptr + offs, (s - (r.to(tl.float32) - p)).to(tl.bfloat16), mask, MASKED)
-            _st(p_ptr + offs, r, mask, MASKED)
+            _st(comp_ptr + offs, (s - (r.to(tl.float32) - p)).to(tl.bfloat16), mask)
+            _st(p_ptr + offs, r, mask)
 
     @triton.jit
     def _block(
@@ -202,7 +191,6 @@ def _kernel():
         V_SHIFT: tl.constexpr,
         V_BASE: tl.constexpr,
         V_NK: tl.constexpr,
-        MASKED: tl.constexpr,
     ):
         sm = tl.load(ms_ptr + b)
         sv = tl.load(vs_ptr + b)  # Lion passes the first moment's scales (unused)
@@ -211,28 +199,28 @@ def _kernel():
             cols = tl.arange(0, BP2)
             offs = b * BLOCK + cols
             mask = (cols < BLOCK) & (offs < n)
-            g = _ld(g_ptr + offs, mask, MASKED).to(tl.float32)
+            g = _ld(g_ptr + offs, mask).to(tl.float32)
             if MAXIMIZE:
                 g = -g
-            p = _ld(p_ptr + offs, mask, MASKED).to(tl.float32)
-            m = tl.load(mval_ptr + _ld(mc_ptr + offs, mask, MASKED).to(tl.int32)) * sm
+            p = _ld(p_ptr + offs, mask).to(tl.float32)
+            m = tl.load(mval_ptr + _ld(mc_ptr + offs, mask).to(tl.int32)) * sm
             v = m
             if ALGO == 0:
-                v = tl.load(vval_ptr + _ld(vc_ptr + offs, mask, MASKED).to(tl.int32)) * sv
+                v = tl.load(vval_ptr + _ld(vc_ptr + offs, mask).to(tl.int32)) * sv
             m, v, delta = _moments_and_delta(
                 p, g, m, v, beta1, beta2, omb1, omb2, eps, wd, lrwd, lr, step_size, inv_bc2, ALGO, DECOUPLED, HAS_WD
             )
-            _store_param(p_ptr, comp_ptr, offs, mask, p, delta, key, offset, P_BF16, ROUNDING, MASKED)
-            am = _absmax(m, mask, MASKED)
+            _store_param(p_ptr, comp_ptr, offs, mask, p, delta, key, offset, P_BF16, ROUNDING)
+            am = _absmax(m, mask)
             tl.store(ms_ptr + b, am)
             im = tl.where(am > 0, tl.div_rn(1.0, am), 0.0)
-            _st(mc_ptr + offs, _encode(m * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True).to(tl.uint8), mask, MASKED)
+            _st(mc_ptr + offs, _encode(m * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True).to(tl.uint8), mask)
             if ALGO == 0:
-                av = _absmax(v, mask, MASKED)
+                av = _absmax(v, mask)
                 tl.store(vs_ptr + b, av)
                 iv = tl.where(av > 0, tl.div_rn(1.0, av), 0.0)
                 codes = _encode(v * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False)
-                _st(vc_ptr + offs, codes.to(tl.uint8), mask, MASKED)
+                _st(vc_ptr + offs, codes.to(tl.uint8), mask)
         else:
             # 4-bit: byte k of the block holds elements 2k (low nibble) and 2k + 1 (high nibble); the program
             # works on the even and the odd elements as two half vectors
@@ -243,20 +231,20 @@ def _kernel():
             odd = even + 1
             me = (k < BLOCK // 2) & (even < n)
             mo = (k < BLOCK // 2) & (odd < n)
-            mbyte = _ld(mc_ptr + pair, me, MASKED).to(tl.int32)
-            g0 = _ld(g_ptr + even, me, MASKED).to(tl.float32)
-            g1 = _ld(g_ptr + odd, mo, MASKED).to(tl.float32)
+            mbyte = _ld(mc_ptr + pair, me).to(tl.int32)
+            g0 = _ld(g_ptr + even, me).to(tl.float32)
+            g1 = _ld(g_ptr + odd, mo).to(tl.float32)
             if MAXIMIZE:
                 g0 = -g0
                 g1 = -g1
-            p0 = _ld(p_ptr + even, me, MASKED).to(tl.float32)
-            p1 = _ld(p_ptr + odd, mo, MASKED).to(tl.float32)
+            p0 = _ld(p_ptr + even, me).to(tl.float32)
+            p1 = _ld(p_ptr + odd, mo).to(tl.float32)
             m0 = tl.load(mval_ptr + (mbyte & 15)) * sm
             m1 = tl.load(mval_ptr + (mbyte >> 4)) * sm
             v0 = m0
             v1 = m1
             if ALGO == 0:
-                vbyte = _ld(vc_ptr + pair, me, MASKED).to(tl.int32)
+                vbyte = _ld(vc_ptr + pair, me).to(tl.int32)
                 v0 = tl.load(vval_ptr + (vbyte & 15)) * sv
                 v1 = tl.load(vval_ptr + (vbyte >> 4)) * sv
             m0, v0, d0 = _moments_and_delta(
@@ -297,21 +285,21 @@ def _kernel():
                 DECOUPLED,
                 HAS_WD,
             )
-            _store_param(p_ptr, comp_ptr, even, me, p0, d0, key, offset, P_BF16, ROUNDING, MASKED)
-            _store_param(p_ptr, comp_ptr, odd, mo, p1, d1, key, offset, P_BF16, ROUNDING, MASKED)
-            am = tl.maximum(_absmax(m0, me, MASKED), _absmax(m1, mo, MASKED))
+            _store_param(p_ptr, comp_ptr, even, me, p0, d0, key, offset, P_BF16, ROUNDING)
+            _store_param(p_ptr, comp_ptr, odd, mo, p1, d1, key, offset, P_BF16, ROUNDING)
+            am = tl.maximum(_absmax(m0, me), _absmax(m1, mo))
             tl.store(ms_ptr + b, am)
             im = tl.where(am > 0, tl.div_rn(1.0, am), 0.0)
             c0 = _encode(m0 * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True)
             c1 = tl.where(mo, _encode(m1 * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True), 0)
-            _st(mc_ptr + pair, (c0 | (c1 << 4)).to(tl.uint8), me, MASKED)
+            _st(mc_ptr + pair, (c0 | (c1 << 4)).to(tl.uint8), me)
             if ALGO == 0:
-                av = tl.maximum(_absmax(v0, me, MASKED), _absmax(v1, mo, MASKED))
+                av = tl.maximum(_absmax(v0, me), _absmax(v1, mo))
                 tl.store(vs_ptr + b, av)
                 iv = tl.where(av > 0, tl.div_rn(1.0, av), 0.0)
                 c0 = _encode(v0 * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False)
                 c1 = tl.where(mo, _encode(v1 * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False), 0)
-                _st(vc_ptr + pair, (c0 | (c1 << 4)).to(tl.uint8), me, MASKED)
+                _st(vc_ptr + pair, (c0 | (c1 << 4)).to(tl.uint8), me)
 
     @triton.jit
     def lowbit_kernel(
@@ -376,141 +364,48 @@ def _kernel():
         offset = tl.load(row + 9)
         step_size = tl.load(scalar_ptr + 2 * t)
         inv_bc2 = tl.load(scalar_ptr + 2 * t + 1)
-        # full blocks take the unmasked copy of the block code (vectorized loads and stores), the tensor's last
-        # partial block the masked one
-        if BP2 == BLOCK:  # (a compile-time condition)
-            if (b + 1) * BLOCK <= n:
-                _block(
-                    p_ptr,
-                    g_ptr,
-                    mc_ptr,
-                    ms_ptr,
-                    vc_ptr,
-                    vs_ptr,
-                    comp_ptr,
-                    mval_ptr,
-                    vval_ptr,
-                    mlut_ptr,
-                    vlut_ptr,
-                    b,
-                    n,
-                    key,
-                    offset,
-                    step_size,
-                    inv_bc2,
-                    beta1,
-                    beta2,
-                    omb1,
-                    omb2,
-                    eps,
-                    wd,
-                    lrwd,
-                    lr,
-                    BLOCK,
-                    BP2,
-                    BITS,
-                    ALGO,
-                    DECOUPLED,
-                    HAS_WD,
-                    MAXIMIZE,
-                    P_BF16,
-                    ROUNDING,
-                    M_SHIFT,
-                    M_BASE,
-                    M_NK,
-                    V_SHIFT,
-                    V_BASE,
-                    V_NK,
-                    False,
-                )
-            else:
-                _block(
-                    p_ptr,
-                    g_ptr,
-                    mc_ptr,
-                    ms_ptr,
-                    vc_ptr,
-                    vs_ptr,
-                    comp_ptr,
-                    mval_ptr,
-                    vval_ptr,
-                    mlut_ptr,
-                    vlut_ptr,
-                    b,
-                    n,
-                    key,
-                    offset,
-                    step_size,
-                    inv_bc2,
-                    beta1,
-                    beta2,
-                    omb1,
-                    omb2,
-                    eps,
-                    wd,
-                    lrwd,
-                    lr,
-                    BLOCK,
-                    BP2,
-                    BITS,
-                    ALGO,
-                    DECOUPLED,
-                    HAS_WD,
-                    MAXIMIZE,
-                    P_BF16,
-                    ROUNDING,
-                    M_SHIFT,
-                    M_BASE,
-                    M_NK,
-                    V_SHIFT,
-                    V_BASE,
-                    V_NK,
-                    True,
-                )
-        else:
-            _block(
-                p_ptr,
-                g_ptr,
-                mc_ptr,
-                ms_ptr,
-                vc_ptr,
-                vs_ptr,
-                comp_ptr,
-                mval_ptr,
-                vval_ptr,
-                mlut_ptr,
-                vlut_ptr,
-                b,
-                n,
-                key,
-                offset,
-                step_size,
-                inv_bc2,
-                beta1,
-                beta2,
-                omb1,
-                omb2,
-                eps,
-                wd,
-                lrwd,
-                lr,
-                BLOCK,
-                BP2,
-                BITS,
-                ALGO,
-                DECOUPLED,
-                HAS_WD,
-                MAXIMIZE,
-                P_BF16,
-                ROUNDING,
-                M_SHIFT,
-                M_BASE,
-                M_NK,
-                V_SHIFT,
-                V_BASE,
-                V_NK,
-                True,
-            )
+        _block(
+            p_ptr,
+            g_ptr,
+            mc_ptr,
+            ms_ptr,
+            vc_ptr,
+            vs_ptr,
+            comp_ptr,
+            mval_ptr,
+            vval_ptr,
+            mlut_ptr,
+            vlut_ptr,
+            b,
+            n,
+            key,
+            offset,
+            step_size,
+            inv_bc2,
+            beta1,
+            beta2,
+            omb1,
+            omb2,
+            eps,
+            wd,
+            lrwd,
+            lr,
+            BLOCK,
+            BP2,
+            BITS,
+            ALGO,
+            DECOUPLED,
+            HAS_WD,
+            MAXIMIZE,
+            P_BF16,
+            ROUNDING,
+            M_SHIFT,
+            M_BASE,
+            M_NK,
+            V_SHIFT,
+            V_BASE,
+            V_NK,
+        )
 
     @triton.jit
     def lowbit_kernel_direct(
@@ -597,7 +492,6 @@ def _kernel():
             V_SHIFT,
             V_BASE,
             V_NK,
-            True,
         )
 
     return lowbit_kernel, lowbit_kernel_direct
@@ -631,18 +525,22 @@ class CudaItem:
     key: int = 0
     offset: int = 0  # index of the tensor's first element in the whole parameter (a shard's offset)
 
+    def __post_init__(self) -> None:
+        if self.v_codes is None:  # Lion: the kernel reads (and ignores) the first moment's in their place
+            self.v_codes, self.v_scales = self.m_codes, self.m_scales
+
 
 _PROGRAMS: dict[tuple, Tensor] = {}
 _DIRECT_NUMEL = 1 << 23  # tensors this large get a launch of their own
 
 
-def _program_map(numels: tuple[int, ...], block: int, rows: int, device: torch.device) -> Tensor:
+def _program_map(numels: tuple[int, ...], block: int, device: torch.device) -> Tensor:
     """int32 [programs, 2]: (tensor index, program index within the tensor), cached by the tensors' sizes."""
-    key = (numels, block, rows, str(device))
+    key = (numels, block, str(device))
     if key not in _PROGRAMS:
         if len(_PROGRAMS) > 64:
             _PROGRAMS.clear()
-        counts = torch.tensor([((n + block - 1) // block + rows - 1) // rows for n in numels], dtype=torch.int64)
+        counts = torch.tensor([(n + block - 1) // block for n in numels], dtype=torch.int64)
         tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
         starts = torch.cumsum(counts, 0) - counts
         local = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)
@@ -704,15 +602,13 @@ def lowbit_step_cuda(
             small.append(it)
             continue
         # large tensors: one launch each (measured faster than the table launch on an H100)
-        v_codes = it.v_codes if it.v_codes is not None else it.m_codes
-        v_scales = it.v_scales if it.v_scales is not None else it.m_scales
         direct[((it.p.numel() + block - 1) // block,)](
             it.p,
             it.g,
             it.m_codes,
             it.m_scales,
-            v_codes,
-            v_scales,
+            it.v_codes,
+            it.v_scales,
             it.comp if it.comp is not None else it.p,
             mval,
             vval,
@@ -731,15 +627,13 @@ def lowbit_step_cuda(
         return
     table, scalars = [], []
     for it in items:
-        v_codes = it.v_codes if it.v_codes is not None else it.m_codes
-        v_scales = it.v_scales if it.v_scales is not None else it.m_scales
         table += [
             it.p.data_ptr(),
             it.g.data_ptr(),
             it.m_codes.data_ptr(),
             it.m_scales.data_ptr(),
-            v_codes.data_ptr(),
-            v_scales.data_ptr(),
+            it.v_codes.data_ptr(),  # type: ignore[union-attr]
+            it.v_scales.data_ptr(),  # type: ignore[union-attr]
             it.comp.data_ptr() if it.comp is not None else 0,
             it.p.numel(),
             it.key,
@@ -750,7 +644,7 @@ def lowbit_step_cuda(
     scalars_t = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
     # small tensors: one launch for all, one quantization block per program (measured fastest on an H100:
     # several blocks per program as a 2-D tile was 1.3-1.7x slower at 1e9 parameters)
-    programs = _program_map(tuple(it.p.numel() for it in items), block, 1, device)
+    programs = _program_map(tuple(it.p.numel() for it in items), block, device)
     kernel[(programs.shape[0],)](
         table_t,
         scalars_t,
