@@ -149,28 +149,21 @@ class LowBitOptimizer(LmoptOptimizer):
             state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
 
     # -- dispatch ------------------------------------------------------------------------------------------------
-    def _kernel_applies(self, p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
-        return (
-            f"{self.moments[0][0]}_codes" in state
-            and p.device.type == "cpu"
-            and not is_dtensor(p)
-            and p.dtype in (torch.float32, torch.bfloat16)
-            and g.dtype in (torch.float32, torch.bfloat16)
-            and p.is_contiguous()
-            and g.is_contiguous()
-            and ("kahan_comp" not in state or state["kahan_comp"].is_contiguous())
-        )
-
-    def _triton_applies(self, p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
-        tensors = [p, g, *(state[k] for k in state if k.endswith(("_codes", "_scales")) or k == "kahan_comp")]
-        return (
-            f"{self.moments[0][0]}_codes" in state
-            and p.is_cuda
-            and not is_dtensor(p)
-            and p.dtype in (torch.float32, torch.bfloat16)
-            and g.dtype in (torch.float32, torch.bfloat16)
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)  # the kernel assumes both
-        )
+    def _kernel_applies(self, p: Tensor, g: Tensor, state: dict[str, Any], device_type: str) -> bool:
+        """Whether a kernel (C on ``"cpu"``, Triton on ``"cuda"``) can update ``p``: quantized state, a plain
+        fp32/bf16 tensor on that device, contiguous tensors (on CUDA also 16-byte aligned, which the Triton
+        kernel assumes for the addresses it reads from its table)."""
+        if (
+            f"{self.moments[0][0]}_codes" not in state
+            or p.device.type != device_type
+            or is_dtensor(p)
+            or p.dtype not in (torch.float32, torch.bfloat16)
+            or g.dtype not in (torch.float32, torch.bfloat16)
+        ):
+            return False
+        tensors = [p, g, *(v for k, v in state.items() if k.endswith(("_codes", "_scales")) or k == "kahan_comp")]
+        aligned = device_type != "cuda" or all(t.data_ptr() % 16 == 0 for t in tensors)
+        return aligned and all(t.is_contiguous() for t in tensors)
 
     def _plain_batch_applies(self, p: Tensor, g: Tensor, state: dict[str, Any]) -> bool:
         # fp32 CUDA parameters whose moments stayed fp32 (below min_quantized_numel): on a GPU, per-tensor
@@ -188,7 +181,6 @@ class LowBitOptimizer(LmoptOptimizer):
         group: dict[str, Any],
         params: list[Tensor],
         grads: list[Tensor],
-        steps: list[float],
         states: list[dict[str, Any]],
     ) -> None:
         """The reference update of full-precision fp32 moments on CUDA, batched with foreach kernels: the same
@@ -206,7 +198,7 @@ class LowBitOptimizer(LmoptOptimizer):
             torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta1))
             torch._foreach_mul_(vs, beta2)
             torch._foreach_add_(vs, torch._foreach_mul(torch._foreach_mul(gs, gs), 1 - beta2))
-            scalars = [self._scalars(group, step) for step in steps]
+            scalars = [self._scalars(group, float(s["step"])) for s in states]  # CPU counters: no GPU sync
             denom = torch._foreach_sqrt(vs)
             torch._foreach_mul_(denom, [inv_bc2 for _, inv_bc2 in scalars])
             torch._foreach_add_(denom, float(group["eps"]))
@@ -228,8 +220,8 @@ class LowBitOptimizer(LmoptOptimizer):
         torch._foreach_add_(params, delta)
 
     def _triton_step(self, group: dict[str, Any], items: list[tuple]) -> None:
-        """One Triton launch for ``items`` (parameter, gradient, state, stochastic-rounding seed, step, shard
-        offset): CUDA tensors of one device with one parameter dtype and one gradient dtype."""
+        """One Triton launch for ``items`` (parameter, gradient, state, stochastic-rounding seed, shard offset):
+        CUDA tensors of one device with one parameter dtype and one gradient dtype."""
         first = self._format(group, self.moments[0][1])
         second = self._format(group, self.moments[-1][1])
         beta1, beta2 = group["betas"]
@@ -246,7 +238,8 @@ class LowBitOptimizer(LmoptOptimizer):
         m_name, v_name = self.moments[0][0], self.moments[-1][0]
         adam = self.algorithm == "adam"
         cuda_items = []
-        for p, g, state, seed, step, offset in items:
+        for p, g, state, seed, offset in items:
+            step = float(state["step"])  # a CPU counter: no GPU sync
             step_size, inv_bc2 = self._scalars(group, step) if adam else (0.0, 1.0)
             cuda_items.append(
                 triton_module.CudaItem(
@@ -284,16 +277,15 @@ class LowBitOptimizer(LmoptOptimizer):
         use_triton = group["implementation"] in ("auto", "fused") and any(p.is_cuda for p in params)
         use_triton = use_triton and triton_module.available()
         launches: dict[tuple, list] = defaultdict(list)  # Triton: one launch per device and dtypes
-        cuda_steps = [float(s["step"]) for s in states] if use_triton else []  # CPU counters: no GPU sync
         plain: list[int] = []  # full-precision (small) fp32 CUDA tensors: one batch of foreach kernels
         for i, (p, g, s) in enumerate(zip(params, grads, states)):
             if p.numel() == 0:  # also an empty local shard
                 continue
-            if use_triton and self._triton_applies(p, g, s):
-                launches[(p.device, p.dtype, g.dtype)].append((p, g, s, seeds[i], cuda_steps[i], offsets[i]))
+            if use_triton and self._kernel_applies(p, g, s, "cuda"):
+                launches[(p.device, p.dtype, g.dtype)].append((p, g, s, seeds[i], offsets[i]))
             elif use_triton and self._plain_batch_applies(p, g, s):
                 plain.append(i)
-            elif lib is not None and self._kernel_applies(p, g, s):
+            elif lib is not None and self._kernel_applies(p, g, s, "cpu"):
                 fused[(p.dtype == torch.bfloat16, g.dtype == torch.bfloat16)].append(i)
             else:
                 self._reference_step(group, p, g, s, seeds[i], offsets[i])
@@ -302,7 +294,6 @@ class LowBitOptimizer(LmoptOptimizer):
                 group,
                 [params[i] for i in plain],
                 [grads[i] for i in plain],
-                [cuda_steps[i] for i in plain],
                 [states[i] for i in plain],
             )
         for items in launches.values():
