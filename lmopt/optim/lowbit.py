@@ -409,46 +409,32 @@ class LowBitOptimizer(LmoptOptimizer):
         current per-shard blocks (a warning says so: one more rounding of those moments); full-precision
         entries are sliced or gathered to the parameter's form, so plain and DTensor state never mix.
         """
-        state_dict = dict(state_dict)
-        suffixes = tuple(f"{name}{suffix}" for name, _ in self.moments for suffix in ("_codes", "_scales", "_shards"))
-        held: dict[Any, dict[str, Any]] = {}
-        stripped = {}
-        for key, entries in state_dict.get("state", {}).items():
-            entries = dict(entries)
-            held[key] = {n: entries.pop(n) for n in [n for n in entries if n in suffixes]}
-            stripped[key] = entries
-        state_dict["state"] = stripped
-        params = self._saved_params(state_dict)
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # codes and scales come back as saved (the base skips torch's cast)
         groups = {id(p): group for group in self.param_groups for p in group["params"]}
         requantized = []
-        for key, saved in held.items():
-            p = params.get(key)
-            if p is None:
-                continue
+        for p in (p for group in self.param_groups for p in group["params"] if p in self.state):
             state = self.state[p]
             for name, value in list(state.items()):  # full-precision entries: in the parameter's form
-                if isinstance(value, Tensor):
+                if isinstance(value, Tensor) and not name.endswith(("_codes", "_scales")):
                     state[name] = to_layout_of(value, p)
             for name, kind in self.moments:
-                if f"{name}_codes" not in saved:
+                if f"{name}_codes" not in state:
                     continue
-                codes, scales = saved[f"{name}_codes"], saved[f"{name}_scales"]
-                shards = int(saved.get(f"{name}_shards", 1))
+                codes, scales = state[f"{name}_codes"], state[f"{name}_scales"]
+                shards = int(state.get(f"{name}_shards", 1))
+                if not is_dtensor(p):  # plain parameters keep no shard count
+                    state.pop(f"{name}_shards", None)
                 fmt = self._format(groups[id(p)], kind)
                 shape = codes_shape(tuple(p.shape), fmt.bits)
                 if not is_dtensor(p) and not is_dtensor(codes) and shards == 1 and tuple(codes.shape) == shape:
-                    state[f"{name}_codes"], state[f"{name}_scales"] = codes.to(p.device), scales.to(p.device)
-                    continue
+                    continue  # saved as the parameter now needs it
                 if is_dtensor(p) and ShardLayout.unsupported_reason(p) is not None:
                     raise NotImplementedError(
                         f"{type(self).__name__}: cannot load quantized state into a DTensor parameter of shape "
                         f"{tuple(p.shape)}: {ShardLayout.unsupported_reason(p)}"
                     )
                 layout = ShardLayout.of(p)
-                codes, scales, requant = reshard_quantized(
-                    codes.to(p.device), scales.to(p.device), shards, layout, fmt.qmap, fmt.blocks
-                )
+                codes, scales, requant = reshard_quantized(codes, scales, shards, layout, fmt.qmap, fmt.blocks)
                 if not is_dtensor(p):
                     codes = codes.view(shape)
                 state[f"{name}_codes"], state[f"{name}_scales"] = codes, scales
