@@ -30,6 +30,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..quant.moments import is_quantized_entry
+from ..quant.sharded import is_dtensor
+
 __all__ = [
     "LmoptOptimizer",
     "NonFiniteGradientError",
@@ -103,11 +106,6 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise ValueError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def is_dtensor(t: Tensor) -> bool:
-    """True for a torch.distributed DTensor (FSDP2 parameters)."""
-    return type(t).__name__ == "DTensor"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,9 +287,9 @@ class LmoptOptimizer(Optimizer):
         held: dict[tuple[Any, str], Tensor] = {}
         stripped: dict[Any, Any] = {}
         for key, values in saved_state.items():
-            if isinstance(values, dict) and any(_is_quantized_entry(n) for n in values):
+            if isinstance(values, dict) and any(is_quantized_entry(n) for n in values):
                 values = dict(values)
-                for name in [n for n in values if _is_quantized_entry(n)]:
+                for name in [n for n in values if is_quantized_entry(n)]:
                     held[(key, name)] = values.pop(name)
             stripped[key] = values
         if held:
@@ -308,7 +306,7 @@ class LmoptOptimizer(Optimizer):
                 continue
             restored = self.state[p]
             for name, value in values.items():
-                if isinstance(value, Tensor) and not _is_quantized_entry(name) and value.dtype != restored[name].dtype:
+                if isinstance(value, Tensor) and not is_quantized_entry(name) and value.dtype != restored[name].dtype:
                     restored[name] = value.to(device=p.device, copy=True)
         self.skipped_steps = int(extra.get("skipped_steps", 0))
 
@@ -335,11 +333,6 @@ class LmoptOptimizer(Optimizer):
             ran = f", last step ran {used!r}" if used else ""
             lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters{ran}, {keys}")
         return "\n".join(lines)
-
-
-def _is_quantized_entry(name: Any) -> bool:
-    """A state entry of a blockwise-quantized moment (see :mod:`lmopt.quant.moments`)."""
-    return isinstance(name, str) and name.endswith(("_codes", "_scales"))
 
 
 def _kernel_first_nonfinite(tensors: list[Tensor]) -> int | None:

@@ -67,6 +67,7 @@ from ..quant.moments import (
     check_min_quantized_numel,
     codes_shape,
     init_moment,
+    is_quantized_entry,
     load_moment,
     local_nbytes,
     moment_state,
@@ -161,7 +162,7 @@ class LowBitOptimizer(LmoptOptimizer):
             or g.dtype not in (torch.float32, torch.bfloat16)
         ):
             return False
-        tensors = [p, g, *(v for k, v in state.items() if k.endswith(("_codes", "_scales")) or k == "kahan_comp")]
+        tensors = [p, g, *(v for k, v in state.items() if is_quantized_entry(k) or k == "kahan_comp")]
         aligned = device_type != "cuda" or all(t.data_ptr() % 16 == 0 for t in tensors)
         return aligned and all(t.is_contiguous() for t in tensors)
 
@@ -415,7 +416,7 @@ class LowBitOptimizer(LmoptOptimizer):
         for p in (p for group in self.param_groups for p in group["params"] if p in self.state):
             state = self.state[p]
             for name, value in list(state.items()):  # full-precision entries: in the parameter's form
-                if isinstance(value, Tensor) and not name.endswith(("_codes", "_scales")):
+                if isinstance(value, Tensor) and not is_quantized_entry(name):
                     state[name] = to_layout_of(value, p)
             for name, kind in self.moments:
                 if f"{name}_codes" not in state:

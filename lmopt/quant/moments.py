@@ -51,6 +51,7 @@ __all__ = [
     "check_block_size_option",
     "check_min_quantized_numel",
     "init_moment",
+    "is_quantized_entry",
     "load_moment",
     "local_nbytes",
     "moment_state",
@@ -143,6 +144,11 @@ def moment_state(name: str, shape: tuple[int, ...], param_dtype: torch.dtype, fm
             StateTensor(f"{name}_scales", (num_blocks(n, fmt.blocks),), torch.float32),
         ]
     return [StateTensor(name, tuple(shape), fmt.full_dtype(param_dtype))]
+
+
+def is_quantized_entry(name: Any) -> bool:
+    """A state entry of a blockwise-quantized moment: ``<name>_codes`` or ``<name>_scales``."""
+    return isinstance(name, str) and name.endswith(("_codes", "_scales"))
 
 
 def check_block_size_option(value: Any) -> None:
