@@ -13,6 +13,7 @@ Public API (everything else is internal):
 """
 
 from . import memory, schedules, train
+from ._version import __version__  # noqa: E402
 from .optim import (
     CAME,
     AdaBound,
@@ -37,8 +38,6 @@ from .optim import (
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
 from .recipes import Recipe, recipe
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CAME",

@@ -9,8 +9,9 @@ LR scheduler for a model::
 Pre-training values come from the papers of models of that size (GPT-3 Table 2.1 for 125M-2.7B and 175B,
 LLaMA 2 for 7B/13B/70B, LLaMA 1 for 30B/65B), fine-tuning values from Stanford Alpaca and Llama 2-Chat.
 :data:`PUBLISHED` lists what GPT-3, LLaMA 1/2, Mistral 7B and Falcon used, with sources. All recipes were
-published for AdamW; :data:`TRANSLATIONS` adapts them to other optimizers (Lion, Adafactor, Adam-mini, CAME,
-Muon, Schedule-Free AdamW, 8-bit AdamW). The optimizer is only looked up in the registry when
+published for AdamW; each optimizer's spec declares how they translate to it
+(:attr:`lmopt.spec.OptimizerSpec.translation`; :data:`TRANSLATIONS` collects them: Lion, Adafactor, Adam-mini,
+CAME, Muon, Schedule-Free AdamW, 8-bit AdamW). The optimizer is only looked up in the registry when
 :meth:`Recipe.build_optimizer` runs, so a recipe can be made for an optimizer another module registers later.
 
 Batch-size scaling (:func:`scale_lr`) is a heuristic: the square-root rule for Adam-type optimizers (Malladi
@@ -31,12 +32,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import schedules as _schedules
+from .spec import Translation
 
 __all__ = [
     "PUBLISHED",
     "PRETRAIN_TABLE",
     "REFERENCES",
-    "TRANSLATIONS",
+    "TRANSLATIONS",  # noqa: F822 (read from the specs on access)
     "Recipe",
     "SizeRow",
     "Sourced",
@@ -250,110 +252,14 @@ PUBLISHED: dict[str, dict[str, Sourced]] = {
 # ------------------------------------------------------------------------------------------------------------
 # optimizer translations
 # ------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Translation:
-    """How an AdamW recipe becomes a recipe for another optimizer.
+def __getattr__(name: str) -> Any:
+    # TRANSLATIONS: registry name -> Translation, read from the specs (each optimizer declares its own beside
+    # its algorithm, :attr:`lmopt.spec.OptimizerSpec.translation`), so there is one source
+    if name == "TRANSLATIONS":
+        from .registry import list_optimizers
 
-    Attributes:
-        lr_factor: multiplies the learning rate.
-        weight_decay_factor: multiplies the weight decay (Lion keeps ``lr x weight_decay`` fixed).
-        betas: replaces the betas (None keeps the recipe's; "drop" leaves betas out).
-        schedule: "recipe" keeps the recipe's decay; "constant" has none (warmup only); "inverse_sqrt" uses
-            Adafactor's relative step as a schedule (peak ``lr``, timescale 10 000); or a dict by phase.
-        lr: overrides the learning rate per phase (e.g. Adafactor's relative step 1e-2).
-        required: extra constructor arguments the optimizer must accept.
-        optional: extra constructor arguments passed only when the optimizer's constructor has them.
-        weight_decay: overrides the weight decay.
-        pass_eps: pass the recipe's ``eps``.
-        source: where the translation comes from, and its reasoning.
-        label: a short form of ``source`` for tables (a key of :data:`REFERENCES` and what changes).
-    """
-
-    lr_factor: float = 1.0
-    weight_decay_factor: float = 1.0
-    betas: Any = None
-    schedule: str | Mapping[str, str] = "recipe"
-    lr: Mapping[str, float] = field(default_factory=dict)
-    required: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    optional: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    weight_decay: Mapping[str, float] = field(default_factory=dict)
-    pass_eps: bool = True
-    source: str = ""
-    label: str = ""
-
-
-_SAME_AS_ADAMW = Translation(source="same hyperparameters as AdamW", label="as AdamW")
-
-#: translations by registry name; an unknown name uses lr and weight decay as they are, betas/eps if accepted
-TRANSLATIONS: dict[str, Translation] = {
-    "adamw": _SAME_AS_ADAMW,
-    "adam": _SAME_AS_ADAMW,
-    "amsgrad": _SAME_AS_ADAMW,
-    "adamw8bit": Translation(
-        label="8-bit Adam paper: as AdamW",
-        source="Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022: "
-        "8-bit state uses the 32-bit hyperparameters unchanged",
-    ),
-    "adamw_bf16": _SAME_AS_ADAMW,
-    "lion": Translation(
-        label="Lion paper, Sec. 5: lr / 3, weight decay x 3, betas (0.9, 0.99)",
-        lr_factor=1 / 3,
-        weight_decay_factor=3.0,
-        betas=(0.9, 0.99),
-        pass_eps=False,
-        source="Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023, Section 5: "
-        "lr 3-10x smaller and weight decay 3-10x larger than AdamW's (lr x wd kept), beta1=0.9, "
-        "beta2=0.99; lmopt takes the conservative end (3x)",
-    ),
-    "adafactor": Translation(
-        label="Adafactor paper: relative step (pre-training), explicit lr (fine-tuning)",
-        betas="drop",
-        pass_eps=False,
-        schedule={"pretrain": "inverse_sqrt"},
-        lr={"pretrain": 1e-2},
-        weight_decay={"pretrain": 0.0},
-        optional={
-            "pretrain": {
-                "relative_step": False,
-                "scale_parameter": True,
-                "warmup_init": False,
-                "beta1": None,
-            },
-            "finetune": {"relative_step": False, "scale_parameter": False, "warmup_init": False},
-        },
-        source="Shazeer & Stern, Adafactor, ICML 2018: pre-training with the relative step "
-        "min(1e-2, 1/sqrt(t)) (here lr 1e-2 with lmopt's inverse_sqrt schedule), parameter scaling, "
-        "no momentum, no weight decay; fine-tuning with an explicit lr and scale_parameter=False "
-        "(transformers' Adafactor docs)",
-    ),
-    "adam_mini": Translation(
-        label="Adam-mini paper: as AdamW",
-        source="Zhang et al., Adam-mini: Use Fewer Learning Rates To Gain More, 2024: the "
-        "same hyperparameters as AdamW",
-    ),
-    "came": Translation(
-        label="CAME paper: betas (b1, 0.999, 0.9999), eps (1e-30, 1e-16)",
-        betas="came",
-        pass_eps=False,
-        optional={"pretrain": {"eps": (1e-30, 1e-16)}, "finetune": {"eps": (1e-30, 1e-16)}},
-        source="Luo et al., CAME: Confidence-guided Adaptive Memory Efficient Optimization, ACL 2023: betas "
-        "(beta1, 0.999, 0.9999), eps (1e-30, 1e-16), lr and weight decay as AdamW",
-    ),
-    "muon": Translation(
-        betas="optional",  # betas/eps of Muon's AdamW part: passed only if the constructor names them so
-        label="Moonlight paper: as AdamW with 0.2 sqrt(max(m, n)) scaling; momentum 0.95",
-        optional={"pretrain": {"momentum": 0.95}, "finetune": {"momentum": 0.95}},
-        source="Liu et al., Muon is Scalable for LLM Training (Moonlight), 2025: with the "
-        "0.2 sqrt(max(m, n)) update scaling Muon shares AdamW's lr and weight decay; "
-        "momentum 0.95 (Jordan et al. 2024)",
-    ),
-    "schedule_free_adamw": Translation(
-        label="Schedule-Free paper: no decay schedule",
-        schedule="constant",
-        source="Defazio et al., The Road Less Scheduled, NeurIPS 2024: no decay schedule (warmup only); the "
-        "schedulefree README suggests lr 1x-10x AdamW's, lmopt keeps 1x",
-    ),
-}
+        return {s.name: s.translation for s in list_optimizers() if s.translation is not None}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _resolve(optimizer: str) -> tuple[str | None, Mapping[str, Any]]:
@@ -369,18 +275,16 @@ def _resolve(optimizer: str) -> tuple[str | None, Mapping[str, Any]]:
 
 
 def _translation(optimizer: str) -> Translation:
-    key = optimizer.strip().lower().replace("-", "_")
-    if key in TRANSLATIONS:
-        return TRANSLATIONS[key]
-    # an alias of a registered optimizer shares its translation ("adamw_torch_fused": AdamW's; "came8bit", a CAME
-    # with an 8-bit first moment: CAME's, which the "8bit" rule below must not turn into AdamW8bit's)
-    canonical, _implied = _resolve(key)
-    if canonical is not None and canonical in TRANSLATIONS:
-        return TRANSLATIONS[canonical]
-    if key.startswith("lion") or (canonical or "").startswith("lion"):  # lion8bit and other Lion variants
-        return TRANSLATIONS["lion"]
-    if "8bit" in key or "4bit" in key:
-        return TRANSLATIONS["adamw8bit"]
+    """The translation the optimizer's spec declares (an alias shares its entry's: ``"came8bit"`` is CAME's);
+    AdamW's lr and weight decay for a name that is not registered or declares none."""
+    from .registry import get_spec
+
+    try:
+        declared = get_spec(optimizer).translation
+    except ValueError:
+        declared = None
+    if declared is not None:
+        return declared
     return Translation(
         betas="optional",
         source="no published translation: AdamW's lr and weight decay",

@@ -1,12 +1,11 @@
-"""The optimizer registry: one :class:`OptimizerSpec` per optimizer, read by everything else.
+"""The optimizer registry: collects every :class:`~lmopt.spec.OptimizerSpec` and builds optimizers by name.
 
-``create_optimizer``, ``lmopt list``, the memory planner, the benchmarks and the test database all read the same
-entries. An entry says how to build the optimizer, its default hyperparameters, the exact state it keeps per
-parameter (as :class:`StateTensor` shapes and dtypes, so memory can be planned to the byte), its paper and its
-aliases (including the names Hugging Face ``TrainingArguments(optim=...)`` uses).
-
-Specs are declared next to their optimizer, in a module-level ``SPECS`` list; :data:`SPEC_MODULES` names the
-modules to collect them from.
+Specs are declared next to their optimizer, in a module-level ``SPECS`` list of a module in
+:mod:`lmopt.optim`; this module discovers those modules (no hand-kept list), adds a ``lookahead_<name>`` entry
+for every spec with ``lookahead=True``, and serves them to ``create_optimizer``, ``lmopt list``, the memory
+planner, recipes, compare, the recommender, the benchmarks and the test database. The data types
+(:class:`OptimizerSpec`, :class:`StateTensor`, :data:`REFERENCE_SHAPE`) live in :mod:`lmopt.spec` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -14,14 +13,15 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+import pkgutil
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+
+from .spec import REFERENCE_SHAPE, OptimizerSpec, StateTensor
 
 __all__ = [
     "OptimizerSpec",
@@ -33,112 +33,41 @@ __all__ = [
     "REFERENCE_SHAPE",
 ]
 
-#: modules holding ``SPECS`` lists, in the order ``lmopt list`` shows them
-SPEC_MODULES: tuple[str, ...] = (
-    "lmopt.optim.adamw",
-    "lmopt.optim.torch_optim",
-    "lmopt.optim.adafactor",
-    "lmopt.optim.came",
-    "lmopt.optim.adam_mini",
-    "lmopt.optim.lion",
-    "lmopt.optim.sophia",
-    "lmopt.optim.schedule_free",
-    "lmopt.optim.muon",
-    "lmopt.optim.adabound",
-    "lmopt.optim.lookahead",
-    "lmopt.optim.lowbit",
-)
-
-#: the shape used to quote "state bytes per parameter" (a large hidden matrix; small tensors differ)
-REFERENCE_SHAPE: tuple[int, ...] = (4096, 4096)
-
-
-@dataclass(frozen=True)
-class StateTensor:
-    """One tensor an optimizer keeps for one parameter."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-StateRule = Callable[[tuple[int, ...], torch.dtype, Mapping[str, Any]], list[StateTensor]]
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """A registry entry.
-
-    Attributes:
-        name: canonical registry name (lower case).
-        cls: the optimizer class (a torch.optim.Optimizer).
-        summary: one line on what it is for.
-        paper: reference (authors, title, venue/year).
-        state: rule giving the exact state tensors for a parameter of a shape and dtype under the effective
-            hyperparameters (class defaults, overridden by ``defaults``, overridden by the user's).
-        defaults: hyperparameters this entry sets on top of the class's own defaults.
-        aliases: other names, each with the hyperparameters it implies (e.g. ``"adamw_torch_fused"`` ->
-            ``{"implementation": "fused"}``).
-        family: "adam", "sgd", ... for grouping in listings.
-        per_parameter: the update of a parameter needs only its own gradient (so gradient release works).
-        accepts_model: the constructor wants the model itself (e.g. partitions found from module structure).
-    """
-
-    name: str
-    cls: type[Optimizer]
-    summary: str
-    paper: str
-    state: StateRule
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    aliases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    family: str = "other"
-    per_parameter: bool = True
-    accepts_model: bool = False
-
-    def hyperparameters(self, **overrides: Any) -> dict[str, Any]:
-        """Effective hyperparameters: the class's defaults, then this entry's, then ``overrides``."""
-        out = {
-            k: p.default
-            for k, p in inspect.signature(self.cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty and k not in ("self",)
-        }
-        out.update(self.defaults)
-        out.update(overrides)
-        return out
-
-    def state_tensors(
-        self, shape: Iterable[int], dtype: torch.dtype = torch.float32, **hyperparameters: Any
-    ) -> list[StateTensor]:
-        """The exact state tensors for one parameter of ``shape`` and ``dtype``."""
-        return self.state(tuple(int(s) for s in shape), dtype, self.hyperparameters(**hyperparameters))
-
-    def state_bytes(self, shape: Iterable[int], dtype: torch.dtype = torch.float32, **hyperparameters: Any) -> int:
-        """Bytes of state for one parameter of ``shape`` and ``dtype``."""
-        return sum(t.nbytes for t in self.state_tensors(shape, dtype, **hyperparameters))
-
-    def bytes_per_parameter(
-        self, shape: Iterable[int] = REFERENCE_SHAPE, dtype: torch.dtype = torch.float32, **hyperparameters: Any
-    ) -> float:
-        """State bytes divided by parameter count for one tensor of ``shape`` (default a 4096 x 4096 matrix)."""
-        shape = tuple(shape)
-        return self.state_bytes(shape, dtype, **hyperparameters) / max(1, math.prod(shape))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 _REGISTRY: dict[str, OptimizerSpec] = {}
 _ALIASES: dict[str, tuple[str, Mapping[str, Any]]] = {}
 
 
+#: the listing order of the families (``lmopt list``); families not named here follow, in discovery order
+_FAMILY_ORDER = ("adam", "sgd", "factored", "sign", "lion", "second_order", "muon")
+
+
+def spec_modules() -> list[str]:
+    """The modules of :mod:`lmopt.optim` that declare ``SPECS`` (discovered: every public module is looked at)."""
+    from . import optim
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(optim.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        name = f"{optim.__name__}.{info.name}"
+        if hasattr(importlib.import_module(name), "SPECS"):
+            found.append(name)
+    return found
+
+
 def _load() -> None:
     if _REGISTRY:
         return
-    for module_name in SPEC_MODULES:
-        for spec in importlib.import_module(module_name).SPECS:
-            _register(spec)
+    from .optim.lookahead import lookahead_spec
+
+    specs = [spec for module_name in spec_modules() for spec in importlib.import_module(module_name).SPECS]
+    rank = {family: i for i, family in enumerate(_FAMILY_ORDER)}
+    # stable sort: discovery (module name) order within a family, AdamW (the reference) first
+    specs.sort(key=lambda s: (rank.get(s.family, len(rank)), s.cls.__module__ != "lmopt.optim.adamw"))
+    specs += [lookahead_spec(spec) for spec in specs if spec.lookahead]
+    for spec in specs:
+        _register(spec)
 
 
 def _register(spec: OptimizerSpec) -> None:

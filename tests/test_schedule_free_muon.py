@@ -338,9 +338,9 @@ def test_gradient_release_nonfinite_skip_and_raise():
 @pytest.mark.parametrize("name", ["schedule_free_adamw", "adabound", "amsbound"])
 def test_blocked_path_on_tensors_larger_than_a_block(name, monkeypatch):
     """The cache-blocked path cuts large tensors into blocks (small ones go through foreach): same result."""
-    from lmopt.optim import _blocks
+    from lmopt.optim import _dispatch
 
-    monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(_dispatch, "BLOCK_ELEMENTS", 64)
     torch.manual_seed(0)
     shapes = [(13, 17), (300,), (5,), (64,)]
     results = []

@@ -707,7 +707,7 @@ def _warm_up(template: nn.Module, device: torch.device, corpus: Corpus, offsets:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """The machine and library versions, for the results."""
-    from .. import __version__
+    from .._version import __version__
 
     env: dict[str, Any] = {
         "lmopt": __version__,

@@ -23,7 +23,7 @@ SUBCOMMANDS: tuple[str, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmopt", description="Optimizers, schedules and memory planning for LLMs")
-    from .. import __version__
+    from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"lmopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

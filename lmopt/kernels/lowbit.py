@@ -25,10 +25,22 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["ConfigStruct", "JobStruct", "QmapStruct", "first_nonfinite", "kernel_status", "load"]
+from ..quant.maps import code_map
+
+__all__ = [
+    "ConfigStruct",
+    "JobStruct",
+    "QmapStruct",
+    "first_nonfinite",
+    "kernel_status",
+    "load",
+    "lowbit_step_cpu",
+    "qmap_struct",
+]
 
 _SOURCE = Path(__file__).with_name("lowbit_cpu.c")
 _LOCK = threading.Lock()
@@ -195,3 +207,77 @@ def kernel_status() -> str:
     if lib is not None:
         return f"cpu kernel loaded ({torch.backends.cpu.get_cpu_capability()})"
     return f"cpu kernel unavailable: {_STATE.get('error')}"
+
+
+def qmap_struct(name: str) -> QmapStruct:
+    """The kernel's view of code map ``name`` (its tables stay alive in :func:`lmopt.quant.maps.code_map`'s
+    cache, so the pointers remain valid)."""
+    cm = code_map(name)
+    return QmapStruct(
+        cm.lut.data_ptr(),
+        cm.midpoints.data_ptr(),
+        cm.values.data_ptr(),
+        23 - cm.lut_mantissa_bits,
+        (127 - cm.lut_exponents) << cm.lut_mantissa_bits,
+        cm.lut_buckets,
+        cm.bits,
+    )
+
+
+def lowbit_step_cpu(
+    lib: ctypes.CDLL,
+    items: list[Any],
+    *,
+    m_map: str,
+    v_map: str | None,
+    block: int,
+    algorithm: str,
+    hyper: dict[str, Any],
+) -> None:
+    """Update contiguous CPU tensors and their quantized moments in place with one call of the C kernel
+    (the CPU twin of :func:`lmopt.kernels.lowbit_triton.lowbit_step_cuda`: the same items and ``hyper``).
+
+    ``items`` have ``p``, ``g``, ``m_codes``, ``m_scales``, ``v_codes``, ``v_scales`` (None for Lion),
+    ``comp`` (Kahan buffer or None), ``step_size``, ``inv_bc2``, ``key`` and ``offset``; parameters of one dtype
+    and gradients of one dtype (fp32 or bf16). ``hyper`` holds beta1, beta2, eps, weight_decay, lr, decoupled,
+    maximize and rounding (0 nearest, 1 stochastic, 2 kahan).
+    """
+    if not items:
+        return
+    beta1, beta2 = hyper["beta1"], hyper["beta2"]
+    lr, wd = float(hyper["lr"]), float(hyper["weight_decay"])
+    adam = algorithm == "adam"
+    qm = qmap_struct(m_map)
+    cfg = ConfigStruct(
+        algo=0 if adam else 1,
+        p_bf16=int(items[0].p.dtype == torch.bfloat16),
+        g_bf16=int(items[0].g.dtype == torch.bfloat16),
+        block=block,
+        decoupled=int(bool(hyper["decoupled"])),
+        maximize=int(bool(hyper["maximize"])),
+        rounding=int(hyper["rounding"]),
+        has_wd=int(wd != 0.0),
+        beta1=beta1,
+        beta2=beta2,
+        omb1=1 - beta1,
+        omb2=1 - beta2,
+        eps=float(hyper.get("eps", 0.0)),
+        wd=wd,
+        lrwd=lr * wd,
+        lr=lr,
+        qm=qm,
+        qv=qmap_struct(v_map) if adam and v_map is not None else qm,
+    )
+    jobs = (JobStruct * len(items))()
+    for job, it in zip(jobs, items):
+        job.p, job.g, job.n = it.p.data_ptr(), it.g.data_ptr(), it.p.numel()
+        job.m_codes, job.m_scales = it.m_codes.data_ptr(), it.m_scales.data_ptr()
+        if adam:
+            job.v_codes, job.v_scales = it.v_codes.data_ptr(), it.v_scales.data_ptr()
+            job.step_size, job.inv_bc2 = it.step_size, it.inv_bc2
+        job.comp = it.comp.data_ptr() if it.comp is not None else None
+        job.key = it.key
+        job.offset = it.offset & 0xFFFFFFFF
+    status = lib.lmopt_lowbit_step(ctypes.byref(cfg), jobs, len(items), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"lmopt low-bit kernel failed with status {status}")

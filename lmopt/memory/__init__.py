@@ -14,7 +14,7 @@ See docs/memory-planning.md.
 from .activations import ACTIVATION_MODELS, ActivationEstimate, estimate_activations
 from .measure import MeasuredMemory, measure_training_step, optimizer_state_bytes, tensor_bytes
 from .planner import PRECISIONS, SHARDING, MemoryPlan, Precision, plan, resolve_optimizer
-from .recommend import OPTIMIZER_LADDER, Recommendation, RecommendationReport, recommend
+from .recommend import Recommendation, RecommendationReport, optimizer_ladder, recommend
 from .shapes import Architecture, ModelShape, ParamShape, generic_decoder, model_shape, named_shapes
 from .units import format_bytes, parse_bytes
 
@@ -38,6 +38,7 @@ __all__ = [
     "measure_training_step",
     "model_shape",
     "named_shapes",
+    "optimizer_ladder",
     "optimizer_state_bytes",
     "parse_bytes",
     "plan",
@@ -45,3 +46,10 @@ __all__ = [
     "resolve_optimizer",
     "tensor_bytes",
 ]
+
+
+def __getattr__(name: str):
+    # OPTIMIZER_LADDER is read from the optimizer specs when asked for (lmopt.memory.recommend)
+    if name == "OPTIMIZER_LADDER":
+        return optimizer_ladder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -349,32 +349,28 @@ def _state_tensors(
     return out
 
 
-#: optimizer name -> function giving extra per-tensor keys for its state rule, for optimizers whose state
-#: depends on more than a tensor's shape (e.g. Adam-mini's block count for query/key projections: one
-#: second moment per head). Called as ``fn(param: ParamShape, architecture: Architecture | None)`` and
-#: returning a mapping merged into the hyperparameters passed to the rule for that tensor (or ``{}``).
-PER_TENSOR_STATE_KEYS: dict[str, Callable[[ParamShape, Any], Mapping[str, Any]]] = {}
+class _StructureRules(Mapping[str, Callable[[ParamShape, Any], Mapping[str, Any]]]):
+    """Registry name -> the spec's ``structure_state`` rule, for optimizers whose state depends on more than a
+    tensor's shape (Adam-mini: one second moment per head for query/key projections). Read from the specs on
+    each access: the optimizer's module owns the rule."""
+
+    def _rules(self) -> dict[str, Callable[[ParamShape, Any], Mapping[str, Any]]]:
+        return {s.name: s.structure_state for s in list_optimizers() if s.structure_state is not None}
+
+    def __getitem__(self, name: str) -> Callable[[ParamShape, Any], Mapping[str, Any]]:
+        return self._rules()[name]
+
+    def __iter__(self):
+        return iter(self._rules())
+
+    def __len__(self) -> int:
+        return len(self._rules())
 
 
-def _adam_mini_blocks(param: ParamShape, arch: Any) -> Mapping[str, Any]:
-    """Adam-mini's partition (Zhang et al. 2024): one second moment per head for query and key projections,
-    per output neuron elsewhere (transformers' GPT-2 Conv1D stores weights (in, out); its fused QKV has
-    per-head Q and K and per-neuron V), per token for embeddings. Passed to the rule as ``blocks``."""
-    if arch is None or len(param.shape) != 2 or param.role not in ("matrix", "head"):
-        return {}
-    module = param.module
-    if arch.family == "gpt2":
-        if module == "c_attn":
-            return {"blocks": 2 * arch.num_heads + param.shape[1] // 3}
-        return {"blocks": param.shape[1]}
-    if module in ("q_proj", "q"):
-        return {"blocks": arch.num_heads}
-    if module in ("k_proj", "k"):
-        return {"blocks": arch.num_kv_heads}
-    return {}
-
-
-PER_TENSOR_STATE_KEYS["adam_mini"] = _adam_mini_blocks
+#: optimizer name -> function giving extra per-tensor keys for its state rule (``spec.structure_state``),
+#: called as ``fn(param: ParamShape, architecture: Architecture | None)``; its mapping is merged into the
+#: hyperparameters passed to the rule for that tensor (or ``{}``)
+PER_TENSOR_STATE_KEYS: Mapping[str, Callable[[ParamShape, Any], Mapping[str, Any]]] = _StructureRules()
 
 
 def _state(
@@ -560,7 +556,7 @@ def plan(
     local = [_shard(p.shape, n if stage >= 1 else 1) for p in train]
     gradients = sum(math.prod(_shard(p.shape, n if stage >= 2 else 1)) * g_bytes for p in train)
     master = sum(math.prod(s) * 4 for s in local) if prec.master else 0
-    per_tensor = PER_TENSOR_STATE_KEYS.get(spec.name)
+    per_tensor = spec.structure_state
     extras = [dict(per_tensor(p, shape.architecture)) for p in train] if per_tensor else None
     state, state_by_name = _state(spec, hyper, [(s, o_dtype) for s in local], extras)
     host = 0

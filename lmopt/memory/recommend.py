@@ -32,18 +32,31 @@ from .planner import MemoryPlan, plan
 from .shapes import model_shape
 from .units import format_bytes, parse_bytes
 
-__all__ = ["OPTIMIZER_LADDER", "Recommendation", "RecommendationReport", "recommend"]
+__all__ = [
+    "OPTIMIZER_LADDER",  # noqa: F822 (read from the specs on access)
+    "Recommendation",
+    "RecommendationReport",
+    "optimizer_ladder",
+    "recommend",
+]
 
-#: (registry name, tier, why) in the order the recommender prefers them
-OPTIMIZER_LADDER: tuple[tuple[str, int, str], ...] = (
-    ("adamw", 0, "AdamW, the reference"),
-    ("adamw8bit", 1, "8-bit AdamW: 1/4 of the state, AdamW's quality (Dettmers et al. 2022)"),
-    ("adam_mini", 2, "Adam-mini: 1/2 of the state (Zhang et al. 2024)"),
-    ("adamw4bit", 2, "4-bit AdamW: 1/8 of the state (Li et al. 2023)"),
-    ("came", 2, "CAME: factored state (Luo et al. 2023)"),
-    ("adafactor", 2, "Adafactor: factored state (Shazeer & Stern 2018)"),
-    ("lion", 2, "Lion: one moment (Chen et al. 2023)"),
-)
+
+def optimizer_ladder() -> tuple[tuple[str, int, str], ...]:
+    """(registry name, tier, why) in the order the recommender prefers them: every spec with a
+    ``recommend_tier``, by tier (registry order within a tier)."""
+    on_ladder = [s for s in list_optimizers() if s.recommend_tier is not None]
+    return tuple(
+        (s.name, s.recommend_tier, s.recommend_reason) for s in sorted(on_ladder, key=lambda s: s.recommend_tier)
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # OPTIMIZER_LADDER: read from the specs on access (each optimizer declares its rung beside its algorithm)
+    if name == "OPTIMIZER_LADDER":
+        return optimizer_ladder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 TASKS = ("pretrain", "finetune", "lora")
 
 
@@ -150,7 +163,7 @@ def recommend(
     limit = int(memory * usable_fraction)
     shape = model_shape(model)
     registered = {s.name for s in list_optimizers()}
-    ladder = [(n, t, why) for n, t, why in OPTIMIZER_LADDER]
+    ladder = list(optimizer_ladder())
     if optimizers is not None:
         known = {n: (t, why) for n, t, why in ladder}
         ladder = [(n, *known.get(n, (3, f"{n} (from the registry)"))) for n in optimizers]

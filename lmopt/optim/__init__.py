@@ -3,12 +3,11 @@
 from .adabound import AdaBound
 from .adafactor import Adafactor, adafactor
 from .adam_mini import AdamMini, adam_mini, find_partitions
-from .adamw import Adam, AdamW, adamw
+from .adamw import Adam, Adam8bit, AdamW, AdamW4bit, AdamW8bit, adamw
 from .base import LmoptOptimizer, NonFiniteGradientError
 from .came import CAME, came
-from .lion import Lion, lion
+from .lion import Lion, Lion8bit, lion
 from .lookahead import Lookahead, with_lookahead
-from .lowbit import Adam8bit, AdamW4bit, AdamW8bit, Lion8bit
 from .muon import Muon
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics

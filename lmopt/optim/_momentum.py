@@ -35,8 +35,6 @@ from torch import Tensor
 from ..quant.blockwise import num_blocks
 from ..quant.moments import (
     MomentFormat,
-    check_block_size_option,
-    check_min_quantized_numel,
     init_moment,
     load_moment,
     moment_state,
@@ -45,9 +43,10 @@ from ..quant.moments import (
     store_moment,
 )
 from ..quant.sharded import ShardLayout
-from ..registry import StateTensor
-from ._blocking import math_dtype
-from .base import check_choice, is_dtensor
+from ..spec import StateTensor
+from ._dispatch import math_dtype
+from ._precision import moment_format, normalize_state_precision, validate_state_precision
+from .base import is_dtensor
 
 __all__ = [
     "MOMENTUM_PRECISIONS",
@@ -63,7 +62,6 @@ __all__ = [
 
 #: the values ``momentum_precision`` takes (None: the parameter's dtype)
 MOMENTUM_PRECISIONS: tuple[str | None, ...] = (None, "fp32", "bf16", "8bit", "4bit")
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _NAME = "exp_avg"
 
 
@@ -73,17 +71,13 @@ def normalize_momentum_precision(value: Any) -> str | None:
     Raises:
         ValueError: any other value, naming ``momentum_precision`` and the allowed values.
     """
-    if isinstance(value, torch.dtype):
-        value = _DTYPE_NAMES.get(value, value)
-    check_choice("momentum_precision", value, MOMENTUM_PRECISIONS)
-    return value
+    return normalize_state_precision(value, "momentum_precision")
 
 
 def validate_momentum_options(group: dict[str, Any]) -> None:
-    """Check (and normalize) a param group's ``momentum_precision``, ``block_size``, ``min_quantized_numel``."""
-    group["momentum_precision"] = normalize_momentum_precision(group.get("momentum_precision"))
-    check_block_size_option(group.get("block_size"))
-    check_min_quantized_numel(group.get("min_quantized_numel", 4096))
+    """Check (and normalize) a param group's ``state_precision`` (or its deprecated alias
+    ``momentum_precision``), ``block_size`` and ``min_quantized_numel``."""
+    validate_state_precision(group, legacy="momentum_precision")
 
 
 def momentum_format(hyper: Mapping[str, Any]) -> MomentFormat | None:
@@ -91,10 +85,7 @@ def momentum_format(hyper: Mapping[str, Any]) -> MomentFormat | None:
 
     ``hyper`` is a param group or a registry entry's effective hyperparameters (groups restored from
     checkpoints written before this option have none of its keys: the parameter's dtype, as then)."""
-    precision = normalize_momentum_precision(hyper.get("momentum_precision"))
-    if precision is None:
-        return None
-    return MomentFormat(precision, "first", hyper.get("block_size"), hyper.get("min_quantized_numel", 4096))
+    return moment_format(hyper, "first")
 
 
 def quantized_state_supported(param: Tensor) -> bool:
@@ -153,8 +144,8 @@ def step_with_momentum(
     plain = [i for i, s in enumerate(states) if f"{_NAME}_codes" not in s]
     if quantized and (fmt is None or not fmt.quantized):  # checked before anything moves
         raise RuntimeError(
-            "a param group's momentum_precision was changed to "
-            f"{group.get('momentum_precision')!r} after its quantized first moments were created; keep the "
+            "a param group's state_precision was changed to "
+            f"{group.get('state_precision')!r} after its quantized first moments were created; keep the "
             "precision a group's state was created with"
         )
     used = ""

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..registry import OptimizerSpec
-from . import _blocks
-from ._blocks import blocked_applies, split_blocks
+from ..spec import OptimizerSpec
+from . import _dispatch
+from ._dispatch import blocked_applies, resolve_implementation, split_blocks
 from .adamw import adam_state
 from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
 
@@ -169,13 +169,13 @@ def _multi_tensor_adabound(
 def _blocked_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs):
     # the plain per-tensor path on cache-sized blocks: one pass over memory (see lmopt.optim._blocks)
     amsbound = kwargs["amsbound"]
-    small = [i for i, p in enumerate(params) if p.numel() < _blocks.BLOCK_ELEMENTS]
+    small = [i for i, p in enumerate(params) if p.numel() < _dispatch.BLOCK_ELEMENTS]
     if small:  # tensors that fit one block: one foreach call each op, not one Python call per tensor
         pick = [[t[i] for i in small] for t in (params, grads, exp_avgs, exp_avg_sqs)]
         _multi_tensor_adabound(
             *pick, [max_exp_avg_sqs[i] for i in small] if amsbound else [], [steps[i] for i in small], **kwargs
         )
-        large = [i for i in range(len(params)) if params[i].numel() >= _blocks.BLOCK_ELEMENTS]
+        large = [i for i in range(len(params)) if params[i].numel() >= _dispatch.BLOCK_ELEMENTS]
         params, grads, exp_avgs, exp_avg_sqs, steps = (
             [t[i] for i in large] for t in (params, grads, exp_avgs, exp_avg_sqs, steps)
         )
@@ -224,14 +224,12 @@ def adabound(
 ) -> None:
     """Functional AdaBound / AMSBound step (see the module docstring); ``final_lr`` is already scaled by
     ``lr / base_lr``. Increments ``state_steps`` and updates parameters and moments in place."""
-    if implementation == "auto":
-        implementation = (
-            "blocked"
-            if blocked_applies([*params, *exp_avgs]) and all(p.dtype == torch.float32 for p in params)
-            else "foreach"
-        )
-    if implementation == "blocked" and not blocked_applies([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs]):
-        raise ValueError("implementation='blocked' needs contiguous non-DTensor CPU tensors; use 'foreach'")
+    # measured: blocks pay off for fp32 tensors; low-precision ones take foreach under "auto"
+    fp32 = implementation == "blocked" or all(p.dtype == torch.float32 for p in params)
+    blocked = fp32 and blocked_applies([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs])
+    implementation = resolve_implementation(
+        implementation, tuple(_IMPLEMENTATIONS), {"blocked": blocked}, owner="AdaBound"
+    )
     torch._foreach_add_(state_steps, 1)
     steps = [float(s) for s in state_steps]
     _IMPLEMENTATIONS[implementation](
@@ -374,6 +372,7 @@ SPECS = [
         state=_adabound_state,
         family="adam",
         aliases={"adaboundw": {"decoupled_weight_decay": True}},
+        lookahead=True,
     ),
     OptimizerSpec(
         name="amsbound",

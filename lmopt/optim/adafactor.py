@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..registry import OptimizerSpec, StateTensor
-from ._blocking import BLOCK_ELEMENTS, blockable, math_dtype, row_blocks
+from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
+from ._dispatch import BLOCK_ELEMENTS, blockable, math_dtype, row_blocks
 from ._momentum import (
     init_momentum,
     momentum_state,
@@ -62,6 +62,7 @@ from ._momentum import (
     step_with_momentum,
     validate_momentum_options,
 )
+from ._precision import warn_deprecated_precision
 from .base import (
     Implementation,
     LmoptOptimizer,
@@ -412,7 +413,7 @@ class Adafactor(LmoptOptimizer):
         scale_parameter: multiply the step by ``max(eps2, RMS(p))`` (default True).
         relative_step: ``rho_t = min(lr, 1/sqrt(t))`` instead of ``lr`` (default True).
         warmup_init: with ``relative_step``, ``rho_t = min(1e-6 t, 1/sqrt(t))`` (default False).
-        momentum_precision: storage of the first moment (needs ``beta1``): ``None`` (default: the parameter's
+        state_precision: storage of the first moment (needs ``beta1``): ``None`` (default: the parameter's
             dtype), ``"fp32"``, ``"bf16"``, ``"8bit"`` or ``"4bit"`` (blockwise-quantized, signed
             dynamic-exponent map).
         block_size: values per absmax scale of a quantized moment (default None: 256 for 8-bit, 128 for 4-bit;
@@ -420,6 +421,7 @@ class Adafactor(LmoptOptimizer):
         min_quantized_numel: tensors with fewer elements keep an fp32 first moment (default 4096).
         implementation: ``"auto"`` (default), ``"for_loop"`` or ``"fused"``.
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
+        momentum_precision: deprecated alias of ``state_precision``.
 
     State: ``step``; ``row_var`` + ``col_var`` (>= 2 dims) or ``variance`` (< 2 dims); ``exp_avg`` with
         ``beta1`` (``exp_avg_codes`` + ``exp_avg_scales`` when quantized).
@@ -429,7 +431,7 @@ class Adafactor(LmoptOptimizer):
         >>> # fine-tuning: an explicit learning rate
         >>> opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False)
         >>> # with an 8-bit first moment (~1 B/param of state)
-        >>> opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, beta1=0.9, momentum_precision="8bit")
+        >>> opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, beta1=0.9, state_precision="8bit")
         >>> loss.backward(); opt.step(); opt.zero_grad()
 
     Reference: Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018;
@@ -452,13 +454,15 @@ class Adafactor(LmoptOptimizer):
         scale_parameter: bool = True,
         relative_step: bool = True,
         warmup_init: bool = False,
-        momentum_precision: str | torch.dtype | None = None,
+        state_precision: str | torch.dtype | None = None,
         block_size: int | None = None,
         min_quantized_numel: int = 4096,
         implementation: Implementation = "auto",
         nonfinite: str = "raise",
         check_finite: bool = True,
+        momentum_precision: str | torch.dtype | None = None,
     ) -> None:
+        warn_deprecated_precision("momentum_precision", momentum_precision)
         defaults = dict(
             lr=lr,
             eps=eps,
@@ -469,6 +473,7 @@ class Adafactor(LmoptOptimizer):
             scale_parameter=scale_parameter,
             relative_step=relative_step,
             warmup_init=warmup_init,
+            state_precision=state_precision,
             momentum_precision=momentum_precision,
             block_size=block_size,
             min_quantized_numel=min_quantized_numel,
@@ -489,10 +494,10 @@ class Adafactor(LmoptOptimizer):
         if group["warmup_init"] and not group["relative_step"]:
             raise ValueError("warmup_init=True needs relative_step=True (it warms up the relative step)")
         validate_momentum_options(group)
-        if group["momentum_precision"] is not None and group["beta1"] is None:
+        if group["state_precision"] is not None and group["beta1"] is None:
             raise ValueError(
-                f"momentum_precision={group['momentum_precision']!r} needs beta1 (without beta1 Adafactor keeps "
-                "no first moment); set beta1=0.9, or leave momentum_precision=None"
+                f"state_precision={group['state_precision']!r} needs beta1 (without beta1 Adafactor keeps "
+                "no first moment); set beta1=0.9, or leave state_precision=None"
             )
         check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
@@ -577,9 +582,32 @@ SPECS = [
                 "warmup_init": True,
             },
             "adafactor_momentum": {"beta1": 0.9},
-            "adafactor_bf16": {"beta1": 0.9, "momentum_precision": "bf16"},
-            "adafactor8bit": {"beta1": 0.9, "momentum_precision": "8bit"},
-            "adafactor4bit": {"beta1": 0.9, "momentum_precision": "4bit"},
+            "adafactor_bf16": {"beta1": 0.9, "state_precision": "bf16"},
+            "adafactor8bit": {"beta1": 0.9, "state_precision": "8bit"},
+            "adafactor4bit": {"beta1": 0.9, "state_precision": "4bit"},
         },
+        state_precisions=STATE_PRECISIONS,
+        translation=Translation(
+            label="Adafactor paper: relative step (pre-training), explicit lr (fine-tuning)",
+            betas="drop",
+            pass_eps=False,
+            schedule={"pretrain": "inverse_sqrt"},
+            lr={"pretrain": 1e-2},
+            weight_decay={"pretrain": 0.0},
+            optional={
+                "pretrain": {"relative_step": False, "scale_parameter": True, "warmup_init": False, "beta1": None},
+                "finetune": {"relative_step": False, "scale_parameter": False, "warmup_init": False},
+            },
+            source="Shazeer & Stern, Adafactor, ICML 2018: pre-training with the relative step "
+            "min(1e-2, 1/sqrt(t)) (here lr 1e-2 with lmopt's inverse_sqrt schedule), parameter scaling, "
+            "no momentum, no weight decay; fine-tuning with an explicit lr and scale_parameter=False "
+            "(transformers' Adafactor docs)",
+        ),
+        # an explicit learning rate (no relative step, no parameter scaling), so it follows the same warmup +
+        # cosine schedule as the others (Shazeer & Stern 2018 section 8; HF's fine-tuning advice)
+        compare={"lr": 3e-3, "relative_step": False, "scale_parameter": False, "warmup_init": False},
+        compare_default=3,
+        recommend_tier=2,
+        recommend_reason="Adafactor: factored state (Shazeer & Stern 2018)",
     ),
 ]

@@ -56,8 +56,8 @@ import torch
 from torch import Tensor, nn
 
 from ..param_groups import classify_parameters
-from ..registry import OptimizerSpec, StateTensor
-from ._blocking import blockable, math_dtype, row_blocks
+from ..spec import SAME_AS_ADAMW, OptimizerSpec, StateTensor
+from ._dispatch import blockable, math_dtype, row_blocks
 from .base import Implementation, LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
 
 __all__ = ["AdamMini", "Partition", "adam_mini", "find_partitions"]
@@ -494,6 +494,26 @@ def adam_mini_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[s
     ]
 
 
+def planned_blocks(param: Any, architecture: Any) -> Mapping[str, Any]:
+    """The planner's view of Adam-mini's partition (the spec's ``structure_state``): one second moment per head
+    for query and key projections, per output neuron elsewhere (transformers' GPT-2 Conv1D stores weights
+    (in, out); its fused QKV has per-head Q and K and per-neuron V), per token for embeddings. Returned as
+    ``blocks`` for :func:`adam_mini_state`; ``param`` has ``shape``, ``role`` and ``module``, ``architecture``
+    ``family``, ``num_heads`` and ``num_kv_heads`` (None: structure unknown)."""
+    if architecture is None or len(param.shape) != 2 or param.role not in ("matrix", "head"):
+        return {}
+    module = param.module
+    if architecture.family == "gpt2":
+        if module == "c_attn":
+            return {"blocks": 2 * architecture.num_heads + param.shape[1] // 3}
+        return {"blocks": param.shape[1]}
+    if module in ("q_proj", "q"):
+        return {"blocks": architecture.num_heads}
+    if module in ("k_proj", "k"):
+        return {"blocks": architecture.num_kv_heads}
+    return {}
+
+
 SPECS = [
     OptimizerSpec(
         name="adam_mini",
@@ -504,5 +524,11 @@ SPECS = [
         family="adam",
         accepts_model=True,
         aliases={"adam_mini_torch": {}, "adammini": {}},
+        structure_state=planned_blocks,
+        translation=SAME_AS_ADAMW,  # Zhang et al. 2024: the same hyperparameters as AdamW
+        compare={"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
+        compare_default=6,
+        recommend_tier=2,
+        recommend_reason="Adam-mini: 1/2 of the state (Zhang et al. 2024)",
     ),
 ]

@@ -1,24 +1,30 @@
-"""Adam, AdamW and AMSGrad with a choice of state precision.
+"""Adam, AdamW and AMSGrad at any state precision: fp32, bf16, 8-bit or 4-bit moments.
 
 Update rule (Kingma & Ba 2015; decoupled weight decay: Loshchilov & Hutter 2019; AMSGrad: Reddi et al. 2018),
 for gradient ``g_t`` (negated when ``maximize``) at step ``t``:
 
 .. code-block:: text
 
-    AdamW:  p <- p * (1 - lr * weight_decay)              (decoupled decay)
     Adam:   g <- g + weight_decay * p                     (coupled L2 penalty)
     m <- beta1 * m + (1 - beta1) * g
     v <- beta2 * v + (1 - beta2) * g^2
     v_max <- max(v_max, v)                                (AMSGrad only; used in place of v below)
     p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    AdamW:  p <- p - lr * weight_decay * p                (decoupled decay, from the p before the step)
 
-State per parameter (torch's names): ``step`` (fp32 scalar), ``exp_avg`` and ``exp_avg_sq`` (parameter shape,
-in ``state_dtype``: the parameter's dtype by default, or bf16), ``max_exp_avg_sq`` with ``amsgrad=True``.
-The math always runs in fp32 (fp64 for fp64 tensors).
+State per parameter (torch's names): ``step`` (fp32 scalar; on the CPU for 8/4-bit state, so reading it never
+waits for a GPU), ``exp_avg`` and ``exp_avg_sq`` (parameter shape), ``max_exp_avg_sq`` with ``amsgrad=True``.
+``state_precision`` (:mod:`lmopt.optim._precision`) stores the moments in the parameter's dtype (None, default),
+``"fp32"``, ``"bf16"``, or blockwise-quantized ``"8bit"`` / ``"4bit"`` (Dettmers et al. 2022; Li et al. 2023:
+``<name>_codes`` + ``<name>_scales``, fp32 moments for tensors under ``min_quantized_numel``); ``kahan_comp``
+for bf16/fp16 parameters with ``param_rounding="kahan"``. The math always runs in fp32 (fp64 for fp64 tensors).
+:class:`AdamW8bit`, :class:`Adam8bit` and :class:`AdamW4bit` are AdamW / Adam with another default precision.
 
-Implementations (``implementation=``): ``for_loop`` (the plain per-tensor path, the reference), ``foreach``
-(multi-tensor), ``fused`` (torch's fused CPU/GPU kernel: one pass over memory), and ``auto`` (default:
-``fused`` where it applies -- state in the parameter's dtype, non-DTensor parameters -- else ``foreach``).
+Implementations (``implementation=``, vocabulary in :mod:`lmopt.spec`): ``for_loop`` (the one per-tensor rule
+:func:`adam_delta`, the reference, at every precision), ``foreach`` (multi-tensor), ``fused`` (torch's fused
+kernel), ``kernel`` (lmopt's C kernel on CPUs, Triton on CUDA, for 8/4-bit state: bit-identical to ``for_loop``),
+and ``auto`` (default; :func:`lmopt.optim.resolve_implementation`): ``kernel`` for quantized state, ``fused``
+where it applies (state in the parameter's dtype, non-DTensor parameters), else ``foreach``.
 """
 
 from __future__ import annotations
@@ -26,40 +32,60 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from functools import partialmethod
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..quant.rounding import PARAM_ROUNDINGS, apply_update_, stochastic_key
-from ..registry import OptimizerSpec, StateTensor
-from .base import (
-    Implementation,
-    LmoptOptimizer,
-    check_betas,
-    check_choice,
-    check_nonnegative,
-    check_positive,
-    is_dtensor,
+from ..spec import SAME_AS_ADAMW, STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor, Translation
+from ._dispatch import resolve_implementation
+from ._precision import (
+    ROUNDING_CODES,
+    MomentPrecision,
+    _sqrt,
+    adam_scalars,
+    kahan_state,
+    moments_state,
+    validate_state_precision,
+    warn_deprecated_precision,
 )
+from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive, is_dtensor
 
-__all__ = ["Adam", "AdamW", "adamw"]
-
-_STATE_DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+__all__ = ["Adam", "Adam8bit", "AdamW", "AdamW4bit", "AdamW8bit", "adam_delta", "adamw"]
 
 
-def normalize_state_dtype(state_dtype: Any) -> str | None:
-    """``None`` (follow the parameter), ``"fp32"`` or ``"bf16"``; torch dtypes are accepted and named."""
-    state_dtype = _DTYPE_NAMES.get(state_dtype, state_dtype)
-    check_choice("state_dtype", state_dtype, list(_STATE_DTYPES))
-    return state_dtype
-
-
-def resolve_state_dtype(state_dtype: str | None, param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a moment tensor for a parameter of ``param_dtype``."""
-    resolved = _STATE_DTYPES[state_dtype]
-    return param_dtype if resolved is None else resolved
+def adam_delta(
+    p32: Tensor,
+    g32: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    *,
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> Tensor:
+    """The Adam/AdamW/AMSGrad rule for one tensor (see the module docstring): updates the moments in place
+    (math-dtype tensors) and returns the parameter's update. Every precision and the ``for_loop`` path run this;
+    lmopt's kernels compute the same operations in the same order (IEEE square root, no fused multiply-add)."""
+    if not decoupled and weight_decay != 0:
+        g32 = g32 + p32 * weight_decay
+    exp_avg.mul_(beta1).add_(g32 * (1 - beta1))
+    exp_avg_sq.mul_(beta2).add_((g32 * g32) * (1 - beta2))
+    v_hat = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq, exp_avg_sq))
+        v_hat = max_exp_avg_sq
+    step_size, inv_bc2 = adam_scalars(lr, beta1, beta2, step)
+    delta = (exp_avg / _sqrt(v_hat).mul_(inv_bc2).add_(eps)).mul_(step_size).neg_()
+    if decoupled and weight_decay != 0:
+        delta.sub_(p32 * (lr * weight_decay))
+    return delta
 
 
 def _single_tensor_adamw(
@@ -80,39 +106,32 @@ def _single_tensor_adamw(
     maximize,
 ):
     for i, p in enumerate(params):
-        grad = grads[i].to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+        math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        grad = grads[i].to(math_dtype)
         if maximize:
             grad = -grad
-        p32 = p if p.dtype in (torch.float32, torch.float64) else p.float()
-        m = exp_avgs[i] if exp_avgs[i].dtype == p32.dtype else exp_avgs[i].to(p32.dtype)
-        v = exp_avg_sqs[i] if exp_avg_sqs[i].dtype == p32.dtype else exp_avg_sqs[i].to(p32.dtype)
+        p32, m, v = _upcast([p, exp_avgs[i], exp_avg_sqs[i]], math_dtype)
+        vmax = _upcast([max_exp_avg_sqs[i]], math_dtype)[0] if amsgrad else None
         state_steps[i] += 1
-        step = float(state_steps[i])
-        if weight_decay != 0:
-            if decoupled:
-                p32.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad.add(p32, alpha=weight_decay)
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if amsgrad:
-            vmax = max_exp_avg_sqs[i] if max_exp_avg_sqs[i].dtype == p32.dtype else max_exp_avg_sqs[i].to(p32.dtype)
-            torch.maximum(vmax, v, out=vmax)
-            if vmax is not max_exp_avg_sqs[i]:
-                max_exp_avg_sqs[i].copy_(vmax)
-            v_hat = vmax
-        else:
-            v_hat = v
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        denom = (v_hat.sqrt() / bias_correction2_sqrt).add_(eps)
-        p32.addcdiv_(m, denom, value=-lr / bias_correction1)
-        if m is not exp_avgs[i]:
-            exp_avgs[i].copy_(m)
-        if v is not exp_avg_sqs[i]:
-            exp_avg_sqs[i].copy_(v)
-        if p32 is not p:
-            p.copy_(p32)
+        delta = adam_delta(
+            p32,
+            grad,
+            m,
+            v,
+            vmax,
+            step=float(state_steps[i]),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+        )
+        p32.add_(delta)
+        _copy_back(
+            [exp_avgs[i], exp_avg_sqs[i], p, *([max_exp_avg_sqs[i]] if amsgrad else [])],
+            [m, v, p32, *([vmax] if amsgrad else [])],
+        )
 
 
 def _upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
@@ -259,18 +278,15 @@ def adamw(
     maximize: bool = False,
     implementation: Implementation = "auto",
 ) -> str:
-    """Functional Adam/AdamW/AMSGrad step over lists of tensors (see the module docstring for the rule).
+    """Functional Adam/AdamW/AMSGrad step over lists of tensors with full-precision moments (see the module
+    docstring for the rule).
 
     Updates ``params``, the moments and ``state_steps`` in place. ``decoupled=False`` is Adam with an L2
     penalty added to the gradient. Returns the implementation that ran (what ``"auto"`` chose).
     """
-    if implementation == "auto":
-        implementation = "fused" if fused_applies(params, exp_avgs) else "foreach"
-    if implementation == "fused" and not fused_applies(params, exp_avgs):
-        raise ValueError(
-            "implementation='fused' needs state in the parameter's dtype on CPU/CUDA non-DTensor parameters; "
-            "use implementation='foreach' or 'auto'"
-        )
+    implementation = resolve_implementation(
+        implementation, tuple(_IMPLEMENTATIONS), {"fused": fused_applies(params, exp_avgs)}, owner="AdamW"
+    )
     _IMPLEMENTATIONS[implementation](
         params,
         grads,
@@ -290,8 +306,8 @@ def adamw(
     return implementation
 
 
-class AdamW(LmoptOptimizer):
-    """AdamW (decoupled weight decay), optionally AMSGrad, with fp32 or bf16 moments.
+class AdamW(MomentPrecision, LmoptOptimizer):
+    """AdamW (decoupled weight decay), optionally AMSGrad, with moments at any state precision.
 
     Args:
         params: parameters or param groups (``lmopt.param_groups(model)`` builds decay / no-decay groups).
@@ -301,23 +317,35 @@ class AdamW(LmoptOptimizer):
         weight_decay: decoupled decay coefficient, multiplied by lr (default 0.01).
         amsgrad: keep the running maximum of the second moment (Reddi et al. 2018).
         maximize: ascend instead of descend.
-        state_dtype: ``None`` (the parameter's dtype, default), ``"fp32"`` or ``"bf16"`` moments
-            (bf16 halves state memory: 4 bytes per parameter instead of 8).
-        implementation: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"``.
+        state_precision: how the moments are stored: None (the parameter's dtype, default), ``"fp32"``,
+            ``"bf16"`` (4 bytes of state per parameter instead of 8), ``"8bit"`` (~2) or ``"4bit"`` (~1); see
+            :mod:`lmopt.optim._precision`.
+        block_size: elements per absmax block of 8/4-bit moments (default None: 256 for 8-bit, 128 for 4-bit).
+        min_quantized_numel: tensors with fewer elements keep fp32 moments under 8/4-bit precision (default
+            4096).
+        implementation: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"fused"`` (full-precision
+            moments) or ``"kernel"`` (8/4-bit moments: the C kernel on CPU, Triton on CUDA). For 8/4-bit state
+            the old name ``"fused"`` means ``"kernel"``.
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
         param_rounding: how bf16/fp16 parameters (no fp32 master copy) take the update: ``"nearest"``
             (default), ``"stochastic"`` (bf16) or ``"kahan"`` (adds a ``kahan_comp`` state tensor in the
             parameter's dtype); see :mod:`lmopt.quant.rounding`. No effect on fp32 parameters.
+        state_dtype: deprecated alias of ``state_precision`` (``"fp32"`` / ``"bf16"``).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = AdamW(lmopt.param_groups(model, weight_decay=0.1), lr=3e-4, betas=(0.9, 0.95))
         >>> model(torch.randn(8, 4)).square().mean().backward(); opt.step(); opt.zero_grad()
+        >>> opt8 = AdamW(model.parameters(), state_precision="8bit")   # = lmopt.AdamW8bit(model.parameters())
 
-    Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019; 8-bit state: Dettmers
+    et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022; 4-bit: Li et al., "Memory Efficient
+    Optimizers with 4-bit States", NeurIPS 2023.
     """
 
-    implementations = ("for_loop", "foreach", "fused")
+    implementations = ("for_loop", "foreach", "fused", "kernel")
+    moments = (("exp_avg", "first"), ("exp_avg_sq", "second"))
+    kernel_algorithm = "adam"
     _decoupled = True
 
     def __init__(
@@ -330,12 +358,16 @@ class AdamW(LmoptOptimizer):
         *,
         amsgrad: bool = False,
         maximize: bool = False,
-        state_dtype: str | torch.dtype | None = None,
+        state_precision: str | torch.dtype | None = None,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
         implementation: Implementation = "auto",
         nonfinite: str = "raise",
         check_finite: bool = True,
         param_rounding: str = "nearest",
+        state_dtype: str | torch.dtype | None = None,
     ) -> None:
+        warn_deprecated_precision("state_dtype", state_dtype)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -343,6 +375,9 @@ class AdamW(LmoptOptimizer):
             weight_decay=weight_decay,
             amsgrad=amsgrad,
             maximize=maximize,
+            state_precision=state_precision,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
             state_dtype=state_dtype,
             implementation=implementation,
             param_rounding=param_rounding,
@@ -356,132 +391,175 @@ class AdamW(LmoptOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_choice("amsgrad", group["amsgrad"], (True, False))
         check_choice("maximize", group["maximize"], (True, False))
-        group["state_dtype"] = normalize_state_dtype(group["state_dtype"])
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
         group.setdefault("param_rounding", "nearest")
-        check_choice("param_rounding", group["param_rounding"], PARAM_ROUNDINGS)
+        validate_state_precision(group, legacy="state_dtype")
+        quantized = self._quantized_group(group)
+        if quantized and group["implementation"] == "fused":  # the old low-bit classes' name for the kernel
+            group["implementation"] = "kernel"
+        impl = group["implementation"]
+        if quantized and impl not in ("auto", "kernel", "for_loop"):
+            raise ValueError(
+                f"implementation={impl!r} needs full-precision moments; state_precision="
+                f"{group['state_precision']!r} steps with implementation='kernel' (C/Triton), 'for_loop' or 'auto'"
+            )
+        if not quantized and impl == "kernel":
+            raise ValueError(
+                "implementation='kernel' is lmopt's 8/4-bit step kernel; use state_precision='8bit' or '4bit', or "
+                "implementation='auto' / 'fused' / 'foreach' / 'for_loop'"
+            )
+        if impl == "fused" and group["state_precision"] not in (None,):
+            raise ValueError(
+                "implementation='fused' needs state in the parameter's dtype (torch's fused kernel); with "
+                f"state_precision={group['state_precision']!r} use implementation='foreach' or 'auto'"
+            )
+
+    def _moments(self, group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        return (*self.moments, ("max_exp_avg_sq", "second")) if group.get("amsgrad") else self.moments
+
+    def _kernel_applies_to_group(self, group: dict[str, Any]) -> bool:
+        return not group["amsgrad"]
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
-        dtype = resolve_state_dtype(group["state_dtype"], param.dtype)
-        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-        state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        rounding = group.get("param_rounding", "nearest")
-        if rounding == "stochastic" and param.dtype == torch.float16:
-            raise ValueError("param_rounding='stochastic' supports bf16 parameters, not float16; use 'kahan'")
-        if rounding == "kahan" and param.dtype in (torch.bfloat16, torch.float16):
-            state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        # quantized groups count steps on the CPU (as torch.optim's non-capturable optimizers): reading the
+        # counter for the bias corrections and the stochastic-rounding key then never waits for the GPU
+        device = "cpu" if self._quantized_group(group) else param.device
+        state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+        self._init_moments(group, param, state)
+        self._init_rounding(group, param, state)
 
-    def _rounded_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        """bf16/fp16 parameters without a master copy, ``param_rounding`` "stochastic" or "kahan": the update of
-        each tensor is computed on an fp32 copy (one tensor at a time: no full-model temporaries), then written
-        back with that rounding (lmopt.quant.rounding)."""
+    def _update(self, group, p32, g32, values, step):
         beta1, beta2 = group["betas"]
-        seeds = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        impl = "for_loop" if group["implementation"] == "for_loop" else "foreach"
-        for p, g in zip(params, grads):
-            s = self.state[p]
-            shadow = p.float()
-            adamw(
-                [shadow],
-                [g],
-                [s["exp_avg"]],
-                [s["exp_avg_sq"]],
-                [s["max_exp_avg_sq"]] if group["amsgrad"] else [],
-                [s["step"]],
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled=self._decoupled,
-                amsgrad=group["amsgrad"],
-                maximize=group["maximize"],
-                implementation=impl,
-            )
-            before = p.float()
-            apply_update_(
-                p,
-                before,
-                shadow.sub_(before),
-                group["param_rounding"],
-                comp=s.get("kahan_comp"),
-                key=stochastic_key(seeds.get(id(p), 0), int(float(s["step"]))),
-            )
-
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        if group.get("param_rounding", "nearest") != "nearest":
-            low = [i for i, p in enumerate(params) if p.dtype in (torch.bfloat16, torch.float16)]
-            if low:
-                self._rounded_step(group, [params[i] for i in low], [grads[i] for i in low])
-                self._implementation_used[id(group)] = f"{group['param_rounding']} rounding (per tensor)"
-                keep = [i for i in range(len(params)) if i not in set(low)]
-                params, grads = [params[i] for i in keep], [grads[i] for i in keep]
-                if not params:
-                    return
-        states = [self.state[p] for p in params]
-        beta1, beta2 = group["betas"]
-        self._implementation_used[id(group)] = adamw(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states],
+        return adam_delta(
+            p32,
+            g32,
+            values["exp_avg"],
+            values["exp_avg_sq"],
+            values.get("max_exp_avg_sq"),
+            step=step,
             lr=float(group["lr"]),
             beta1=beta1,
             beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
             decoupled=self._decoupled,
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-            implementation=group["implementation"],
         )
+
+    def _kernel_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            lr=float(group["lr"]),
+            decoupled=self._decoupled,
+            maximize=group["maximize"],
+            rounding=ROUNDING_CODES[group["param_rounding"]],
+        )
+
+    def _kernel_scalars(self, group: dict[str, Any], step: float) -> tuple[float, float]:
+        beta1, beta2 = group["betas"]
+        return adam_scalars(float(group["lr"]), beta1, beta2, step)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        impl = group["implementation"]
+        if self._quantized_group(group):
+            self._implementation_used[id(group)] = self._step_quantized(group, params, grads, impl != "for_loop")
+            return
+        used = []
+        if group["param_rounding"] != "nearest":  # low-precision parameters take the rounded per-tensor rule
+            low = {i for i, p in enumerate(params) if p.dtype in (torch.bfloat16, torch.float16)}
+            if low:
+                self._step_per_tensor(group, [params[i] for i in low], [grads[i] for i in low])
+                used.append(f"{group['param_rounding']} rounding (per tensor)")
+                params = [p for i, p in enumerate(params) if i not in low]
+                grads = [g for i, g in enumerate(grads) if i not in low]
+        if params and impl == "for_loop":
+            used.append(self._step_per_tensor(group, params, grads))
+        elif params:
+            states = [self.state[p] for p in params]
+            beta1, beta2 = group["betas"]
+            used.append(
+                adamw(
+                    params,
+                    grads,
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                    [s["step"] for s in states],
+                    lr=float(group["lr"]),
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decoupled=self._decoupled,
+                    amsgrad=group["amsgrad"],
+                    maximize=group["maximize"],
+                    implementation=impl,
+                )
+            )
+        self._implementation_used[id(group)] = " + ".join(used)
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        if any(self._quantized_group(g) for g in self.param_groups):
+            text += f"\n  state: {self.state_summary()}"
+        return text
 
 
 class Adam(AdamW):
     """Adam with a coupled L2 penalty (``g <- g + weight_decay * p``); ``weight_decay`` defaults to 0.
 
-    Same arguments, state and implementations as :class:`AdamW`. AMSGrad: ``Adam(..., amsgrad=True)``.
+    Same arguments, state, precisions and implementations as :class:`AdamW`. AMSGrad: ``Adam(...,
+    amsgrad=True)``.
 
     Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
     """
 
     _decoupled = False
+    __init__ = partialmethod(AdamW.__init__, weight_decay=0.0)  # type: ignore[assignment]
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        amsgrad: bool = False,
-        maximize: bool = False,
-        state_dtype: str | torch.dtype | None = None,
-        implementation: Implementation = "auto",
-        nonfinite: str = "raise",
-        check_finite: bool = True,
-        param_rounding: str = "nearest",
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            state_dtype=state_dtype,
-            implementation=implementation,
-            nonfinite=nonfinite,
-            check_finite=check_finite,
-            param_rounding=param_rounding,
-        )
+
+class AdamW8bit(AdamW):
+    """AdamW with 8-bit blockwise-quantized moments (Dettmers et al. 2022): ~2 bytes of state per parameter.
+
+    ``AdamW(..., state_precision="8bit")``: same arguments (``block_size`` default 256, ``min_quantized_numel``
+    4096, ``param_rounding``), same rule; ``implementation="auto"`` runs lmopt's C kernel on CPUs and the Triton
+    kernel on CUDA (``"kernel"``; the old name ``"fused"`` still works), ``"for_loop"`` the PyTorch reference,
+    bit for bit the same. ``optimizer.state_summary()`` (also in ``repr``) says which tensors are quantized.
+
+    Example:
+        >>> opt = lmopt.AdamW8bit(lmopt.param_groups(model, weight_decay=0.1), lr=3e-4, betas=(0.9, 0.95))
+
+    Reference: Dettmers, Lewis, Shleifer & Zettlemoyer, "8-bit Optimizers via Block-wise Quantization",
+    ICLR 2022.
+    """
+
+    __init__ = partialmethod(AdamW.__init__, state_precision="8bit")  # type: ignore[assignment]
+
+
+class Adam8bit(Adam):
+    """Adam (coupled L2: ``g <- g + weight_decay * p``) with 8-bit moments; ``weight_decay`` defaults to 0.
+
+    ``Adam(..., state_precision="8bit")``; see :class:`AdamW8bit`.
+
+    Reference: Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022; Kingma & Ba 2015.
+    """
+
+    __init__ = partialmethod(AdamW.__init__, weight_decay=0.0, state_precision="8bit")  # type: ignore[assignment]
+
+
+class AdamW4bit(AdamW):
+    """AdamW with 4-bit moments (Li et al. 2023): ~1 byte of state per parameter.
+
+    ``AdamW(..., state_precision="4bit")``: first moment on a signed 4-bit dynamic-exponent map, second moment
+    on a zero-point-free linear map (``(k + 1) / 16``, so no second moment rounds to zero), blocks of 128 by
+    default, codes two per byte; see :class:`AdamW8bit`.
+
+    Reference: Li, Chen & Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
+    """
+
+    __init__ = partialmethod(AdamW.__init__, state_precision="4bit")  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,49 +570,105 @@ def step_tensor() -> StateTensor:
 
 
 def adam_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
-    moment = resolve_state_dtype(normalize_state_dtype(hyper.get("state_dtype")), dtype)
-    out = [step_tensor(), StateTensor("exp_avg", shape, moment), StateTensor("exp_avg_sq", shape, moment)]
-    if hyper.get("amsgrad"):
-        out.append(StateTensor("max_exp_avg_sq", shape, moment))
-    if hyper.get("param_rounding") == "kahan" and dtype in (torch.bfloat16, torch.float16):
-        out.append(StateTensor("kahan_comp", shape, dtype))
-    return out
+    moments = AdamW.moments + ((("max_exp_avg_sq", "second"),) if hyper.get("amsgrad") else ())
+    return [step_tensor(), *moments_state(moments, shape, dtype, hyper), *kahan_state(shape, dtype, hyper)]
 
 
 _ADAMW_PAPER = "Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019"
 _ADAM_PAPER = "Kingma & Ba, Adam: A Method for Stochastic Optimization, ICLR 2015"
+_DETTMERS = "Dettmers, Lewis, Shleifer & Zettlemoyer, 8-bit Optimizers via Block-wise Quantization, ICLR 2022"
+#: lmopt compare's workload (a ~1M-parameter model trained for a few hundred steps tolerates a larger peak
+#: learning rate than the published 100M+ recipes)
+_ADAMW_COMPARE = {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
+_ADAM_COMPARE = {"lr": 3e-3, "betas": (0.9, 0.95)}
+_LOW_BIT = Translation(
+    label="8-bit Adam paper: as AdamW",
+    source="Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022: "
+    "8-bit state uses the 32-bit hyperparameters unchanged",
+)
+_ADAM_FAMILY = dict(state=adam_state, family="adam", state_precisions=STATE_PRECISIONS)
 
 SPECS = [
     OptimizerSpec(
         name="adamw",
         cls=AdamW,
-        summary="Adam with decoupled weight decay; the LLM default",
+        summary="Adam with decoupled weight decay; the LLM default; fp32 / bf16 / 8-bit / 4-bit moments",
         paper=_ADAMW_PAPER,
-        state=adam_state,
-        family="adam",
         aliases={
             "adamw_torch": {},
             "adamw_hf": {},
             "adamw_torch_fused": {"implementation": "fused"},
-            "adamw_bf16": {"state_dtype": "bf16"},
+            "adamw_bf16": {"state_precision": "bf16"},
         },
+        lookahead=True,
+        translation=SAME_AS_ADAMW,
+        compare=_ADAMW_COMPARE,
+        compare_default=1,
+        recommend_tier=0,
+        recommend_reason="AdamW, the reference",
+        **_ADAM_FAMILY,
     ),
     OptimizerSpec(
         name="adam",
         cls=Adam,
         summary="Adam with coupled L2 weight decay",
         paper=_ADAM_PAPER,
-        state=adam_state,
-        family="adam",
+        lookahead=True,
+        translation=SAME_AS_ADAMW,
+        compare=_ADAM_COMPARE,
+        **_ADAM_FAMILY,
     ),
     OptimizerSpec(
         name="amsgrad",
         cls=AdamW,
         summary="AdamW with the running maximum of the second moment",
         paper="Reddi, Kale & Kumar, On the Convergence of Adam and Beyond, ICLR 2018",
-        state=adam_state,
         defaults={"amsgrad": True},
-        family="adam",
         aliases={"adamw_amsgrad": {}},
+        translation=SAME_AS_ADAMW,
+        compare=_ADAMW_COMPARE,
+        **_ADAM_FAMILY,
+    ),
+    OptimizerSpec(
+        name="adamw8bit",
+        cls=AdamW8bit,
+        summary="AdamW with 8-bit blockwise-quantized moments (2 B/param); C / Triton kernel",
+        paper=_DETTMERS,
+        aliases={
+            "adamw_bnb_8bit": {},
+            "adamw_8bit": {},
+            "adamw_torch_8bit": {},
+            "paged_adamw_8bit": {},
+            "adamw_8bit_sr": {"param_rounding": "stochastic"},
+            "adamw_8bit_kahan": {"param_rounding": "kahan"},
+        },
+        translation=_LOW_BIT,
+        compare=_ADAMW_COMPARE,
+        compare_default=2,
+        recommend_tier=1,
+        recommend_reason="8-bit AdamW: 1/4 of the state, AdamW's quality (Dettmers et al. 2022)",
+        **_ADAM_FAMILY,
+    ),
+    OptimizerSpec(
+        name="adam8bit",
+        cls=Adam8bit,
+        summary="Adam (coupled L2) with 8-bit blockwise-quantized moments",
+        paper=_DETTMERS,
+        aliases={"adam_8bit": {}, "adam_bnb_8bit": {}, "paged_adam_8bit": {}},
+        translation=_LOW_BIT,
+        compare=_ADAM_COMPARE,
+        **_ADAM_FAMILY,
+    ),
+    OptimizerSpec(
+        name="adamw4bit",
+        cls=AdamW4bit,
+        summary="AdamW with 4-bit moments (1 B/param): DE map for m, zero-free linear map for v",
+        paper="Li, Chen & Zhu, Memory Efficient Optimizers with 4-bit States, NeurIPS 2023",
+        aliases={"adamw_torch_4bit": {}, "adamw_4bit": {}},
+        translation=_LOW_BIT,
+        compare=_ADAMW_COMPARE,
+        recommend_tier=2,
+        recommend_reason="4-bit AdamW: 1/8 of the state (Li et al. 2023)",
+        **_ADAM_FAMILY,
     ),
 ]

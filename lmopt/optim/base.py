@@ -23,15 +23,17 @@ The base class does the rest, the same way for every algorithm:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from ..quant.moments import is_quantized_entry
+from ..quant.rounding import PARAM_ROUNDINGS
 from ..quant.sharded import is_dtensor
+from ..spec import Implementation
 
 __all__ = [
     "LmoptOptimizer",
@@ -45,7 +47,6 @@ __all__ = [
     "is_dtensor",
 ]
 
-Implementation = Literal["auto", "for_loop", "foreach", "fused"]
 NonFinitePolicy = Literal["raise", "skip"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -124,8 +125,11 @@ class LmoptOptimizer(Optimizer):
             gradients, e.g. with a GradScaler that already skips such steps).
     """
 
-    #: implementations this optimizer has; the first is the plain reference path.
+    #: implementations this optimizer has (:data:`lmopt.spec.IMPLEMENTATIONS`); the first is the plain reference
     implementations: tuple[str, ...] = ("for_loop",)
+    #: old implementation names still accepted, and what they mean now (e.g. ``{"fused": "blocked"}`` where
+    #: "fused" used to name lmopt's cache-blocked pass)
+    implementation_aliases: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self,
@@ -138,8 +142,7 @@ class LmoptOptimizer(Optimizer):
         check_choice("nonfinite", nonfinite, ("raise", "skip"))
         if not isinstance(check_finite, bool):
             raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
-        impl = defaults.get("implementation", "auto")
-        check_choice("implementation", impl, ("auto", *self.implementations))
+        self._check_implementation(defaults)
         self.nonfinite = nonfinite
         self.check_finite = check_finite
         self.skipped_steps = 0
@@ -147,12 +150,24 @@ class LmoptOptimizer(Optimizer):
         self._implementation_used: dict[int, str] = {}  # id(group) -> what "auto" chose at the last step
         super().__init__(params, defaults)
         for group in self.param_groups:
+            self._check_implementation(group)
             self._validate_group(group)
             for p in group["params"]:
                 if p.is_floating_point() and p.dtype not in _FLOAT_DTYPES:
                     raise ValueError(f"parameter dtype {p.dtype} is not supported; use one of {_FLOAT_DTYPES}")
 
     # -- hooks for subclasses ------------------------------------------------------------------------------------
+    def _check_implementation(self, group: dict[str, Any]) -> None:
+        """Check the group's ``implementation`` (and the shared ``param_rounding``), mapping old names to the
+        current vocabulary (:attr:`implementation_aliases`)."""
+        impl = group.get("implementation", "auto")
+        impl = self.implementation_aliases.get(impl, impl) if isinstance(impl, str) else impl
+        check_choice("implementation", impl, ("auto", *self.implementations))
+        if "implementation" in group:
+            group["implementation"] = impl
+        if "param_rounding" in group:
+            check_choice("param_rounding", group["param_rounding"], PARAM_ROUNDINGS)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Validate one group's hyperparameters (groups may override the defaults)."""
 
@@ -165,6 +180,7 @@ class LmoptOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "skipped_steps"):  # after __init__: validate groups added later too
+            self._check_implementation(self.param_groups[-1])
             self._validate_group(self.param_groups[-1])
 
     # -- helpers -------------------------------------------------------------------------------------------------
@@ -309,6 +325,16 @@ class LmoptOptimizer(Optimizer):
                 if isinstance(value, Tensor) and not is_quantized_entry(name) and value.dtype != restored[name].dtype:
                     restored[name] = value.to(device=p.device, copy=True)
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self._after_load_state_dict()
+
+    def _after_load_state_dict(self) -> None:
+        """Groups saved before a hyperparameter existed get its default; every group is validated again (old
+        names, e.g. deprecated aliases, are normalized)."""
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            self._check_implementation(group)
+            self._validate_group(group)
 
     def _saved_params(self, state_dict: dict[str, Any]) -> dict[Any, Tensor]:
         """Saved state key -> parameter, as torch's loader pairs them: the saved groups' ``params`` entries

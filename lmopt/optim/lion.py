@@ -1,40 +1,60 @@
-"""Lion: the sign of an interpolated momentum, with decoupled weight decay.
+"""Lion: the sign of an interpolated momentum, with decoupled weight decay, at any state precision.
 
 Update rule (Chen et al. 2023, Algorithm 2), for gradient ``g`` (negated when ``maximize``):
 
 .. code-block:: text
 
-    p <- p * (1 - lr * weight_decay)                  (decoupled decay)
     c <- beta1 * m + (1 - beta1) * g                  (interpolation, not stored)
-    p <- p - lr * sign(c)
+    p <- p - lr * sign(c) - lr * weight_decay * p     (decoupled decay, from the p before the step)
     m <- beta2 * m + (1 - beta2) * g
 
-State per parameter: ``exp_avg`` (``m``, parameter shape and dtype) -- 4 bytes per fp32 parameter, half of
-AdamW's. No step counter is kept (the rule does not use one). The math runs in fp32 (fp64 for fp64 tensors).
+State per parameter: ``exp_avg`` (``m``) -- 4 bytes per fp32 parameter, half of AdamW's -- at the group's
+``state_precision`` (None: the parameter's dtype; ``"bf16"``; ``"8bit"``: ~1 byte, blockwise-quantized as in
+:mod:`lmopt.optim._precision`). No step counter is kept for full-precision state (the rule does not use one);
+8/4-bit state and ``param_rounding="stochastic"`` / ``"kahan"`` keep ``step`` (the rounding key) and, for Kahan,
+``kahan_comp``. The math runs in fp32 (fp64 for fp64 tensors). :class:`Lion8bit` is Lion with 8-bit state.
 
 Every update has the same magnitude ``lr`` per coordinate, so Lion wants a learning rate 3-10x smaller than
-AdamW's and a weight decay 3-10x larger to keep ``lr * weight_decay`` the same (the paper's advice,
-Section 5); the registry recipe is ``lr=1e-4, weight_decay=0.3`` (for AdamW at 3e-4..1e-3 and 0.1).
+AdamW's and a weight decay 3-10x larger to keep ``lr * weight_decay`` the same (the paper's Section 5); the
+registry's translation of AdamW recipes takes the conservative end (lr / 3, weight decay x 3, betas (0.9, 0.99)).
 
-Implementations: ``for_loop`` (plain per-tensor reference), ``foreach`` (multi-tensor; GPU and DTensor),
-``fused`` (one cache-blocked pass over memory per tensor, see :mod:`lmopt.optim._blocking`), ``auto``
-(``fused`` for plain CPU tensors, else ``foreach``).
+Implementations: ``for_loop`` (:func:`lion_delta` per tensor, the reference at every precision), ``foreach``
+(multi-tensor; GPU and DTensor), ``blocked`` (one cache-blocked pass over memory per tensor, see
+:mod:`lmopt.optim._dispatch`; the old name ``fused`` still works), ``kernel`` (8/4-bit state: the C / Triton
+kernel, bit-identical to ``for_loop``), ``auto`` (``kernel`` for quantized state, ``blocked`` for plain CPU
+tensors, else ``foreach``). The faster full-precision paths interpolate with ``lerp`` (one op), the reference
+with a multiply and an add (the kernels' order); they agree to rounding.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from functools import partialmethod
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..registry import OptimizerSpec, StateTensor
-from ._blocking import as_math, blockable, flat_blocks
-from .base import Implementation, LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
+from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor, Translation
+from ._dispatch import as_math, blockable, flat_blocks, resolve_implementation
+from ._precision import ROUNDING_CODES, MomentPrecision, kahan_state, moments_state, validate_state_precision
+from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
 
-__all__ = ["Lion", "lion"]
+__all__ = ["Lion", "Lion8bit", "lion", "lion_delta"]
+
+
+def lion_delta(
+    p32: Tensor, g32: Tensor, exp_avg: Tensor, *, lr: float, beta1: float, beta2: float, weight_decay: float
+) -> Tensor:
+    """The Lion rule for one tensor (see the module docstring): updates ``exp_avg`` in place (math dtype) and
+    returns the parameter's update; the kernels compute the same operations in the same order."""
+    c = exp_avg * beta1 + g32 * (1 - beta1)
+    delta = c.sign_().mul_(lr).neg_()
+    if weight_decay != 0:
+        delta.sub_(p32 * (lr * weight_decay))
+    exp_avg.mul_(beta2).add_(g32 * (1 - beta2))
+    return delta
 
 
 def _lion_block(
@@ -65,12 +85,7 @@ def _single_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_dec
         p32, g32, m32 = as_math(p), as_math(g), as_math(m)
         if maximize:
             g32 = -g32
-        # lerp, as the other paths (bit-identical interpolation keeps sign(c) identical across paths)
-        c = torch.lerp(m32, g32, 1 - beta1)
-        m32.lerp_(g32, 1 - beta2)
-        if weight_decay != 0:
-            p32.mul_(1 - lr * weight_decay)
-        p32.add_(torch.sign(c), alpha=-lr)
+        p32.add_(lion_delta(p32, g32, m32, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay))
         if m32 is not m:
             m.copy_(m32)
         if p32 is not p:
@@ -102,7 +117,7 @@ def _multi_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_deca
                 torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
 
-def _fused_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
+def _blocked_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
     decay = 1 - lr * weight_decay
     rest = []
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=False)):
@@ -135,7 +150,7 @@ def _fused_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maxi
         )
 
 
-_IMPLEMENTATIONS = {"for_loop": _single_tensor_lion, "foreach": _multi_tensor_lion, "fused": _fused_lion}
+_IMPLEMENTATIONS = {"for_loop": _single_tensor_lion, "foreach": _multi_tensor_lion, "blocked": _blocked_lion}
 
 
 def lion(
@@ -152,15 +167,20 @@ def lion(
 ) -> str:
     """Functional Lion step over lists of tensors (see the module docstring for the rule); updates in
     place."""
-    if implementation == "auto":
-        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
+    blocked = all(p.device.type == "cpu" and blockable(p) for p in params)
+    implementation = resolve_implementation(
+        {"fused": "blocked"}.get(implementation, implementation),
+        tuple(_IMPLEMENTATIONS),
+        {"blocked": blocked},
+        owner="Lion",
+    )
     _IMPLEMENTATIONS[implementation](
         params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize
     )
     return implementation
 
 
-class Lion(LmoptOptimizer):
+class Lion(MomentPrecision, LmoptOptimizer):
     """Lion (EvoLved Sign Momentum): ``p -= lr * sign(beta1 * m + (1 - beta1) * g)``, one moment of state.
 
     Args:
@@ -171,10 +191,16 @@ class Lion(LmoptOptimizer):
         weight_decay: decoupled decay, multiplied by lr (default 0.0; the registry recipe uses 0.3, 3-10x
             AdamW's).
         maximize: ascend instead of descend.
-        implementation: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"``.
+        state_precision: how ``exp_avg`` is stored: None (the parameter's dtype, default), ``"fp32"``,
+            ``"bf16"``, ``"8bit"`` or ``"4bit"``; ``block_size`` / ``min_quantized_numel`` as for
+            :class:`lmopt.AdamW`.
+        param_rounding: how bf16 parameters take the update: ``"nearest"`` (default), ``"stochastic"`` or
+            ``"kahan"`` (no effect on fp32 parameters).
+        implementation: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"blocked"`` (old name
+            ``"fused"``) or ``"kernel"`` (8/4-bit state).
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
 
-    State: ``exp_avg`` (parameter shape and dtype).
+    State: ``exp_avg``; with quantized state or a rounding mode also ``step`` (and ``kahan_comp``).
 
     Example:
         >>> opt = Lion(lmopt.param_groups(model, weight_decay=0.3), lr=1e-4)
@@ -183,7 +209,10 @@ class Lion(LmoptOptimizer):
     Reference: Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023.
     """
 
-    implementations = ("for_loop", "foreach", "fused")
+    implementations = ("for_loop", "foreach", "blocked", "kernel")
+    implementation_aliases = {"fused": "blocked"}
+    moments = (("exp_avg", "first"),)
+    kernel_algorithm = "lion"
 
     def __init__(
         self,
@@ -193,11 +222,25 @@ class Lion(LmoptOptimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        state_precision: str | torch.dtype | None = None,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
+        param_rounding: str = "nearest",
         implementation: Implementation = "auto",
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, implementation=implementation)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            state_precision=state_precision,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
+            param_rounding=param_rounding,
+            implementation=implementation,
+        )
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -205,41 +248,138 @@ class Lion(LmoptOptimizer):
         check_betas("betas", group["betas"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_choice("maximize", group["maximize"], (True, False))
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
+        group.setdefault("param_rounding", "nearest")
+        validate_state_precision(group)
+        quantized = self._quantized_group(group)
+        if quantized and group["implementation"] == "blocked":  # Lion8bit's old "fused" was the kernel
+            group["implementation"] = "kernel"
+        impl = group["implementation"]
+        if quantized != (impl == "kernel") and impl not in ("auto", "for_loop"):
+            need = "'kernel', 'for_loop' or 'auto'" if quantized else "'blocked', 'foreach', 'for_loop' or 'auto'"
+            raise ValueError(
+                f"implementation={impl!r} does not run state_precision={group['state_precision']!r}; use {need}"
+            )
+
+    def _per_tensor(self, group: dict[str, Any]) -> bool:
+        """Groups that step through the per-tensor rule with a step counter: quantized state or rounding."""
+        return self._quantized_group(group) or group.get("param_rounding", "nearest") != "nearest"
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if self._per_tensor(group):
+            state["step"] = torch.zeros((), dtype=torch.float32)  # a CPU counter: the stochastic-rounding key
+        self._init_moments(group, param, state)
+        self._init_rounding(group, param, state)
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _update(self, group, p32, g32, values, step):
         beta1, beta2 = group["betas"]
-        self._implementation_used[id(group)] = lion(
-            params,
-            grads,
-            [self.state[p]["exp_avg"] for p in params],
-            lr=float(group["lr"]),
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        return lion_delta(p32, g32, values["exp_avg"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd)
+
+    def _kernel_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(
             beta1=beta1,
             beta2=beta2,
-            weight_decay=group["weight_decay"],
+            weight_decay=float(group["weight_decay"]),
+            lr=float(group["lr"]),
+            decoupled=True,
             maximize=group["maximize"],
-            implementation=group["implementation"],
+            rounding=ROUNDING_CODES[group["param_rounding"]],
         )
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        impl = group["implementation"]
+        if self._quantized_group(group):
+            used = self._step_quantized(group, params, grads, impl != "for_loop")
+        elif impl == "for_loop" or "step" in self.state[params[0]]:
+            used = self._step_per_tensor(group, params, grads)
+        else:
+            beta1, beta2 = group["betas"]
+            used = lion(
+                params,
+                grads,
+                [self.state[p]["exp_avg"] for p in params],
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                implementation=impl,
+            )
+        self._implementation_used[id(group)] = used
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        if any(self._quantized_group(g) for g in self.param_groups):
+            text += f"\n  state: {self.state_summary()}"
+        return text
+
+
+class Lion8bit(Lion):
+    """Lion with an 8-bit blockwise-quantized momentum: ~1 byte of state per parameter.
+
+    ``Lion(..., state_precision="8bit")``: same arguments and rule; ``implementation="auto"`` runs lmopt's C
+    kernel on CPUs and the Triton kernel on CUDA (``"kernel"``; the old name ``"fused"`` still works).
+
+    Example:
+        >>> opt = lmopt.Lion8bit(model.parameters(), lr=1e-4, weight_decay=1.0)
+
+    Reference: Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023; state quantization
+    after Dettmers et al. 2022.
+    """
+
+    __init__ = partialmethod(Lion.__init__, state_precision="8bit")  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # registry entries
 def lion_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
-    return [StateTensor("exp_avg", shape, dtype)]
+    counted = hyper.get("state_precision") in ("8bit", "4bit") or hyper.get("param_rounding", "nearest") != "nearest"
+    step = [StateTensor("step", (), torch.float32)] if counted else []
+    return [*step, *moments_state(Lion.moments, shape, dtype, hyper), *kahan_state(shape, dtype, hyper)]
 
+
+_LION_PAPER = "Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023"
+#: one translation for Lion and its low-bit entry. Chen et al. 2023, Section 5: lr 3-10x smaller and weight decay
+#: 3-10x larger than AdamW's (lr x wd kept); betas (0.9, 0.99) are Lion's defaults, (0.95, 0.98) the paper's
+#: stability fix for large language models. lmopt takes the conservative end (3x) and the defaults, for
+#: recipes and for compare's short runs alike.
+_LION_TRANSLATION = Translation(
+    label="Lion paper, Sec. 5: lr / 3, weight decay x 3, betas (0.9, 0.99)",
+    lr_factor=1 / 3,
+    weight_decay_factor=3.0,
+    betas=(0.9, 0.99),
+    pass_eps=False,
+    source="Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023, Section 5: "
+    "lr 3-10x smaller and weight decay 3-10x larger than AdamW's (lr x wd kept), beta1=0.9, "
+    "beta2=0.99; lmopt takes the conservative end (3x)",
+)
 
 SPECS = [
     OptimizerSpec(
         name="lion",
         cls=Lion,
         summary="sign of interpolated momentum; half of AdamW's state; lr 3-10x below AdamW's",
-        paper="Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023",
+        paper=_LION_PAPER,
         state=lion_state,
         defaults={"lr": 1e-4, "weight_decay": 0.3},
         family="sign",
         aliases={"lion_32bit": {}, "lion_torch": {}},
+        state_precisions=STATE_PRECISIONS,
+        translation=_LION_TRANSLATION,
+        compare_default=4,  # compare=None: AdamW's compare hyperparameters through the translation
+        recommend_tier=2,
+        recommend_reason="Lion: one moment (Chen et al. 2023)",
+    ),
+    OptimizerSpec(
+        name="lion8bit",
+        cls=Lion8bit,
+        summary="Lion with an 8-bit blockwise-quantized momentum (1 B/param)",
+        paper=_LION_PAPER + "; Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022",
+        state=lion_state,
+        family="sign",
+        aliases={"lion_8bit": {}, "paged_lion_8bit": {}},
+        state_precisions=STATE_PRECISIONS,
+        translation=_LION_TRANSLATION,
     ),
 ]

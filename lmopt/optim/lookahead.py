@@ -21,7 +21,8 @@ so ``state_dict`` holds all of it and resumes exactly.
 
 Registry: ``lmopt.create_optimizer("lookahead_adamw", model, lr=3e-4, lookahead_k=5, lookahead_alpha=0.5)``
 for
-each optimizer in :data:`LOOKAHEAD_BASES` (any of the inner optimizer's hyperparameters are accepted), or
+each optimizer whose spec says ``lookahead=True`` (:data:`LOOKAHEAD_BASES`; any of the inner
+optimizer's hyperparameters are accepted), or
 :func:`with_lookahead` to build any registry optimizer wrapped: ``with_lookahead("lion", model, k=6,
 lr=1e-4)``.
 
@@ -30,7 +31,6 @@ Reference: Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 s
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,13 +39,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..registry import OptimizerSpec, StateTensor
+from ..spec import OptimizerSpec, StateTensor
 from .base import check_range, is_dtensor
 
-__all__ = ["LOOKAHEAD_BASES", "Lookahead", "with_lookahead"]
-
-#: registry optimizers that get a ``lookahead_<name>`` entry (any other: :func:`with_lookahead`)
-LOOKAHEAD_BASES: tuple[str, ...] = ("adamw", "adam", "sgd", "radam", "adabound", "muon")
+__all__ = ["LOOKAHEAD_BASES", "Lookahead", "with_lookahead"]  # noqa: F822 (LOOKAHEAD_BASES: read on access)
 
 
 def _check_k(k: Any) -> None:
@@ -227,49 +224,28 @@ def _lookahead_state(base: OptimizerSpec):
     return rule
 
 
-def _base_specs() -> dict[str, OptimizerSpec]:
-    from ..registry import SPEC_MODULES
-
-    found: dict[str, OptimizerSpec] = {}
-    for module_name in SPEC_MODULES:
-        if module_name == __name__:
-            continue
-        for spec in importlib.import_module(module_name).SPECS:
-            found[spec.name] = spec
-    return found
-
-
-def _make_specs() -> list[OptimizerSpec]:
-    bases = _base_specs()
-    specs = []
-    for name in LOOKAHEAD_BASES:
-        base = bases.get(name)
-        if base is None:
-            continue
-        specs.append(
-            OptimizerSpec(
-                name=f"lookahead_{name}",
-                cls=_lookahead_class(base),
-                summary=f"Lookahead (k fast steps, one slow step) around {name}",
-                paper="Zhang et al., Lookahead Optimizer: k steps forward, 1 step back, NeurIPS 2019",
-                state=_lookahead_state(base),
-                defaults={},
-                family=base.family,
-                per_parameter=False,
-                accepts_model=base.accepts_model,
-            )
-        )
-    return specs
-
-
-_SPECS: list[OptimizerSpec] | None = None
+def lookahead_spec(base: OptimizerSpec) -> OptimizerSpec:
+    """The ``lookahead_<name>`` registry entry around ``base`` (made by the registry for specs with
+    ``lookahead=True``)."""
+    return OptimizerSpec(
+        name=f"lookahead_{base.name}",
+        cls=_lookahead_class(base),
+        summary=f"Lookahead (k fast steps, one slow step) around {base.name}",
+        paper="Zhang et al., Lookahead Optimizer: k steps forward, 1 step back, NeurIPS 2019",
+        state=_lookahead_state(base),
+        family=base.family,
+        per_parameter=False,
+        accepts_model=base.accepts_model,
+        structure_state=base.structure_state,
+        state_precisions=base.state_precisions,
+    )
 
 
 def __getattr__(name: str) -> Any:
-    # SPECS is built on first access, after the base modules are importable (no import cycle, any order)
-    global _SPECS
-    if name == "SPECS":
-        if _SPECS is None:
-            _SPECS = _make_specs()
-        return _SPECS
+    # LOOKAHEAD_BASES: the registry optimizers that get a ``lookahead_<name>`` entry (their spec says
+    # ``lookahead=True``); read from the registry on access, so it cannot disagree with it
+    if name == "LOOKAHEAD_BASES":
+        from ..registry import list_optimizers
+
+        return tuple(s.name for s in list_optimizers() if s.lookahead)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

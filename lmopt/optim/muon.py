@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..param_groups import classify_parameters
-from ..registry import OptimizerSpec, StateTensor
+from ..spec import OptimizerSpec, StateTensor, Translation
 from .adamw import adam_state, adamw
 from .base import (
     LmoptOptimizer,
@@ -488,5 +488,18 @@ SPECS = [
         family="muon",
         accepts_model=True,
         aliases={"moonlight_muon": {"adjust_lr_fn": "match_rms_adamw"}},
+        lookahead=True,
+        translation=Translation(
+            betas="optional",  # betas/eps of Muon's AdamW part: passed only if the constructor names them so
+            label="Moonlight paper: as AdamW with 0.2 sqrt(max(m, n)) scaling; momentum 0.95",
+            optional={"pretrain": {"momentum": 0.95}, "finetune": {"momentum": 0.95}},
+            source="Liu et al., Muon is Scalable for LLM Training (Moonlight), 2025: with the "
+            "0.2 sqrt(max(m, n)) update scaling Muon shares AdamW's lr and weight decay; "
+            "momentum 0.95 (Jordan et al. 2024)",
+        ),
+        # with Moonlight's RMS matching Muon reuses AdamW's lr and weight decay; its non-matrix parameters use
+        # AdamW
+        compare={"lr": 3e-3, "weight_decay": 0.1},
+        compare_default=8,
     ),
 ]

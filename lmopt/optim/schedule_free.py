@@ -43,8 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..registry import OptimizerSpec, StateTensor
-from . import _blocks
+from ..spec import OptimizerSpec, StateTensor, Translation
+from . import _dispatch
+from ._dispatch import blocked_applies, resolve_implementation
 from .base import (
     Implementation,
     LmoptOptimizer,
@@ -52,7 +53,6 @@ from .base import (
     check_choice,
     check_nonnegative,
     check_positive,
-    is_dtensor,
 )
 
 __all__ = ["ScheduleFreeAdamW", "recompute_batchnorm_statistics", "schedule_free_adamw"]
@@ -123,7 +123,7 @@ def _multi_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, 
 def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2):
     # the foreach rule applied block by block, so the 4 tensors and the denominator stay in cache between the
     # ops: one read of y, z, v, g and one write of y, z, v from memory (28 bytes per fp32 parameter)
-    small = [i for i, y in enumerate(ys) if y.numel() < _blocks.BLOCK_ELEMENTS]
+    small = [i for i, y in enumerate(ys) if y.numel() < _dispatch.BLOCK_ELEMENTS]
     if small:  # tensors that fit one block: one foreach call each op, not one Python call per tensor
         pick = [[t[i] for i in small] for t in (ys, grads, zs, vs)]
         _multi_tensor_sf(
@@ -136,7 +136,7 @@ def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1,
             ckp1=ckp1,
             bias_correction2=bias_correction2,
         )
-        large = [i for i in range(len(ys)) if ys[i].numel() >= _blocks.BLOCK_ELEMENTS]
+        large = [i for i in range(len(ys)) if ys[i].numel() >= _dispatch.BLOCK_ELEMENTS]
         ys, grads, zs, vs = ([t[i] for i in large] for t in (ys, grads, zs, vs))
     s, a, c_y = _blocked_coefficients(lr, beta1, weight_decay, ckp1, bias_correction2)
     scratch: dict[torch.dtype, Tensor] = {}
@@ -145,11 +145,11 @@ def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1,
         dtype = _math_dtype(y_)
         flat = [t.reshape(-1) for t in (y_, g_, z_, v_)]
         if dtype not in scratch:
-            scratch[dtype] = torch.empty(min(n, _blocks.BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
-        elif scratch[dtype].numel() < min(n, _blocks.BLOCK_ELEMENTS):
-            scratch[dtype] = torch.empty(min(n, _blocks.BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
-        for start in range(0, n, _blocks.BLOCK_ELEMENTS):
-            end = min(n, start + _blocks.BLOCK_ELEMENTS)
+            scratch[dtype] = torch.empty(min(n, _dispatch.BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
+        elif scratch[dtype].numel() < min(n, _dispatch.BLOCK_ELEMENTS):
+            scratch[dtype] = torch.empty(min(n, _dispatch.BLOCK_ELEMENTS), dtype=dtype, device=y_.device)
+        for start in range(0, n, _dispatch.BLOCK_ELEMENTS):
+            end = min(n, start + _dispatch.BLOCK_ELEMENTS)
             yb_, gb, zb_, vb_ = (t[start:end] for t in flat)
             yb, zb, vb = (t if t.dtype == dtype else t.to(dtype) for t in (yb_, zb_, vb_))
             if gb.dtype != dtype:
@@ -170,11 +170,6 @@ def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1,
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_sf, "foreach": _multi_tensor_sf, "blocked": _blocked_sf}
-
-
-def _blocked_applies(ys: list[Tensor]) -> bool:
-    """Blocks of flat views need plain contiguous CPU tensors (on GPUs the launches would dominate)."""
-    return all(y.device.type == "cpu" and not is_dtensor(y) and y.is_contiguous() for y in ys)
 
 
 def schedule_free_adamw(
@@ -198,10 +193,9 @@ def schedule_free_adamw(
     weight ``c_t`` and ``bias_correction2`` is ``1 - beta2^t``. Updates ``ys``, ``zs`` and ``exp_avg_sqs`` in
     place; the gradients are not modified.
     """
-    if implementation == "auto":
-        implementation = "blocked" if _blocked_applies(ys) else "foreach"
-    if implementation == "blocked" and not _blocked_applies(ys):
-        raise ValueError("implementation='blocked' needs contiguous non-DTensor CPU parameters; use 'foreach'")
+    implementation = resolve_implementation(
+        implementation, tuple(_IMPLEMENTATIONS), {"blocked": blocked_applies(ys)}, owner="Schedule-Free AdamW"
+    )
     _IMPLEMENTATIONS[implementation](
         ys,
         grads,
@@ -488,5 +482,14 @@ SPECS = [
         family="adam",
         per_parameter=False,  # the averaging weight and step counter are per group: no gradient release
         aliases={"schedule_free": {}, "adamw_schedulefree": {}},
+        translation=Translation(
+            label="Schedule-Free paper: no decay schedule",
+            schedule="constant",
+            source="Defazio et al., The Road Less Scheduled, NeurIPS 2024: no decay schedule (warmup only); the "
+            "schedulefree README suggests lr 1x-10x AdamW's, lmopt keeps 1x",
+        ),
+        # a larger lr than a scheduled AdamW (schedulefree README: 1x-10x)
+        compare={"lr": 6e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
+        compare_default=7,
     ),
 ]

@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import OptimizerSpec, StateTensor
-from ._blocking import BLOCK_ELEMENTS, as_math, blockable, flat_blocks
+from ..spec import OptimizerSpec, StateTensor
+from ._dispatch import BLOCK_ELEMENTS, as_math, blockable, flat_blocks
 from .base import (
     Implementation,
     LmoptOptimizer,

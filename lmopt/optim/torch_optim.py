@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..registry import OptimizerSpec, StateTensor
+from ..spec import OptimizerSpec, StateTensor
 
 
 def _scalar(name: str) -> StateTensor:
@@ -58,6 +58,7 @@ SPECS = [
         defaults={"lr": 1e-2},
         family="sgd",
         aliases={"sgd_momentum": {"momentum": 0.9}, "sgd_nesterov": {"momentum": 0.9, "nesterov": True}},
+        lookahead=True,
     ),
     OptimizerSpec(
         name="adagrad",
@@ -82,6 +83,7 @@ SPECS = [
         paper="Liu et al., On the Variance of the Adaptive Learning Rate and Beyond, ICLR 2020",
         state=_radam_state,
         family="adam",
+        lookahead=True,
     ),
     OptimizerSpec(
         name="nadam",

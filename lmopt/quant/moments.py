@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..registry import StateTensor
+from ..spec import StateTensor
 from .blockwise import QuantizedState, _check_block_size, code_bytes, num_blocks
 from .sharded import ShardLayout, is_dtensor, local_quantized, sharded_quantized_zeros
 

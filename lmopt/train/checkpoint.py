@@ -214,7 +214,7 @@ def save_checkpoint(
 
     Everything must be plain data or tensors so that ``torch.load(weights_only=True)`` can read it back.
     """
-    from .. import __version__
+    from .._version import __version__
 
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
