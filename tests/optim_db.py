@@ -307,7 +307,7 @@ def _momentum_specs() -> list[OptimSpec]:
         )
         # bf16 rounding of m turns the implementations' last-bit differences into bf16 ulps (as adamw_bf16)
         common: dict[str, Any] = dict(
-            implementations=("for_loop", "fused"),
+            implementations=("for_loop", "blocked"),
             implementation_tol=(1e-5, 1e-6) if quantized else (1e-2, 1e-3),
             # FSDP2: blocks cut at shard boundaries round m differently; measured
             # came8bit 0.005, adafactor8bit 0.006, came4bit 0.10, adafactor4bit 0.044
@@ -594,7 +594,7 @@ OPTIM_DB: list[OptimSpec] = [
         ],
         reference=_adafactor_ref,
         reference_tol=(1e-6, 1e-9),
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "blocked"),
         invalid=_ADAFACTOR_INVALID,
     ),
     OptimSpec(
@@ -604,7 +604,7 @@ OPTIM_DB: list[OptimSpec] = [
             {"lr": 2e-3, "weight_decay": 0.1, "betas": (0.8, 0.99, 0.999), "clip_threshold": 0.5},
         ],
         reference=_came_ref,
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "blocked"),
         invalid=_CAME_INVALID,
     ),
     *_momentum_specs(),
@@ -612,7 +612,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="adam_mini",
         variants=[{"lr": 1e-2}, {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1, "eps": 1e-6}],
         reference=_adam_mini_ref,
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "blocked"),
         invalid=[*_ADAM_INVALID[:6], ({"n_heads": 0}, "n_heads"), ({"implementation": "cuda_magic"}, "implementation")],
         build=_adam_mini_build,
     ),
@@ -620,7 +620,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="lion",
         variants=[{"lr": 1e-3}, {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5}],
         reference=_lion_ref,
-        implementations=("for_loop", "foreach", "fused"),
+        implementations=("for_loop", "foreach", "blocked"),
         invalid=[
             ({"lr": -1.0}, "lr"),
             ({"betas": (0.9, 1.0)}, "betas"),
@@ -643,7 +643,7 @@ OPTIM_DB: list[OptimSpec] = [
             },
         ],
         reference=_sophia_ref,
-        implementations=("for_loop", "foreach", "fused"),
+        implementations=("for_loop", "foreach", "blocked"),
         invalid=[
             ({"lr": -1.0}, "lr"),
             ({"betas": (0.9, 1.0)}, "betas"),
@@ -684,7 +684,7 @@ OPTIM_DB: list[OptimSpec] = [
         reference=lambda model, kw: _MuonReference(model, kw),
         reference_steps=50,
         reference_tol=(1e-5, 1e-8),
-        implementations=("for_loop", "batched"),
+        implementations=("for_loop", "foreach"),
         invalid=_MUON_INVALID,
     ),
     OptimSpec(
@@ -720,7 +720,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="adamw8bit",
         distributed_tol=0.08,
         variants=_LOWBIT_VARIANTS,
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "kernel"),
         implementation_tol=(0.0, 0.0),
         invalid=[*_LOWBIT_INVALID, ({"eps": 0.0}, "eps")],
     ),
@@ -728,7 +728,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="adam8bit",
         distributed_tol=0.06,
         variants=[{**_LOWBIT_VARIANTS[1], "weight_decay": 0.05}],
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "kernel"),
         implementation_tol=(0.0, 0.0),
         invalid=_LOWBIT_INVALID,
     ),
@@ -736,7 +736,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="adamw4bit",
         distributed_tol=0.6,
         variants=_LOWBIT_VARIANTS[:2],
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "kernel"),
         implementation_tol=(0.0, 0.0),
         invalid=_LOWBIT_INVALID,
     ),
@@ -747,7 +747,7 @@ OPTIM_DB: list[OptimSpec] = [
             {"lr": 1e-3, "min_quantized_numel": 16, "block_size": 32},
             {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5, "min_quantized_numel": 0, "block_size": 16},
         ],
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "kernel"),
         implementation_tol=(0.0, 0.0),
         invalid=_LOWBIT_INVALID,
     ),
@@ -755,21 +755,21 @@ OPTIM_DB: list[OptimSpec] = [
         name="adamw_8bit",
         variants=[{"lr": 3e-3, "weight_decay": 0.1, "eps": 1e-6}],
         reference=_adamw_ref,
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "kernel"),
         invalid=_LOWBIT_INVALID,
     ),
     OptimSpec(
         name="adam_8bit",
         variants=[{"lr": 1e-2, "weight_decay": 0.05}],
         reference=_adam_ref,
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "kernel"),
         invalid=_LOWBIT_INVALID,
     ),
     OptimSpec(
         name="lion_8bit",
         variants=[{"lr": 1e-3, "weight_decay": 0.5}],
         reference=_lion_explicit_ref,
-        implementations=("for_loop", "fused"),
+        implementations=("for_loop", "kernel"),
         invalid=_LOWBIT_INVALID,
     ),
 ]

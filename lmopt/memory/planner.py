@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..registry import OptimizerSpec, list_optimizers, resolve_name
+from ..spec import IMPLEMENTATIONS
 from .activations import ACTIVATION_MODELS, CHECKPOINTING, ActivationEstimate, estimate_activations
 from .shapes import ModelShape, ParamShape, model_shape
 from .units import format_bytes, parse_bytes
@@ -396,19 +397,31 @@ def _state(
 
 
 def _step_implementation(spec: OptimizerSpec, hyper: Mapping[str, Any], fused_ok: bool, device: str) -> str:
-    """The implementation the optimizer's step will use: ``fused``, ``foreach`` or ``for_loop``."""
+    """The implementation the optimizer's step will use, by the optimizers' own rule
+    (:func:`lmopt.optim.resolve_implementation`): ``kernel``, ``fused``, ``blocked``, ``foreach`` or ``for_loop``.
+
+    ``fused_ok``: every parameter-sized state tensor has the parameter's dtype (torch's fused kernel needs it);
+    ``blocked`` runs on the CPU only; ``kernel`` needs 8/4-bit state."""
     if spec.cls.__module__.startswith("torch.optim"):
         if hyper.get("fused"):
             return "fused"
         foreach = hyper.get("foreach")
         return "foreach" if foreach or (foreach is None and device == "cuda") else "for_loop"
-    impl = hyper.get("implementation", "for_loop")
-    available = tuple(getattr(spec.cls, "implementations", ("for_loop",)))
-    if impl == "auto":  # lmopt's rule: fused where it applies, else the multi-tensor path, else the plain one
-        if "fused" in available and fused_ok:
-            return "fused"
-        return "foreach" if "foreach" in available else available[0]
-    return str(impl)
+    from ..optim import resolve_implementation
+
+    cls = spec.cls
+    available = tuple(getattr(cls, "implementations", ("for_loop",)))
+    requested = hyper.get("implementation", "auto")
+    requested = getattr(cls, "implementation_aliases", {}).get(requested, requested)
+    quantized = hyper.get("state_precision") in ("8bit", "4bit")
+    if quantized and requested in ("fused", "blocked"):  # the low-bit classes' old name for their kernel
+        requested = "kernel"
+    applies = {"fused": fused_ok and not quantized, "blocked": device == "cpu" and not quantized, "kernel": quantized}
+    if requested != "auto" and not applies.get(requested, True):
+        return str(requested)
+    return resolve_implementation(
+        requested, available, applies, preference=getattr(cls, "auto_preference", IMPLEMENTATIONS), owner=spec.name
+    )
 
 
 def _step_buffers(
@@ -442,7 +455,7 @@ def _step_buffers(
         extra += sum(4 * numel for _, t_dtype in wide if t_dtype != torch.float32)
         per_param.append((extra, count))
     impl = _step_implementation(spec, hyper, fused_ok, device)
-    if impl == "fused":
+    if impl in ("fused", "kernel", "blocked"):  # one pass over memory: no temporaries beyond an upcast gradient
         return (4 * max((math.prod(s) for s in local), default=0) if upcast_grads else 0), impl
     if impl == "foreach":
         return sum(extra * count for extra, count in per_param), impl

@@ -1,5 +1,6 @@
 """lmopt's optimizers. Each module holds one algorithm family and its registry entries (``SPECS``)."""
 
+from ._dispatch import resolve_implementation
 from .adabound import AdaBound
 from .adafactor import Adafactor, adafactor
 from .adam_mini import AdamMini, adam_mini, find_partitions
@@ -17,6 +18,7 @@ __all__ = [
     # engine
     "LmoptOptimizer",
     "NonFiniteGradientError",
+    "resolve_implementation",
     # Adam family
     "Adam",
     "AdamW",

@@ -38,9 +38,9 @@ learning rate is explicit (what ``TrainingArguments(optim="adafactor")`` does, a
 default: ``lr=1e-3, relative_step=False, scale_parameter=False``).
 
 Implementations: ``for_loop`` (the plain per-tensor reference, also right for DTensor parameters: its
-reductions are torch reductions over dims, which DTensor shards correctly) and ``fused`` (plain CPU tensors:
+reductions are torch reductions over dims, which DTensor shards correctly) and ``blocked`` (plain CPU tensors:
 cache-blocked passes over each matrix -- statistics, the RMS of the update computed without materialising
-it, then the update -- reading the gradient three times and the parameter once); ``auto`` picks ``fused`` for
+it, then the update -- reading the gradient three times and the parameter once); ``auto`` picks ``blocked`` for
 plain CPU tensors.
 """
 
@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
-from ._dispatch import BLOCK_ELEMENTS, blockable, math_dtype, row_blocks
+from ._dispatch import BLOCK_ELEMENTS, blockable, math_dtype, resolve_implementation, row_blocks
 from ._momentum import (
     init_momentum,
     momentum_state,
@@ -242,7 +242,7 @@ def blocked_scaled_rms(g3: Tensor, a: Tensor, b: Tensor, blocks: _Blocks) -> Ten
     return (weighted.mul_(a * a).sum() / (blocks.batch * blocks.rows * blocks.cols)).sqrt_()
 
 
-def _fused_adafactor(
+def _blocked_adafactor(
     params,
     grads,
     row_vars,
@@ -339,7 +339,7 @@ def _fused_adafactor(
         )
 
 
-_IMPLEMENTATIONS = {"for_loop": _single_tensor_adafactor, "fused": _fused_adafactor}
+_IMPLEMENTATIONS = {"for_loop": _single_tensor_adafactor, "blocked": _blocked_adafactor}
 
 
 def adafactor(
@@ -365,8 +365,14 @@ def adafactor(
 ) -> str:
     """Functional Adafactor step (see the module docstring); lists hold ``None`` where a tensor has no such
     state."""
-    if implementation == "auto":
-        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
+    blocked = all(p.device.type == "cpu" and blockable(p) for p in params)
+    implementation = resolve_implementation(
+        {"fused": "blocked"}.get(implementation, implementation),
+        tuple(_IMPLEMENTATIONS),
+        {"blocked": blocked},
+        preference=("blocked", "for_loop"),
+        owner="adafactor",
+    )
     _IMPLEMENTATIONS[implementation](
         params,
         grads,
@@ -419,7 +425,7 @@ class Adafactor(LmoptOptimizer):
         block_size: values per absmax scale of a quantized moment (default None: 256 for 8-bit, 128 for 4-bit;
             a multiple of 16 in [16, 4096]).
         min_quantized_numel: tensors with fewer elements keep an fp32 first moment (default 4096).
-        implementation: ``"auto"`` (default), ``"for_loop"`` or ``"fused"``.
+        implementation: ``"auto"`` (default), ``"for_loop"`` or ``"blocked"`` (old name ``"fused"``).
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
         momentum_precision: deprecated alias of ``state_precision``.
 
@@ -439,7 +445,8 @@ class Adafactor(LmoptOptimizer):
     and Li et al., "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
     """
 
-    implementations = ("for_loop", "fused")
+    implementations = ("for_loop", "blocked")
+    implementation_aliases = {"fused": "blocked"}  # the name before lmopt's one vocabulary
 
     def __init__(
         self,

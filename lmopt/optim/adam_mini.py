@@ -41,7 +41,7 @@ State per parameter: ``step`` (fp32 scalar), ``exp_avg`` (parameter shape and dt
 (``(number of blocks,)``, fp32 -- fp64 for fp64 parameters): about 4.0 bytes per fp32 parameter.
 
 Implementations: ``for_loop`` (plain per-tensor path: four whole-tensor ops per tensor; reductions over dims,
-right on DTensor) and ``fused`` (plain CPU tensors: one cache-blocked pass for the first moment and the
+right on DTensor) and ``blocked`` (plain CPU tensors: one cache-blocked pass for the first moment and the
 per-neuron sums, then the parameter update); ``auto`` picks ``for_loop``, measured as fast or faster on CPU.
 """
 
@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from ..param_groups import classify_parameters
 from ..spec import SAME_AS_ADAMW, OptimizerSpec, StateTensor
-from ._dispatch import blockable, math_dtype, row_blocks
+from ._dispatch import blockable, math_dtype, resolve_implementation, row_blocks
 from .base import Implementation, LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
 
 __all__ = ["AdamMini", "Partition", "adam_mini", "find_partitions"]
@@ -238,7 +238,7 @@ def _single_tensor_adam_mini(
             p.copy_(p32)
 
 
-def _fused_adam_mini(
+def _blocked_adam_mini(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, partitions, *, lr, beta1, beta2, eps, weight_decay
 ):
     rest = []
@@ -301,7 +301,7 @@ def _fused_adam_mini(
         )
 
 
-_IMPLEMENTATIONS = {"for_loop": _single_tensor_adam_mini, "fused": _fused_adam_mini}
+_IMPLEMENTATIONS = {"for_loop": _single_tensor_adam_mini, "blocked": _blocked_adam_mini}
 
 
 def adam_mini(
@@ -321,8 +321,13 @@ def adam_mini(
 ) -> str:
     """Functional Adam-mini step (see the module docstring); ``partitions[i]`` is ``params[i]``'s
     partition."""
-    if implementation == "auto":  # measured: the whole-tensor path is as fast or faster on CPU (few ops per tensor)
-        implementation = "for_loop"
+    # measured: the whole-tensor path is as fast or faster on CPU (few ops per tensor), so "auto" takes it
+    implementation = resolve_implementation(
+        {"fused": "blocked"}.get(implementation, implementation),
+        tuple(_IMPLEMENTATIONS),
+        preference=AdamMini.auto_preference,
+        owner="Adam-mini",
+    )
     _IMPLEMENTATIONS[implementation](
         params,
         grads,
@@ -356,7 +361,7 @@ class AdamMini(LmoptOptimizer):
             tensors with >= 2 dims, one block for smaller ones.
         n_heads: attention heads (default: from ``model.config`` or the attention modules).
         n_kv_heads: key/value heads for grouped-query attention (default: from the config, else ``n_heads``).
-        implementation: ``"auto"`` (default), ``"for_loop"`` or ``"fused"``.
+        implementation: ``"auto"`` (default), ``"for_loop"`` or ``"blocked"`` (old name ``"fused"``).
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
 
     State: ``step``, ``exp_avg`` (parameter shape), ``exp_avg_sq`` (one value per block).
@@ -370,7 +375,9 @@ class AdamMini(LmoptOptimizer):
     Reference: Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", ICLR 2025 (arXiv:2406.16793).
     """
 
-    implementations = ("for_loop", "fused")
+    implementations = ("for_loop", "blocked")
+    implementation_aliases = {"fused": "blocked"}  # the name before lmopt's one vocabulary
+    auto_preference = ("for_loop",)
 
     def __init__(
         self,

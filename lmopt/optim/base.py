@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from ..quant.moments import is_quantized_entry
 from ..quant.rounding import PARAM_ROUNDINGS
 from ..quant.sharded import is_dtensor
-from ..spec import Implementation
+from ..spec import IMPLEMENTATIONS, Implementation
 
 __all__ = [
     "LmoptOptimizer",
@@ -130,6 +130,9 @@ class LmoptOptimizer(Optimizer):
     #: old implementation names still accepted, and what they mean now (e.g. ``{"fused": "blocked"}`` where
     #: "fused" used to name lmopt's cache-blocked pass)
     implementation_aliases: ClassVar[Mapping[str, str]] = {}
+    #: the order ``implementation="auto"`` tries this optimizer's paths in (measured; see
+    #: :func:`lmopt.optim.resolve_implementation`)
+    auto_preference: ClassVar[tuple[str, ...]] = IMPLEMENTATIONS
 
     def __init__(
         self,

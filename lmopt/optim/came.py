@@ -29,8 +29,8 @@ dequantize ``m`` -> the fp32 update above, unchanged (the parameter moves by the
 residual uses it) -> quantize ``m`` back (see :mod:`lmopt.optim._momentum`). The factored statistics stay fp32.
 
 Implementations: ``for_loop`` (plain per-tensor reference; reductions over dims, right on DTensor) and
-``fused`` (plain CPU tensors: cache-blocked passes -- statistics, RMS of the update without materialising it,
-the first moment with the residual's statistics, then the parameter update); ``auto`` picks ``fused`` on CPU.
+``blocked`` (plain CPU tensors: cache-blocked passes -- statistics, RMS of the update without materialising it,
+the first moment with the residual's statistics, then the parameter update); ``auto`` picks ``blocked`` on CPU.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
-from ._dispatch import blockable, math_dtype
+from ._dispatch import blockable, math_dtype, resolve_implementation
 from ._momentum import (
     init_momentum,
     momentum_state,
@@ -131,7 +131,7 @@ def _single_tensor_came(
             p.copy_(p32)
 
 
-def _fused_came(
+def _blocked_came(
     params,
     grads,
     row_vars,
@@ -224,7 +224,7 @@ def _fused_came(
         )
 
 
-_IMPLEMENTATIONS = {"for_loop": _single_tensor_came, "fused": _fused_came}
+_IMPLEMENTATIONS = {"for_loop": _single_tensor_came, "blocked": _blocked_came}
 
 
 def came(
@@ -250,8 +250,14 @@ def came(
 ) -> str:
     """Functional CAME step (see the module docstring); lists hold ``None`` where a tensor has no such
     state."""
-    if implementation == "auto":
-        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "for_loop"
+    blocked = all(p.device.type == "cpu" and blockable(p) for p in params)
+    implementation = resolve_implementation(
+        {"fused": "blocked"}.get(implementation, implementation),
+        tuple(_IMPLEMENTATIONS),
+        {"blocked": blocked},
+        preference=("blocked", "for_loop"),
+        owner="came",
+    )
     _IMPLEMENTATIONS[implementation](
         params,
         grads,
@@ -290,7 +296,7 @@ class CAME(LmoptOptimizer):
         block_size: values per absmax scale of a quantized moment (default None: 256 for 8-bit, 128 for 4-bit;
             a multiple of 16 in [16, 4096]).
         min_quantized_numel: tensors with fewer elements keep an fp32 first moment (default 4096).
-        implementation: ``"auto"`` (default), ``"for_loop"`` or ``"fused"``.
+        implementation: ``"auto"`` (default), ``"for_loop"`` or ``"blocked"`` (old name ``"fused"``).
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
         momentum_precision: deprecated alias of ``state_precision``.
 
@@ -307,7 +313,8 @@ class CAME(LmoptOptimizer):
     and Li et al., "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
     """
 
-    implementations = ("for_loop", "fused")
+    implementations = ("for_loop", "blocked")
+    implementation_aliases = {"fused": "blocked"}  # the name before lmopt's one vocabulary
 
     def __init__(
         self,

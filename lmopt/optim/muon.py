@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ..param_groups import classify_parameters
 from ..spec import OptimizerSpec, StateTensor, Translation
+from ._dispatch import resolve_implementation
 from .adamw import adam_state, adamw
 from .base import (
     LmoptOptimizer,
@@ -164,7 +165,7 @@ def _single_tensor_muon(
         _apply(p, ortho, lr, weight_decay, adjusted_lr(lr, adjust_lr_fn, tuple(matrix.shape)))
 
 
-def _batched_muon(
+def _foreach_muon(
     params,
     grads,
     bufs,
@@ -232,7 +233,7 @@ def _batched_muon(
                 _apply(p, o, lr, weight_decay, scaled)
 
 
-_IMPLEMENTATIONS = {"for_loop": _single_tensor_muon, "batched": _batched_muon}
+_IMPLEMENTATIONS = {"for_loop": _single_tensor_muon, "foreach": _foreach_muon}
 
 
 def muon(
@@ -252,8 +253,9 @@ def muon(
     implementation: str = "auto",
 ) -> None:
     """Functional Muon step over matrices (see the module docstring); updates params and buffers in place."""
-    if implementation == "auto":
-        implementation = "batched"
+    implementation = resolve_implementation(
+        {"batched": "foreach"}.get(implementation, implementation), tuple(_IMPLEMENTATIONS), owner="Muon"
+    )
     _IMPLEMENTATIONS[implementation](
         params,
         grads,
@@ -325,8 +327,8 @@ class Muon(LmoptOptimizer):
             ``"fp32"``.
         model: the model, to route by role (embeddings and the output head to AdamW); ``create_optimizer``
             passes it.
-        implementation: ``"auto"`` (= ``"batched"``: momentum with foreach ops, one batched Newton-Schulz per
-            matrix shape) or ``"for_loop"`` (one matrix at a time, torch.optim.Muon's order).
+        implementation: ``"auto"`` (= ``"foreach"``, old name ``"batched"``: momentum with foreach ops, one
+            batched Newton-Schulz per matrix shape) or ``"for_loop"`` (one matrix at a time, torch.optim.Muon's order).
         nonfinite, check_finite: see :class:`lmopt.optim.base.LmoptOptimizer`.
 
     State per parameter: Muon matrices keep ``momentum_buffer`` (the parameter's dtype: 4 bytes per fp32
@@ -340,7 +342,8 @@ class Muon(LmoptOptimizer):
     Training", arXiv:2502.16982.
     """
 
-    implementations = ("for_loop", "batched")
+    implementations = ("for_loop", "foreach")
+    implementation_aliases = {"batched": "foreach"}  # the name before lmopt's one vocabulary
 
     def __init__(
         self,

@@ -40,8 +40,8 @@ With ``estimator="hutchinson"`` the closure recomputes the training loss itself:
 State per parameter: ``step`` (fp32 scalar), ``exp_avg`` and ``hessian`` (parameter shape and dtype):
 8 bytes per fp32 parameter, as AdamW. The math runs in fp32 (fp64 for fp64 tensors).
 
-Implementations: ``for_loop`` (plain per-tensor reference), ``foreach`` (multi-tensor), ``fused`` (one
-cache-blocked pass per tensor, :mod:`lmopt.optim._blocking`); ``auto`` picks ``fused`` for plain CPU tensors,
+Implementations: ``for_loop`` (plain per-tensor reference), ``foreach`` (multi-tensor), ``blocked`` (one
+cache-blocked pass per tensor, :mod:`lmopt.optim._dispatch`); ``auto`` picks ``blocked`` for plain CPU tensors,
 else ``foreach``.
 """
 
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..spec import OptimizerSpec, StateTensor
-from ._dispatch import BLOCK_ELEMENTS, as_math, blockable, flat_blocks
+from ._dispatch import BLOCK_ELEMENTS, as_math, blockable, flat_blocks, resolve_implementation
 from .base import (
     Implementation,
     LmoptOptimizer,
@@ -160,7 +160,7 @@ def _multi_tensor_sophia(
                 torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
 
-def _fused_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize):
+def _blocked_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize):
     decay = 1 - lr * weight_decay
     rest = []
     for i, (p, g, m, h) in enumerate(zip(params, grads, exp_avgs, hessians, strict=False)):
@@ -213,7 +213,7 @@ def _fused_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, 
 _IMPLEMENTATIONS = {
     "for_loop": _single_tensor_sophia,
     "foreach": _multi_tensor_sophia,
-    "fused": _fused_sophia,
+    "blocked": _blocked_sophia,
 }
 
 
@@ -236,8 +236,14 @@ def sophia(
 
     Returns the implementation that ran (what ``"auto"`` chose).
     """
-    if implementation == "auto":
-        implementation = "fused" if all(p.device.type == "cpu" and blockable(p) for p in params) else "foreach"
+    blocked = all(p.device.type == "cpu" and blockable(p) for p in params)
+    implementation = resolve_implementation(
+        {"fused": "blocked"}.get(implementation, implementation),
+        tuple(_IMPLEMENTATIONS),
+        {"blocked": blocked},
+        preference=("blocked", "foreach"),
+        owner="sophia",
+    )
     _IMPLEMENTATIONS[implementation](
         params,
         grads,
@@ -270,7 +276,7 @@ class Sophia(LmoptOptimizer):
         hessian_distribution: probe vectors of the Hutchinson estimator, ``"gaussian"`` (default, the paper's)
             or ``"rademacher"``.
         maximize: ascend instead of descend.
-        implementation: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"``.
+        implementation: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"blocked"`` (old name ``"fused"``).
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
 
     State: ``step`` (fp32 scalar), ``exp_avg``, ``hessian`` (parameter shape and dtype).
@@ -285,7 +291,8 @@ class Sophia(LmoptOptimizer):
     Model Pre-training", ICLR 2024 (arXiv:2305.14342).
     """
 
-    implementations = ("for_loop", "foreach", "fused")
+    implementations = ("for_loop", "foreach", "blocked")
+    implementation_aliases = {"fused": "blocked"}  # the name before lmopt's one vocabulary
 
     def __init__(
         self,
