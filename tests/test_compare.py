@@ -52,6 +52,19 @@ def _write_corpus(folder: Path, files: int = 24) -> Path:
     return folder
 
 
+def _tiny_config(tmp_path: Path, optimizers: list[str], *, steps: int) -> CompareConfig:
+    """A comparison of ``optimizers`` on the tiny model and a three-file corpus: seconds per optimizer."""
+    return CompareConfig(
+        optimizers=optimizers,
+        model="tiny",
+        steps=steps,
+        batch_size=2,
+        seq_len=32,
+        eval_windows=2,
+        data=str(_write_corpus(tmp_path / "corpus", files=3)),
+    )
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """One CLI run on the default corpus: adamw, adam with a learning rate that diverges, then sgd."""
@@ -314,6 +327,25 @@ def test_optimizer_state_bytes_counts_shared_storage_once():
     assert optimizer_state_bytes(opt) == 2 * 4 * 105 + 2 * 4
 
 
+def test_optimizer_state_bytes_includes_lookahead_inner_state(tmp_path):
+    from lmopt.memory.measure import optimizer_state_bytes as library_state_bytes
+    from lmopt.optim.lookahead import Lookahead
+
+    params = [torch.nn.Parameter(torch.randn(10, 10)), torch.nn.Parameter(torch.randn(5))]
+    opt = Lookahead(torch.optim.AdamW(params), k=2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    # slow weights + exp_avg + exp_avg_sq per parameter, and the inner optimizer's fp32 step per tensor
+    assert optimizer_state_bytes(opt) == 3 * 4 * 105 + 2 * 4 == library_state_bytes(opt)
+    # in the results: Lookahead-AdamW holds AdamW's state and one fp32 slow copy of the weights on top
+    results = compare_mod.run_compare(_tiny_config(tmp_path, ["lookahead_adamw", "adamw"], steps=2))
+    lookahead, adamw = results["runs"]
+    assert lookahead["status"] == adamw["status"] == "ok"
+    n_params = results["model"]["parameters"]
+    assert lookahead["optimizer_state_bytes"] == adamw["optimizer_state_bytes"] + 4 * n_params
+
+
 def test_memory_meter_sees_a_large_allocation():
     meter = MemoryMeter(torch.device("cpu"))
     meter.start()
@@ -396,15 +428,7 @@ def test_schedule_free_gets_no_schedule_and_a_failing_optimizer_is_reported(monk
         registry.OptimizerSpec("broken_test", Broken, "", "", no_state, defaults={"lr": 0.1}),
     ):
         monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
-    config = CompareConfig(
-        optimizers=["sf_test", "broken_test", "sgd"],
-        model="tiny",
-        steps=4,
-        batch_size=2,
-        seq_len=32,
-        eval_windows=2,
-        data=str(_write_corpus(tmp_path / "corpus", files=3)),
-    )
+    config = _tiny_config(tmp_path, ["sf_test", "broken_test", "sgd"], steps=4)
     sf, broken, sgd = run_compare(config)["runs"]
     assert sf["status"] == "ok" and sf["schedule"].startswith("none (Schedule-Free")
     assert sf["hyperparameters"]["warmup_steps"] == config.resolved_warmup_steps

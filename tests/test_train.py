@@ -16,6 +16,7 @@ from lmopt.train import (
     HealthMonitor,
     clip_grad_norm,
     cross_entropy_with_z_loss,
+    optimizer_step,
     z_loss,
 )
 
@@ -134,6 +135,35 @@ def test_clip_after_accumulation_equals_clip_of_the_large_batch():
     assert r_acc.norm.item() == pytest.approx(r_big.norm.item(), rel=1e-5)
     for p, q in zip(big.parameters(), acc_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_optimizer_step_policies_for_a_non_finite_gradient():
+    x, y = _data()
+
+    def poisoned(opt):  # gradients with a NaN, a fresh model each time
+        model = _model()
+        F.mse_loss(model(x), y).backward()
+        next(model.parameters()).grad[0, 0] = float("nan")
+        return model, opt(model)
+
+    for policy in ("skip", "stop", "raise"):
+        model, opt = poisoned(lambda m: lmopt.create_optimizer("adamw", m, lr=1e-2, nonfinite="skip"))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+        before = [p.detach().clone() for p in model.parameters()]
+        outcome = optimizer_step(opt, clip=1.0, scheduler=sched, on_nonfinite=policy)
+        assert outcome.nonfinite and outcome.skipped == (policy != "stop") and outcome.stopped == (policy == "stop")
+        assert outcome.applied == (policy == "raise") and opt.skipped_steps == (policy == "raise")
+        assert sched.last_epoch == (0 if policy == "stop" else 1)  # a stop does not advance the schedule
+        assert all(p.grad is None for p in model.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.mse_loss(model(x), y).backward()
+    outcome = optimizer_step(opt, clip=None, loss=1.0)
+    assert outcome.applied and not (outcome.nonfinite or outcome.skipped or outcome.stopped)
+    assert not optimizer_step(opt, clip=None, loss=float("nan"), on_nonfinite="skip").applied
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        optimizer_step(opt, clip=None, on_nonfinite="ignore")
 
 
 # -- accumulation ------------------------------------------------------------------------------------------

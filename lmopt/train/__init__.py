@@ -5,6 +5,7 @@
 * :func:`z_loss`, :func:`cross_entropy_with_z_loss` -- PaLM's z-loss
 * :class:`HealthMonitor` -- loss spikes, gradient norms, clip rate, update ratios, NaN/inf, with suggestions
 * :func:`save_checkpoint`, :func:`load_checkpoint`, :class:`CheckpointManager`, :class:`PreemptionHandler`
+* :func:`optimizer_step` -- one update after the backward pass: clip, non-finite policy, step, zero, schedule
 * :func:`fit` -- the reference training loop that uses all of the above
 """
 
@@ -23,6 +24,7 @@ from .checkpoint import (
 from .clip import ClipResult, clip_grad_norm
 from .fit import FitResult, StepInfo, fit, lm_loss
 from .monitor import SUGGESTIONS, HealthEvent, HealthMonitor
+from .step import NonFinitePolicy, StepOutcome, optimizer_step
 from .zloss import cross_entropy_with_z_loss, z_loss
 
 __all__ = [
@@ -35,8 +37,10 @@ __all__ = [
     "GradientAccumulator",
     "HealthEvent",
     "HealthMonitor",
+    "NonFinitePolicy",
     "PreemptionHandler",
     "StepInfo",
+    "StepOutcome",
     "TrainState",
     "capture_rng_state",
     "clip_grad_norm",
@@ -44,6 +48,7 @@ __all__ = [
     "fit",
     "lm_loss",
     "load_checkpoint",
+    "optimizer_step",
     "restore_rng_state",
     "save_checkpoint",
     "z_loss",

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,8 +36,8 @@ from torch.optim import Optimizer
 
 from .accumulate import GradientAccumulator
 from .checkpoint import CheckpointManager, PreemptionHandler
-from .clip import clip_grad_norm
 from .monitor import HealthEvent, HealthMonitor
+from .step import NonFinitePolicy, optimizer_step
 from .zloss import cross_entropy_with_z_loss
 
 __all__ = ["FitResult", "StepInfo", "fit", "lm_loss"]
@@ -154,7 +152,7 @@ def fit(
     config: dict[str, Any] | None = None,
     callbacks: Sequence[Callable[[StepInfo], bool | None]] = (),
     handle_signals: bool = True,
-    on_nonfinite: Literal["stop", "skip", "raise"] = "stop",
+    on_nonfinite: NonFinitePolicy = "stop",
 ) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps (in total, counting steps before a resume).
 
@@ -283,35 +281,21 @@ def fit(
                 accumulator.reset()
                 position = step_start_position
                 break
-            mean_loss = accumulator.finish()
-            clipped = clip_grad_norm(optimizer, clip, scaler=scaler)
-            loss_value = float(mean_loss)
-            # with a GradScaler, overflowing fp16 gradients are routine: the scaler skips those steps itself
-            diverged = not math.isfinite(loss_value) or (scaler is None and not bool(torch.isfinite(clipped.norm)))
+            loss_value = float(accumulator.finish())
             if health is not None:
-                health.before_step(step, optimizer)
+                health.before_step(step, optimizer)  # snapshots the parameters (not the gradients)
             lr = float(optimizer.param_groups[0]["lr"])
-            if diverged and on_nonfinite == "stop":
-                optimizer.zero_grad(set_to_none=True)
+            outcome = optimizer_step(
+                optimizer, clip=clip, loss=loss_value, scaler=scaler, scheduler=scheduler, on_nonfinite=on_nonfinite
+            )
+            clipped = outcome.clip
+            if outcome.stopped:
                 if health is not None:
                     result.events.extend(health.after_step(step, loss=loss_value, clip=clipped))
                 result.stopped_by = "nonfinite"
                 break
-            if diverged and on_nonfinite == "skip":
+            if not outcome.applied:
                 result.skipped_steps += 1
-            elif scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:
-                with warnings.catch_warnings():
-                    # a skipped update still advances the schedule (as with a GradScaler's skipped steps)
-                    warnings.filterwarnings(
-                        "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
-                    )
-                    scheduler.step()
             events: list[HealthEvent] = []
             if health is not None:
                 events = health.after_step(step, loss=loss_value, clip=clipped, optimizer=optimizer)

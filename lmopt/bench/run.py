@@ -1,0 +1,503 @@
+"""The ``lmopt compare`` run loop: train each optimizer on the same data, measure, evaluate, collect results.
+
+The configuration and its resolution (optimizer names, recipes, hyperparameters, the LR schedule) are in
+:mod:`lmopt.bench.compare`, which also re-exports everything public here; this module runs a resolved
+comparison. The update itself is lmopt.train's (:func:`lmopt.train.optimizer_step`, the one :func:`lmopt.train.fit`
+runs), the optimizer-state bytes :func:`lmopt.memory.measure.optimizer_state_bytes` and the LR scheduler
+:func:`lmopt.schedules.scheduler`.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import gc
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..memory.measure import optimizer_state_bytes
+from ..registry import create_optimizer
+from ..schedules import scheduler as lr_scheduler
+from ..train.clip import clip_grad_norm
+from ..train.step import optimizer_step
+from .compare import (
+    CompareConfig,
+    _jsonable,
+    is_schedule_free,
+    lr_schedule,
+    optimizer_hyperparameters,
+    resolve_config,
+    resolve_device,
+)
+from .corpus import Corpus, gather_windows, load_corpus, train_batch_offsets, validation_windows
+from .workload import MODEL_SIZES, build_model, count_parameters
+
+__all__ = [
+    "CompareCallbacks",
+    "FINAL_LOSS_WINDOW",
+    "MAX_CONSECUTIVE_SKIPS",
+    "SCHEMA_VERSION",
+    "MemoryMeter",
+    "StepResult",
+    "environment",
+    "evaluate",
+    "optimizer_state_bytes",
+    "run_compare",
+    "train_step",
+]
+
+#: steps whose loss is averaged into the "final train loss"
+FINAL_LOSS_WINDOW = 10
+#: a run is declared diverged after this many skipped (non-finite) steps in a row
+MAX_CONSECUTIVE_SKIPS = 20
+SCHEMA_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------------------------
+def _read_status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class MemoryMeter:
+    """Peak memory of one run.
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensors only).
+    * CPU on Linux: the process's resident-set high-water mark (``VmHWM``), reset before each run by writing
+      ``5`` to ``/proc/self/clear_refs``, after ``gc.collect()`` and glibc's ``malloc_trim(0)`` returned freed
+      memory to the system. The figure is the peak minus the resident size just before the run's model copy
+      and optimizer were made: the run's own parameters, gradients, optimizer state, activations and
+      temporaries (plus allocator slack).
+    * CPU elsewhere: ``getrusage`` maximum RSS, which cannot be reset: a lifetime maximum, comparable only
+      for the first run (said so in :attr:`method`).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = 0
+        self._libc = None
+        if device.type == "cuda":
+            self.method = "CUDA: torch.cuda.max_memory_allocated during the run (tensors only)"
+            self.label = "peak CUDA memory allocated"
+            self.kind = "cuda"
+        elif self._can_reset_rss():
+            self.method = (
+                "CPU: peak resident set size (VmHWM, reset per run through /proc/self/clear_refs after "
+                "gc + malloc_trim) minus the resident size before the run's model copy and optimizer"
+            )
+            self.label = "peak RSS growth of the run (VmHWM reset per run)"
+            self.kind = "rss"
+            name = ctypes.util.find_library("c")
+            try:
+                self._libc = ctypes.CDLL(name) if name else None
+                if self._libc is not None and not hasattr(self._libc, "malloc_trim"):
+                    self._libc = None
+            except OSError:
+                self._libc = None
+        else:
+            self.method = "CPU: lifetime maximum RSS from getrusage (cannot be reset; only the first run is exact)"
+            self.label = "lifetime peak RSS (getrusage)"
+            self.kind = "rusage"
+
+    @staticmethod
+    def _can_reset_rss() -> bool:
+        if _read_status_kb("VmHWM") is None:
+            return False
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        gc.collect()
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        elif self.kind == "rss":
+            if self._libc is not None:
+                self._libc.malloc_trim(0)
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+            self.baseline = _read_status_kb("VmRSS") or 0
+        else:
+            self.baseline = 0
+
+    def peak(self) -> tuple[int, int]:
+        """``(peak during the run minus the baseline, absolute peak)`` in bytes."""
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.kind == "rss":
+            peak = _read_status_kb("VmHWM") or 0
+        else:
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        return max(0, peak - self.baseline), peak
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the training step and the loop
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    """One training step: the loss before the update, the gradient norm, whether the update was skipped."""
+
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    input_ids: torch.Tensor,
+    *,
+    max_grad_norm: float,
+    scheduler: Any = None,
+) -> StepResult:
+    """Forward, backward, then lmopt.train's update (the one place the loop touches the optimizer).
+
+    The update is :func:`lmopt.train.optimizer_step`, the one :func:`lmopt.train.fit` runs: clipping with
+    :func:`lmopt.train.clip_grad_norm` (``max_grad_norm`` 0: measure only), whose norm is handed to lmopt
+    optimizers (``record_grad_norm``), so their own check does not read the gradients again and their
+    ``nonfinite="skip"`` policy skips and counts a non-finite step; other optimizers' non-finite steps are
+    skipped by the loop. Then the gradients are zeroed and ``scheduler`` (if any) is stepped. A non-finite
+    *loss* is returned without a backward pass (the caller stops the run as diverged).
+    """
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_value, float("nan"), False)
+    loss.backward()
+    # an optimizer with its own non-finite policy (lmopt's, told the norm) decides; for others the loop skips
+    own_policy = hasattr(optimizer, "record_grad_norm") and hasattr(optimizer, "skipped_steps")
+    outcome = optimizer_step(
+        optimizer,
+        clip=max_grad_norm if max_grad_norm > 0 else None,
+        loss=loss_value,
+        scheduler=scheduler,
+        on_nonfinite="raise" if own_policy else "skip",
+    )
+    return StepResult(loss_value, float(outcome.clip.norm), outcome.skipped)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean next-token loss over the validation windows (each window weighs the same)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        chunk = windows[start : start + batch_size].to(device)
+        total += float(model(input_ids=chunk, labels=chunk).loss) * chunk.shape[0]
+        count += chunk.shape[0]
+    model.train(was_training)
+    return total / max(1, count)
+
+
+class CompareCallbacks(Protocol):
+    """Progress hooks (the CLI draws its progress bars with them)."""
+
+    def on_run_start(self, name: str, steps: int) -> None: ...
+
+    def on_step(self, name: str, step: int, loss: float, tokens_per_second: float) -> None: ...
+
+    def on_run_end(self, name: str, result: dict[str, Any]) -> None: ...
+
+
+class _Silent:
+    def on_run_start(self, name: str, steps: int) -> None:
+        pass
+
+    def on_step(self, name: str, step: int, loss: float, tokens_per_second: float) -> None:
+        pass
+
+    def on_run_end(self, name: str, result: dict[str, Any]) -> None:
+        pass
+
+
+def _run_one(
+    name: str,
+    template: nn.Module,
+    config: CompareConfig,
+    device: torch.device,
+    offsets: torch.Tensor,
+    corpus: Corpus,
+    val_windows: torch.Tensor,
+    meter: MemoryMeter,
+    callbacks: CompareCallbacks,
+) -> dict[str, Any]:
+    warmup = config.resolved_warmup_steps
+    spec, hyper, ignored = optimizer_hyperparameters(name, config.hyperparameters.get(name, {}), warmup_steps=warmup)
+    schedule_free = is_schedule_free(spec.cls)
+    result: dict[str, Any] = {
+        "name": name,
+        "optimizer": spec.name,
+        "class": f"{spec.cls.__module__}.{spec.cls.__qualname__}",
+        "hyperparameters": _jsonable(hyper),
+        "ignored_recipe_keys": ignored,
+        "schedule": None,
+        "status": "ok",
+        "message": None,
+        "steps_completed": 0,
+        "final_train_loss": None,
+        "validation_loss": None,
+        "tokens_per_second": None,
+        "train_time_s": 0.0,
+        "optimizer_state_bytes": None,
+        "peak_memory_bytes": None,
+        "peak_memory_absolute_bytes": None,
+        "skipped_steps": 0,
+        "history": {"step": [], "loss": [], "time_s": [], "lr": [], "grad_norm": []},
+        "validation_history": {"step": [], "loss": []},
+    }
+    callbacks.on_run_start(name, config.steps)
+    tokens_per_step = config.batch_size * config.seq_len
+    history = result["history"]
+    model = optimizer = None
+    try:
+        meter.start()
+        torch.manual_seed(config.seed)
+        model = copy.deepcopy(template).to(device)
+        model.train()
+        optimizer = create_optimizer(name, model, **hyper)
+        lrs_ok = all(
+            isinstance(g.get("lr"), (int, float)) and not isinstance(g.get("lr"), bool) and g["lr"] > 0
+            for g in optimizer.param_groups
+        )
+        scheduler = None
+        if schedule_free:
+            result["schedule"] = f"none (Schedule-Free; its own warmup of {warmup} steps where it takes one)"
+            optimizer.train()
+        elif not lrs_ok:
+            result["schedule"] = "none (the optimizer sets its own step size)"
+        else:
+            result["schedule"] = (
+                f"linear warmup {warmup} steps, cosine to {config.min_lr_ratio:g} x peak at step {config.steps}"
+            )
+            scheduler = lr_scheduler(optimizer, lr_schedule(config.steps, warmup, config.min_lr_ratio))
+        elapsed = 0.0
+        consecutive_skips = 0
+        for step in range(config.steps):
+            batch = gather_windows(corpus.train, offsets[step], config.seq_len)
+            lr = optimizer.param_groups[0].get("lr")
+            started = time.perf_counter()
+            outcome = train_step(
+                model, optimizer, batch.to(device), max_grad_norm=config.max_grad_norm, scheduler=scheduler
+            )
+            elapsed += time.perf_counter() - started
+            if not math.isfinite(outcome.loss):
+                result["status"] = "diverged"
+                result["message"] = f"training loss became {outcome.loss} at step {step + 1}"
+                break
+            history["step"].append(step + 1)
+            history["loss"].append(outcome.loss)
+            history["time_s"].append(elapsed)
+            history["lr"].append(float(lr) if isinstance(lr, (int, float)) else None)
+            history["grad_norm"].append(outcome.grad_norm)
+            result["steps_completed"] = step + 1
+            consecutive_skips = consecutive_skips + 1 if outcome.skipped else 0
+            result["skipped_steps"] += int(outcome.skipped)
+            callbacks.on_step(name, step + 1, outcome.loss, tokens_per_step * (step + 1) / max(elapsed, 1e-9))
+            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                result["status"] = "diverged"
+                result["message"] = (
+                    f"{MAX_CONSECUTIVE_SKIPS} steps in a row had non-finite gradients (last at step {step + 1})"
+                )
+                break
+            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+                val = _evaluate_run(model, optimizer, schedule_free, val_windows, config.batch_size, device)
+                result["validation_history"]["step"].append(step + 1)
+                result["validation_history"]["loss"].append(val)
+        result["train_time_s"] = elapsed
+        done = result["steps_completed"]
+        if done:
+            result["tokens_per_second"] = tokens_per_step * done / max(elapsed, 1e-9)
+            tail = history["loss"][-FINAL_LOSS_WINDOW:]
+            result["final_train_loss"] = sum(tail) / len(tail)
+        if result["status"] == "ok":
+            val = _evaluate_run(model, optimizer, schedule_free, val_windows, config.batch_size, device)
+            result["validation_history"]["step"].append(done)
+            result["validation_history"]["loss"].append(val)
+            if math.isfinite(val):
+                result["validation_loss"] = val
+            else:
+                result["status"] = "diverged"
+                result["message"] = f"validation loss is {val} after training"
+        result["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+    except Exception as err:  # one optimizer failing must not stop the comparison
+        result["status"] = "error"
+        result["message"] = f"{type(err).__name__}: {err}"
+        result["traceback"] = traceback.format_exc()
+        if optimizer is not None:
+            result["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+    finally:
+        if optimizer is not None and hasattr(optimizer, "skipped_steps"):
+            result["skipped_steps"] = max(result["skipped_steps"], int(optimizer.skipped_steps))
+        result["peak_memory_bytes"], result["peak_memory_absolute_bytes"] = meter.peak()
+        del model, optimizer
+    result = _jsonable(result)
+    callbacks.on_run_end(name, result)
+    return result
+
+
+def _evaluate_run(
+    model: nn.Module,
+    optimizer: Any,
+    schedule_free: bool,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    if schedule_free:  # evaluate at the averaged point x, then go back to training at y
+        optimizer.eval()
+    try:
+        return evaluate(model, windows, batch_size, device)
+    finally:
+        if schedule_free:
+            optimizer.train()
+
+
+def _warm_up(template: nn.Module, device: torch.device, corpus: Corpus, offsets: torch.Tensor, seq_len: int) -> None:
+    """One throwaway forward + backward + evaluation, so that one-time costs (thread pools, kernel selection,
+    lazily allocated buffers) are not charged to the first optimizer's time and memory."""
+    model = copy.deepcopy(template).to(device)
+    batch = gather_windows(corpus.train, offsets, seq_len).to(device)
+    model(input_ids=batch, labels=batch).loss.backward()
+    clip_grad_norm(list(model.parameters()), 1.0)
+    evaluate(model, batch, batch.shape[0], device)
+    del model, batch
+    gc.collect()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The machine and library versions, for the results."""
+    from .._version import __version__
+
+    env: dict[str, Any] = {
+        "lmopt": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        env["load_average"] = list(os.getloadavg())
+    except (OSError, AttributeError):  # pragma: no cover - not on every platform
+        pass
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_compare(config: CompareConfig, callbacks: CompareCallbacks | None = None) -> dict[str, Any]:
+    """Run the comparison described by ``config`` and return the results (a JSON-ready dict).
+
+    The returned dict holds ``config`` (with the optimizer list resolved, so ``CompareConfig.from_dict``
+    re-runs the same comparison), ``environment``, ``data``, ``model``, ``schedule``, ``memory_method``,
+    ``skipped_optimizers`` and one entry per optimizer under ``runs``.
+    """
+    config.validate()
+    if config.threads is None:
+        return _run_compare(config, callbacks or _Silent())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run_compare(config, callbacks or _Silent())
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_compare(config: CompareConfig, callbacks: CompareCallbacks) -> dict[str, Any]:
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    resolved, skipped = resolve_config(config)
+    names = resolved.optimizers or []
+
+    corpus = load_corpus(config.data, config.tokenizer)
+    offsets = train_batch_offsets(
+        corpus.train,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        seed=config.seed,
+    )
+    val_windows = validation_windows(corpus.validation, seq_len=config.seq_len, max_windows=config.eval_windows)
+    template = build_model(config.model, vocab_size=corpus.vocab_size, seq_len=config.seq_len, seed=config.seed)
+    meter = MemoryMeter(device)
+    _warm_up(template, device, corpus, offsets[0], config.seq_len)
+    runs = [
+        _run_one(name, template, resolved, device, offsets, corpus, val_windows, meter, callbacks) for name in names
+    ]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "lmopt compare",
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": resolved.to_dict(),
+        "environment": environment(device),
+        "data": corpus.describe() | {"validation_windows": int(val_windows.shape[0])},
+        "model": {
+            "architecture": "LlamaForCausalLM (RMSNorm, rotary embeddings, SwiGLU), random init, fp32",
+            "name": config.model,
+            "size": MODEL_SIZES[config.model].to_dict(),
+            "vocab_size": corpus.vocab_size,
+            "parameters": count_parameters(template),
+        },
+        "schedule": {
+            "kind": "linear warmup then cosine decay (none for Schedule-Free)",
+            "warmup_steps": resolved.resolved_warmup_steps,
+            "min_lr_ratio": config.min_lr_ratio,
+            "max_grad_norm": config.max_grad_norm,
+        },
+        "final_train_loss_window": FINAL_LOSS_WINDOW,
+        "memory_method": meter.method,
+        "memory_label": meter.label,
+        "skipped_optimizers": skipped,
+        "runs": runs,
+        "total_time_s": time.perf_counter() - started,
+    }
