@@ -35,6 +35,8 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------------------------
 _REGISTRY: dict[str, OptimizerSpec] = {}
+#: the per-optimizer names ``state_precision`` had before it was one axis (deprecated aliases)
+_LEGACY_PRECISION = ("state_dtype", "momentum_precision")
 _ALIASES: dict[str, tuple[str, Mapping[str, Any]]] = {}
 
 
@@ -137,6 +139,8 @@ def create_optimizer(
     """
     spec, implied = resolve_name(name)
     hyper = {**spec.defaults, **implied, **hyperparameters}
+    if "state_precision" not in hyperparameters and any(k in hyperparameters for k in _LEGACY_PRECISION):
+        hyper.pop("state_precision", None)  # a deprecated precision name the caller passed beats the entry's
     use_structural_groups = hyper.pop("no_decay", True)
     lr_multipliers = hyper.pop("lr_multipliers", None)
     lookahead = hyper.pop("lookahead", None)

@@ -132,11 +132,12 @@ def _full(name: str, kw: dict[str, Any]) -> dict[str, Any]:
 def _rounded_first_moment(peer: Any, h: dict[str, Any]) -> Any:
     """The peer itself for a full-precision first moment; else the peer with its stored first moment rounded to
     ``momentum_precision`` after every step (tests/reference/rounded_moment.py)."""
-    if h.get("momentum_precision") in (None, "fp32"):
+    precision = h.get("state_precision") or h.get("momentum_precision")
+    if precision in (None, "fp32"):
         return peer
     from .reference.rounded_moment import RoundedFirstMoment
 
-    return RoundedFirstMoment(peer, h["momentum_precision"], h["block_size"], h["min_quantized_numel"])
+    return RoundedFirstMoment(peer, precision, h["block_size"], h["min_quantized_numel"])
 
 
 def _adafactor_ref_for(name: str) -> Builder:

@@ -127,6 +127,8 @@ def test_aliases_and_listing(capsys, monkeypatch):
         ("adafactor_bf16", "adafactor", {"beta1": 0.9, "momentum_precision": "bf16"}),
     ]:
         spec, got = lmopt.registry.resolve_name(name)
+        # the aliases imply the one precision axis (``state_precision``; momentum_precision is its deprecated name)
+        implied = {("state_precision" if k == "momentum_precision" else k): v for k, v in implied.items()}
         assert spec.name == base and got == implied
     monkeypatch.setenv("COLUMNS", "300")
     assert main(["list", "--family", "factored"]) == 0

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..registry import OptimizerSpec, list_optimizers, resolve_name
+from ..registry import OptimizerSpec, get_spec, list_optimizers, resolve_name
 from ..schedules import LinearWarmup, Schedule, ShapedDecay, join
 from .workload import MODEL_SIZES
 
@@ -65,6 +65,7 @@ __all__ = [
     "CompareCallbacks",
     "CompareConfig",
     "DEFAULT_OPTIMIZERS",
+    "compare_hyperparameters",
     "FINAL_LOSS_WINDOW",
     "MAX_CONSECUTIVE_SKIPS",
     "MemoryMeter",
@@ -78,54 +79,43 @@ __all__ = [
     "warmup_cosine",
 ]
 
-#: The default set, in this order, filtered at run time by what the registry holds (a name that is not
-#: registered is skipped with a note): AdamW (the baseline), its 8-bit-state version, then the
-#: memory-efficient and sign/orthogonal optimizers built for LLMs. Others (``sophia``, ``adamw4bit``,
+
+def compare_hyperparameters(spec: OptimizerSpec) -> dict[str, Any]:
+    """This workload's hyperparameters for an optimizer, read from its spec: ``spec.compare`` when declared;
+    else AdamW's, through the spec's recipe translation (Lion: lr / 3, weight decay x 3, its betas -- the same
+    translation :func:`lmopt.recipe` applies, so there is one source); else none (the registry defaults)."""
+    if spec.compare is not None:
+        return dict(spec.compare)
+    t = spec.translation
+    if t is None:
+        return {}
+    base = dict(get_spec("adamw").compare or {})
+    out = {k: float(f"{base[k] * f:.12g}") for k, f in (("lr", t.lr_factor), ("weight_decay", t.weight_decay_factor))}
+    if isinstance(t.betas, tuple):
+        out["betas"] = t.betas
+    elif t.betas is None:
+        out["betas"] = base["betas"]
+    return out
+
+
+def _default_set() -> tuple[str, ...]:
+    chosen = [s for s in list_optimizers() if s.compare_default is not None]
+    return tuple(s.name for s in sorted(chosen, key=lambda s: s.compare_default))
+
+
+#: The default set, in this order (each spec's ``compare_default``), filtered at run time by what the registry
+#: holds (a name that is not registered is skipped with a note): AdamW (the baseline), its 8-bit-state version,
+#: then the memory-efficient and sign/orthogonal optimizers built for LLMs. Others (``sophia``, ``adamw4bit``,
 #: ``lion8bit``, ``adabound``, torch's classics, ...) run with ``--optimizers``; ``--optimizers all`` runs
 #: every entry.
-DEFAULT_OPTIMIZERS: tuple[str, ...] = (
-    "adamw",
-    "adamw8bit",
-    "adafactor",
-    "lion",
-    "came",
-    "adam_mini",
-    "schedule_free_adamw",
-    "muon",
-)
+DEFAULT_OPTIMIZERS: tuple[str, ...] = _default_set()
 
-_ADAMW_RECIPE: dict[str, Any] = {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
-
-#: This workload's hyperparameters per registry name (a ~1M-parameter model trained for a few hundred
-#: steps tolerates a larger peak learning rate than the published 100M+ recipes). Keys an optimizer's
-#: constructor does not take are left out and listed in the results (``ignored_recipe_keys``); names without
-#: an entry use their registry defaults. ``--set NAME.KEY=VALUE`` overrides any of them.
-COMPARE_RECIPES: dict[str, dict[str, Any]] = {
-    "adamw": dict(_ADAMW_RECIPE),
-    "amsgrad": dict(_ADAMW_RECIPE),
-    "adam": {"lr": 3e-3, "betas": (0.9, 0.95)},
-    # 8-bit / 4-bit state: AdamW's hyperparameters (Dettmers et al. 2022 keep the 32-bit optimizer's recipe)
-    "adamw8bit": dict(_ADAMW_RECIPE),
-    "adam8bit": {"lr": 3e-3, "betas": (0.9, 0.95)},
-    "adamw4bit": dict(_ADAMW_RECIPE),
-    # Lion: lr 3-10x smaller and weight decay 3-10x larger than AdamW's, betas (0.95, 0.98) for language
-    # models (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", section 5)
-    "lion": {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 1.0},
-    "lion8bit": {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 1.0},
-    # Adafactor with an explicit learning rate (no relative step, no parameter scaling), so it follows the
-    # same warmup + cosine schedule as the others (Shazeer & Stern 2018 section 8; HF's fine-tuning advice)
-    "adafactor": {"lr": 3e-3, "relative_step": False, "scale_parameter": False, "warmup_init": False},
-    # CAME: its confidence-scaled update takes larger steps than AdamW's at the same lr; on this workload lr 3e-4
-    # matched AdamW at 3e-3 after 40 steps while 1e-3 and 3e-3 trailed (small model, 4 x 128 tokens)
-    "came": {"lr": 3e-4, "weight_decay": 0.1},
-    # Adam-mini reuses AdamW's hyperparameters (Zhang et al. 2024)
-    "adam_mini": dict(_ADAMW_RECIPE),
-    # Muon with Moonlight's RMS matching (update scaled to AdamW's RMS) reuses AdamW's lr and weight decay
-    # (Liu et al. 2025, "Muon is Scalable for LLM Training"); its non-matrix parameters use AdamW
-    "muon": {"lr": 3e-3, "weight_decay": 0.1},
-    # Schedule-Free AdamW wants a larger lr than a scheduled AdamW (schedulefree README: 1x-10x)
-    "schedule_free_adamw": {"lr": 6e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
-}
+#: This workload's hyperparameters per registry name (:func:`compare_hyperparameters`, declared on each spec:
+#: a ~1M-parameter model trained for a few hundred steps tolerates a larger peak learning rate than the
+#: published 100M+ recipes). Keys an optimizer's constructor does not take are left out and listed in the
+#: results (``ignored_recipe_keys``); names without an entry use their registry defaults. ``--set
+#: NAME.KEY=VALUE`` overrides any of them.
+COMPARE_RECIPES: dict[str, dict[str, Any]] = {s.name: h for s in list_optimizers() if (h := compare_hyperparameters(s))}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -305,7 +295,7 @@ def optimizer_hyperparameters(
     """The spec, the keyword arguments :func:`lmopt.create_optimizer` gets, and the recipe keys left out."""
     spec, _implied = resolve_name(name)
     accepted = _accepted_arguments(spec.cls)
-    recipe = COMPARE_RECIPES.get(spec.name, {})
+    recipe = compare_hyperparameters(spec)
     hyper = {k: v for k, v in recipe.items() if k in accepted}
     ignored = sorted(k for k in recipe if k not in accepted)
     if is_schedule_free(spec.cls) and "warmup_steps" in accepted:

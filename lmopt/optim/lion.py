@@ -167,7 +167,7 @@ def lion(
 ) -> str:
     """Functional Lion step over lists of tensors (see the module docstring for the rule); updates in
     place."""
-    blocked = all(p.device.type == "cpu" and blockable(p) for p in params)
+    blocked = all(p.device.type == "cpu" and blockable(p) and m.dtype == p.dtype for p, m in zip(params, exp_avgs))
     implementation = resolve_implementation(
         {"fused": "blocked"}.get(implementation, implementation),
         tuple(_IMPLEMENTATIONS),
