@@ -67,15 +67,15 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _NAME = "exp_avg"
 
 
-def normalize_momentum_precision(value: Any) -> str | None:
+def normalize_momentum_precision(value: Any, name: str = "momentum_precision") -> str | None:
     """``None``, ``"fp32"``, ``"bf16"``, ``"8bit"`` or ``"4bit"`` (torch.float32 / torch.bfloat16 are named).
 
     Raises:
-        ValueError: any other value, naming ``momentum_precision`` and the allowed values.
+        ValueError: any other value, naming the argument ``name`` and the allowed values.
     """
     if isinstance(value, torch.dtype):
         value = _DTYPE_NAMES.get(value, value)
-    check_choice("momentum_precision", value, MOMENTUM_PRECISIONS)
+    check_choice(name, value, MOMENTUM_PRECISIONS)
     return value
 
 

@@ -1,0 +1,377 @@
+"""AdEMAMix: Adam with a mixture of a fast and a slow EMA of the gradient, with a choice of state precision.
+
+Update rule (Pagliardini, Ablin & Grangier 2024, Algorithm 1, as bitsandbytes' ``AdEMAMix`` implements it:
+``bitsandbytes/optim/ademamix.py`` and its CPU kernel ``bitsandbytes/backends/cpu/ops.py``), for gradient ``g_t``
+(negated when ``maximize``) at step ``t``:
+
+.. code-block:: text
+
+    alpha_t = min(t * alpha / t_alpha, alpha)                                   (t_alpha None: alpha)
+    beta3_t = min(exp(ln(beta1) ln(beta3) / ((1 - s) ln(beta3) + s ln(beta1))), beta3),  s = t / t_beta3
+                                                                                (t_beta3 None: beta3)
+    m1 <- beta1 * m1 + (1 - beta1) * g            (fast EMA, ``exp_avg``)
+    m2 <- beta3_t * m2 + (1 - beta3_t) * g        (slow EMA, ``exp_avg_slow``; no bias correction)
+    nu <- beta2 * nu + (1 - beta2) * g^2          (second moment, ``exp_avg_sq``)
+    p  <- p * (1 - lr * weight_decay)             (decoupled decay)
+    p  <- p - lr * (m1 / (1 - beta1^t) + alpha_t * m2) / (sqrt(nu) / sqrt(1 - beta2^t) + eps)
+
+State per parameter (torch's names): ``step`` (fp32 scalar), ``exp_avg``, ``exp_avg_slow`` and ``exp_avg_sq``,
+at ``state_precision``: ``None`` (the parameter's dtype), ``"fp32"`` (fp64 for fp64 parameters), ``"bf16"``,
+``"8bit"`` or ``"4bit"`` (blockwise quantized with :mod:`lmopt.quant.moments`: ``<name>_codes`` and
+``<name>_scales``; signed maps for the two EMAs, an unsigned map for ``nu``; tensors with fewer than
+``min_quantized_numel`` elements keep fp32 moments). bitsandbytes stores ``m1`` and ``m2`` stacked in one
+``state1`` tensor; lmopt keeps them apart, each with its own blocks (bitsandbytes' 8-bit blocks are also per
+EMA, so the quantization is the same). The math always runs in fp32 (fp64 for fp64 parameters); a quantized
+tensor is stepped alone: dequantize its moments, the same update, quantize them back.
+
+Implementations: ``for_loop`` (plain per-tensor reference) and ``foreach`` (multi-tensor); ``auto`` is
+``foreach``. They give bit-identical results.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..quant.moments import (
+    MomentFormat,
+    check_block_size_option,
+    check_min_quantized_numel,
+    init_moment,
+    load_moment,
+    moment_state,
+    store_moment,
+)
+from ..quant.sharded import ShardLayout
+from ..registry import OptimizerSpec, StateTensor
+from ._blocking import math_dtype
+from ._momentum import normalize_momentum_precision, quantized_state_supported
+from .adamw import _copy_back, _upcast, step_tensor
+from .base import Implementation, LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
+
+__all__ = ["AdEMAMix", "ademamix"]
+
+#: state name -> moment kind (signed or non-negative values)
+_MOMENTS = {"exp_avg": "first", "exp_avg_slow": "first", "exp_avg_sq": "second"}
+
+
+def alpha_schedule(alpha: float, step: float, t_alpha: int | None) -> float:
+    """The paper's linear warmup of alpha over ``t_alpha`` steps (None or 0: no warmup)."""
+    return min(step * alpha / t_alpha, alpha) if t_alpha else alpha
+
+
+def beta3_schedule(beta1: float, beta3: float, step: float, t_beta3: int | None) -> float:
+    """The paper's beta3 warmup over ``t_beta3`` steps, from beta1 to beta3 with a half-life growing linearly
+    (None or 0: no warmup)."""
+    if not t_beta3:
+        return beta3
+    ln_beta1, ln_beta3 = math.log(beta1), math.log(beta3)
+    s = step / t_beta3
+    return min(math.exp((ln_beta1 * ln_beta3) / ((1 - s) * ln_beta3 + s * ln_beta1)), beta3)
+
+
+def _scalars(state_steps, *, beta1, beta2, beta3, alpha, t_alpha, t_beta3):
+    """Increment the step counters; per tensor: (1 - beta3_t, alpha_t, 1 - beta1^t, sqrt(1 - beta2^t))."""
+    torch._foreach_add_(state_steps, 1)
+    out = []
+    for s in (float(t) for t in state_steps):
+        weight3 = 1 - beta3_schedule(beta1, beta3, s, t_beta3)
+        out.append((weight3, alpha_schedule(alpha, s, t_alpha), 1 - beta1**s, math.sqrt(1 - beta2**s)))
+    return out
+
+
+def _single_tensor_ademamix(params, grads, m1s, m2s, nus, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+                            maximize, **schedule):  # fmt: skip
+    scalars = _scalars(state_steps, beta1=beta1, beta2=beta2, **schedule)
+    for i, (p, grad) in enumerate(zip(params, grads)):
+        dtype = math_dtype(p.dtype)
+        (p32, g, m1, m2, nu) = _upcast([p, grad, m1s[i], m2s[i], nus[i]], dtype)
+        if maximize:
+            g = -g
+        weight3, alpha_t, bias_correction1, bias_correction2_sqrt = scalars[i]
+        m1.lerp_(g, 1 - beta1)
+        m2.lerp_(g, weight3)
+        nu.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if weight_decay != 0:
+            p32.mul_(1 - lr * weight_decay)
+        mixed = torch.mul(m2, alpha_t).add_(torch.div(m1, bias_correction1))
+        denom = nu.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        p32.addcdiv_(mixed, denom, value=-lr)
+        _copy_back([m1s[i], m2s[i], nus[i], p], [m1, m2, nu, p32])
+
+
+def _multi_tensor_ademamix(params, grads, m1s, m2s, nus, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+                           maximize, **schedule):  # fmt: skip
+    scalars = _scalars(state_steps, beta1=beta1, beta2=beta2, **schedule)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(p.device, p.dtype, m1s[i].dtype)].append(i)
+    for (_device, pdtype, _sdtype), idx in buckets.items():
+        dtype = math_dtype(pdtype)
+        p_, m1_, m2_, nu_ = ([ts[i] for i in idx] for ts in (params, m1s, m2s, nus))
+        p32, m1, m2, nu = (_upcast(ts, dtype) for ts in (p_, m1_, m2_, nu_))
+        g = _upcast([grads[i] for i in idx], dtype)
+        if maximize:
+            g = torch._foreach_neg(g)
+        weight3, alpha_t, bias_correction1, bias_correction2_sqrt = (list(c) for c in zip(*(scalars[i] for i in idx)))
+        torch._foreach_lerp_(m1, g, 1 - beta1)
+        torch._foreach_lerp_(m2, g, weight3)
+        torch._foreach_mul_(nu, beta2)
+        torch._foreach_addcmul_(nu, g, g, 1 - beta2)
+        del g
+        if weight_decay != 0:
+            torch._foreach_mul_(p32, 1 - lr * weight_decay)
+        mixed = torch._foreach_mul(m2, alpha_t)
+        torch._foreach_add_(mixed, torch._foreach_div(m1, bias_correction1))
+        denom = torch._foreach_sqrt(nu)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p32, mixed, denom, -lr)
+        del mixed, denom
+        for dst, src in ((m1_, m1), (m2_, m2), (nu_, nu), (p_, p32)):
+            _copy_back(dst, src)
+
+
+_IMPLEMENTATIONS = {"for_loop": _single_tensor_ademamix, "foreach": _multi_tensor_ademamix}
+
+
+def ademamix(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_slows: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    t_alpha: int | None = None,
+    t_beta3: int | None = None,
+    maximize: bool = False,
+    implementation: Implementation = "auto",
+) -> str:
+    """Functional AdEMAMix step over lists of tensors (see the module docstring for the rule).
+
+    Updates ``params``, the three moments and ``state_steps`` in place; moments in another dtype than the math
+    dtype are upcast and written back. Returns the implementation that ran (what ``"auto"`` chose).
+    """
+    if implementation == "auto":
+        implementation = "foreach"
+    _IMPLEMENTATIONS[implementation](
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_slows,
+        exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
+        alpha=alpha,
+        eps=eps,
+        weight_decay=weight_decay,
+        t_alpha=t_alpha,
+        t_beta3=t_beta3,
+        maximize=maximize,
+    )
+    return implementation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state precision (small and self-contained: lmopt.quant.moments does the storage)
+def normalize_state_precision(value: Any) -> str | None:
+    """``None``, ``"fp32"``, ``"bf16"``, ``"8bit"`` or ``"4bit"`` (torch.float32 / torch.bfloat16 are named)."""
+    return normalize_momentum_precision(value, "state_precision")
+
+
+def moment_formats(hyper: Mapping[str, Any]) -> dict[str, MomentFormat] | None:
+    """The :class:`MomentFormat` of each moment, or None to keep the moments in the parameter's dtype."""
+    precision = normalize_state_precision(hyper.get("state_precision"))
+    if precision is None:
+        return None
+    block_size, threshold = hyper.get("block_size"), hyper.get("min_quantized_numel", 4096)
+    return {name: MomentFormat(precision, kind, block_size, threshold) for name, kind in _MOMENTS.items()}
+
+
+class AdEMAMix(LmoptOptimizer):
+    """AdEMAMix: ``p -= lr * (m1_hat + alpha * m2) / (sqrt(nu_hat) + eps)`` with a slow EMA ``m2`` (beta3).
+
+    The slow EMA (half-life of ~7000 steps at beta3=0.9999) keeps gradients from thousands of steps ago in the
+    update; the fast one (beta1) keeps Adam's responsiveness. The paper warms alpha and beta3 up over ``t_alpha``
+    / ``t_beta3`` steps (typically the whole run) to avoid early instability.
+
+    Args:
+        params: parameters or param groups (``lmopt.param_groups(model)`` builds decay / no-decay groups).
+        lr: learning rate (default 1e-3).
+        betas: ``(beta1, beta2, beta3)``: fast EMA, second moment, slow EMA (default (0.9, 0.999, 0.9999)).
+        alpha: weight of the slow EMA (default 5.0).
+        t_alpha: steps of alpha's linear warmup (default None: none).
+        t_beta3: steps of beta3's warmup from beta1 (default None: none).
+        eps: added to the denominator (default 1e-8).
+        weight_decay: decoupled decay coefficient, multiplied by lr (default 1e-2).
+        maximize: ascend instead of descend.
+        state_precision: ``None`` (the parameter's dtype, default), ``"fp32"``, ``"bf16"``, ``"8bit"`` or
+            ``"4bit"`` moments (8-bit: 3 + 12/256 B/param instead of 12).
+        block_size: elements per absmax block of quantized moments (default 256 for 8-bit, 128 for 4-bit).
+        min_quantized_numel: smaller tensors keep fp32 moments (default 4096, as bitsandbytes' min_8bit_size).
+        implementation: ``"auto"`` (default, ``"foreach"``), ``"for_loop"`` or ``"foreach"``.
+        nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
+
+    Example:
+        >>> opt = AdEMAMix(lmopt.param_groups(model, weight_decay=0.1), lr=1e-3, t_alpha=100_000, t_beta3=100_000)
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+
+    Reference: Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster, Older", ICLR 2025
+    (arXiv:2409.03137, 2024).
+    """
+
+    implementations = ("for_loop", "foreach")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+        alpha: float = 5.0,
+        t_alpha: int | None = None,
+        t_beta3: int | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        state_precision: str | torch.dtype | None = None,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
+        implementation: Implementation = "auto",
+        nonfinite: str = "raise",
+        check_finite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            alpha=alpha,
+            t_alpha=t_alpha,
+            t_beta3=t_beta3,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            state_precision=state_precision,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
+            implementation=implementation,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_positive("lr", group["lr"])
+        check_betas("betas", group["betas"], 3)
+        check_nonnegative("alpha", group["alpha"])
+        for name in ("t_alpha", "t_beta3"):
+            value = group[name]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0 (steps of warmup), got {value!r}")
+        if group["t_beta3"] and min(group["betas"][0], group["betas"][2]) == 0:
+            raise ValueError(f"betas[0] and betas[2] must be > 0 with t_beta3 (log-space warmup), got {group['betas']}")
+        check_positive("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_choice("maximize", group["maximize"], (True, False))
+        group["state_precision"] = normalize_state_precision(group["state_precision"])
+        check_block_size_option(group["block_size"])
+        check_min_quantized_numel(group["min_quantized_numel"])
+        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        formats = moment_formats(group)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        if formats is None:
+            for name in _MOMENTS:
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            return
+        if formats["exp_avg"].quantizes(param.numel()) and not quantized_state_supported(param):
+            raise NotImplementedError(
+                f"AdEMAMix cannot quantize the state of this DTensor parameter "
+                f"({ShardLayout.unsupported_reason(param)}; state_precision={group['state_precision']!r}): shard it "
+                "on dim 0 (FSDP2's default), or use state_precision='bf16' or 'fp32'"
+            )
+        for name, fmt in formats.items():
+            init_moment(state, name, param, fmt)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        beta1, beta2, beta3 = group["betas"]
+        formats = moment_formats(group)
+        quantized = [i for i, s in enumerate(states) if "exp_avg_codes" in s]
+        if quantized and (formats is None or not formats["exp_avg"].quantized):  # checked before anything moves
+            raise RuntimeError(
+                f"a param group's state_precision was changed to {group['state_precision']!r} after its quantized "
+                "moments were created; keep the precision a group's state was created with"
+            )
+
+        def run(indices: list[int], moments: list[list[Tensor]]) -> str:
+            return ademamix(
+                [params[i] for i in indices],
+                [grads[i] for i in indices],
+                *moments,
+                [states[i]["step"] for i in indices],
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                beta3=beta3,
+                alpha=group["alpha"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                t_alpha=group["t_alpha"],
+                t_beta3=group["t_beta3"],
+                maximize=group["maximize"],
+                implementation=group["implementation"],
+            )
+
+        plain = [i for i in range(len(params)) if i not in set(quantized)]
+        used = run(plain, [[states[i][name] for i in plain] for name in _MOMENTS]) if plain else ""
+        for i in quantized:  # one tensor at a time: dequantize, the same fp32 update, quantize back
+            assert formats is not None
+            dtype = math_dtype(params[i].dtype)
+            moments = {n: load_moment(states[i], n, f, params[i].shape, dtype) for n, f in formats.items()}
+            used = run([i], [[moments[n]] for n in _MOMENTS])
+            for name, fmt in formats.items():
+                store_moment(states[i], name, moments[name], fmt)
+        self._implementation_used[id(group)] = used + (f" ({len(quantized)} quantized per tensor)" if quantized else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry entries
+def ademamix_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
+    formats = moment_formats(hyper)
+    out = [step_tensor()]
+    for name in _MOMENTS:
+        out += [StateTensor(name, shape, dtype)] if formats is None else moment_state(name, shape, dtype, formats[name])
+    return out
+
+
+SPECS = [
+    OptimizerSpec(
+        name="ademamix",
+        cls=AdEMAMix,
+        summary="Adam with a fast and a slow gradient EMA (alpha * m2, beta3=0.9999); 12 B/param, 8-bit: ~3",
+        paper="Pagliardini, Ablin & Grangier, The AdEMAMix Optimizer: Better, Faster, Older, ICLR 2025",
+        state=ademamix_state,
+        family="adam",
+        aliases={
+            "ademamix8bit": {"state_precision": "8bit"},
+            "ademamix_8bit": {"state_precision": "8bit"},
+            "ademamix_32bit": {"state_precision": "fp32"},
+            "ademamix4bit": {"state_precision": "4bit"},
+        },
+    ),
+]
