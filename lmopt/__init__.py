@@ -4,8 +4,8 @@ Public API (everything else is internal):
 
 * optimizers: :class:`AdamW`, :class:`Adam`, :class:`Adafactor`, :class:`CAME`, :class:`AdamMini`, :class:`Lion`,
   :class:`Sophia`, :class:`AdamW8bit`, :class:`AdamW4bit`, :class:`Adam8bit`, :class:`Lion8bit`,
-  :class:`ScheduleFreeAdamW`, :class:`Muon`, :class:`AdaBound`, :class:`Lookahead`,
-  :class:`GradientRelease` (and every registry entry via :func:`create_optimizer`)
+  :class:`StableAdamW`, :class:`AdEMAMix`, :class:`ScheduleFreeAdamW`, :class:`Muon`, :class:`AdaBound`,
+  :class:`Lookahead`, :class:`GradientRelease` (and every registry entry via :func:`create_optimizer`)
 * registry: :func:`create_optimizer`, :func:`list_optimizers`, :func:`get_spec`, :class:`OptimizerSpec`
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
 * recipes and schedules: :func:`recipe`, :mod:`lmopt.schedules`
@@ -23,6 +23,7 @@ from .optim import (
     AdamW,
     AdamW4bit,
     AdamW8bit,
+    AdEMAMix,
     GradientRelease,
     Lion,
     Lion8bit,
@@ -32,6 +33,7 @@ from .optim import (
     NonFiniteGradientError,
     ScheduleFreeAdamW,
     Sophia,
+    StableAdamW,
     recompute_batchnorm_statistics,
 )
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CAME",
     "AdaBound",
+    "AdEMAMix",
     "Adafactor",
     "Adam",
     "Adam8bit",
@@ -63,6 +66,7 @@ __all__ = [
     "Recipe",
     "ScheduleFreeAdamW",
     "Sophia",
+    "StableAdamW",
     "StateTensor",
     "__version__",
     "classify_parameters",

@@ -36,6 +36,8 @@ __all__ = [
 #: modules holding ``SPECS`` lists, in the order ``lmopt list`` shows them
 SPEC_MODULES: tuple[str, ...] = (
     "lmopt.optim.adamw",
+    "lmopt.optim.stable_adamw",
+    "lmopt.optim.ademamix",
     "lmopt.optim.torch_optim",
     "lmopt.optim.adafactor",
     "lmopt.optim.came",
