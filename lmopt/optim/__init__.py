@@ -5,6 +5,7 @@ from .adabound import AdaBound
 from .adafactor import Adafactor, adafactor
 from .adam_mini import AdamMini, adam_mini, find_partitions
 from .adamw import Adam, Adam8bit, AdamW, AdamW4bit, AdamW8bit, adamw
+from .ademamix import AdEMAMix, ademamix
 from .base import LmoptOptimizer, NonFiniteGradientError
 from .came import CAME, came
 from .lion import Lion, Lion8bit, lion
@@ -13,6 +14,7 @@ from .muon import Muon
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
 from .sophia import Sophia, sampled_label_loss, sophia
+from .stable_adamw import StableAdamW, stable_adamw
 
 __all__ = [
     # engine
@@ -23,6 +25,10 @@ __all__ = [
     "Adam",
     "AdamW",
     "adamw",
+    "AdEMAMix",
+    "StableAdamW",
+    "ademamix",
+    "stable_adamw",
     # low-bit state (docs/low-bit-state.md)
     "Adam8bit",
     "AdamW4bit",
