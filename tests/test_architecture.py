@@ -239,7 +239,7 @@ def test_low_bit_classes_are_the_generic_ones_at_another_precision(thin, generic
 
 
 @pytest.mark.parametrize("precision", ["bf16", "8bit", "4bit"])
-@pytest.mark.parametrize("name", ["adamw", "adam", "lion", "came", "adafactor_momentum"])
+@pytest.mark.parametrize("name", ["adamw", "adam", "lion", "came", "adafactor_momentum", "ademamix"])
 def test_state_precision_on_every_moment_optimizer(name, precision):
     spec = lmopt.get_spec(name)
     assert precision in spec.state_precisions

@@ -24,8 +24,9 @@ at ``state_precision``: ``None`` (the parameter's dtype), ``"fp32"`` (fp64 for f
 EMA, so the quantization is the same). The math always runs in fp32 (fp64 for fp64 parameters); a quantized
 tensor is stepped alone: dequantize its moments, the same update, quantize them back.
 
-Implementations: ``for_loop`` (plain per-tensor reference) and ``foreach`` (multi-tensor); ``auto`` is
-``foreach``. They give bit-identical results.
+Implementations: ``for_loop`` (:func:`ademamix_delta` per tensor, the reference at every precision) and
+``foreach`` (multi-tensor, full-precision moments); ``auto`` is ``foreach``. With 8/4-bit state every tensor steps
+through the per-tensor rule.
 """
 
 from __future__ import annotations
@@ -286,11 +287,6 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_choice("maximize", group["maximize"], (True, False))
         validate_state_precision(group)
-        if self._quantized_group(group) and group["implementation"] == "foreach":
-            raise ValueError(
-                f"implementation='foreach' needs full-precision moments; state_precision={group['state_precision']!r}"
-                " steps per tensor with implementation='for_loop' or 'auto'"
-            )
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
@@ -316,7 +312,8 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         impl = group["implementation"]
-        if self._quantized_group(group):  # one tensor at a time: dequantize, the same rule, quantize back
+        if self._quantized_group(group):  # whatever the implementation: one tensor at a time (dequantize, the rule,
+            # quantize back), so the fp32 temporaries are those of the largest tensor
             used = self._step_quantized(group, params, grads, kernel=False)
         elif impl == "for_loop":
             used = self._step_per_tensor(group, params, grads)
