@@ -35,7 +35,7 @@ from ..spec import OptimizerSpec
 from . import _dispatch
 from ._dispatch import blocked_applies, resolve_implementation, split_blocks
 from .adamw import adam_state
-from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
+from .base import LmoptOptimizer, check_choice, check_positive, constructor_defaults
 
 __all__ = ["AdaBound", "adabound"]
 
@@ -299,30 +299,13 @@ class AdaBound(LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            final_lr=final_lr,
-            gamma=gamma,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsbound=amsbound,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+        super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_betas("betas", group["betas"])
         check_positive("final_lr", group["final_lr"])
         check_positive("gamma", group["gamma"])
-        check_positive("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
         for flag in ("amsbound", "decoupled_weight_decay", "maximize"):
             check_choice(flag, group[flag], (True, False))
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
         group.setdefault("base_lr", float(group["lr"]))
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:

@@ -70,6 +70,7 @@ from .base import (
     check_nonnegative,
     check_positive,
     check_range,
+    constructor_defaults,
 )
 
 __all__ = ["Adafactor", "adafactor", "factored_shapes"]
@@ -470,32 +471,14 @@ class Adafactor(LmoptOptimizer):
         momentum_precision: str | torch.dtype | None = None,
     ) -> None:
         warn_deprecated_precision("momentum_precision", momentum_precision)
-        defaults = dict(
-            lr=lr,
-            eps=eps,
-            clip_threshold=clip_threshold,
-            decay_rate=decay_rate,
-            beta1=beta1,
-            weight_decay=weight_decay,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            warmup_init=warmup_init,
-            state_precision=state_precision,
-            momentum_precision=momentum_precision,
-            block_size=block_size,
-            min_quantized_numel=min_quantized_numel,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+        super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
         check_eps_pair("eps", group["eps"])
         check_positive("clip_threshold", group["clip_threshold"])
         check_range("decay_rate", group["decay_rate"], -1.0, 0.0)
         if group["beta1"] is not None:
             check_range("beta1", group["beta1"], 0.0, 1.0)
-        check_nonnegative("weight_decay", group["weight_decay"])
         for flag in ("scale_parameter", "relative_step", "warmup_init"):
             check_choice(flag, group[flag], (True, False))
         if group["warmup_init"] and not group["relative_step"]:
@@ -506,7 +489,6 @@ class Adafactor(LmoptOptimizer):
                 f"state_precision={group['state_precision']!r} needs beta1 (without beta1 Adafactor keeps "
                 "no first moment); set beta1=0.9, or leave state_precision=None"
             )
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         stat_dtype = math_dtype(param.dtype)

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from ..param_groups import classify_parameters
 from ..spec import SAME_AS_ADAMW, OptimizerSpec, StateTensor
 from ._dispatch import blockable, math_dtype, resolve_implementation, row_blocks
-from .base import Implementation, LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
+from .base import Implementation, LmoptOptimizer
 
 __all__ = ["AdamMini", "Partition", "adam_mini", "find_partitions"]
 
@@ -408,11 +408,6 @@ class AdamMini(LmoptOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_betas("betas", group["betas"])
-        check_positive("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
         if "partitions" not in group:
             found = getattr(self, "_found", {})
             group["partitions"] = [

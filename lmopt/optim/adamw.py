@@ -50,7 +50,11 @@ from ._precision import (
     validate_state_precision,
     warn_deprecated_precision,
 )
-from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive, is_dtensor
+from .base import (
+    LmoptOptimizer,
+    constructor_defaults,
+    is_dtensor,
+)
 
 __all__ = ["Adam", "Adam8bit", "AdamW", "AdamW4bit", "AdamW8bit", "adam_delta", "adamw"]
 
@@ -368,29 +372,9 @@ class AdamW(MomentPrecision, LmoptOptimizer):
         state_dtype: str | torch.dtype | None = None,
     ) -> None:
         warn_deprecated_precision("state_dtype", state_dtype)
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            state_precision=state_precision,
-            block_size=block_size,
-            min_quantized_numel=min_quantized_numel,
-            state_dtype=state_dtype,
-            implementation=implementation,
-            param_rounding=param_rounding,
-        )
-        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+        super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_betas("betas", group["betas"])
-        check_positive("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_choice("amsgrad", group["amsgrad"], (True, False))
-        check_choice("maximize", group["maximize"], (True, False))
         group.setdefault("param_rounding", "nearest")
         validate_state_precision(group, legacy="state_dtype")
         quantized = self._quantized_group(group)

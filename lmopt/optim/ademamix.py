@@ -43,7 +43,7 @@ from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor
 from ._dispatch import math_dtype, resolve_implementation
 from ._precision import MomentPrecision, moments_state, validate_state_precision
 from .adamw import _copy_back, _upcast, step_tensor
-from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
+from .base import LmoptOptimizer, check_nonnegative, constructor_defaults
 
 __all__ = ["AdEMAMix", "ademamix", "ademamix_delta"]
 
@@ -237,6 +237,7 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
 
     implementations = ("for_loop", "foreach")
     moments = _MOMENTS
+    betas_count = 3
 
     def __init__(
         self,
@@ -257,25 +258,9 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            alpha=alpha,
-            t_alpha=t_alpha,
-            t_beta3=t_beta3,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            state_precision=state_precision,
-            block_size=block_size,
-            min_quantized_numel=min_quantized_numel,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+        super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_betas("betas", group["betas"], 3)
         check_nonnegative("alpha", group["alpha"])
         for name in ("t_alpha", "t_beta3"):
             value = group[name]
@@ -283,9 +268,6 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
                 raise ValueError(f"{name} must be None or an integer >= 0 (steps of warmup), got {value!r}")
         if group["t_beta3"] and min(group["betas"][0], group["betas"][2]) == 0:
             raise ValueError(f"betas[0] and betas[2] must be > 0 with t_beta3 (log-space warmup), got {group['betas']}")
-        check_positive("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_choice("maximize", group["maximize"], (True, False))
         validate_state_precision(group)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ from ..spec import IMPLEMENTATIONS, Implementation
 
 __all__ = [
     "LmoptOptimizer",
+    "constructor_defaults",
     "NonFiniteGradientError",
     "check_betas",
     "check_choice",
@@ -50,6 +51,18 @@ __all__ = [
 NonFinitePolicy = Literal["raise", "skip"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+#: boolean hyperparameters checked for every optimizer that has them
+_FLAGS = (
+    "maximize",
+    "amsgrad",
+    "amsbound",
+    "nesterov",
+    "decoupled_weight_decay",
+    "decouple_lr",
+    "scale_parameter",
+    "relative_step",
+    "warmup_init",
+)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -133,11 +146,13 @@ class LmoptOptimizer(Optimizer):
     #: the order ``implementation="auto"`` tries this optimizer's paths in (measured; see
     #: :func:`lmopt.optim.resolve_implementation`)
     auto_preference: ClassVar[tuple[str, ...]] = IMPLEMENTATIONS
+    #: how many decay rates ``betas`` holds (CAME and AdEMAMix: 3)
+    betas_count: ClassVar[int] = 2
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        defaults: dict[str, Any],
+        defaults: Mapping[str, Any],
         *,
         nonfinite: NonFinitePolicy = "raise",
         check_finite: bool = True,
@@ -151,9 +166,10 @@ class LmoptOptimizer(Optimizer):
         self.skipped_steps = 0
         self._recorded_grad_norm: Tensor | None = None
         self._implementation_used: dict[int, str] = {}  # id(group) -> what "auto" chose at the last step
-        super().__init__(params, defaults)
+        super().__init__(params, dict(defaults))
         for group in self.param_groups:
             self._check_implementation(group)
+            self._check_common(group)
             self._validate_group(group)
             for p in group["params"]:
                 if p.is_floating_point() and p.dtype not in _FLOAT_DTYPES:
@@ -171,8 +187,25 @@ class LmoptOptimizer(Optimizer):
         if "param_rounding" in group:
             check_choice("param_rounding", group["param_rounding"], PARAM_ROUNDINGS)
 
+    def _check_common(self, group: dict[str, Any]) -> None:
+        """The hyperparameters most algorithms share, checked here once for every optimizer whose groups have
+        them: ``lr`` > 0, ``betas`` (:attr:`betas_count` of them) in [0, 1), a numeric ``eps`` > 0 (pairs such as
+        Adafactor's are the algorithm's to check), ``weight_decay`` >= 0, and the boolean flags."""
+        if "lr" in group:
+            check_positive("lr", group["lr"])
+        if "betas" in group:
+            check_betas("betas", group["betas"], self.betas_count)
+        if "eps" in group and not isinstance(group["eps"], (tuple, list)):
+            check_positive("eps", group["eps"])
+        if "weight_decay" in group:
+            check_nonnegative("weight_decay", group["weight_decay"])
+        for flag in _FLAGS:
+            if flag in group:
+                check_choice(flag, group[flag], (True, False))
+
     def _validate_group(self, group: dict[str, Any]) -> None:
-        """Validate one group's hyperparameters (groups may override the defaults)."""
+        """Validate one group's algorithm-specific hyperparameters (groups may override the defaults); the shared
+        ones are checked by :meth:`_check_common` first."""
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -184,6 +217,7 @@ class LmoptOptimizer(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "skipped_steps"):  # after __init__: validate groups added later too
             self._check_implementation(self.param_groups[-1])
+            self._check_common(self.param_groups[-1])
             self._validate_group(self.param_groups[-1])
 
     # -- helpers -------------------------------------------------------------------------------------------------
@@ -337,6 +371,7 @@ class LmoptOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             self._check_implementation(group)
+            self._check_common(group)
             self._validate_group(group)
 
     def _saved_params(self, state_dict: dict[str, Any]) -> dict[Any, Tensor]:
@@ -362,6 +397,13 @@ class LmoptOptimizer(Optimizer):
             ran = f", last step ran {used!r}" if used else ""
             lines.append(f"  group {i}: {len(group['params'])} tensors, {n:,} parameters{ran}, {keys}")
         return "\n".join(lines)
+
+
+def constructor_defaults(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """A subclass constructor's hyperparameters from its ``locals()``: every argument but ``self``, ``params`` and
+    the engine's own (``nonfinite``, ``check_finite``), so each hyperparameter is named once, in the signature."""
+    skip = {"self", "params", "nonfinite", "check_finite"}
+    return {k: v for k, v in arguments.items() if k not in skip and not k.startswith("__")}
 
 
 def _kernel_first_nonfinite(tensors: list[Tensor]) -> int | None:

@@ -62,7 +62,12 @@ from .adafactor import (
     column_sums,
     factored_shapes,
 )
-from .base import Implementation, LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
+from .base import (
+    Implementation,
+    LmoptOptimizer,
+    check_positive,
+    constructor_defaults,
+)
 
 __all__ = ["CAME", "came"]
 
@@ -315,6 +320,7 @@ class CAME(LmoptOptimizer):
 
     implementations = ("for_loop", "blocked")
     implementation_aliases = {"fused": "blocked"}  # the name before lmopt's one vocabulary
+    betas_count = 3
 
     def __init__(
         self,
@@ -334,28 +340,12 @@ class CAME(LmoptOptimizer):
         momentum_precision: str | torch.dtype | None = None,
     ) -> None:
         warn_deprecated_precision("momentum_precision", momentum_precision)
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            clip_threshold=clip_threshold,
-            weight_decay=weight_decay,
-            state_precision=state_precision,
-            momentum_precision=momentum_precision,
-            block_size=block_size,
-            min_quantized_numel=min_quantized_numel,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+        super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_betas("betas", group["betas"], count=3)
         check_eps_pair("eps", group["eps"])
         check_positive("clip_threshold", group["clip_threshold"])
-        check_nonnegative("weight_decay", group["weight_decay"])
         validate_momentum_options(group)
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         stat_dtype = math_dtype(param.dtype)

@@ -39,7 +39,7 @@ from torch import Tensor
 from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor, Translation
 from ._dispatch import as_math, blockable, flat_blocks, resolve_implementation
 from ._precision import ROUNDING_CODES, MomentPrecision, kahan_state, moments_state, validate_state_precision
-from .base import LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
+from .base import LmoptOptimizer, constructor_defaults
 
 __all__ = ["Lion", "Lion8bit", "lion", "lion_delta"]
 
@@ -230,24 +230,9 @@ class Lion(MomentPrecision, LmoptOptimizer):
         nonfinite: str = "raise",
         check_finite: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            state_precision=state_precision,
-            block_size=block_size,
-            min_quantized_numel=min_quantized_numel,
-            param_rounding=param_rounding,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+        super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_betas("betas", group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_choice("maximize", group["maximize"], (True, False))
         group.setdefault("param_rounding", "nearest")
         validate_state_precision(group)
         quantized = self._quantized_group(group)

@@ -53,7 +53,6 @@ from .base import (
     LmoptOptimizer,
     check_betas,
     check_choice,
-    check_nonnegative,
     check_positive,
     check_range,
     is_dtensor,
@@ -384,8 +383,6 @@ class Muon(LmoptOptimizer):
         super().__init__(_split_groups(params, model), defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_nonnegative("weight_decay", group["weight_decay"])
         check_range("momentum", group["momentum"], 0.0, 1.0)
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
@@ -397,12 +394,10 @@ class Muon(LmoptOptimizer):
         steps = group["ns_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
             raise ValueError(f"ns_steps must be an integer in [1, 100), got {steps!r}")
-        check_positive("eps", group["eps"])
         check_choice("adjust_lr_fn", group["adjust_lr_fn"], ("match_rms_adamw", "original", "none"))
         check_betas("adamw_betas", group["adamw_betas"])
         check_positive("adamw_eps", group["adamw_eps"])
         check_choice("ns_dtype", group["ns_dtype"], ("auto", "bf16", "fp32"))
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
         group.setdefault("use_muon", False)
         check_choice("use_muon", group["use_muon"], (True, False))
         if group["use_muon"]:

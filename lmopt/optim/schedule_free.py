@@ -49,8 +49,6 @@ from ._dispatch import blocked_applies, resolve_implementation
 from .base import (
     Implementation,
     LmoptOptimizer,
-    check_betas,
-    check_choice,
     check_nonnegative,
     check_positive,
 )
@@ -280,17 +278,12 @@ class ScheduleFreeAdamW(LmoptOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_betas("betas", group["betas"])
         check_positive("betas[0]", group["betas"][0])  # eval mode divides by beta1
-        check_positive("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
         ws = group["warmup_steps"]
         if isinstance(ws, bool) or not isinstance(ws, int) or ws < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {ws!r}")
         check_nonnegative("r", group["r"])
         check_nonnegative("weight_lr_power", group["weight_lr_power"])
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
     # -- modes
     # ---------------------------------------------------------------------------------------------------

@@ -60,10 +60,9 @@ from ._dispatch import BLOCK_ELEMENTS, as_math, blockable, flat_blocks, resolve_
 from .base import (
     Implementation,
     LmoptOptimizer,
-    check_betas,
     check_choice,
-    check_nonnegative,
     check_positive,
+    constructor_defaults,
 )
 
 __all__ = ["Sophia", "sampled_label_loss", "sophia"]
@@ -318,25 +317,10 @@ class Sophia(LmoptOptimizer):
         self.update_period = update_period
         self.estimator = estimator
         self.hessian_distribution = hessian_distribution
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            rho=rho,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+        super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_betas("betas", group["betas"])
         check_positive("rho", group["rho"])
-        check_positive("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_choice("maximize", group["maximize"], (True, False))
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)

@@ -38,10 +38,8 @@ from .adamw import _copy_back, _upcast, step_tensor
 from .base import (
     Implementation,
     LmoptOptimizer,
-    check_betas,
-    check_choice,
-    check_nonnegative,
     check_positive,
+    constructor_defaults,
     is_dtensor,
 )
 
@@ -218,28 +216,11 @@ class StableAdamW(LmoptOptimizer):
     ) -> None:
         if decouple_lr and max_lr is None:  # fixed at construction, as torch-optimi: a schedule must not move it
             max_lr = lr
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            weight_decay=weight_decay,
-            eps=eps,
-            decouple_lr=decouple_lr,
-            max_lr=max_lr,
-            maximize=maximize,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, nonfinite=nonfinite, check_finite=check_finite)
+        super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_betas("betas", group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_positive("eps", group["eps"])
-        check_choice("decouple_lr", group["decouple_lr"], (True, False))
         if group["max_lr"] is not None:
             check_positive("max_lr", group["max_lr"])
-        check_choice("maximize", group["maximize"], (True, False))
-        check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
