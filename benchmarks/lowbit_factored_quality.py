@@ -52,7 +52,7 @@ def run(
     model = TinyGPT(args.d_model, args.layers, args.heads, args.seq)
     kw = {k: v for k, v in hyper.items() if k != "name"}
     opt = lmopt.create_optimizer(
-        hyper["name"], lmopt.param_groups(model, weight_decay=0.1), momentum_precision=precision, **kw
+        hyper["name"], lmopt.param_groups(model, weight_decay=0.1), state_precision=precision, **kw
     )
     losses, val_losses, elapsed = train_and_evaluate(model, opt, args, train, val, data_seed)
     tail = losses[-max(1, args.steps // 10) :]

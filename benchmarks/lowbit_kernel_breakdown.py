@@ -32,7 +32,7 @@ TENSORS = 10
 def _jobs(lib_module, n: int, bits: int):
     import torch
 
-    from lmopt.optim.lowbit import _qmap_struct
+    from lmopt.kernels.lowbit import qmap_struct as _qmap_struct
 
     block = 256 if bits == 8 else 128
     qm, qv = ("de8s", "de8u") if bits == 8 else ("de4s", "lin4u")

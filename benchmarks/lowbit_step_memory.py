@@ -30,7 +30,7 @@ CASES = {
     "implementation='for_loop')",
     "lmopt AdamW4bit (C kernel)": "lmopt.AdamW4bit(params, lr=1e-3, weight_decay=0.1)",
     "lmopt Lion8bit (C kernel)": "lmopt.Lion8bit(params, lr=1e-4, weight_decay=0.1)",
-    "lmopt CAME, momentum_precision='8bit'": "lmopt.CAME(params, lr=1e-4, momentum_precision='8bit')",
+    "lmopt CAME, state_precision='8bit'": "lmopt.CAME(params, lr=1e-4, state_precision='8bit')",
     "lmopt CAME, fp32 first moment": "lmopt.CAME(params, lr=1e-4)",
     "lmopt AdamW (fp32 state, fused)": "lmopt.AdamW(params, lr=1e-3, weight_decay=0.1)",
     "torch.optim.AdamW fused (fp32 state)": "torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True)",

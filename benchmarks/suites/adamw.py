@@ -43,7 +43,7 @@ def lmopt_unchecked(params):
 
 
 def lmopt_bf16_state(params):
-    return lmopt.AdamW(params, state_dtype="bf16", **_HYPER)
+    return lmopt.AdamW(params, state_precision="bf16", **_HYPER)
 
 
 def record_finite_norm(optimizer):

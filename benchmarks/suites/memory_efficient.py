@@ -78,7 +78,7 @@ def lmopt_adam_mini(params):
 
 
 def lmopt_adam_mini_fused(params):
-    return lmopt.AdamMini(params, implementation="fused", **_MINI)
+    return lmopt.AdamMini(params, implementation="blocked", **_MINI)
 
 
 def lmopt_adam_mini_per_tensor(params):
@@ -180,11 +180,11 @@ CASES = [
         peer=True,
         bytes_per_param=12.0,
     ),
-    Case("lmopt Adafactor (auto = fused)", "adafactor", "lmopt_adafactor", bytes_per_param=12.0),
+    Case("lmopt Adafactor (auto = blocked)", "adafactor", "lmopt_adafactor", bytes_per_param=12.0),
     Case("lmopt Adafactor for_loop", "adafactor", "lmopt_adafactor_for_loop", bytes_per_param=12.0),
     Case("came-pytorch CAME", "came", "came_pytorch", peer=True, bytes_per_param=20.0),
     Case("pytorch_optimizer CAME", "came", "pytorch_optimizer_came", peer=True, bytes_per_param=20.0),
-    Case("lmopt CAME (auto = fused)", "came", "lmopt_came", bytes_per_param=20.0),
+    Case("lmopt CAME (auto = blocked)", "came", "lmopt_came", bytes_per_param=20.0),
     Case("lmopt CAME for_loop", "came", "lmopt_came_for_loop", bytes_per_param=20.0),
     Case(
         "adam-mini package",
@@ -210,7 +210,7 @@ CASES = [
         note="per output neuron",
     ),
     Case(
-        "lmopt Adam-mini fused",
+        "lmopt Adam-mini blocked",
         "adam_mini",
         "lmopt_adam_mini_fused",
         bytes_per_param=20.0,
@@ -225,7 +225,7 @@ CASES = [
     ),
     Case("lion-pytorch Lion", "lion", "lion_pytorch", peer=True, bytes_per_param=20.0),
     Case("pytorch_optimizer Lion", "lion", "pytorch_optimizer_lion", peer=True, bytes_per_param=20.0),
-    Case("lmopt Lion (auto = fused)", "lion", "lmopt_lion", bytes_per_param=20.0),
+    Case("lmopt Lion (auto = blocked)", "lion", "lmopt_lion", bytes_per_param=20.0),
     Case("lmopt Lion foreach", "lion", "lmopt_lion_foreach", bytes_per_param=20.0),
     Case("lmopt Lion for_loop", "lion", "lmopt_lion_for_loop", bytes_per_param=20.0),
     Case(
@@ -236,6 +236,6 @@ CASES = [
         bytes_per_param=24.0,
         note="step only; keeps an extra Hessian buffer",
     ),
-    Case("lmopt Sophia (auto = fused)", "sophia", "lmopt_sophia", bytes_per_param=24.0, note="step only"),
+    Case("lmopt Sophia (auto = blocked)", "sophia", "lmopt_sophia", bytes_per_param=24.0, note="step only"),
     Case("lmopt Sophia foreach", "sophia", "lmopt_sophia_foreach", bytes_per_param=24.0, note="step only"),
 ]

@@ -140,6 +140,6 @@ CASES = [
         "torch.optim.Muon (bf16 NS) + AdamW", "muon", "torch_muon", peer=True, bytes_per_param=20.0, note="matmul-bound"
     ),
     Case("lmopt muon ns_dtype=bf16 (torch's definition)", "muon", "lmopt_muon_bf16", bytes_per_param=20.0),
-    Case("lmopt muon auto (fp32 NS on CPU, batched)", "muon", "lmopt_muon", bytes_per_param=20.0),
+    Case("lmopt muon auto (fp32 NS on CPU, foreach)", "muon", "lmopt_muon", bytes_per_param=20.0),
     Case("lmopt muon for_loop (fp32 NS)", "muon", "lmopt_muon_for_loop", bytes_per_param=20.0),
 ]

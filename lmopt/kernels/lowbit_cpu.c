@@ -6,8 +6,8 @@
  * Memory traffic per element: param read + write, gradient read, codes read + write (8-bit: 16 bytes with
  * fp32 params; 4-bit: 14).
  *
- * The arithmetic is exactly that of lmopt's PyTorch reference path (lmopt/optim/lowbit.py): same operations in
- * the same order, no fused multiply-add (compiled with -ffp-contract=off), IEEE sqrt and division, the same
+ * The arithmetic is exactly that of lmopt's per-tensor rules (lmopt.optim.adamw.adam_delta,
+ * lmopt.optim.lion.lion_delta): same operations in the same order, no fused multiply-add (compiled with -ffp-contract=off), IEEE sqrt and division, the same
  * nearest-code rule (code = number of midpoints < x) and the same counter-based hash for stochastic rounding.
  * The AVX2 path and the scalar path compute identical bits.
  *
