@@ -16,6 +16,7 @@ it was chosen by measurement (docs/architecture.md, ``benchmarks/block_size.py``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -36,8 +37,9 @@ __all__ = [
     "split_blocks",
 ]
 
-#: elements per block of a cache-blocked pass (2^17 fp32 elements = 512 KiB per operand)
-BLOCK_ELEMENTS = 1 << 17
+#: elements per block of a cache-blocked pass (2^17 fp32 elements = 512 KiB per operand); ``LMOPT_BLOCK_ELEMENTS``
+#: overrides it for measurements (benchmarks/block_size.py)
+BLOCK_ELEMENTS = int(os.environ.get("LMOPT_BLOCK_ELEMENTS", 1 << 17))
 
 
 def resolve_implementation(
