@@ -13,6 +13,10 @@ binary search.
 Traffic per element with fp32 parameters: 4 + 4 + 4 bytes of parameter and gradient plus 2 x (1 + 1) bytes of
 8-bit codes (4-bit: 2 x 2 x 0.5), i.e. 16 (14) bytes against fp32 AdamW's 28: the step is memory-bound on GPUs,
 so an 8-bit step can beat fp32 AdamW's (benchmarks/step_speed_cuda.py).
+
+The jitted code is ``lowbit_triton_jit.py``, imported at the first step (this module never imports Triton):
+one entry kernel for both launches, all tensors of a call through an address table (``TABLE=True``) or one
+large tensor whose addresses are the kernel's arguments.
 """
 
 from __future__ import annotations
@@ -42,459 +46,10 @@ def available() -> bool:
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
+    """The jitted entry kernel (imports Triton: only at the first CUDA step)."""
+    from .lowbit_triton_jit import lowbit_kernel
 
-    @triton.jit
-    def _hash32(x):
-        # lowbias32 on uint32 (lmopt/quant/rounding.py); products are truncated back to 32 bits
-        x = x ^ (x >> 16)
-        x = (x * 0x7FEB352D).to(tl.uint32)
-        x = x ^ (x >> 15)
-        x = (x * 0x846CA68B).to(tl.uint32)
-        return x ^ (x >> 16)
-
-    @triton.jit
-    def _encode(x, lut_ptr, SHIFT: tl.constexpr, BASE: tl.constexpr, NK: tl.constexpr, SIGNED: tl.constexpr):
-        # nearest code of x in [-1, 1]: bucket = sign, exponent and top mantissa bits; c0 + (x > bucket midpoint)
-        x = tl.minimum(tl.maximum(x, -1.0), 1.0)
-        bits = x.to(tl.int32, bitcast=True)
-        mag = bits & 0x7FFFFFFF
-        k = tl.maximum((mag >> SHIFT) - BASE, 0)
-        low_mask: tl.constexpr = (1 << SHIFT) - 1
-        if SIGNED:
-            neg = bits < 0
-            idx = k + tl.where(neg, NK, 0)
-            key = (mag & low_mask) ^ tl.where(neg, low_mask, 0)
-        else:
-            idx = k
-            key = mag & low_mask
-        entry = tl.load(lut_ptr + idx)
-        return ((entry >> 24) & 0xFF) + (key > (entry & low_mask)).to(tl.int32)
-
-    @triton.jit
-    def _moments_and_delta(
-        p,
-        g,
-        m,
-        v,
-        beta1,
-        beta2,
-        omb1,
-        omb2,
-        eps,
-        wd,
-        lrwd,
-        lr,
-        step_size,
-        inv_bc2,
-        ALGO: tl.constexpr,
-        DECOUPLED: tl.constexpr,
-        HAS_WD: tl.constexpr,
-    ):
-        if ALGO == 0:
-            if (not DECOUPLED) and HAS_WD:
-                g = g + p * wd
-            m = m * beta1 + g * omb1
-            v = v * beta2 + (g * g) * omb2
-            denom = tl.sqrt_rn(v) * inv_bc2 + eps
-            delta = -(tl.div_rn(m, denom) * step_size)
-            if DECOUPLED and HAS_WD:
-                delta = delta - p * lrwd
-        else:
-            c = m * beta1 + g * omb1
-            sg = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
-            delta = -(sg * lr)
-            if HAS_WD:
-                delta = delta - p * lrwd
-            m = m * beta2 + g * omb2
-        return m, v, delta
-
-    @triton.jit
-    def _ld(ptr, mask):
-        return tl.load(ptr, mask=mask, other=0)
-
-    @triton.jit
-    def _st(ptr, value, mask):
-        tl.store(ptr, value, mask=mask)
-
-    @triton.jit
-    def _absmax(x, mask):
-        return tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
-
-    @triton.jit
-    def _store_param(
-        p_ptr,
-        comp_ptr,
-        offs,
-        mask,
-        p,
-        delta,
-        key,
-        offset,
-        P_BF16: tl.constexpr,
-        ROUNDING: tl.constexpr,
-    ):
-        if not P_BF16:
-            _st(p_ptr + offs, p + delta, mask)
-        elif ROUNDING == 0:
-            _st(p_ptr + offs, (p + delta).to(tl.bfloat16), mask)
-        elif ROUNDING == 1:
-            noise = _hash32((offs + offset).to(tl.uint32) ^ key.to(tl.uint32)) & 0xFFFF
-            bits = (p + delta).to(tl.uint32, bitcast=True) + noise
-            _st(p_ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask)
-        else:
-            s = _ld(comp_ptr + offs, mask).to(tl.float32) + delta
-            r = (p + s).to(tl.bfloat16)
-            _st(comp_ptr + offs, (s - (r.to(tl.float32) - p)).to(tl.bfloat16), mask)
-            _st(p_ptr + offs, r, mask)
-
-    @triton.jit
-    def _block(
-        p_ptr,
-        g_ptr,
-        mc_ptr,
-        ms_ptr,
-        vc_ptr,
-        vs_ptr,
-        comp_ptr,
-        mval_ptr,
-        vval_ptr,
-        mlut_ptr,
-        vlut_ptr,
-        b,
-        n,
-        key,
-        offset,
-        step_size,
-        inv_bc2,
-        beta1,
-        beta2,
-        omb1,
-        omb2,
-        eps,
-        wd,
-        lrwd,
-        lr,
-        BLOCK: tl.constexpr,
-        BP2: tl.constexpr,
-        BITS: tl.constexpr,
-        ALGO: tl.constexpr,
-        DECOUPLED: tl.constexpr,
-        HAS_WD: tl.constexpr,
-        MAXIMIZE: tl.constexpr,
-        P_BF16: tl.constexpr,
-        ROUNDING: tl.constexpr,
-        M_SHIFT: tl.constexpr,
-        M_BASE: tl.constexpr,
-        M_NK: tl.constexpr,
-        V_SHIFT: tl.constexpr,
-        V_BASE: tl.constexpr,
-        V_NK: tl.constexpr,
-    ):
-        sm = tl.load(ms_ptr + b)
-        sv = tl.load(vs_ptr + b)  # Lion passes the first moment's scales (unused)
-        if BITS == 8:
-            # one quantization block per program (BP2: BLOCK rounded up to a power of two, extra lanes masked)
-            cols = tl.arange(0, BP2)
-            offs = b * BLOCK + cols
-            mask = (cols < BLOCK) & (offs < n)
-            g = _ld(g_ptr + offs, mask).to(tl.float32)
-            if MAXIMIZE:
-                g = -g
-            p = _ld(p_ptr + offs, mask).to(tl.float32)
-            m = tl.load(mval_ptr + _ld(mc_ptr + offs, mask).to(tl.int32)) * sm
-            v = m
-            if ALGO == 0:
-                v = tl.load(vval_ptr + _ld(vc_ptr + offs, mask).to(tl.int32)) * sv
-            m, v, delta = _moments_and_delta(
-                p, g, m, v, beta1, beta2, omb1, omb2, eps, wd, lrwd, lr, step_size, inv_bc2, ALGO, DECOUPLED, HAS_WD
-            )
-            _store_param(p_ptr, comp_ptr, offs, mask, p, delta, key, offset, P_BF16, ROUNDING)
-            am = _absmax(m, mask)
-            tl.store(ms_ptr + b, am)
-            im = tl.where(am > 0, tl.div_rn(1.0, am), 0.0)
-            _st(mc_ptr + offs, _encode(m * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True).to(tl.uint8), mask)
-            if ALGO == 0:
-                av = _absmax(v, mask)
-                tl.store(vs_ptr + b, av)
-                iv = tl.where(av > 0, tl.div_rn(1.0, av), 0.0)
-                codes = _encode(v * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False)
-                _st(vc_ptr + offs, codes.to(tl.uint8), mask)
-        else:
-            # 4-bit: byte k of the block holds elements 2k (low nibble) and 2k + 1 (high nibble); the program
-            # works on the even and the odd elements as two half vectors
-            HALF: tl.constexpr = BP2 // 2
-            k = tl.arange(0, HALF)
-            pair = b * (BLOCK // 2) + k
-            even = 2 * pair
-            odd = even + 1
-            me = (k < BLOCK // 2) & (even < n)
-            mo = (k < BLOCK // 2) & (odd < n)
-            mbyte = _ld(mc_ptr + pair, me).to(tl.int32)
-            g0 = _ld(g_ptr + even, me).to(tl.float32)
-            g1 = _ld(g_ptr + odd, mo).to(tl.float32)
-            if MAXIMIZE:
-                g0 = -g0
-                g1 = -g1
-            p0 = _ld(p_ptr + even, me).to(tl.float32)
-            p1 = _ld(p_ptr + odd, mo).to(tl.float32)
-            m0 = tl.load(mval_ptr + (mbyte & 15)) * sm
-            m1 = tl.load(mval_ptr + (mbyte >> 4)) * sm
-            v0 = m0
-            v1 = m1
-            if ALGO == 0:
-                vbyte = _ld(vc_ptr + pair, me).to(tl.int32)
-                v0 = tl.load(vval_ptr + (vbyte & 15)) * sv
-                v1 = tl.load(vval_ptr + (vbyte >> 4)) * sv
-            m0, v0, d0 = _moments_and_delta(
-                p0,
-                g0,
-                m0,
-                v0,
-                beta1,
-                beta2,
-                omb1,
-                omb2,
-                eps,
-                wd,
-                lrwd,
-                lr,
-                step_size,
-                inv_bc2,
-                ALGO,
-                DECOUPLED,
-                HAS_WD,
-            )
-            m1, v1, d1 = _moments_and_delta(
-                p1,
-                g1,
-                m1,
-                v1,
-                beta1,
-                beta2,
-                omb1,
-                omb2,
-                eps,
-                wd,
-                lrwd,
-                lr,
-                step_size,
-                inv_bc2,
-                ALGO,
-                DECOUPLED,
-                HAS_WD,
-            )
-            _store_param(p_ptr, comp_ptr, even, me, p0, d0, key, offset, P_BF16, ROUNDING)
-            _store_param(p_ptr, comp_ptr, odd, mo, p1, d1, key, offset, P_BF16, ROUNDING)
-            am = tl.maximum(_absmax(m0, me), _absmax(m1, mo))
-            tl.store(ms_ptr + b, am)
-            im = tl.where(am > 0, tl.div_rn(1.0, am), 0.0)
-            c0 = _encode(m0 * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True)
-            c1 = tl.where(mo, _encode(m1 * im, mlut_ptr, M_SHIFT, M_BASE, M_NK, True), 0)
-            _st(mc_ptr + pair, (c0 | (c1 << 4)).to(tl.uint8), me)
-            if ALGO == 0:
-                av = tl.maximum(_absmax(v0, me), _absmax(v1, mo))
-                tl.store(vs_ptr + b, av)
-                iv = tl.where(av > 0, tl.div_rn(1.0, av), 0.0)
-                c0 = _encode(v0 * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False)
-                c1 = tl.where(mo, _encode(v1 * iv, vlut_ptr, V_SHIFT, V_BASE, V_NK, False), 0)
-                _st(vc_ptr + pair, (c0 | (c1 << 4)).to(tl.uint8), me)
-
-    @triton.jit
-    def lowbit_kernel(
-        table_ptr,
-        scalar_ptr,
-        program_ptr,
-        mval_ptr,
-        vval_ptr,
-        mlut_ptr,
-        vlut_ptr,
-        beta1,
-        beta2,
-        omb1,
-        omb2,
-        eps,
-        wd,
-        lrwd,
-        lr,
-        BLOCK: tl.constexpr,
-        BP2: tl.constexpr,
-        BITS: tl.constexpr,
-        ALGO: tl.constexpr,
-        DECOUPLED: tl.constexpr,
-        HAS_WD: tl.constexpr,
-        MAXIMIZE: tl.constexpr,
-        P_BF16: tl.constexpr,
-        G_BF16: tl.constexpr,
-        ROUNDING: tl.constexpr,
-        M_SHIFT: tl.constexpr,
-        M_BASE: tl.constexpr,
-        M_NK: tl.constexpr,
-        V_SHIFT: tl.constexpr,
-        V_BASE: tl.constexpr,
-        V_NK: tl.constexpr,
-    ):
-        # every tensor of the launch in one grid: program -> (tensor, block of that tensor); per tensor the table
-        # holds the data addresses, the element count, the stochastic-rounding key and the shard offset, and
-        # scalar_ptr its (step size, 1 / sqrt(bias correction 2))
-        pid = tl.program_id(0)
-        t = tl.load(program_ptr + 2 * pid).to(tl.int64)
-        b = tl.load(program_ptr + 2 * pid + 1).to(tl.int64)
-        row = table_ptr + t * 10
-        # the addresses come from memory, so the compiler cannot see their alignment: every tensor is checked
-        # to be 16-byte aligned before the launch, and saying so lets the loads below be vectorized
-        p_addr = tl.multiple_of(tl.load(row + 0), 16)
-        g_addr = tl.multiple_of(tl.load(row + 1), 16)
-        if P_BF16:
-            p_ptr = p_addr.to(tl.pointer_type(tl.bfloat16))
-        else:
-            p_ptr = p_addr.to(tl.pointer_type(tl.float32))
-        if G_BF16:
-            g_ptr = g_addr.to(tl.pointer_type(tl.bfloat16))
-        else:
-            g_ptr = g_addr.to(tl.pointer_type(tl.float32))
-        mc_ptr = tl.multiple_of(tl.load(row + 2), 16).to(tl.pointer_type(tl.uint8))
-        ms_ptr = tl.multiple_of(tl.load(row + 3), 16).to(tl.pointer_type(tl.float32))
-        vc_ptr = tl.multiple_of(tl.load(row + 4), 16).to(tl.pointer_type(tl.uint8))
-        vs_ptr = tl.multiple_of(tl.load(row + 5), 16).to(tl.pointer_type(tl.float32))
-        comp_ptr = tl.multiple_of(tl.load(row + 6), 16).to(tl.pointer_type(tl.bfloat16))
-        n = tl.load(row + 7)
-        key = tl.load(row + 8)
-        offset = tl.load(row + 9)
-        step_size = tl.load(scalar_ptr + 2 * t)
-        inv_bc2 = tl.load(scalar_ptr + 2 * t + 1)
-        _block(
-            p_ptr,
-            g_ptr,
-            mc_ptr,
-            ms_ptr,
-            vc_ptr,
-            vs_ptr,
-            comp_ptr,
-            mval_ptr,
-            vval_ptr,
-            mlut_ptr,
-            vlut_ptr,
-            b,
-            n,
-            key,
-            offset,
-            step_size,
-            inv_bc2,
-            beta1,
-            beta2,
-            omb1,
-            omb2,
-            eps,
-            wd,
-            lrwd,
-            lr,
-            BLOCK,
-            BP2,
-            BITS,
-            ALGO,
-            DECOUPLED,
-            HAS_WD,
-            MAXIMIZE,
-            P_BF16,
-            ROUNDING,
-            M_SHIFT,
-            M_BASE,
-            M_NK,
-            V_SHIFT,
-            V_BASE,
-            V_NK,
-        )
-
-    @triton.jit
-    def lowbit_kernel_direct(
-        p_ptr,
-        g_ptr,
-        mc_ptr,
-        ms_ptr,
-        vc_ptr,
-        vs_ptr,
-        comp_ptr,
-        mval_ptr,
-        vval_ptr,
-        mlut_ptr,
-        vlut_ptr,
-        n,
-        key,
-        offset,
-        step_size,
-        inv_bc2,
-        beta1,
-        beta2,
-        omb1,
-        omb2,
-        eps,
-        wd,
-        lrwd,
-        lr,
-        BLOCK: tl.constexpr,
-        BP2: tl.constexpr,
-        BITS: tl.constexpr,
-        ALGO: tl.constexpr,
-        DECOUPLED: tl.constexpr,
-        HAS_WD: tl.constexpr,
-        MAXIMIZE: tl.constexpr,
-        P_BF16: tl.constexpr,
-        ROUNDING: tl.constexpr,
-        M_SHIFT: tl.constexpr,
-        M_BASE: tl.constexpr,
-        M_NK: tl.constexpr,
-        V_SHIFT: tl.constexpr,
-        V_BASE: tl.constexpr,
-        V_NK: tl.constexpr,
-    ):
-        # one large tensor per launch: its addresses and size are kernel arguments, whose alignment and
-        # divisibility the compiler specializes on (no dependent loads of a table before the data streams)
-        _block(
-            p_ptr,
-            g_ptr,
-            mc_ptr,
-            ms_ptr,
-            vc_ptr,
-            vs_ptr,
-            comp_ptr,
-            mval_ptr,
-            vval_ptr,
-            mlut_ptr,
-            vlut_ptr,
-            tl.program_id(0).to(tl.int64),
-            n,
-            key,
-            offset,
-            step_size,
-            inv_bc2,
-            beta1,
-            beta2,
-            omb1,
-            omb2,
-            eps,
-            wd,
-            lrwd,
-            lr,
-            BLOCK,
-            BP2,
-            BITS,
-            ALGO,
-            DECOUPLED,
-            HAS_WD,
-            MAXIMIZE,
-            P_BF16,
-            ROUNDING,
-            M_SHIFT,
-            M_BASE,
-            M_NK,
-            V_SHIFT,
-            V_BASE,
-            V_NK,
-        )
-
-    return lowbit_kernel, lowbit_kernel_direct
+    return lowbit_kernel
 
 
 def _tables(name: str, device: torch.device) -> tuple[Tensor, Tensor, int, int, int]:
@@ -566,7 +121,7 @@ def lowbit_step_cuda(
     """
     if not items:
         return
-    kernel, direct = _kernel()
+    kernel = _kernel()
     device = items[0].p.device
     mval, mlut, ms, mb, mk = _tables(m_map, device)
     if algorithm == "adam":
@@ -585,6 +140,7 @@ def lowbit_step_cuda(
         HAS_WD=wd != 0.0,
         MAXIMIZE=bool(hyper["maximize"]),
         P_BF16=items[0].p.dtype == torch.bfloat16,
+        G_BF16=items[0].g.dtype == torch.bfloat16,
         ROUNDING=int(hyper["rounding"]),
         M_SHIFT=ms,
         M_BASE=mb,
@@ -595,14 +151,19 @@ def lowbit_step_cuda(
         num_warps=4 if bp2 >= 256 else 2,
         enable_fp_fusion=False,
     )
-    scalars_common = (beta1, beta2, 1 - beta1, 1 - beta2, hyper.get("eps", 0.0), wd, lr * wd, lr)
+    # after the per-launch arguments (the table's, then one tensor's): the maps and the hyperparameters
+    shared = (mval, vval, mlut, vlut, beta1, beta2, 1 - beta1, 1 - beta2, hyper.get("eps", 0.0), wd, lr * wd, lr)
     small = []
     for it in items:
         if it.p.numel() < _DIRECT_NUMEL:
             small.append(it)
             continue
-        # large tensors: one launch each (measured faster than the table launch on an H100)
-        direct[((it.p.numel() + block - 1) // block,)](
+        # large tensors: one launch each, their addresses as kernel arguments (measured faster than the table
+        # launch on an H100); the table's three arguments are unused placeholders
+        kernel[((it.p.numel() + block - 1) // block,)](
+            mval,
+            mval,
+            mval,
             it.p,
             it.g,
             it.m_codes,
@@ -610,16 +171,13 @@ def lowbit_step_cuda(
             it.v_codes,
             it.v_scales,
             it.comp if it.comp is not None else it.p,
-            mval,
-            vval,
-            mlut,
-            vlut,
             it.p.numel(),
             it.key,
             it.offset,
             it.step_size,
             it.inv_bc2,
-            *scalars_common,
+            *shared,
+            TABLE=False,
             **consts,
         )
     items = small
@@ -643,17 +201,9 @@ def lowbit_step_cuda(
     table_t = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
     scalars_t = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
     # small tensors: one launch for all, one quantization block per program (measured fastest on an H100:
-    # several blocks per program as a 2-D tile was 1.3-1.7x slower at 1e9 parameters)
+    # several blocks per program as a 2-D tile was 1.3-1.7x slower at 1e9 parameters); the kernel reads each
+    # tensor's addresses and scalars from the table, and the one-tensor arguments are unused placeholders
+    # (constants, so they add no specializations)
     programs = _program_map(tuple(it.p.numel() for it in items), block, device)
-    kernel[(programs.shape[0],)](
-        table_t,
-        scalars_t,
-        programs,
-        mval,
-        vval,
-        mlut,
-        vlut,
-        *scalars_common,
-        G_BF16=items[0].g.dtype == torch.bfloat16,
-        **consts,
-    )
+    unused = (table_t,) * 7 + (0, 0, 0, 0.0, 1.0)
+    kernel[(programs.shape[0],)](table_t, scalars_t, programs, *unused, *shared, TABLE=True, **consts)
