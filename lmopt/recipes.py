@@ -180,6 +180,34 @@ def _finetune_lr(params: float) -> Sourced:
     return Sourced(1e-5, f"{ALPACA} (LLaMA-13B: 1e-5)")
 
 
+def _llama_published(source: str, lr: float, *, eps: float | None = None) -> dict[str, Sourced]:
+    # LLaMA's Table 2 trains every size the same way but for the peak lr; Llama 2 keeps that recipe and
+    # states its eps
+    fields = {"lr": Sourced(lr, source), "betas": Sourced((0.9, 0.95), source)}
+    if eps is not None:
+        fields["eps"] = Sourced(eps, source)
+    fields |= {
+        "weight_decay": Sourced(0.1, source),
+        "warmup": Sourced("2000 steps", source),
+        "schedule": Sourced("cosine to 10% of the peak", source),
+        "grad_clip": Sourced(1.0, source),
+        "batch_tokens": Sourced("4M", source),
+    }
+    return fields
+
+
+def _falcon_published(card: str, lr: float, min_lr: str, batch: str) -> dict[str, Sourced]:
+    # the Falcon model cards share the warmup, weight decay and z-loss; ``min_lr`` as the card writes it
+    return {
+        "lr": Sourced(lr, card),
+        "min_lr": Sourced(float(min_lr), f"{card}: cosine decay to {min_lr}"),
+        "warmup": Sourced("4B tokens", card),
+        "weight_decay": Sourced(0.1, card),
+        "z_loss": Sourced(1e-4, card),
+        "batch": Sourced(batch, card),
+    }
+
+
 #: what published models used, field by field
 PUBLISHED: dict[str, dict[str, Sourced]] = {
     "GPT-3 175B": {
@@ -193,56 +221,17 @@ PUBLISHED: dict[str, dict[str, Sourced]] = {
         "grad_clip": Sourced(1.0, GPT3_APPB),
         "batch_tokens": Sourced("3.2M (ramped from 32k over the first 4-12B tokens)", f"{GPT3_T21}; {GPT3_APPB}"),
     },
-    "LLaMA 7B/13B": {
-        "lr": Sourced(3.0e-4, LLAMA1_T2),
-        "betas": Sourced((0.9, 0.95), LLAMA1_T2),
-        "weight_decay": Sourced(0.1, LLAMA1_T2),
-        "warmup": Sourced("2000 steps", LLAMA1_T2),
-        "schedule": Sourced("cosine to 10% of the peak", LLAMA1_T2),
-        "grad_clip": Sourced(1.0, LLAMA1_T2),
-        "batch_tokens": Sourced("4M", LLAMA1_T2),
-    },
-    "LLaMA 33B/65B": {
-        "lr": Sourced(1.5e-4, LLAMA1_T2),
-        "betas": Sourced((0.9, 0.95), LLAMA1_T2),
-        "weight_decay": Sourced(0.1, LLAMA1_T2),
-        "warmup": Sourced("2000 steps", LLAMA1_T2),
-        "schedule": Sourced("cosine to 10% of the peak", LLAMA1_T2),
-        "grad_clip": Sourced(1.0, LLAMA1_T2),
-        "batch_tokens": Sourced("4M", LLAMA1_T2),
-    },
-    "Llama 2 7B/13B (70B: lr 1.5e-4)": {
-        "lr": Sourced(3.0e-4, LLAMA2_PT),
-        "betas": Sourced((0.9, 0.95), LLAMA2_PT),
-        "eps": Sourced(1e-5, LLAMA2_PT),
-        "weight_decay": Sourced(0.1, LLAMA2_PT),
-        "warmup": Sourced("2000 steps", LLAMA2_PT),
-        "schedule": Sourced("cosine to 10% of the peak", LLAMA2_PT),
-        "grad_clip": Sourced(1.0, LLAMA2_PT),
-        "batch_tokens": Sourced("4M", LLAMA2_PT),
-    },
+    "LLaMA 7B/13B": _llama_published(LLAMA1_T2, 3.0e-4),
+    "LLaMA 33B/65B": _llama_published(LLAMA1_T2, 1.5e-4),
+    "Llama 2 7B/13B (70B: lr 1.5e-4)": _llama_published(LLAMA2_PT, 3.0e-4, eps=1e-5),
     "Llama 2-Chat SFT": {
         "lr": Sourced(2e-5, LLAMA2_SFT),
         "weight_decay": Sourced(0.1, LLAMA2_SFT),
         "schedule": Sourced("cosine", LLAMA2_SFT),
         "batch": Sourced("64 sequences of 4096 tokens, 2 epochs", LLAMA2_SFT),
     },
-    "Falcon-7B": {
-        "lr": Sourced(6e-4, FALCON7B),
-        "min_lr": Sourced(1.2e-5, f"{FALCON7B}: cosine decay to 1.2e-5"),
-        "warmup": Sourced("4B tokens", FALCON7B),
-        "weight_decay": Sourced(0.1, FALCON7B),
-        "z_loss": Sourced(1e-4, FALCON7B),
-        "batch": Sourced("2304 sequences (30B-token ramp-up)", FALCON7B),
-    },
-    "Falcon-40B": {
-        "lr": Sourced(1.85e-4, FALCON40B),
-        "min_lr": Sourced(1.85e-5, f"{FALCON40B}: cosine decay to 1.85e-5"),
-        "warmup": Sourced("4B tokens", FALCON40B),
-        "weight_decay": Sourced(0.1, FALCON40B),
-        "z_loss": Sourced(1e-4, FALCON40B),
-        "batch": Sourced("1152 sequences (100B-token ramp-up)", FALCON40B),
-    },
+    "Falcon-7B": _falcon_published(FALCON7B, 6e-4, "1.2e-5", "2304 sequences (30B-token ramp-up)"),
+    "Falcon-40B": _falcon_published(FALCON40B, 1.85e-4, "1.85e-5", "1152 sequences (100B-token ramp-up)"),
     "Mistral 7B": {
         "optimizer hyperparameters": Sourced("not published", f"{MISTRAL} (describes architecture only)"),
     },

@@ -106,6 +106,11 @@ def _check_ratio(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_shape(shape: Any) -> None:
+    if shape not in _SHAPES:
+        raise ValueError(f"shape must be one of {list(_SHAPES)}, got {shape!r}")
+
+
 def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, int):
         try:
@@ -182,8 +187,7 @@ class ShapedDecay:
 
     def __post_init__(self) -> None:
         _check_int("decay_steps", self.steps, 1)
-        if self.shape not in _SHAPES:
-            raise ValueError(f"shape must be one of {list(_SHAPES)}, got {self.shape!r}")
+        _check_shape(self.shape)
         _check_ratio("min_lr_ratio", self.final)
 
     def __call__(self, step: int) -> float:
@@ -318,8 +322,7 @@ class WarmupStableDecay:
 
     def __post_init__(self) -> None:
         _check_int("warmup_steps", self.warmup_steps, 0)
-        if self.shape not in _SHAPES:
-            raise ValueError(f"shape must be one of {list(_SHAPES)}, got {self.shape!r}")
+        _check_shape(self.shape)
         _check_ratio("min_lr_ratio", self.min_lr_ratio)
         if self.decay_start is not None:
             _check_int("decay_start", self.decay_start, 0)

@@ -84,63 +84,22 @@ class Precision:
         return torch.float32 if self.master else self.param_dtype
 
 
+# name, dtype of the weights and gradients, fp32 master weights, activation bytes per element, autocast, description
+_MODES: tuple[tuple[str, torch.dtype, bool, int, bool, str], ...] = (
+    ("fp32", torch.float32, False, 4, False, "fp32 weights, gradients, compute"),
+    ("amp-bf16", torch.float32, False, 2, True, "fp32 weights, torch.autocast bf16 compute"),
+    ("amp-fp16", torch.float32, False, 2, True, "fp32 weights, torch.autocast fp16 compute (with a GradScaler)"),
+    ("mixed-bf16", torch.bfloat16, True, 2, False, "bf16 weights and gradients, fp32 master weights"),
+    ("mixed-fp16", torch.float16, True, 2, False, "fp16 weights and gradients, fp32 master weights (loss scaling)"),
+    ("bf16", torch.bfloat16, False, 2, False, "pure bf16, no master weights"),
+    ("bf16-sr", torch.bfloat16, False, 2, False, "pure bf16, stochastic rounding of the update, no master weights"),
+    ("bf16-master", torch.bfloat16, True, 2, False, "pure bf16 compute, fp32 master weights kept by the optimizer"),
+    ("fp16", torch.float16, False, 2, False, "pure fp16, no master weights"),
+)
+
 PRECISIONS: dict[str, Precision] = {
-    p.name: p
-    for p in (
-        Precision("fp32", torch.float32, torch.float32, False, 4, description="fp32 weights, gradients, compute"),
-        Precision(
-            "amp-bf16",
-            torch.float32,
-            torch.float32,
-            False,
-            2,
-            autocast=True,
-            description="fp32 weights, torch.autocast bf16 compute",
-        ),
-        Precision(
-            "amp-fp16",
-            torch.float32,
-            torch.float32,
-            False,
-            2,
-            autocast=True,
-            description="fp32 weights, torch.autocast fp16 compute (with a GradScaler)",
-        ),
-        Precision(
-            "mixed-bf16",
-            torch.bfloat16,
-            torch.bfloat16,
-            True,
-            2,
-            description="bf16 weights and gradients, fp32 master weights",
-        ),
-        Precision(
-            "mixed-fp16",
-            torch.float16,
-            torch.float16,
-            True,
-            2,
-            description="fp16 weights and gradients, fp32 master weights (loss scaling)",
-        ),
-        Precision("bf16", torch.bfloat16, torch.bfloat16, False, 2, description="pure bf16, no master weights"),
-        Precision(
-            "bf16-sr",
-            torch.bfloat16,
-            torch.bfloat16,
-            False,
-            2,
-            description="pure bf16, stochastic rounding of the update, no master weights",
-        ),
-        Precision(
-            "bf16-master",
-            torch.bfloat16,
-            torch.bfloat16,
-            True,
-            2,
-            description="pure bf16 compute, fp32 master weights kept by the optimizer",
-        ),
-        Precision("fp16", torch.float16, torch.float16, False, 2, description="pure fp16, no master weights"),
-    )
+    name: Precision(name, dtype, dtype, master, act, autocast=autocast, description=text)
+    for name, dtype, master, act, autocast, text in _MODES
 }
 _PRECISION_ALIASES = {
     "mixed": "mixed-bf16",

@@ -144,13 +144,14 @@ def _llama(
     layers: int,
     hidden: int,
     heads: int,
-    kv_heads: int,
     ffn: int,
     vocab: int,
     context: int,
+    kv_heads: int | None = None,
     tied: bool = False,
     family: str = "llama",
 ) -> ModelShape:
+    kv_heads = heads if kv_heads is None else kv_heads  # multi-head attention unless given
     hd = hidden // heads
     params = [ParamShape("model.embed_tokens.weight", (vocab, hidden), "embedding")]
     for i in range(layers):
@@ -306,35 +307,24 @@ def generic_decoder(billions: float) -> ModelShape:
     )
 
 
+# what every size of a family shares (their config.json files); grouped-query attention where kv_heads is given
+_LLAMA1: dict[str, Any] = {"vocab": 32000, "context": 2048}
+_LLAMA2: dict[str, Any] = {"vocab": 32000, "context": 4096}
+_LLAMA3: dict[str, Any] = {"kv_heads": 8, "vocab": 128256, "context": 8192}
+
 _NAMED: dict[str, Any] = {
     "gpt2-small": lambda: _gpt2("gpt2-small", layers=12, hidden=768, heads=12),
     "gpt2-medium": lambda: _gpt2("gpt2-medium", layers=24, hidden=1024, heads=16),
     "gpt2-large": lambda: _gpt2("gpt2-large", layers=36, hidden=1280, heads=20),
     "gpt2-xl": lambda: _gpt2("gpt2-xl", layers=48, hidden=1600, heads=25),
-    "llama-7b": lambda: _llama(
-        "llama-7b", layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000, context=2048
-    ),
-    "llama-13b": lambda: _llama(
-        "llama-13b", layers=40, hidden=5120, heads=40, kv_heads=40, ffn=13824, vocab=32000, context=2048
-    ),
-    "llama-65b": lambda: _llama(
-        "llama-65b", layers=80, hidden=8192, heads=64, kv_heads=64, ffn=22016, vocab=32000, context=2048
-    ),
-    "llama-2-7b": lambda: _llama(
-        "llama-2-7b", layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000, context=4096
-    ),
-    "llama-2-13b": lambda: _llama(
-        "llama-2-13b", layers=40, hidden=5120, heads=40, kv_heads=40, ffn=13824, vocab=32000, context=4096
-    ),
-    "llama-2-70b": lambda: _llama(
-        "llama-2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672, vocab=32000, context=4096
-    ),
-    "llama-3-8b": lambda: _llama(
-        "llama-3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256, context=8192
-    ),
-    "llama-3-70b": lambda: _llama(
-        "llama-3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672, vocab=128256, context=8192
-    ),
+    "llama-7b": lambda: _llama("llama-7b", layers=32, hidden=4096, heads=32, ffn=11008, **_LLAMA1),
+    "llama-13b": lambda: _llama("llama-13b", layers=40, hidden=5120, heads=40, ffn=13824, **_LLAMA1),
+    "llama-65b": lambda: _llama("llama-65b", layers=80, hidden=8192, heads=64, ffn=22016, **_LLAMA1),
+    "llama-2-7b": lambda: _llama("llama-2-7b", layers=32, hidden=4096, heads=32, ffn=11008, **_LLAMA2),
+    "llama-2-13b": lambda: _llama("llama-2-13b", layers=40, hidden=5120, heads=40, ffn=13824, **_LLAMA2),
+    "llama-2-70b": lambda: _llama("llama-2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672, **_LLAMA2),
+    "llama-3-8b": lambda: _llama("llama-3-8b", layers=32, hidden=4096, heads=32, ffn=14336, **_LLAMA3),
+    "llama-3-70b": lambda: _llama("llama-3-70b", layers=80, hidden=8192, heads=64, ffn=28672, **_LLAMA3),
     "mistral-7b": lambda: _llama(
         "mistral-7b",
         layers=32,
@@ -459,15 +449,10 @@ def _architecture_from_config(config: Any, implementation: str = "transformers")
     dropout = any(isinstance(d, (int, float)) and d > 0 for d in drops)
     context = get("max_position_embeddings", "n_positions", "n_ctx", default=512)
     attention = getattr(config, "_attn_implementation", None)
+    dims = (layers, hidden, heads, kv_heads, head_dim, ffn, vocab)  # Architecture's order
     return Architecture(
         family,
-        int(layers),
-        int(hidden),
-        int(heads),
-        int(kv_heads),
-        int(head_dim),
-        int(ffn),
-        int(vocab),
+        *map(int, dims),
         gated_mlp=gated,
         dropout=dropout,
         max_seq_len=int(context),
