@@ -47,56 +47,31 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
+def _fields(*groups: tuple[str, Any]) -> list[tuple[str, Any]]:
+    """A ``_fields_`` list from (space-separated names, C type) groups, in declaration order (lowbit_cpu.c's
+    structs, member for member)."""
+    return [(name, ctype) for names, ctype in groups for name in names.split()]
+
+
 class QmapStruct(ctypes.Structure):
-    _fields_ = [
-        ("lut", ctypes.c_void_p),
-        ("mid", ctypes.c_void_p),
-        ("val", ctypes.c_void_p),
-        ("shift", ctypes.c_int32),
-        ("base", ctypes.c_int32),
-        ("nk", ctypes.c_int32),
-        ("bits", ctypes.c_int32),
-    ]
+    _fields_ = _fields(("lut mid val", ctypes.c_void_p), ("shift base nk bits", ctypes.c_int32))
 
 
 class JobStruct(ctypes.Structure):
-    _fields_ = [
-        ("p", ctypes.c_void_p),
-        ("g", ctypes.c_void_p),
-        ("m_codes", ctypes.c_void_p),
-        ("m_scales", ctypes.c_void_p),
-        ("v_codes", ctypes.c_void_p),
-        ("v_scales", ctypes.c_void_p),
-        ("comp", ctypes.c_void_p),
+    _fields_ = _fields(
+        ("p g m_codes m_scales v_codes v_scales comp", ctypes.c_void_p),
         ("n", ctypes.c_int64),
-        ("step_size", ctypes.c_float),
-        ("inv_bc2", ctypes.c_float),
-        ("key", ctypes.c_uint32),
-        ("offset", ctypes.c_uint32),
-    ]
+        ("step_size inv_bc2", ctypes.c_float),
+        ("key offset", ctypes.c_uint32),
+    )
 
 
 class ConfigStruct(ctypes.Structure):
-    _fields_ = [
-        ("algo", ctypes.c_int32),
-        ("p_bf16", ctypes.c_int32),
-        ("g_bf16", ctypes.c_int32),
-        ("block", ctypes.c_int32),
-        ("decoupled", ctypes.c_int32),
-        ("maximize", ctypes.c_int32),
-        ("rounding", ctypes.c_int32),
-        ("has_wd", ctypes.c_int32),
-        ("beta1", ctypes.c_float),
-        ("beta2", ctypes.c_float),
-        ("omb1", ctypes.c_float),
-        ("omb2", ctypes.c_float),
-        ("eps", ctypes.c_float),
-        ("wd", ctypes.c_float),
-        ("lrwd", ctypes.c_float),
-        ("lr", ctypes.c_float),
-        ("qm", QmapStruct),
-        ("qv", QmapStruct),
-    ]
+    _fields_ = _fields(
+        ("algo p_bf16 g_bf16 block decoupled maximize rounding has_wd", ctypes.c_int32),
+        ("beta1 beta2 omb1 omb2 eps wd lrwd lr", ctypes.c_float),
+        ("qm qv", QmapStruct),
+    )
 
 
 def _flags() -> list[str]:

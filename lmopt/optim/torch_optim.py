@@ -48,49 +48,53 @@ def _nadam_state(shape, dtype, hyper) -> list[StateTensor]:
     ]
 
 
+def _entry(name: str, cls: type, summary: str, paper: str, state: Any, family: str, **extra: Any) -> OptimizerSpec:
+    return OptimizerSpec(name=name, cls=cls, summary=summary, paper=paper, state=state, family=family, **extra)
+
+
 SPECS = [
-    OptimizerSpec(
-        name="sgd",
-        cls=torch.optim.SGD,
-        summary="torch.optim.SGD: plain, momentum (momentum=0.9) or Nesterov (nesterov=True)",
-        paper="Robbins & Monro 1951; Polyak 1964; Sutskever et al., ICML 2013 (Nesterov)",
-        state=_sgd_state,
+    _entry(
+        "sgd",
+        torch.optim.SGD,
+        "torch.optim.SGD: plain, momentum (momentum=0.9) or Nesterov (nesterov=True)",
+        "Robbins & Monro 1951; Polyak 1964; Sutskever et al., ICML 2013 (Nesterov)",
+        _sgd_state,
+        "sgd",
         defaults={"lr": 1e-2},
-        family="sgd",
         aliases={"sgd_momentum": {"momentum": 0.9}, "sgd_nesterov": {"momentum": 0.9, "nesterov": True}},
         lookahead=True,
     ),
-    OptimizerSpec(
-        name="adagrad",
-        cls=torch.optim.Adagrad,
-        summary="torch.optim.Adagrad: per-coordinate rates from the sum of squared gradients",
-        paper="Duchi, Hazan & Singer, Adaptive Subgradient Methods, JMLR 2011",
-        state=_adagrad_state,
-        family="sgd",
+    _entry(
+        "adagrad",
+        torch.optim.Adagrad,
+        "torch.optim.Adagrad: per-coordinate rates from the sum of squared gradients",
+        "Duchi, Hazan & Singer, Adaptive Subgradient Methods, JMLR 2011",
+        _adagrad_state,
+        "sgd",
     ),
-    OptimizerSpec(
-        name="rmsprop",
-        cls=torch.optim.RMSprop,
-        summary="torch.optim.RMSprop: moving average of squared gradients",
-        paper="Tieleman & Hinton, Lecture 6.5 - RMSProp, COURSERA 2012",
-        state=_rmsprop_state,
-        family="sgd",
+    _entry(
+        "rmsprop",
+        torch.optim.RMSprop,
+        "torch.optim.RMSprop: moving average of squared gradients",
+        "Tieleman & Hinton, Lecture 6.5 - RMSProp, COURSERA 2012",
+        _rmsprop_state,
+        "sgd",
     ),
-    OptimizerSpec(
-        name="radam",
-        cls=torch.optim.RAdam,
-        summary="torch.optim.RAdam: Adam with variance rectification (no warmup needed)",
-        paper="Liu et al., On the Variance of the Adaptive Learning Rate and Beyond, ICLR 2020",
-        state=_radam_state,
-        family="adam",
+    _entry(
+        "radam",
+        torch.optim.RAdam,
+        "torch.optim.RAdam: Adam with variance rectification (no warmup needed)",
+        "Liu et al., On the Variance of the Adaptive Learning Rate and Beyond, ICLR 2020",
+        _radam_state,
+        "adam",
         lookahead=True,
     ),
-    OptimizerSpec(
-        name="nadam",
-        cls=torch.optim.NAdam,
-        summary="torch.optim.NAdam: Adam with Nesterov momentum",
-        paper="Dozat, Incorporating Nesterov Momentum into Adam, ICLR 2016 workshop",
-        state=_nadam_state,
-        family="adam",
+    _entry(
+        "nadam",
+        torch.optim.NAdam,
+        "torch.optim.NAdam: Adam with Nesterov momentum",
+        "Dozat, Incorporating Nesterov Momentum into Adam, ICLR 2016 workshop",
+        _nadam_state,
+        "adam",
     ),
 ]
