@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor, Translation
+from . import _dispatch
 from ._dispatch import as_math, blockable, flat_blocks, resolve_implementation
 from ._precision import ROUNDING_CODES, MomentPrecision, kahan_state, moments_state, validate_state_precision
 from .base import LmoptOptimizer, constructor_defaults
@@ -126,7 +127,9 @@ def _blocked_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, ma
             continue
         pf, gf, mf = p.view(-1), g.view(-1), m.view(-1)
         low = p.dtype not in (torch.float32, torch.float64)
-        buf = torch.empty(min(pf.numel(), 1 << 17), dtype=torch.float32 if low else p.dtype, device=p.device)
+        buf = torch.empty(
+            min(pf.numel(), _dispatch.BLOCK_ELEMENTS), dtype=torch.float32 if low else p.dtype, device=p.device
+        )
         for start, stop in flat_blocks(pf.numel()):
             b = buf[: stop - start]
             pc, gc, mc = pf[start:stop], gf[start:stop], mf[start:stop]
