@@ -73,20 +73,27 @@ def adam_delta(
     eps: float,
     weight_decay: float,
     decoupled: bool,
+    ieee_sqrt: bool = True,
 ) -> Tensor:
     """The Adam/AdamW/AMSGrad rule for one tensor (see the module docstring): updates the moments in place
     (math-dtype tensors) and returns the parameter's update. Every precision and the ``for_loop`` path run this;
-    lmopt's kernels compute the same operations in the same order (IEEE square root, no fused multiply-add)."""
+    lmopt's kernels compute the same operations in the same order (no fused multiply-add). ``ieee_sqrt``: the
+    correctly rounded square root the kernels compute (groups with 8/4-bit state); False takes torch's
+    vectorized one (3x cheaper on CPU, within an ulp), where no kernel has to be matched bit for bit."""
     if not decoupled and weight_decay != 0:
         g32 = g32 + p32 * weight_decay
-    exp_avg.mul_(beta1).add_(g32 * (1 - beta1))
-    exp_avg_sq.mul_(beta2).add_((g32 * g32) * (1 - beta2))
+    # one scratch tensor for every temporary (fresh allocations of parameter-sized tensors cost page faults)
+    scratch = torch.mul(g32, 1 - beta1)
+    exp_avg.mul_(beta1).add_(scratch)
+    exp_avg_sq.mul_(beta2).add_(torch.mul(g32, g32, out=scratch).mul_(1 - beta2))
     v_hat = exp_avg_sq
     if max_exp_avg_sq is not None:
-        max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq, exp_avg_sq))
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=scratch)
+        max_exp_avg_sq.copy_(scratch)
         v_hat = max_exp_avg_sq
     step_size, inv_bc2 = adam_scalars(lr, beta1, beta2, step)
-    delta = (exp_avg / _sqrt(v_hat).mul_(inv_bc2).add_(eps)).mul_(step_size).neg_()
+    root = _sqrt(v_hat) if ieee_sqrt else torch.sqrt(v_hat, out=scratch)
+    delta = torch.div(exp_avg, root.mul_(inv_bc2).add_(eps), out=root).mul_(-step_size)  # -(x * s): exact
     if decoupled and weight_decay != 0:
         delta.sub_(p32 * (lr * weight_decay))
     return delta
@@ -130,6 +137,7 @@ def _single_tensor_adamw(
             eps=eps,
             weight_decay=weight_decay,
             decoupled=decoupled,
+            ieee_sqrt=False,
         )
         p32.add_(delta)
         _copy_back(
@@ -426,6 +434,7 @@ class AdamW(MomentPrecision, LmoptOptimizer):
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),
             decoupled=self._decoupled,
+            ieee_sqrt=self._quantized_group(group),
         )
 
     def _kernel_hyper(self, group: dict[str, Any]) -> dict[str, Any]:

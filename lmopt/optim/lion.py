@@ -50,11 +50,11 @@ def lion_delta(
 ) -> Tensor:
     """The Lion rule for one tensor (see the module docstring): updates ``exp_avg`` in place (math dtype) and
     returns the parameter's update; the kernels compute the same operations in the same order."""
-    c = exp_avg * beta1 + g32 * (1 - beta1)
-    delta = c.sign_().mul_(lr).neg_()
+    scratch = torch.mul(g32, 1 - beta1)  # one scratch tensor for the temporaries
+    delta = torch.mul(exp_avg, beta1).add_(scratch).sign_().mul_(-lr)  # -(sign * lr): negation is exact
     if weight_decay != 0:
-        delta.sub_(p32 * (lr * weight_decay))
-    exp_avg.mul_(beta2).add_(g32 * (1 - beta2))
+        delta.sub_(torch.mul(p32, lr * weight_decay, out=scratch))
+    exp_avg.mul_(beta2).add_(torch.mul(g32, 1 - beta2, out=scratch))
     return delta
 
 
