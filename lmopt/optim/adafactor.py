@@ -55,6 +55,7 @@ from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
 from ._dispatch import BLOCK_ELEMENTS, blockable, math_dtype, resolve_implementation, row_blocks
+from ._impl import copy_back, ema_, run_on, upcast
 from ._momentum import (
     init_momentum,
     momentum_state,
@@ -125,11 +126,6 @@ def approx_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
     return a, col.rsqrt()
 
 
-def ema_(stat: Tensor, value: Tensor, beta: float | Tensor) -> Tensor:
-    """``stat <- beta * stat + (1 - beta) * value``, in place."""
-    return stat.mul_(beta).add_(value, alpha=1 - beta)
-
-
 def factored_precondition(row: Tensor, col: Tensor, x: Tensor) -> Tensor:
     """``x / sqrt(R C^T / mean(R))`` for factored statistics ``row``, ``col`` of the last two dims of ``x``.
 
@@ -160,17 +156,6 @@ def clip_update_(update: Tensor, clip_threshold: float) -> Tensor:
     """``u <- u / max(1, RMS(u) / clip_threshold)``, in place."""
     rms = torch.linalg.vector_norm(update) / math.sqrt(update.numel())
     return update.div_((rms / clip_threshold).clamp_(min=1.0))
-
-
-def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` itself when it is already ``dtype``, else a copy in ``dtype`` (to be copied back when done)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def copy_back(low: Tensor, exact: Tensor) -> None:
-    """Store the math-dtype ``exact`` into ``low`` when ``exact`` is an upcast copy of it."""
-    if exact is not low:
-        low.copy_(exact)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -296,12 +281,6 @@ def split_blockable(params, grads, factored, *extra) -> tuple[list[int], list[in
         ok = factored[i] is not None and p.numel() != 0 and blockable(p, grads[i], *others)
         (take if ok else rest).append(i)
     return take, rest
-
-
-def run_on(fn, idx: list[int], lists: tuple[list, ...], hp) -> None:
-    """``fn`` (an implementation) on the entries ``idx`` of each of ``lists``, with hyperparameters ``hp``."""
-    if idx:
-        fn(*[[xs[i] for i in idx] for xs in lists], hp)
 
 
 def _blocked_adafactor(params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, hp):

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
 from ._dispatch import blockable, math_dtype, resolve_implementation
+from ._impl import copy_back, ema_, run_on, upcast
 from ._momentum import (
     init_momentum,
     momentum_state,
@@ -58,15 +59,11 @@ from .adafactor import (
     check_eps_pair,
     clip_update_,
     column_sums,
-    copy_back,
-    ema_,
     ema_factors_,
     factored_precondition,
     factored_shapes,
-    run_on,
     second_moment_update,
     split_blockable,
-    upcast,
 )
 from .base import Implementation, LmoptOptimizer, check_betas, check_choice, check_nonnegative, check_positive
 
