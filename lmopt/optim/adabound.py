@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,29 +40,27 @@ from .base import LmoptOptimizer, check_choice, check_positive, constructor_defa
 __all__ = ["AdaBound", "adabound"]
 
 
+class AdaBoundHyper(NamedTuple):
+    """The scalar hyperparameters of one AdaBound step (what every implementation takes)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    final_lr: float
+    gamma: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    amsbound: bool
+    maximize: bool
+
+
 def _bounds(final_lr: float, gamma: float, step: float) -> tuple[float, float]:
     return final_lr * (1 - 1 / (gamma * step + 1)), final_lr * (1 + 1 / (gamma * step))
 
 
-def _single_tensor_adabound(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    steps,
-    *,
-    lr,
-    beta1,
-    beta2,
-    final_lr,
-    gamma,
-    eps,
-    weight_decay,
-    decoupled,
-    amsbound,
-    maximize,
-):
+def _single_tensor_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp):
+    lr, beta1, beta2, final_lr, gamma, eps, weight_decay, decoupled, amsbound, maximize = hp
     for i, p in enumerate(params):
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         grad = grads[i].to(dtype)
@@ -103,25 +101,8 @@ def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
             d.copy_(s)
 
 
-def _multi_tensor_adabound(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    steps,
-    *,
-    lr,
-    beta1,
-    beta2,
-    final_lr,
-    gamma,
-    eps,
-    weight_decay,
-    decoupled,
-    amsbound,
-    maximize,
-):
+def _multi_tensor_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp):
+    lr, beta1, beta2, final_lr, gamma, eps, weight_decay, decoupled, amsbound, maximize = hp
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype, exp_avgs[i].dtype)].append(i)
@@ -166,14 +147,14 @@ def _multi_tensor_adabound(
             _copy_back(dst, src)
 
 
-def _blocked_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs):
+def _blocked_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp):
     # the plain per-tensor path on cache-sized blocks: one pass over memory (see lmopt.optim._blocks)
-    amsbound = kwargs["amsbound"]
+    amsbound = hp.amsbound
     small = [i for i, p in enumerate(params) if p.numel() < _dispatch.BLOCK_ELEMENTS]
     if small:  # tensors that fit one block: one foreach call each op, not one Python call per tensor
         pick = [[t[i] for i in small] for t in (params, grads, exp_avgs, exp_avg_sqs)]
         _multi_tensor_adabound(
-            *pick, [max_exp_avg_sqs[i] for i in small] if amsbound else [], [steps[i] for i in small], **kwargs
+            *pick, [max_exp_avg_sqs[i] for i in small] if amsbound else [], [steps[i] for i in small], hp
         )
         large = [i for i in range(len(params)) if params[i].numel() >= _dispatch.BLOCK_ELEMENTS]
         params, grads, exp_avgs, exp_avg_sqs, steps = (
@@ -189,9 +170,9 @@ def _blocked_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ste
         blocks[1],
         blocks[3],
         blocks[2],
-        blocks[4] if kwargs["amsbound"] else [],
+        blocks[4] if amsbound else [],
         [steps[i] for i in source],
-        **kwargs,
+        hp,
     )
 
 
@@ -232,24 +213,8 @@ def adabound(
     )
     torch._foreach_add_(state_steps, 1)
     steps = [float(s) for s in state_steps]
-    _IMPLEMENTATIONS[implementation](
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        final_lr=final_lr,
-        gamma=gamma,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled=decoupled,
-        amsbound=amsbound,
-        maximize=maximize,
-    )
+    hp = AdaBoundHyper(lr, beta1, beta2, final_lr, gamma, eps, weight_decay, decoupled, amsbound, maximize)
+    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp)
 
 
 class AdaBound(LmoptOptimizer):

@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
 from ._dispatch import BLOCK_ELEMENTS, blockable, math_dtype, resolve_implementation, row_blocks
+from ._impl import copy_back, ema_, run_on, upcast
 from ._momentum import (
     init_momentum,
     momentum_state,
@@ -83,6 +84,21 @@ def factored_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int,
     return tuple(shape[:-1]), tuple(shape[:-2]) + (shape[-1],)
 
 
+class AdafactorHyper(NamedTuple):
+    """The scalar hyperparameters of one Adafactor step (what every implementation takes)."""
+
+    lr: float
+    eps1: float
+    eps2: float
+    clip_threshold: float
+    decay_rate: float
+    beta1: float | None
+    weight_decay: float
+    scale_parameter: bool
+    relative_step: bool
+    warmup_init: bool
+
+
 def _relative_step(step: float, lr: float, relative_step: bool, warmup_init: bool) -> float:
     if not relative_step:
         return lr
@@ -94,10 +110,10 @@ def _param_rms(p: Tensor) -> Tensor:
     return torch.linalg.vector_norm(p, dtype=math_dtype(p.dtype)) / math.sqrt(p.numel())
 
 
-def _step_size(p: Tensor, step: float, *, lr, eps2, scale_parameter, relative_step, warmup_init) -> Tensor | float:
-    rho = _relative_step(step, lr, relative_step, warmup_init)
-    if scale_parameter:
-        return _param_rms(p).clamp(min=eps2) * rho
+def _step_size(p: Tensor, step: float, hp: AdafactorHyper) -> Tensor | float:
+    rho = _relative_step(step, hp.lr, hp.relative_step, hp.warmup_init)
+    if hp.scale_parameter:
+        return _param_rms(p).clamp(min=hp.eps2) * rho
     return rho
 
 
@@ -111,74 +127,64 @@ def approx_rsqrt_factors(row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
     return a, col.rsqrt()
 
 
+def factored_precondition(row: Tensor, col: Tensor, x: Tensor) -> Tensor:
+    """``x / sqrt(R C^T / mean(R))`` for factored statistics ``row``, ``col`` of the last two dims of ``x``.
+
+    Means over the last two dims (DTensor: reductions over possibly sharded dims, kept distributed).
+    """
+    a, b = approx_rsqrt_factors(row, col)
+    return a.unsqueeze(-1) * b.unsqueeze(-2) * x
+
+
+def ema_factors_(row: Tensor, col: Tensor, x: Tensor, beta: float | Tensor) -> None:
+    """Fold the row and column means of ``x`` into the factored statistics ``row`` and ``col``."""
+    ema_(row, x.mean(dim=-1), beta)
+    ema_(col, x.mean(dim=-2), beta)
+
+
+def second_moment_update(g: Tensor, eps1: float, beta2: float, row: Tensor | None, col, var) -> Tensor:
+    """``u = g / sqrt(V)`` after folding ``g^2 + eps1`` into the second moment: factored (``row``, ``col``) or
+    full (``var``, when ``row`` is None)."""
+    sq = g * g + eps1
+    if row is not None:
+        ema_factors_(row, col, sq, beta2)
+        return factored_precondition(row, col, g)
+    ema_(var, sq, beta2)
+    return var.rsqrt() * g
+
+
+def clip_update_(update: Tensor, clip_threshold: float) -> Tensor:
+    """``u <- u / max(1, RMS(u) / clip_threshold)``, in place."""
+    rms = torch.linalg.vector_norm(update) / math.sqrt(update.numel())
+    return update.div_((rms / clip_threshold).clamp_(min=1.0))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the plain per-tensor path
-def _single_tensor_adafactor(
-    params,
-    grads,
-    row_vars,
-    col_vars,
-    variances,
-    exp_avgs,
-    state_steps,
-    *,
-    lr,
-    eps1,
-    eps2,
-    clip_threshold,
-    decay_rate,
-    beta1,
-    weight_decay,
-    scale_parameter,
-    relative_step,
-    warmup_init,
-):
+def _single_tensor_adafactor(params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, hp):
     for i, p in enumerate(params):
         state_steps[i] += 1
         if p.numel() == 0:
             continue
         step = float(state_steps[i])
         dtype = math_dtype(p.dtype)
-        p32 = p if p.dtype == dtype else p.to(dtype)
+        p32 = upcast(p, dtype)
         g = grads[i].to(dtype)
-        lr_t = _step_size(
-            p32,
-            step,
-            lr=lr,
-            eps2=eps2,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            warmup_init=warmup_init,
-        )
-        beta2_t = 1.0 - step**decay_rate
-        sq = g * g + eps1
-        if row_vars[i] is not None:
-            row, col = row_vars[i], col_vars[i]
-            # means over the last two dims (DTensor: reductions over possibly sharded dims, kept distributed)
-            row.mul_(beta2_t).add_(sq.mean(dim=-1), alpha=1 - beta2_t)
-            col.mul_(beta2_t).add_(sq.mean(dim=-2), alpha=1 - beta2_t)
-            a, b = approx_rsqrt_factors(row, col)
-            update = a.unsqueeze(-1) * b.unsqueeze(-2) * g
-        else:
-            var = variances[i]
-            var.mul_(beta2_t).add_(sq, alpha=1 - beta2_t)
-            update = var.rsqrt() * g
-        del sq
-        rms = torch.linalg.vector_norm(update) / math.sqrt(update.numel())
-        update.div_((rms / clip_threshold).clamp_(min=1.0))
+        lr_t = _step_size(p32, step, hp)
+        beta2_t = 1.0 - step**hp.decay_rate
+        update = second_moment_update(g, hp.eps1, beta2_t, row_vars[i], col_vars[i], variances[i])
+        clip_update_(update, hp.clip_threshold)
         update.mul_(lr_t)
-        if beta1 is not None:
+        if hp.beta1 is not None:
             m = exp_avgs[i]
-            m32 = m if m.dtype == dtype else m.to(dtype)
-            m32.mul_(beta1).add_(update, alpha=1 - beta1)
+            m32 = upcast(m, dtype)
+            ema_(m32, update, hp.beta1)
             update = m32
-            if m32 is not m:
-                m.copy_(m32)
-        if weight_decay != 0:
-            p32.mul_(1 - weight_decay * lr_t)
+            copy_back(m, m32)
+        if hp.weight_decay != 0:
+            p32.mul_(1 - hp.weight_decay * lr_t)
         p32.sub_(update)
-        if p32 is not p:
-            p.copy_(p32)
+        copy_back(p, p32)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -243,56 +249,56 @@ def blocked_scaled_rms(g3: Tensor, a: Tensor, b: Tensor, blocks: _Blocks) -> Ten
     return (weighted.mul_(a * a).sum() / (blocks.batch * blocks.rows * blocks.cols)).sqrt_()
 
 
-def _blocked_adafactor(
-    params,
-    grads,
-    row_vars,
-    col_vars,
-    variances,
-    exp_avgs,
-    state_steps,
-    *,
-    lr,
-    eps1,
-    eps2,
-    clip_threshold,
-    decay_rate,
-    beta1,
-    weight_decay,
-    scale_parameter,
-    relative_step,
-    warmup_init,
-):
-    rest = []
+def blocked_clipped_factors(
+    p: Tensor, g: Tensor, row_var: Tensor, col_var: Tensor, beta2, eps1: float, clip_threshold: float, step_size=None
+) -> tuple[_Blocks, Tensor, Tensor, Tensor]:
+    """The cache-blocked second-moment passes shared by Adafactor and CAME over the (>= 2-dim) gradient ``g`` of ``p``.
+
+    Folds ``g^2 + eps1`` into the factored statistics (one pass), then (a second pass) the RMS of the
+    preconditioned update, and returns ``(blocks, g3, a, b)``: the row blocks, ``g`` as ``(batch, rows, cols)``
+    and the factors of ``step_size / max(1, RMS(u) / clip_threshold) / sqrt(R C^T / mean(R))`` as ``a b^T``
+    (``step_size`` None: 1).
+    """
+    blocks = _Blocks(tuple(p.shape), p.dtype, p.device)
+    g3 = _as_batched(g)
+    row, col = row_var.view(blocks.batch, blocks.rows), col_var.view(blocks.batch, blocks.cols)
+    row_mean, col_mean = blocked_square_means(g3, blocks, eps1)
+    ema_(row, row_mean, beta2)
+    ema_(col, col_mean, beta2)
+    a, b = approx_rsqrt_factors(row, col)
+    rms = blocked_scaled_rms(g3, a, b, blocks)
+    # every row's coefficient: step_size / max(1, RMS(u) / clip) * a_i
+    coef = (rms / clip_threshold).clamp_(min=1.0).reciprocal_()
+    a.mul_(coef if step_size is None else coef.mul_(step_size))
+    return blocks, g3, a, b
+
+
+def split_blockable(params, grads, factored, *extra) -> tuple[list[int], list[int]]:
+    """Indices of the factored, non-empty tensors the blocked path takes (``blockable`` with their gradient and
+    the tensors of ``extra`` lists, skipping None entries), and of the rest."""
+    take, rest = [], []
     for i, p in enumerate(params):
-        g = grads[i]
-        m = exp_avgs[i] if beta1 is not None else None
-        if row_vars[i] is None or p.numel() == 0 or not blockable(p, g, *([m] if m is not None else [])):
-            rest.append(i)
-            continue
+        others = [xs[i] for xs in extra if xs[i] is not None]
+        ok = factored[i] is not None and p.numel() != 0 and blockable(p, grads[i], *others)
+        (take if ok else rest).append(i)
+    return take, rest
+
+
+def _blocked_adafactor(params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, hp):
+    beta1 = hp.beta1
+    moments = exp_avgs if beta1 is not None else [None] * len(params)
+    take, rest = split_blockable(params, grads, row_vars, moments)
+    for i in take:
+        p, m = params[i], moments[i]
         state_steps[i] += 1
         step = float(state_steps[i])
-        lr_t = _step_size(
-            p,
-            step,
-            lr=lr,
-            eps2=eps2,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            warmup_init=warmup_init,
+        lr_t = _step_size(p, step, hp)
+        beta2_t = 1.0 - step**hp.decay_rate
+        blocks, g3, a, b = blocked_clipped_factors(
+            p, grads[i], row_vars[i], col_vars[i], beta2_t, hp.eps1, hp.clip_threshold, lr_t
         )
-        beta2_t = 1.0 - step**decay_rate
-        blocks = _Blocks(tuple(p.shape), p.dtype, p.device)
-        g3, p3 = _as_batched(g), _as_batched(p)
-        row, col = row_vars[i].view(blocks.batch, blocks.rows), col_vars[i].view(blocks.batch, blocks.cols)
-        row_mean, col_mean = blocked_square_means(g3, blocks, eps1)
-        row.mul_(beta2_t).add_(row_mean, alpha=1 - beta2_t)
-        col.mul_(beta2_t).add_(col_mean, alpha=1 - beta2_t)
-        a, b = approx_rsqrt_factors(row, col)
-        rms = blocked_scaled_rms(g3, a, b, blocks)
-        # every row's coefficient: lr_t / max(1, RMS(u) / clip) * a_i
-        a.mul_((rms / clip_threshold).clamp_(min=1.0).reciprocal_().mul_(lr_t))
-        decay = 1 - weight_decay * lr_t if weight_decay != 0 else None
+        p3 = _as_batched(p)
+        decay = 1 - hp.weight_decay * lr_t if hp.weight_decay != 0 else None
         m3 = _as_batched(m) if m is not None else None
         low = p.dtype != blocks.dtype
         for k, r0, r1, buf in blocks:
@@ -308,36 +314,14 @@ def _blocked_adafactor(
             else:
                 mc = m3[k, r0:r1]
                 m32 = blocks.read(mc)
-                u = scale.mul_(blocks.read(gc))
-                m32.mul_(beta1).add_(u, alpha=1 - beta1)
+                ema_(m32, scale.mul_(blocks.read(gc)), beta1)
                 if decay is not None:
                     p32.mul_(decay)
                 p32.sub_(m32)
-                if m32 is not mc:
-                    mc.copy_(m32)
+                copy_back(mc, m32)
             if low:
                 pc.copy_(p32)
-    if rest:
-        pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
-        _single_tensor_adafactor(
-            pick(params),
-            pick(grads),
-            pick(row_vars),
-            pick(col_vars),
-            pick(variances),
-            pick(exp_avgs),
-            pick(state_steps),
-            lr=lr,
-            eps1=eps1,
-            eps2=eps2,
-            clip_threshold=clip_threshold,
-            decay_rate=decay_rate,
-            beta1=beta1,
-            weight_decay=weight_decay,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            warmup_init=warmup_init,
-        )
+    run_on(_single_tensor_adafactor, rest, (params, grads, row_vars, col_vars, variances, exp_avgs, state_steps), hp)
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_adafactor, "blocked": _blocked_adafactor}
@@ -374,25 +358,10 @@ def adafactor(
         preference=("blocked", "for_loop"),
         owner="adafactor",
     )
-    _IMPLEMENTATIONS[implementation](
-        params,
-        grads,
-        row_vars,
-        col_vars,
-        variances,
-        exp_avgs,
-        state_steps,
-        lr=lr,
-        eps1=eps1,
-        eps2=eps2,
-        clip_threshold=clip_threshold,
-        decay_rate=decay_rate,
-        beta1=beta1,
-        weight_decay=weight_decay,
-        scale_parameter=scale_parameter,
-        relative_step=relative_step,
-        warmup_init=warmup_init,
+    hp = AdafactorHyper(
+        lr, eps1, eps2, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step, warmup_init
     )
+    _IMPLEMENTATIONS[implementation](params, grads, row_vars, col_vars, variances, exp_avgs, state_steps, hp)
     return implementation
 
 

@@ -33,7 +33,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from functools import partialmethod
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,23 +99,32 @@ def adam_delta(
     return delta
 
 
-def _single_tensor_adamw(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled,
-    amsgrad,
-    maximize,
-):
+class AdamHyper(NamedTuple):
+    """The scalar hyperparameters of one Adam/AdamW step (what every implementation takes)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    amsgrad: bool
+    maximize: bool
+
+    def rule(self) -> dict[str, Any]:
+        """The keywords of :func:`adam_delta`, less ``step``."""
+        return dict(
+            lr=self.lr,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            decoupled=self.decoupled,
+        )
+
+
+def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp):
+    amsgrad, maximize = hp.amsgrad, hp.maximize
     for i, p in enumerate(params):
         math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         grad = grads[i].to(math_dtype)
@@ -124,21 +133,7 @@ def _single_tensor_adamw(
         p32, m, v = _upcast([p, exp_avgs[i], exp_avg_sqs[i]], math_dtype)
         vmax = _upcast([max_exp_avg_sqs[i]], math_dtype)[0] if amsgrad else None
         state_steps[i] += 1
-        delta = adam_delta(
-            p32,
-            grad,
-            m,
-            v,
-            vmax,
-            step=float(state_steps[i]),
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled=decoupled,
-            ieee_sqrt=False,
-        )
+        delta = adam_delta(p32, grad, m, v, vmax, step=float(state_steps[i]), **hp.rule(), ieee_sqrt=False)
         p32.add_(delta)
         _copy_back(
             [exp_avgs[i], exp_avg_sqs[i], p, *([max_exp_avg_sqs[i]] if amsgrad else [])],
@@ -159,23 +154,8 @@ def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
             d.copy_(s)
 
 
-def _multi_tensor_adamw(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled,
-    amsgrad,
-    maximize,
-):
+def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp):
+    lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize = hp
     # one foreach pass per (device, parameter dtype, state dtype) bucket
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -221,24 +201,9 @@ def _multi_tensor_adamw(
         _copy_back(p_, p32)
 
 
-def _fused_adamw(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled,
-    amsgrad,
-    maximize,
-):
-    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp):
+    amsgrad = hp.amsgrad
+    kernel = torch._fused_adamw_ if hp.decoupled else torch._fused_adam_
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype)].append(i)
@@ -252,13 +217,13 @@ def _fused_adamw(
             [exp_avg_sqs[i] for i in idx],
             [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
             steps,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            eps=eps,
-            amsgrad=amsgrad,
-            maximize=maximize,
+            lr=hp.lr,
+            beta1=hp.beta1,
+            beta2=hp.beta2,
+            weight_decay=hp.weight_decay,
+            eps=hp.eps,
+            amsgrad=hp.amsgrad,
+            maximize=hp.maximize,
         )
 
 
@@ -299,22 +264,8 @@ def adamw(
     implementation = resolve_implementation(
         implementation, tuple(_IMPLEMENTATIONS), {"fused": fused_applies(params, exp_avgs)}, owner="AdamW"
     )
-    _IMPLEMENTATIONS[implementation](
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled=decoupled,
-        amsgrad=amsgrad,
-        maximize=maximize,
-    )
+    hp = AdamHyper(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize)
+    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp)
     return implementation
 
 

@@ -35,15 +35,15 @@ the first moment with the residual's statistics, then the parameter update); ``a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
 from ._dispatch import blockable, math_dtype, resolve_implementation
+from ._impl import copy_back, ema_, run_on, upcast
 from ._momentum import (
     init_momentum,
     momentum_state,
@@ -54,13 +54,16 @@ from ._momentum import (
 from ._precision import warn_deprecated_precision
 from .adafactor import (
     _as_batched,
-    _Blocks,
     approx_rsqrt_factors,
-    blocked_scaled_rms,
-    blocked_square_means,
+    blocked_clipped_factors,
     check_eps_pair,
+    clip_update_,
     column_sums,
+    ema_factors_,
+    factored_precondition,
     factored_shapes,
+    second_moment_update,
+    split_blockable,
 )
 from .base import (
     Implementation,
@@ -72,107 +75,58 @@ from .base import (
 __all__ = ["CAME", "came"]
 
 
+class CAMEHyper(NamedTuple):
+    """The scalar hyperparameters of one CAME step (what every implementation takes)."""
+
+    lr: float
+    eps1: float
+    eps2: float
+    clip_threshold: float
+    beta1: float
+    beta2: float
+    beta3: float
+    weight_decay: float
+
+
 def _single_tensor_came(
-    params,
-    grads,
-    row_vars,
-    col_vars,
-    res_row_vars,
-    res_col_vars,
-    variances,
-    exp_avgs,
-    state_steps,
-    *,
-    lr,
-    eps1,
-    eps2,
-    clip_threshold,
-    beta1,
-    beta2,
-    beta3,
-    weight_decay,
+    params, grads, row_vars, col_vars, res_row_vars, res_col_vars, variances, exp_avgs, state_steps, hp
 ):
     for i, p in enumerate(params):
         state_steps[i] += 1
         if p.numel() == 0:
             continue
         dtype = math_dtype(p.dtype)
-        p32 = p if p.dtype == dtype else p.to(dtype)
+        p32 = upcast(p, dtype)
         g = grads[i].to(dtype)
-        sq = g * g + eps1
-        factored = row_vars[i] is not None
-        if factored:
-            row, col = row_vars[i], col_vars[i]
-            # means over the last two dims (DTensor: reductions over possibly sharded dims, kept distributed)
-            row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1 - beta2)
-            col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1 - beta2)
-            a, b = approx_rsqrt_factors(row, col)
-            update = a.unsqueeze(-1) * b.unsqueeze(-2) * g
-        else:
-            var = variances[i]
-            var.mul_(beta2).add_(sq, alpha=1 - beta2)
-            update = var.rsqrt() * g
-        del sq
-        rms = torch.linalg.vector_norm(update) / math.sqrt(update.numel())
-        update.div_((rms / clip_threshold).clamp_(min=1.0))
+        update = second_moment_update(g, hp.eps1, hp.beta2, row_vars[i], col_vars[i], variances[i])
+        clip_update_(update, hp.clip_threshold)
         m = exp_avgs[i]
-        m32 = m if m.dtype == dtype else m.to(dtype)
-        m32.mul_(beta1).add_(update, alpha=1 - beta1)
-        if factored:
-            res = (update - m32).square_().add_(eps2)
-            res_row, res_col = res_row_vars[i], res_col_vars[i]
-            res_row.mul_(beta3).add_(res.mean(dim=-1), alpha=1 - beta3)
-            res_col.mul_(beta3).add_(res.mean(dim=-2), alpha=1 - beta3)
-            a, b = approx_rsqrt_factors(res_row, res_col)
-            update = a.unsqueeze(-1) * b.unsqueeze(-2) * m32
+        m32 = upcast(m, dtype)
+        ema_(m32, update, hp.beta1)
+        if row_vars[i] is not None:
+            res = (update - m32).square_().add_(hp.eps2)
+            ema_factors_(res_row_vars[i], res_col_vars[i], res, hp.beta3)
+            update = factored_precondition(res_row_vars[i], res_col_vars[i], m32)
         else:
             update = m32
-        if weight_decay != 0:
-            p32.mul_(1 - weight_decay * lr)
-        p32.add_(update, alpha=-lr)
-        if m32 is not m:
-            m.copy_(m32)
-        if p32 is not p:
-            p.copy_(p32)
+        if hp.weight_decay != 0:
+            p32.mul_(1 - hp.weight_decay * hp.lr)
+        p32.add_(update, alpha=-hp.lr)
+        copy_back(m, m32)
+        copy_back(p, p32)
 
 
-def _blocked_came(
-    params,
-    grads,
-    row_vars,
-    col_vars,
-    res_row_vars,
-    res_col_vars,
-    variances,
-    exp_avgs,
-    state_steps,
-    *,
-    lr,
-    eps1,
-    eps2,
-    clip_threshold,
-    beta1,
-    beta2,
-    beta3,
-    weight_decay,
-):
-    rest = []
-    for i, p in enumerate(params):
-        g, m = grads[i], exp_avgs[i]
-        if row_vars[i] is None or p.numel() == 0 or not blockable(p, g, m):
-            rest.append(i)
-            continue
+def _blocked_came(params, grads, row_vars, col_vars, res_row_vars, res_col_vars, variances, exp_avgs, state_steps, hp):
+    lr, beta1 = hp.lr, hp.beta1
+    take, rest = split_blockable(params, grads, row_vars, exp_avgs)
+    for i in take:
+        p, m = params[i], exp_avgs[i]
         state_steps[i] += 1
-        blocks = _Blocks(tuple(p.shape), p.dtype, p.device)
+        blocks, g3, a, b = blocked_clipped_factors(
+            p, grads[i], row_vars[i], col_vars[i], hp.beta2, hp.eps1, hp.clip_threshold
+        )
         nb, nr, nc = blocks.batch, blocks.rows, blocks.cols
-        g3, p3, m3 = _as_batched(g), _as_batched(p), _as_batched(m)
-        row, col = row_vars[i].view(nb, nr), col_vars[i].view(nb, nc)
-        row_mean, col_mean = blocked_square_means(g3, blocks, eps1)
-        row.mul_(beta2).add_(row_mean, alpha=1 - beta2)
-        col.mul_(beta2).add_(col_mean, alpha=1 - beta2)
-        a, b = approx_rsqrt_factors(row, col)
-        rms = blocked_scaled_rms(g3, a, b, blocks)
-        a.mul_((rms / clip_threshold).clamp_(min=1.0).reciprocal_())
+        p3, m3 = _as_batched(p), _as_batched(m)
         # pass 3: the first moment, and the residual's row/column sums while u and m are in cache
         res_row_sum = torch.empty(nb, nr, dtype=blocks.dtype, device=p.device)
         res_col_sum = torch.zeros(nb, nc, dtype=blocks.dtype, device=p.device)
@@ -183,18 +137,17 @@ def _blocked_came(
             mc = m3[k, r0:r1]
             m32 = mc if m_exact is None else m_exact[k, r0:r1].copy_(mc)
             u = torch.outer(a[k, r0:r1], b[k], out=buf).mul_(blocks.read(g3[k, r0:r1]))
-            m32.mul_(beta1).add_(u, alpha=1 - beta1)
+            ema_(m32, u, beta1)
             res = u.sub_(m32).square_()
             torch.sum(res, dim=1, out=res_row_sum[k, r0:r1])
             res_col_sum[k].add_(column_sums(res, blocks))
-            if m32 is not mc:
-                mc.copy_(m32)
+            copy_back(mc, m32)
         res_row, res_col = res_row_vars[i].view(nb, nr), res_col_vars[i].view(nb, nc)
-        res_row.mul_(beta3).add_(res_row_sum.div_(nc).add_(eps2), alpha=1 - beta3)
-        res_col.mul_(beta3).add_(res_col_sum.div_(nr).add_(eps2), alpha=1 - beta3)
+        ema_(res_row, res_row_sum.div_(nc).add_(hp.eps2), hp.beta3)
+        ema_(res_col, res_col_sum.div_(nr).add_(hp.eps2), hp.beta3)
         ra, rb = approx_rsqrt_factors(res_row, res_col)
         ra.mul_(-lr)
-        decay = 1 - weight_decay * lr if weight_decay != 0 else None
+        decay = 1 - hp.weight_decay * lr if hp.weight_decay != 0 else None
         low = p.dtype != blocks.dtype
         # pass 4: p <- p * decay - lr * (ra rb^T) * m
         for k, r0, r1, buf in blocks:
@@ -206,27 +159,8 @@ def _blocked_came(
             p32.addcmul_(scale, m3[k, r0:r1] if m_exact is None else m_exact[k, r0:r1])
             if low:
                 pc.copy_(p32)
-    if rest:
-        pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
-        _single_tensor_came(
-            pick(params),
-            pick(grads),
-            pick(row_vars),
-            pick(col_vars),
-            pick(res_row_vars),
-            pick(res_col_vars),
-            pick(variances),
-            pick(exp_avgs),
-            pick(state_steps),
-            lr=lr,
-            eps1=eps1,
-            eps2=eps2,
-            clip_threshold=clip_threshold,
-            beta1=beta1,
-            beta2=beta2,
-            beta3=beta3,
-            weight_decay=weight_decay,
-        )
+    lists = (params, grads, row_vars, col_vars, res_row_vars, res_col_vars, variances, exp_avgs, state_steps)
+    run_on(_single_tensor_came, rest, lists, hp)
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_came, "blocked": _blocked_came}
@@ -263,24 +197,9 @@ def came(
         preference=("blocked", "for_loop"),
         owner="came",
     )
+    hp = CAMEHyper(lr, eps1, eps2, clip_threshold, beta1, beta2, beta3, weight_decay)
     _IMPLEMENTATIONS[implementation](
-        params,
-        grads,
-        row_vars,
-        col_vars,
-        res_row_vars,
-        res_col_vars,
-        variances,
-        exp_avgs,
-        state_steps,
-        lr=lr,
-        eps1=eps1,
-        eps2=eps2,
-        clip_threshold=clip_threshold,
-        beta1=beta1,
-        beta2=beta2,
-        beta3=beta3,
-        weight_decay=weight_decay,
+        params, grads, row_vars, col_vars, res_row_vars, res_col_vars, variances, exp_avgs, state_steps, hp
     )
     return implementation
 

@@ -31,14 +31,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from functools import partialmethod
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor, Translation
-from . import _dispatch
-from ._dispatch import as_math, blockable, flat_blocks, resolve_implementation
+from ._dispatch import as_math, blockable, resolve_implementation
+from ._impl import foreach_copy_back, run_flat_blocks, run_on
 from ._precision import ROUNDING_CODES, MomentPrecision, kahan_state, moments_state, validate_state_precision
 from .base import LmoptOptimizer, constructor_defaults
 
@@ -58,19 +58,27 @@ def lion_delta(
     return delta
 
 
+class LionHyper(NamedTuple):
+    """The scalar hyperparameters of one Lion step (what every implementation takes)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    maximize: bool
+
+
 def _lion_block(
     p: Tensor,
     g: Tensor,
     m: Tensor,
     buf: Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
+    hp: LionHyper,
     decay: float,
-    maximize: bool,
 ) -> None:
-    """One Lion update of same-shaped math-dtype tensors; ``buf`` is scratch of the same shape."""
+    """One Lion update of same-shaped math-dtype tensors; ``buf`` is scratch of the same shape; ``decay`` is
+    ``1 - lr * weight_decay``."""
+    lr, beta1, beta2, _weight_decay, maximize = hp
     if maximize:
         g = torch.neg(g)
     c = torch.lerp(m, g, 1 - beta1, out=buf)
@@ -81,7 +89,8 @@ def _lion_block(
     p.add_(c, alpha=-lr)
 
 
-def _single_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
+def _single_tensor_lion(params, grads, exp_avgs, hp):
+    lr, beta1, beta2, weight_decay, maximize = hp
     for p, g, m in zip(params, grads, exp_avgs, strict=False):
         p32, g32, m32 = as_math(p), as_math(g), as_math(m)
         if maximize:
@@ -93,7 +102,8 @@ def _single_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_dec
             p.copy_(p32)
 
 
-def _multi_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
+def _multi_tensor_lion(params, grads, exp_avgs, hp):
+    lr, beta1, beta2, weight_decay, maximize = hp
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype)].append(i)
@@ -112,45 +122,18 @@ def _multi_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_deca
             torch._foreach_mul_(p32, 1 - lr * weight_decay)
         torch._foreach_add_(p32, c, alpha=-lr)
         del c
-        for dst, src in ((p_, p32), (m_, m32)):
-            pairs = [(d, s) for d, s in zip(dst, src, strict=False) if d is not s]
-            if pairs:
-                torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        foreach_copy_back((p_, p32), (m_, m32))
 
 
-def _blocked_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
-    decay = 1 - lr * weight_decay
+def _blocked_lion(params, grads, exp_avgs, hp):
+    decay = 1 - hp.lr * hp.weight_decay
     rest = []
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=False)):
         if not blockable(p, g, m):
             rest.append(i)
             continue
-        pf, gf, mf = p.view(-1), g.view(-1), m.view(-1)
-        low = p.dtype not in (torch.float32, torch.float64)
-        buf = torch.empty(
-            min(pf.numel(), _dispatch.BLOCK_ELEMENTS), dtype=torch.float32 if low else p.dtype, device=p.device
-        )
-        for start, stop in flat_blocks(pf.numel()):
-            b = buf[: stop - start]
-            pc, gc, mc = pf[start:stop], gf[start:stop], mf[start:stop]
-            if low:  # low-precision tensors: upcast the block (in cache), write it back after the math
-                p32, g32, m32 = pc.float(), gc.float(), mc.float()
-                _lion_block(p32, g32, m32, b, lr=lr, beta1=beta1, beta2=beta2, decay=decay, maximize=maximize)
-                pc.copy_(p32)
-                mc.copy_(m32)
-            else:
-                _lion_block(pc, gc, mc, b, lr=lr, beta1=beta1, beta2=beta2, decay=decay, maximize=maximize)
-    if rest:
-        _multi_tensor_lion(
-            [params[i] for i in rest],
-            [grads[i] for i in rest],
-            [exp_avgs[i] for i in rest],
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            maximize=maximize,
-        )
+        run_flat_blocks((p, m, g), 2, lambda p, m, g, buf: _lion_block(p, g, m, buf, hp, decay))
+    run_on(_multi_tensor_lion, rest, (params, grads, exp_avgs), hp)
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_lion, "foreach": _multi_tensor_lion, "blocked": _blocked_lion}
@@ -177,9 +160,7 @@ def lion(
         {"blocked": blocked},
         owner="Lion",
     )
-    _IMPLEMENTATIONS[implementation](
-        params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize
-    )
+    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, LionHyper(lr, beta1, beta2, weight_decay, maximize))
     return implementation
 
 

@@ -49,14 +49,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..spec import OptimizerSpec, StateTensor
-from ._dispatch import BLOCK_ELEMENTS, as_math, blockable, flat_blocks, resolve_implementation
+from ._dispatch import as_math, blockable, resolve_implementation
+from ._impl import foreach_copy_back, run_flat_blocks, run_on
 from .base import (
     Implementation,
     LmoptOptimizer,
@@ -83,21 +84,29 @@ def sampled_label_loss(logits: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # the step (the Hessian EMA is refreshed separately, in Sophia.update_hessian)
+class SophiaHyper(NamedTuple):
+    """The scalar hyperparameters of one Sophia step (what every implementation takes)."""
+
+    lr: float
+    beta1: float
+    rho: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+
+
 def _sophia_block(
     p: Tensor,
     g: Tensor,
     m: Tensor,
     h: Tensor,
     buf: Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    rho: float,
-    eps: float,
+    hp: SophiaHyper,
     decay: float,
-    maximize: bool,
 ) -> None:
-    """One Sophia update of same-shaped math-dtype tensors; ``buf`` is scratch of the same shape."""
+    """One Sophia update of same-shaped math-dtype tensors; ``buf`` is scratch of the same shape; ``decay`` is
+    ``1 - lr * weight_decay``."""
+    lr, beta1, rho, eps, _weight_decay, maximize = hp
     if maximize:
         g = torch.neg(g)
     m.lerp_(g, 1 - beta1)
@@ -108,9 +117,8 @@ def _sophia_block(
     p.add_(ratio, alpha=-lr)
 
 
-def _single_tensor_sophia(
-    params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize
-):
+def _single_tensor_sophia(params, grads, exp_avgs, hessians, state_steps, hp):
+    lr, beta1, rho, eps, weight_decay, maximize = hp
     for p, g, m, h, step in zip(params, grads, exp_avgs, hessians, state_steps, strict=False):
         step += 1
         p32, g32, m32, h32 = as_math(p), as_math(g), as_math(m), as_math(h)
@@ -127,9 +135,8 @@ def _single_tensor_sophia(
             p.copy_(p32)
 
 
-def _multi_tensor_sophia(
-    params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize
-):
+def _multi_tensor_sophia(params, grads, exp_avgs, hessians, state_steps, hp):
+    lr, beta1, rho, eps, weight_decay, maximize = hp
     torch._foreach_add_(state_steps, 1)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -153,60 +160,19 @@ def _multi_tensor_sophia(
             torch._foreach_mul_(p32, 1 - lr * weight_decay)
         torch._foreach_add_(p32, ratio, alpha=-lr)
         del ratio
-        for dst, src in ((p_, p32), (m_, m32)):
-            pairs = [(d, s) for d, s in zip(dst, src, strict=False) if d is not s]
-            if pairs:
-                torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        foreach_copy_back((p_, p32), (m_, m32))
 
 
-def _blocked_sophia(params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, rho, eps, weight_decay, maximize):
-    decay = 1 - lr * weight_decay
+def _blocked_sophia(params, grads, exp_avgs, hessians, state_steps, hp):
+    decay = 1 - hp.lr * hp.weight_decay
     rest = []
     for i, (p, g, m, h) in enumerate(zip(params, grads, exp_avgs, hessians, strict=False)):
         if not blockable(p, g, m, h):
             rest.append(i)
             continue
         state_steps[i] += 1
-        pf, gf, mf, hf = p.view(-1), g.view(-1), m.view(-1), h.view(-1)
-        low = p.dtype not in (torch.float32, torch.float64)
-        buf = torch.empty(min(pf.numel(), BLOCK_ELEMENTS), dtype=torch.float32 if low else p.dtype, device=p.device)
-        for start, stop in flat_blocks(pf.numel()):
-            b = buf[: stop - start]
-            pc, gc, mc, hc = pf[start:stop], gf[start:stop], mf[start:stop], hf[start:stop]
-            if low:
-                p32, m32 = pc.float(), mc.float()
-                _sophia_block(
-                    p32,
-                    gc.float(),
-                    m32,
-                    hc.float(),
-                    b,
-                    lr=lr,
-                    beta1=beta1,
-                    rho=rho,
-                    eps=eps,
-                    decay=decay,
-                    maximize=maximize,
-                )
-                pc.copy_(p32)
-                mc.copy_(m32)
-            else:
-                _sophia_block(pc, gc, mc, hc, b, lr=lr, beta1=beta1, rho=rho, eps=eps, decay=decay, maximize=maximize)
-    if rest:
-        pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
-        _multi_tensor_sophia(
-            pick(params),
-            pick(grads),
-            pick(exp_avgs),
-            pick(hessians),
-            pick(state_steps),
-            lr=lr,
-            beta1=beta1,
-            rho=rho,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-        )
+        run_flat_blocks((p, m, g, h), 2, lambda p, m, g, h, buf: _sophia_block(p, g, m, h, buf, hp, decay))
+    run_on(_multi_tensor_sophia, rest, (params, grads, exp_avgs, hessians, state_steps), hp)
 
 
 _IMPLEMENTATIONS = {
@@ -243,19 +209,8 @@ def sophia(
         preference=("blocked", "foreach"),
         owner="sophia",
     )
-    _IMPLEMENTATIONS[implementation](
-        params,
-        grads,
-        exp_avgs,
-        hessians,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        rho=rho,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=maximize,
-    )
+    hp = SophiaHyper(lr, beta1, rho, eps, weight_decay, maximize)
+    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, hessians, state_steps, hp)
     return implementation
 
 

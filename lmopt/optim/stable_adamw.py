@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -68,9 +68,20 @@ def _decay(lr_t: float, weight_decay: float, max_lr: float | None) -> float:
     return 1 - (lr_t / max_lr if max_lr is not None else lr_t) * weight_decay
 
 
-def _single_tensor_stable_adamw(
-    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay, max_lr, maximize
-):
+class StableAdamWHyper(NamedTuple):
+    """The scalar hyperparameters of one StableAdamW step (what every implementation takes)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    max_lr: float | None
+    maximize: bool
+
+
+def _single_tensor_stable_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, hp):
+    lr, beta1, beta2, eps, weight_decay, max_lr, maximize = hp
     for p, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         g = as_math(grad)
         if maximize:
@@ -89,9 +100,8 @@ def _single_tensor_stable_adamw(
         _copy_back([exp_avg, exp_avg_sq, p], [m, v, p32])
 
 
-def _multi_tensor_stable_adamw(
-    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay, max_lr, maximize
-):
+def _multi_tensor_stable_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, hp):
+    lr, beta1, beta2, eps, weight_decay, max_lr, maximize = hp
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype, exp_avgs[i].dtype)].append(i)
@@ -151,20 +161,8 @@ def stable_adamw(
     (``p *= 1 - lr_t / max_lr * weight_decay``). Returns the implementation that ran.
     """
     implementation = resolve_implementation(implementation, tuple(_IMPLEMENTATIONS), owner="StableAdamW")
-    _IMPLEMENTATIONS[implementation](
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        max_lr=max_lr,
-        maximize=maximize,
-    )
+    hp = StableAdamWHyper(lr, beta1, beta2, eps, weight_decay, max_lr, maximize)
+    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, exp_avg_sqs, state_steps, hp)
     return implementation
 
 

@@ -1,0 +1,71 @@
+"""Small pieces the optimizers' private implementations share (per-tensor upcasts, EMAs, running an
+implementation on a subset of the tensors, the flat cache-blocked walk).
+
+Each family passes its scalar hyperparameters to its implementations as one ``NamedTuple`` (``AdamHyper``,
+``LionHyper``, ...), built once by the public functional entry point; the helpers here take it through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from ._dispatch import flat_blocks
+
+__all__ = ["copy_back", "ema_", "foreach_copy_back", "run_flat_blocks", "run_on", "upcast"]
+
+
+def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` itself when it is already ``dtype``, else a copy in ``dtype`` (to be copied back when done)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def copy_back(low: Tensor, exact: Tensor) -> None:
+    """Store the math-dtype ``exact`` into ``low`` when ``exact`` is an upcast copy of it."""
+    if exact is not low:
+        low.copy_(exact)
+
+
+def ema_(stat: Tensor, value: Tensor, beta: float | Tensor) -> Tensor:
+    """``stat <- beta * stat + (1 - beta) * value``, in place."""
+    return stat.mul_(beta).add_(value, alpha=1 - beta)
+
+
+def run_on(fn: Callable[..., None], idx: list[int], lists: Sequence[list], hp: tuple) -> None:
+    """``fn`` (an implementation) on the entries ``idx`` of each of ``lists``, with hyperparameters ``hp``."""
+    if idx:
+        fn(*[[xs[i] for i in idx] for xs in lists], hp)
+
+
+def run_flat_blocks(tensors: Sequence[Tensor], written: int, block: Callable[..., None]) -> None:
+    """``block(*chunks, buf)`` on consecutive cache-sized chunks of same-shaped contiguous ``tensors`` (``buf``:
+    scratch of a chunk's size). Low-precision tensors (not fp32/fp64) are upcast to fp32 chunk by chunk and the
+    first ``written`` of them stored back after each call."""
+    flat = [t.view(-1) for t in tensors]
+    first = tensors[0]
+    numel = flat[0].numel()
+    low = first.dtype not in (torch.float32, torch.float64)
+    buf = torch.empty(
+        min(numel, _dispatch.BLOCK_ELEMENTS), dtype=torch.float32 if low else first.dtype, device=first.device
+    )
+    for start, stop in flat_blocks(numel):
+        chunks = [f[start:stop] for f in flat]
+        if low:  # upcast the chunk (in cache), write it back after the math
+            exact = [c.float() for c in chunks]
+            block(*exact, buf[: stop - start])
+            for c, e in zip(chunks[:written], exact[:written], strict=True):
+                c.copy_(e)
+        else:
+            block(*chunks, buf[: stop - start])
+
+
+def foreach_copy_back(*pairs: tuple[list[Tensor], list[Tensor]]) -> None:
+    """For each ``(dst, src)`` pair of lists: store the upcast copies of ``src`` into ``dst`` (one foreach
+    copy; entries that are the tensor itself are skipped)."""
+    for dst, src in pairs:
+        todo = [(d, s) for d, s in zip(dst, src, strict=False) if d is not s]
+        if todo:
+            torch._foreach_copy_([d for d, _ in todo], [s for _, s in todo])
