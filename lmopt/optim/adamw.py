@@ -113,14 +113,7 @@ class AdamHyper(NamedTuple):
 
     def rule(self) -> dict[str, Any]:
         """The keywords of :func:`adam_delta`, less ``step``."""
-        return dict(
-            lr=self.lr,
-            beta1=self.beta1,
-            beta2=self.beta2,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            decoupled=self.decoupled,
-        )
+        return {k: v for k, v in self._asdict().items() if k not in ("amsgrad", "maximize")}
 
 
 def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp):
