@@ -37,9 +37,10 @@ __all__ = [
     "split_blocks",
 ]
 
-#: elements per block of a cache-blocked pass (2^17 fp32 elements = 512 KiB per operand); ``LMOPT_BLOCK_ELEMENTS``
+#: elements per block of a cache-blocked pass (2^18 fp32 elements = 1 MiB per operand; benchmarks/results/block_size.md:
+#: fastest for 4 of the 6 blocked paths, within 12% for the other two); ``LMOPT_BLOCK_ELEMENTS``
 #: overrides it for measurements (benchmarks/block_size.py)
-BLOCK_ELEMENTS = int(os.environ.get("LMOPT_BLOCK_ELEMENTS", 1 << 17))
+BLOCK_ELEMENTS = int(os.environ.get("LMOPT_BLOCK_ELEMENTS", 1 << 18))
 
 
 def resolve_implementation(
