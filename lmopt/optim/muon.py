@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -134,51 +134,37 @@ def _apply(param: Tensor, ortho: Tensor, lr: float, weight_decay: float, scaled_
         param.copy_(p32)
 
 
-def _single_tensor_muon(
-    params,
-    grads,
-    bufs,
-    *,
-    lr,
-    weight_decay,
-    momentum,
-    nesterov,
-    ns_coefficients,
-    ns_steps,
-    eps,
-    adjust_lr_fn,
-    ns_dtype,
-):
+class MuonHyper(NamedTuple):
+    """The scalar hyperparameters of one Muon step (what every implementation takes)."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+    ns_coefficients: tuple[float, float, float]
+    ns_steps: int
+    eps: float
+    adjust_lr_fn: str
+    ns_dtype: str
+
+    def newton_schulz(self) -> dict[str, Any]:
+        """The keywords of :func:`zeropower_via_newton_schulz`, less ``dtype``."""
+        return dict(ns_coefficients=self.ns_coefficients, ns_steps=self.ns_steps, eps=self.eps)
+
+
+def _single_tensor_muon(params, grads, bufs, hp: MuonHyper):
     for p, g, buf in zip(params, grads, bufs, strict=False):
         if p.numel() == 0:
             continue
-        update = _momentum_update(g, buf, momentum, nesterov)
+        update = _momentum_update(g, buf, hp.momentum, hp.nesterov)
         matrix = update.reshape(update.shape[0], -1)
         ortho = zeropower_via_newton_schulz(
-            matrix,
-            ns_coefficients=ns_coefficients,
-            ns_steps=ns_steps,
-            eps=eps,
-            dtype=_resolve_ns_dtype(ns_dtype, p.device),
+            matrix, **hp.newton_schulz(), dtype=_resolve_ns_dtype(hp.ns_dtype, p.device)
         )
-        _apply(p, ortho, lr, weight_decay, adjusted_lr(lr, adjust_lr_fn, tuple(matrix.shape)))
+        _apply(p, ortho, hp.lr, hp.weight_decay, adjusted_lr(hp.lr, hp.adjust_lr_fn, tuple(matrix.shape)))
 
 
-def _foreach_muon(
-    params,
-    grads,
-    bufs,
-    *,
-    lr,
-    weight_decay,
-    momentum,
-    nesterov,
-    ns_coefficients,
-    ns_steps,
-    eps,
-    adjust_lr_fn,
-    ns_dtype,
-):
+def _foreach_muon(params, grads, bufs, hp: MuonHyper):
     # momentum with foreach ops, then one batched Newton-Schulz per (shape, device, dtype): fewer, larger
     # matmuls
     live = [i for i, p in enumerate(params) if p.numel() > 0]
@@ -191,9 +177,9 @@ def _foreach_muon(
     for (gdtype, bdtype), idx in by_dtype.items():
         g = [grads[i] for i in idx]
         b = [bufs[i] for i in idx]
-        torch._foreach_lerp_(b, g if gdtype == bdtype else [x.to(bdtype) for x in g], 1 - momentum)
-        if nesterov:
-            u = torch._foreach_lerp(g, b if gdtype == bdtype else [x.to(gdtype) for x in b], momentum)
+        torch._foreach_lerp_(b, g if gdtype == bdtype else [x.to(bdtype) for x in g], 1 - hp.momentum)
+        if hp.nesterov:
+            u = torch._foreach_lerp(g, b if gdtype == bdtype else [x.to(gdtype) for x in b], hp.momentum)
         else:
             u = b
         updates.update(zip(idx, u, strict=False))
@@ -202,34 +188,26 @@ def _foreach_muon(
         p = params[i]
         batches[(p.shape[0], math.prod(p.shape[1:]), p.device, updates[i].dtype, is_dtensor(p))].append(i)
     for (rows, cols, device, _dtype, dtensor), idx in batches.items():
-        dtype = _resolve_ns_dtype(ns_dtype, device)
-        scaled = adjusted_lr(lr, adjust_lr_fn, (rows, cols))
+        dtype = _resolve_ns_dtype(hp.ns_dtype, device)
+        scaled = adjusted_lr(hp.lr, hp.adjust_lr_fn, (rows, cols))
         if len(idx) == 1 or dtensor:  # DTensors: keep each matrix a DTensor, no stacking of shards
             orthos = [
-                zeropower_via_newton_schulz(
-                    updates[i].reshape(rows, cols),
-                    ns_coefficients=ns_coefficients,
-                    ns_steps=ns_steps,
-                    eps=eps,
-                    dtype=dtype,
-                )
+                zeropower_via_newton_schulz(updates[i].reshape(rows, cols), **hp.newton_schulz(), dtype=dtype)
                 for i in idx
             ]
         else:
             stacked = torch.stack([updates[i].reshape(rows, cols).to(dtype) for i in idx])
-            orthos = zeropower_via_newton_schulz(
-                stacked, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, dtype=dtype
-            ).unbind(0)
+            orthos = zeropower_via_newton_schulz(stacked, **hp.newton_schulz(), dtype=dtype).unbind(0)
         ps = [params[i] for i in idx]
         if all(p.dtype in (torch.float32, torch.float64) for p in ps):
-            if weight_decay != 0:
-                torch._foreach_mul_(ps, 1 - lr * weight_decay)
+            if hp.weight_decay != 0:
+                torch._foreach_mul_(ps, 1 - hp.lr * hp.weight_decay)
             torch._foreach_add_(
                 ps, [o.reshape(p.shape).to(p.dtype) for o, p in zip(orthos, ps, strict=False)], alpha=-scaled
             )
         else:
             for p, o in zip(ps, orthos, strict=False):
-                _apply(p, o, lr, weight_decay, scaled)
+                _apply(p, o, hp.lr, hp.weight_decay, scaled)
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_muon, "foreach": _foreach_muon}
@@ -255,20 +233,8 @@ def muon(
     implementation = resolve_implementation(
         {"batched": "foreach"}.get(implementation, implementation), tuple(_IMPLEMENTATIONS), owner="Muon"
     )
-    _IMPLEMENTATIONS[implementation](
-        params,
-        grads,
-        momentum_buffers,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        nesterov=nesterov,
-        ns_coefficients=ns_coefficients,
-        ns_steps=ns_steps,
-        eps=eps,
-        adjust_lr_fn=adjust_lr_fn,
-        ns_dtype=ns_dtype,
-    )
+    hp = MuonHyper(lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps, adjust_lr_fn, ns_dtype)
+    _IMPLEMENTATIONS[implementation](params, grads, momentum_buffers, hp)
 
 
 def _split_groups(params: Any, model: nn.Module | None) -> list[dict[str, Any]]:

@@ -118,24 +118,19 @@ def _multi_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, 
                 dst.copy_(src)
 
 
-def _blocked_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2):
+#: the scalar hyperparameters every implementation takes, by keyword
+_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "ckp1", "bias_correction2")
+
+
+def _blocked_sf(ys, grads, zs, vs, **hyper):
     # the foreach rule applied block by block, so the 4 tensors and the denominator stay in cache between the
     # ops: one read of y, z, v, g and one write of y, z, v from memory (28 bytes per fp32 parameter)
     small = [i for i, y in enumerate(ys) if y.numel() < _dispatch.BLOCK_ELEMENTS]
     if small:  # tensors that fit one block: one foreach call each op, not one Python call per tensor
-        pick = [[t[i] for i in small] for t in (ys, grads, zs, vs)]
-        _multi_tensor_sf(
-            *pick,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            ckp1=ckp1,
-            bias_correction2=bias_correction2,
-        )
+        _multi_tensor_sf(*([t[i] for i in small] for t in (ys, grads, zs, vs)), **hyper)
         large = [i for i in range(len(ys)) if ys[i].numel() >= _dispatch.BLOCK_ELEMENTS]
         ys, grads, zs, vs = ([t[i] for i in large] for t in (ys, grads, zs, vs))
+    lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2 = (hyper[k] for k in _HYPER)
     s, a, c_y = _blocked_coefficients(lr, beta1, weight_decay, ckp1, bias_correction2)
     scratch: dict[torch.dtype, Tensor] = {}
     for y_, g_, z_, v_ in zip(ys, grads, zs, vs, strict=False):
@@ -194,19 +189,8 @@ def schedule_free_adamw(
     implementation = resolve_implementation(
         implementation, tuple(_IMPLEMENTATIONS), {"blocked": blocked_applies(ys)}, owner="Schedule-Free AdamW"
     )
-    _IMPLEMENTATIONS[implementation](
-        ys,
-        grads,
-        zs,
-        exp_avg_sqs,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        ckp1=ckp1,
-        bias_correction2=bias_correction2,
-    )
+    hyper = {k: v for k, v in locals().items() if k in _HYPER}
+    _IMPLEMENTATIONS[implementation](ys, grads, zs, exp_avg_sqs, **hyper)
 
 
 class ScheduleFreeAdamW(LmoptOptimizer):
