@@ -454,7 +454,28 @@ class Adam(AdamW):
     """
 
     _decoupled = False
-    __init__ = partialmethod(AdamW.__init__, weight_decay=0.0)  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,  # torch.optim.Adam's default and position; the rest as AdamW's
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        state_precision: str | torch.dtype | None = None,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
+        implementation: Implementation = "auto",
+        nonfinite: str = "raise",
+        check_finite: bool = True,
+        param_rounding: str = "nearest",
+        state_dtype: str | torch.dtype | None = None,
+    ) -> None:
+        options = constructor_defaults(locals())
+        super().__init__(params, **options, nonfinite=nonfinite, check_finite=check_finite)
 
 
 class AdamW8bit(AdamW):
@@ -483,7 +504,7 @@ class Adam8bit(Adam):
     Reference: Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022; Kingma & Ba 2015.
     """
 
-    __init__ = partialmethod(AdamW.__init__, weight_decay=0.0, state_precision="8bit")  # type: ignore[assignment]
+    __init__ = partialmethod(Adam.__init__, state_precision="8bit")  # type: ignore[assignment]
 
 
 class AdamW4bit(AdamW):
