@@ -343,7 +343,7 @@ class AdamW(MomentPrecision, LmoptOptimizer):
                 "implementation='kernel' is lmopt's 8/4-bit step kernel; use state_precision='8bit' or '4bit', or "
                 "implementation='auto' / 'fused' / 'foreach' / 'for_loop'"
             )
-        if impl == "fused" and group["state_precision"] not in (None,):
+        if impl == "fused" and group["state_precision"] is not None:
             raise ValueError(
                 "implementation='fused' needs state in the parameter's dtype (torch's fused kernel); with "
                 f"state_precision={group['state_precision']!r} use implementation='foreach' or 'auto'"

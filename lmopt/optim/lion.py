@@ -229,12 +229,8 @@ class Lion(MomentPrecision, LmoptOptimizer):
                 f"implementation={impl!r} does not run state_precision={group['state_precision']!r}; use {need}"
             )
 
-    def _per_tensor(self, group: dict[str, Any]) -> bool:
-        """Groups that step through the per-tensor rule with a step counter: quantized state or rounding."""
-        return self._quantized_group(group) or group.get("param_rounding", "nearest") != "nearest"
-
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
-        if self._per_tensor(group):
+        if _counts_steps(group):
             state["step"] = torch.zeros((), dtype=torch.float32)  # a CPU counter: the stochastic-rounding key
         self._init_moments(group, param, state)
         self._init_rounding(group, param, state)
@@ -260,7 +256,7 @@ class Lion(MomentPrecision, LmoptOptimizer):
         impl = group["implementation"]
         if self._quantized_group(group):
             used = self._step_quantized(group, params, grads, impl != "for_loop")
-        elif impl == "for_loop" or "step" in self.state[params[0]]:
+        elif impl == "for_loop" or _counts_steps(group):
             used = self._step_per_tensor(group, params, grads)
         else:
             beta1, beta2 = group["betas"]
@@ -300,11 +296,16 @@ class Lion8bit(Lion):
     __init__ = partialmethod(Lion.__init__, state_precision="8bit")  # type: ignore[assignment]
 
 
+def _counts_steps(hyper: Mapping[str, Any]) -> bool:
+    """Groups (or a spec's hyperparameters) that step through the per-tensor rule with a step counter (the
+    rounding key): quantized state or a rounding mode."""
+    return hyper.get("state_precision") in ("8bit", "4bit") or hyper.get("param_rounding", "nearest") != "nearest"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # registry entries
 def lion_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, Any]) -> list[StateTensor]:
-    counted = hyper.get("state_precision") in ("8bit", "4bit") or hyper.get("param_rounding", "nearest") != "nearest"
-    step = [StateTensor("step", (), torch.float32)] if counted else []
+    step = [StateTensor("step", (), torch.float32)] if _counts_steps(hyper) else []
     return [*step, *moments_state(Lion.moments, shape, dtype, hyper), *kahan_state(shape, dtype, hyper)]
 
 
