@@ -414,7 +414,7 @@ _SF_INVALID = [
     ({"implementation": "fused"}, "implementation"),
 ]
 _MUON_INVALID = [
-    ({"lr": 0.0}, "lr"),
+    ({"lr": -1e-3}, "lr"),
     ({"momentum": 1.0}, "momentum"),
     ({"weight_decay": -1.0}, "weight_decay"),
     ({"ns_steps": 0}, "ns_steps"),

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..spec import SAME_AS_ADAMW, STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor, Translation
 from ._dispatch import resolve_implementation
+from ._impl import run_on
 from ._precision import (
     ROUNDING_CODES,
     MomentPrecision,
@@ -197,9 +198,23 @@ def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
 def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp):
     amsgrad = hp.amsgrad
     kernel = torch._fused_adamw_ if hp.decoupled else torch._fused_adam_
+    # torch's fused kernel walks every tensor as flat contiguous memory: a strided or transposed tensor gets wrong
+    # updates and an expanded (stride-0) gradient NaN (docs/hardening.md has the reproducer). Such tensors take
+    # the foreach path, which computes the same rule through strided views.
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else exp_avg_sqs)
+    strided = [i for i in range(len(params)) if not all(t[i].is_contiguous() for t in lists)]
+    if strided:
+        run_on(
+            _multi_tensor_adamw,
+            strided,
+            (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), state_steps),
+            hp,
+        )
     buckets: dict[tuple, list[int]] = defaultdict(list)
+    skip = set(strided)
     for i, p in enumerate(params):
-        buckets[(p.device, p.dtype)].append(i)
+        if i not in skip:
+            buckets[(p.device, p.dtype)].append(i)
     for idx in buckets.values():
         steps = [state_steps[i] for i in idx]
         torch._foreach_add_(steps, 1)

@@ -41,6 +41,8 @@ __all__ = [
     "NonFiniteGradientError",
     "check_betas",
     "check_choice",
+    "check_eps",
+    "check_flag",
     "check_nonnegative",
     "check_positive",
     "check_range",
@@ -49,6 +51,9 @@ __all__ = [
 ]
 
 NonFinitePolicy = Literal["raise", "skip"]
+
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+_FP32_TINY = float(torch.finfo(torch.float32).tiny)
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 #: boolean hyperparameters checked for every optimizer that has them
@@ -81,9 +86,14 @@ def _as_float(name: str, value: Any) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float64 (2**1100)
+        raise ValueError(f"{name} is too large: {value!r} is beyond float32's range ({_FP32_MAX:.3g})") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if abs(value) > _FP32_MAX:  # the update math runs in float32: such a value is inf there
+        raise ValueError(f"{name}={value!r} is beyond float32's range ({_FP32_MAX:.3g}); use a smaller value")
     return value
 
 
@@ -91,6 +101,26 @@ def check_positive(name: str, value: Any) -> None:
     """Raise ValueError unless ``value`` is a finite number > 0."""
     if _as_float(name, value) <= 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_eps(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a finite number a float32 holds as a normal number (>= 1.18e-38):
+    a smaller ``eps`` is 0 (or a denormal flushed to 0) in the update math, and ``0 / (0 + eps)`` is NaN for every
+    element whose gradient is zero."""
+    v = _as_float(name, value)
+    if v <= 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if v < _FP32_TINY:
+        raise ValueError(
+            f"{name}={value!r} is below float32's smallest normal number ({_FP32_TINY:.3g}) and is 0 in the update "
+            "math (zero-gradient elements would become NaN); use e.g. 1e-8, or 1e-30 at the smallest"
+        )
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is True or False (``0`` / ``1`` are refused: torch's kernels take bools)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
@@ -117,9 +147,9 @@ def check_betas(name: str, betas: Any, count: int = 2) -> None:
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise ValueError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    """Raise ValueError unless ``value`` is one of ``choices`` (compared by type too: ``0`` is not ``False``)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise ValueError(f"{name} must be one of {list(choices)}, got {type(value).__name__} {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -168,12 +198,7 @@ class LmoptOptimizer(Optimizer):
         self._implementation_used: dict[int, str] = {}  # id(group) -> what "auto" chose at the last step
         super().__init__(params, dict(defaults))
         for group in self.param_groups:
-            self._check_implementation(group)
-            self._check_common(group)
-            self._validate_group(group)
-            for p in group["params"]:
-                if p.is_floating_point() and p.dtype not in _FLOAT_DTYPES:
-                    raise ValueError(f"parameter dtype {p.dtype} is not supported; use one of {_FLOAT_DTYPES}")
+            self._check_group(group)
 
     # -- hooks for subclasses ------------------------------------------------------------------------------------
     def _check_implementation(self, group: dict[str, Any]) -> None:
@@ -189,19 +214,53 @@ class LmoptOptimizer(Optimizer):
 
     def _check_common(self, group: dict[str, Any]) -> None:
         """The hyperparameters most algorithms share, checked here once for every optimizer whose groups have
-        them: ``lr`` > 0, ``betas`` (:attr:`betas_count` of them) in [0, 1), a numeric ``eps`` > 0 (pairs such as
-        Adafactor's are the algorithm's to check), ``weight_decay`` >= 0, and the boolean flags."""
+        them: ``lr`` >= 0 (torch's convention: ``lr=0`` freezes a group, or lets a scheduler set it), ``betas``
+        (:attr:`betas_count` of them) in [0, 1), a numeric ``eps`` a float32 holds (pairs such as Adafactor's are
+        the algorithm's to check), ``weight_decay`` >= 0 with ``lr * weight_decay <= 1`` (beyond that the decay
+        multiplier ``1 - lr * weight_decay`` is negative and the parameters grow without bound), and the boolean
+        flags (``True`` / ``False``, not ``0`` / ``1``). Integer values of float hyperparameters become floats (an
+        int such as ``2**70`` would overflow inside torch's kernels)."""
         if "lr" in group:
-            check_positive("lr", group["lr"])
+            check_nonnegative("lr", group["lr"])
         if "betas" in group:
             check_betas("betas", group["betas"], self.betas_count)
         if "eps" in group and not isinstance(group["eps"], (tuple, list)):
-            check_positive("eps", group["eps"])
+            check_eps("eps", group["eps"])
         if "weight_decay" in group:
             check_nonnegative("weight_decay", group["weight_decay"])
+            if "lr" in group and _as_float("lr", group["lr"]) * _as_float("weight_decay", group["weight_decay"]) > 1:
+                raise ValueError(
+                    f"lr * weight_decay must be <= 1, got lr={group['lr']} and weight_decay={group['weight_decay']}: "
+                    "the decay multiplier 1 - lr * weight_decay would be negative; lower one of them"
+                )
         for flag in _FLAGS:
             if flag in group:
-                check_choice(flag, group[flag], (True, False))
+                check_flag(flag, group[flag])
+        for key, value in group.items():
+            if type(value) is int and type(self.defaults.get(key)) is float:
+                group[key] = float(value)
+
+    def _check_params(self, group: dict[str, Any]) -> None:
+        """The group's parameters: each a floating tensor of a supported dtype, none listed twice."""
+        seen: set[int] = set()
+        for i, p in enumerate(group["params"]):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params[{i}] must be a torch.Tensor (an nn.Parameter), got {type(p).__name__}")
+            if p.is_complex():
+                raise ValueError(
+                    f"{type(self).__name__} does not support complex parameters (params[{i}], {p.dtype}); optimize "
+                    "torch.view_as_real(p) as a real parameter instead"
+                )
+            if p.dtype not in _FLOAT_DTYPES:
+                raise ValueError(
+                    f"params[{i}] has dtype {p.dtype}, which {type(self).__name__} does not support; use one of "
+                    f"{list(_FLOAT_DTYPES)}"
+                )
+            if id(p) in seen:
+                raise ValueError(
+                    f"params[{i}] (shape {tuple(p.shape)}) appears twice in one param group; list each parameter once"
+                )
+            seen.add(id(p))
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Validate one group's algorithm-specific hyperparameters (groups may override the defaults); the shared
@@ -213,12 +272,24 @@ class LmoptOptimizer(Optimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         raise NotImplementedError
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Every check of one param group (parameters, implementation, shared and algorithm hyperparameters)."""
+        self._check_params(group)
+        self._check_implementation(group)
+        self._check_common(group)
+        self._validate_group(group)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "skipped_steps"):  # during __init__: the constructor checks every group after
+            super().add_param_group(param_group)
+            return
+        # a group added later is checked before it joins: a bad one leaves the optimizer as it was
         super().add_param_group(param_group)
-        if hasattr(self, "skipped_steps"):  # after __init__: validate groups added later too
-            self._check_implementation(self.param_groups[-1])
-            self._check_common(self.param_groups[-1])
-            self._validate_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _param_name(self, group_index: int, index_in_group: int) -> str:
@@ -249,6 +320,15 @@ class LmoptOptimizer(Optimizer):
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients "
                         f"({self._param_name(gi, i)}); use nn.Embedding(sparse=False) or torch.optim.SparseAdam"
+                    )
+                # a gradient of another dtype only where the parameter opts in (torch's ``grad_dtype = None``)
+                grad_dtype = getattr(p, "grad_dtype", p.dtype)
+                dtype_ok = p.grad.dtype == p.dtype if grad_dtype is not None else p.grad.dtype in _FLOAT_DTYPES
+                if p.grad.shape != p.shape or not dtype_ok or p.grad.device != p.device:
+                    raise ValueError(
+                        f"the gradient of {self._param_name(gi, i)} has shape {tuple(p.grad.shape)}, dtype "
+                        f"{p.grad.dtype} on {p.grad.device}; it must match the parameter ({tuple(p.shape)}, {p.dtype} "
+                        f"on {p.device}); nothing was changed"
                     )
                 params.append(p)
                 grads.append(p.grad)
@@ -331,6 +411,45 @@ class LmoptOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by this optimizer (or by torch.optim's class of the same algorithm: the keys
+        lmopt's groups add are taken from the current groups).
+
+        All or nothing: the state dict is checked first (:mod:`lmopt.optim._state_check`: structure, the groups'
+        hyperparameters, every parameter's state against the state this optimizer keeps for it, values finite,
+        second moments >= 0), and a failure later in loading restores the optimizer as it was.
+
+        Raises:
+            ValueError: the state dict does not fit this optimizer or is corrupted, naming the parameter and entry.
+        """
+        from ._state_check import check_optimizer_state_dict, declared_by_init
+
+        extra = state_dict.get("lmopt", {}) if isinstance(state_dict, Mapping) else {}
+        skipped = extra.get("skipped_steps", 0) if isinstance(extra, Mapping) else None
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: 'lmopt' must be a dict whose skipped_steps is an int >= 0, "
+                f"got {extra!r}"[:200]
+            )
+        checked = check_optimizer_state_dict(
+            self,
+            state_dict,
+            declared_by_init(self),
+            self._check_loaded_group,
+            reblockable=hasattr(self, "_reshard_loaded_state"),
+        )
+        before = {k: self.__dict__[k] for k in ("state", "param_groups", "skipped_steps")}
+        try:
+            self._load_checked_state_dict(checked)
+        except Exception:
+            self.__dict__.update(before)
+            raise
+
+    def _check_loaded_group(self, group: dict[str, Any]) -> None:
+        self._check_implementation(group)
+        self._check_common(group)
+        self._validate_group(group)
+
+    def _load_checked_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("lmopt", {})
         saved_state = state_dict.get("state", {})
@@ -370,9 +489,7 @@ class LmoptOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            self._check_implementation(group)
-            self._check_common(group)
-            self._validate_group(group)
+            self._check_loaded_group(group)
 
     def _saved_params(self, state_dict: dict[str, Any]) -> dict[Any, Tensor]:
         """Saved state key -> parameter, as torch's loader pairs them: the saved groups' ``params`` entries

@@ -86,6 +86,7 @@ class Lookahead(Optimizer):
         self._link()
 
     def _link(self) -> None:
+        self.optimizer.wrapper_state = ("slow_param",)  # the inner state-dict check accepts the slow weights
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         for group in self.param_groups:
