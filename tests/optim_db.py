@@ -576,7 +576,7 @@ OPTIM_DB: list[OptimSpec] = [
         variants=[{"lr": 0.05}, {"lr": 0.05, "momentum": 0.9, "nesterov": True}],
         lmopt_engine=False,
         sparse_supported=True,
-        invalid=[({"lr": -1.0}, "learning rate")],
+        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
     ),
     OptimSpec(
         name="adagrad",
@@ -584,7 +584,7 @@ OPTIM_DB: list[OptimSpec] = [
         lmopt_engine=False,
         sparse_supported=True,
         dtypes=(torch.float32, torch.bfloat16),
-        invalid=[({"lr": -1.0}, "learning rate")],
+        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
     ),
     # torch's eps=1e-8 underflows in fp16 (0/0 = NaN): torch's own limitation, so fp16 is not claimed
     OptimSpec(
@@ -592,21 +592,21 @@ OPTIM_DB: list[OptimSpec] = [
         variants=[{"lr": 1e-3}, {"lr": 1e-3, "momentum": 0.9, "centered": True}],
         lmopt_engine=False,
         dtypes=(torch.float32, torch.bfloat16),
-        invalid=[({"lr": -1.0}, "learning rate")],
+        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
     ),
     OptimSpec(
         name="radam",
         variants=[{"lr": 1e-2}],
         lmopt_engine=False,
         dtypes=(torch.float32, torch.bfloat16),
-        invalid=[({"lr": -1.0}, "learning rate")],
+        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
     ),
     OptimSpec(
         name="nadam",
         variants=[{"lr": 1e-2}],
         lmopt_engine=False,
         dtypes=(torch.float32, torch.bfloat16),
-        invalid=[({"lr": -1.0}, "learning rate")],
+        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
     ),
     # ------------------------------------------------- memory-efficient / sign / curvature optimizers (issue 3)
     OptimSpec(

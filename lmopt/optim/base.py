@@ -40,6 +40,7 @@ __all__ = [
     "constructor_defaults",
     "NonFiniteGradientError",
     "check_betas",
+    "check_common_hyperparameters",
     "check_choice",
     "check_eps",
     "check_flag",
@@ -152,6 +153,40 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {type(value).__name__} {value!r}")
 
 
+def check_common_hyperparameters(group: dict[str, Any], defaults: Mapping[str, Any], *, betas_count: int = 2) -> None:
+    """Check the hyperparameters most algorithms share, for every optimizer whose groups have them (lmopt's own
+    and the torch.optim classes the registry builds): ``lr`` >= 0 (torch's convention: ``lr=0`` freezes a group,
+    or lets a scheduler set it), ``betas`` (``betas_count`` of them) in [0, 1), a numeric ``eps`` a float32 holds
+    (pairs such as Adafactor's are the algorithm's to check), ``weight_decay`` >= 0 with ``lr * weight_decay <= 1``
+    (beyond that the decay multiplier ``1 - lr * weight_decay`` is negative and the parameters grow without
+    bound), and the boolean flags (``True`` / ``False``, not ``0`` / ``1``). Integer values of float
+    hyperparameters (per ``defaults``) become floats in ``group`` (an int such as ``2**70`` would overflow inside
+    torch's kernels).
+
+    Raises:
+        ValueError: naming the hyperparameter and what would be valid.
+    """
+    if "lr" in group:
+        check_nonnegative("lr", group["lr"])
+    if "betas" in group:
+        check_betas("betas", group["betas"], betas_count)
+    if "eps" in group and not isinstance(group["eps"], (tuple, list)):
+        check_eps("eps", group["eps"])
+    if "weight_decay" in group:
+        check_nonnegative("weight_decay", group["weight_decay"])
+        if "lr" in group and _as_float("lr", group["lr"]) * _as_float("weight_decay", group["weight_decay"]) > 1:
+            raise ValueError(
+                f"lr * weight_decay must be <= 1, got lr={group['lr']} and weight_decay={group['weight_decay']}: "
+                "the decay multiplier 1 - lr * weight_decay would be negative; lower one of them"
+            )
+    for flag in _FLAGS:
+        if flag in group:
+            check_flag(flag, group[flag])
+    for key, value in group.items():
+        if type(value) is int and type(defaults.get(key)) is float:
+            group[key] = float(value)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the base class
 # --------------------------------------------------------------------------------------------------------------
@@ -213,32 +248,8 @@ class LmoptOptimizer(Optimizer):
             check_choice("param_rounding", group["param_rounding"], PARAM_ROUNDINGS)
 
     def _check_common(self, group: dict[str, Any]) -> None:
-        """The hyperparameters most algorithms share, checked here once for every optimizer whose groups have
-        them: ``lr`` >= 0 (torch's convention: ``lr=0`` freezes a group, or lets a scheduler set it), ``betas``
-        (:attr:`betas_count` of them) in [0, 1), a numeric ``eps`` a float32 holds (pairs such as Adafactor's are
-        the algorithm's to check), ``weight_decay`` >= 0 with ``lr * weight_decay <= 1`` (beyond that the decay
-        multiplier ``1 - lr * weight_decay`` is negative and the parameters grow without bound), and the boolean
-        flags (``True`` / ``False``, not ``0`` / ``1``). Integer values of float hyperparameters become floats (an
-        int such as ``2**70`` would overflow inside torch's kernels)."""
-        if "lr" in group:
-            check_nonnegative("lr", group["lr"])
-        if "betas" in group:
-            check_betas("betas", group["betas"], self.betas_count)
-        if "eps" in group and not isinstance(group["eps"], (tuple, list)):
-            check_eps("eps", group["eps"])
-        if "weight_decay" in group:
-            check_nonnegative("weight_decay", group["weight_decay"])
-            if "lr" in group and _as_float("lr", group["lr"]) * _as_float("weight_decay", group["weight_decay"]) > 1:
-                raise ValueError(
-                    f"lr * weight_decay must be <= 1, got lr={group['lr']} and weight_decay={group['weight_decay']}: "
-                    "the decay multiplier 1 - lr * weight_decay would be negative; lower one of them"
-                )
-        for flag in _FLAGS:
-            if flag in group:
-                check_flag(flag, group[flag])
-        for key, value in group.items():
-            if type(value) is int and type(self.defaults.get(key)) is float:
-                group[key] = float(value)
+        """The hyperparameters most algorithms share (:func:`check_common_hyperparameters`)."""
+        check_common_hyperparameters(group, self.defaults, betas_count=self.betas_count)
 
     def _check_params(self, group: dict[str, Any]) -> None:
         """The group's parameters: each a floating tensor of a supported dtype, none listed twice."""
