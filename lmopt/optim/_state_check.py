@@ -16,13 +16,15 @@ the optimizer changes:
   floating value finite; second-moment statistics (``exp_avg_sq``, Adafactor's factors, ...) >= 0; ``step``
   finite and >= 0.
 
-A failure raises ValueError naming the parameter and the entry; the optimizer is unchanged.
+A failure raises ValueError naming the parameter and the entry; the optimizer is unchanged. A group whose saved
+state covers some of its parameters but not all loads with a warning (the others start from fresh state).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -217,6 +219,22 @@ def declared_from_spec(spec: Any, optimizer: Any) -> DeclareFn:
     return declare
 
 
+def _warn_dropped(owner: str, keyed: Mapping[Any, tuple[int, Tensor, Any]], state: Mapping[Any, Any]) -> None:
+    """Warn when some parameters of a group have saved state and others none: those start from fresh state
+    (torch's convention, right for parameters that never had a gradient; wrong for a state dict that lost
+    entries)."""
+    for gi in sorted({gi for gi, _p, _g in keyed.values()}):
+        keys = [k for k, (g, _p, _group) in keyed.items() if g == gi]
+        missing = [k for k in keys if not state.get(k)]
+        if missing and len(missing) < len(keys):
+            warnings.warn(
+                f"{owner}.load_state_dict: param_groups[{gi}] has saved state for {len(keys) - len(missing)} of its "
+                f"{len(keys)} parameters; {missing[:4]}{'...' if len(missing) > 4 else ''} start from fresh state "
+                "(right for parameters that never had a gradient; otherwise the state dict lost entries)",
+                stacklevel=4,
+            )
+
+
 def check_optimizer_state_dict(
     optimizer: torch.optim.Optimizer,
     state_dict: Any,
@@ -288,6 +306,7 @@ def check_optimizer_state_dict(
         where = f"{owner}.load_state_dict: state of parameter {key!r} (param_groups[{gi}], shape {tuple(p.shape)})"
         required, optional = declare(group, p)
         checked_state[key] = check_param_state(where, values, required, reblockable, optional, is_dtensor(p))
+    _warn_dropped(owner, keyed, checked_state)
     out = dict(state_dict)
     out["state"] = checked_state
     out["param_groups"] = checked_groups

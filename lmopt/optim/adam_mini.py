@@ -228,8 +228,8 @@ def _single_tensor_adam_mini(
             p32.mul_(1 - lr * weight_decay)
         m32.lerp_(g32, 1 - beta1)
         coef = _coefficients(v, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
-        if axis is None:
-            p32.add_(m32 * coef, alpha=-1.0)
+        if axis is None:  # one block: a 0-d coefficient broadcasts to any shape, a 0-d parameter included
+            p32.add_(m32 * coef.view(()), alpha=-1.0)
         else:
             p32.addcmul_(m32, _broadcast(_to_neurons(coef, segments), p.ndim, axis), value=-1.0)
         if m32 is not m:

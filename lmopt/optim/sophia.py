@@ -61,6 +61,7 @@ from ._impl import foreach_copy_back, run_flat_blocks, run_on
 from .base import (
     Implementation,
     LmoptOptimizer,
+    NonFiniteGradientError,
     check_choice,
     check_positive,
     constructor_defaults,
@@ -272,6 +273,8 @@ class Sophia(LmoptOptimizer):
         self.update_period = update_period
         self.estimator = estimator
         self.hessian_distribution = hessian_distribution
+        #: Hessian refreshes skipped for a non-finite estimate (``nonfinite="skip"``)
+        self.skipped_hessian_updates = 0
         super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -328,8 +331,13 @@ class Sophia(LmoptOptimizer):
         Returns:
             The closure's loss (detached). ``.grad`` of the parameters is not touched.
 
+        A non-finite estimate (inf/NaN anywhere) follows the optimizer's ``nonfinite`` policy, as a step does: no
+        Hessian changes, and ``"raise"`` raises :class:`~lmopt.optim.base.NonFiniteGradientError` naming the
+        parameter while ``"skip"`` counts the refresh in :attr:`skipped_hessian_updates`.
+
         Raises:
             ValueError: ``batch_size`` missing or not a positive integer for the GNB estimator.
+            NonFiniteGradientError: a non-finite estimate under ``nonfinite="raise"``.
         """
         if self.estimator == "gnb" and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
@@ -361,6 +369,23 @@ class Sophia(LmoptOptimizer):
                 }
             else:
                 estimates = {i: grads[i].detach().square().mul_(batch_size) for i in used}
+        if self.check_finite:  # the non-finite policy of the step applies to the Hessian refresh too
+            bad = next((i for i, h_hat in estimates.items() if not bool(torch.isfinite(h_hat).all())), None)
+            if bad is not None:
+                gi, index = next(
+                    (gi, k)
+                    for gi, g in enumerate(self.param_groups)
+                    for k, q in enumerate(g["params"])
+                    if q is pairs[bad][1]
+                )
+                if self.nonfinite == "raise":
+                    raise NonFiniteGradientError(
+                        f"non-finite Hessian estimate for {self._param_name(gi, index)}; the Hessian EMA was not "
+                        "updated. Check the closure's loss, or construct the optimizer with nonfinite='skip' to "
+                        "skip such refreshes"
+                    )
+                self.skipped_hessian_updates += 1
+                return loss.detach()
         for i, h_hat in estimates.items():
             group, p = pairs[i]
             state = self.state[p]
@@ -381,8 +406,19 @@ class Sophia(LmoptOptimizer):
             "update_period": self.update_period,
             "estimator": self.estimator,
             "hessian_distribution": self.hessian_distribution,
+            "skipped_hessian_updates": self.skipped_hessian_updates,
         }
         return sd
+
+    def _load_checked_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("lmopt", {}).get("sophia", {})
+        skipped = saved.get("skipped_hessian_updates", 0) if isinstance(saved, Mapping) else None
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(
+                f"Sophia.load_state_dict: lmopt.sophia.skipped_hessian_updates must be an int >= 0, got {skipped!r}"
+            )
+        super()._load_checked_state_dict(state_dict)
+        self.skipped_hessian_updates = skipped
 
 
 # ------------------------------------------------------------------------------------------------------------
