@@ -67,22 +67,39 @@ def _tiny_config(tmp_path: Path, optimizers: list[str], *, steps: int) -> Compar
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """One CLI run on the default corpus: adamw, adam with a learning rate that diverges, then sgd."""
+    """One CLI run on the default corpus: adamw, an optimizer whose weights blow up to inf (lmopt refuses the
+    learning rates that would do it, lr > 1e6), then sgd."""
     out = tmp_path_factory.mktemp("compare") / "run"
     import io
     from contextlib import redirect_stdout
 
+    from lmopt import registry
+
+    class Exploding(torch.optim.SGD):
+        """SGD whose weights turn NaN at its second step (what a diverging run does)."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            super().step(closure)
+            self.steps = getattr(self, "steps", 0) + 1
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(float("nan") if self.steps >= 2 else 1.0)
+
+    registry._load()
+    spec = registry.OptimizerSpec("exploding", Exploding, "", "", lambda shape, dtype, hyper: [])
     buffer = io.StringIO()
-    with redirect_stdout(buffer):
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(buffer):
+        mp.setitem(registry._REGISTRY, spec.name, spec)
         code = main(
             [
                 "compare",
                 "--optimizers",
-                "adamw,adam",
+                "adamw,exploding",
                 "sgd",
                 *TINY,
                 "--set",
-                "adam.lr=1e30",
+                "exploding.lr=1e-3",
                 "--set",
                 "sgd.lr=0.05",
                 "--eval-every",
@@ -99,7 +116,7 @@ def test_cli_exit_code_and_table(run_dir):
     assert code == 0
     for column in TABLE_COLUMNS:
         assert column in text
-    for name in ("adamw", "adam", "sgd"):
+    for name in ("adamw", "exploding", "sgd"):
         assert re.search(rf"\b{name}\b", text)
     assert "diverged" in text
     assert str(out / FILES["results_json"]) in text.replace("\n", "")
@@ -135,13 +152,13 @@ def test_results_json_schema(run_dir):
         ("created_utc", str),
     ]:
         assert isinstance(results[key], kind), key
-    assert results["config"]["optimizers"] == ["adamw", "adam", "sgd"]
-    assert results["config"]["hyperparameters"] == {"adam": {"lr": 1e30}, "sgd": {"lr": 0.05}}
+    assert results["config"]["optimizers"] == ["adamw", "exploding", "sgd"]
+    assert results["config"]["hyperparameters"] == {"exploding": {"lr": 1e-3}, "sgd": {"lr": 0.05}}
     assert results["model"]["parameters"] > 0 and results["data"]["tokens_train"] > 1_000_000
     assert results["data"]["files_validation"] > 0 and len(results["data"]["sha256"]) == 64
     assert results["files"] == FILES
     by_name = {r["name"]: r for r in results["runs"]}
-    assert list(by_name) == ["adamw", "adam", "sgd"]
+    assert list(by_name) == ["adamw", "exploding", "sgd"]
     for run in results["runs"]:
         for key in (
             "optimizer",
@@ -188,7 +205,7 @@ def test_results_json_schema(run_dir):
 def test_divergence_is_reported_and_others_continue(run_dir):
     out = run_dir[0]
     results = json.loads((out / FILES["results_json"]).read_text())
-    adam = next(r for r in results["runs"] if r["name"] == "adam")
+    adam = next(r for r in results["runs"] if r["name"] == "exploding")
     assert adam["status"] == "diverged" and "nan" in adam["message"].lower() + "inf"
     assert adam["steps_completed"] < 6 and adam["validation_loss"] is None
     sgd = next(r for r in results["runs"] if r["name"] == "sgd")
@@ -207,7 +224,7 @@ def test_report_links_resolve(run_dir):
     assert {FILES["loss_vs_step"], FILES["loss_vs_time"], FILES["results_json"]} <= set(html_targets)
     for target in [*targets, *html_targets]:
         assert (out / target).is_file(), target
-    for name in ("adamw", "adam", "sgd"):
+    for name in ("adamw", "exploding", "sgd"):
         assert re.search(rf"^\| {name} \|", md, flags=re.MULTILINE)
         assert f"<td>{name}</td>" in page
 

@@ -35,7 +35,7 @@ from ..spec import OptimizerSpec
 from . import _dispatch
 from ._dispatch import blocked_applies, resolve_implementation, split_blocks
 from .adamw import adam_state
-from .base import LmoptOptimizer, check_choice, check_positive, constructor_defaults
+from .base import LR_MAX, LmoptOptimizer, check_choice, check_positive, constructor_defaults
 
 __all__ = ["AdaBound", "adabound"]
 
@@ -268,7 +268,14 @@ class AdaBound(LmoptOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_positive("final_lr", group["final_lr"])
+        if float(group["final_lr"]) > LR_MAX:
+            raise ValueError(f"final_lr={group['final_lr']!r} is beyond {LR_MAX:g}, like lr; use a smaller value")
         check_positive("gamma", group["gamma"])
+        if float(group["final_lr"]) / float(group["gamma"]) > 1e30:
+            raise ValueError(
+                f"gamma={group['gamma']!r} is too small for final_lr={group['final_lr']!r}: the bounds "
+                "final_lr * (1 + 1 / (gamma * t)) overflow float32; use gamma >= 1e-6 (default 1e-3)"
+            )
         for flag in ("amsbound", "decoupled_weight_decay", "maximize"):
             check_choice(flag, group[flag], (True, False))
         group.setdefault("base_lr", float(group["lr"]))

@@ -22,6 +22,8 @@ The base class does the rest, the same way for every algorithm:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
@@ -41,6 +43,8 @@ __all__ = [
     "NonFiniteGradientError",
     "check_betas",
     "check_common_hyperparameters",
+    "LR_MAX",
+    "signature_defaults",
     "check_choice",
     "check_eps",
     "check_flag",
@@ -55,6 +59,10 @@ NonFinitePolicy = Literal["raise", "skip"]
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)
+#: the largest learning rate any optimizer accepts (see :func:`check_common_hyperparameters`)
+LR_MAX = 1e6
+#: the largest ``eps`` accepted (some algorithms square it; float32 holds up to ~1.8e19 squared)
+EPS_MAX = 1e4
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 #: boolean hyperparameters checked for every optimizer that has them
@@ -105,12 +113,14 @@ def check_positive(name: str, value: Any) -> None:
 
 
 def check_eps(name: str, value: Any) -> None:
-    """Raise ValueError unless ``value`` is a finite number a float32 holds as a normal number (>= 1.18e-38):
+    """Raise ValueError unless ``value`` is a finite number in [1.18e-38, :data:`EPS_MAX`]: a float32 normal number
     a smaller ``eps`` is 0 (or a denormal flushed to 0) in the update math, and ``0 / (0 + eps)`` is NaN for every
     element whose gradient is zero."""
     v = _as_float(name, value)
     if v <= 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    if v > EPS_MAX:
+        raise ValueError(f"{name}={value!r} is beyond {EPS_MAX:g}; eps is a small constant (typical: 1e-8 .. 1e-3)")
     if v < _FP32_TINY:
         raise ValueError(
             f"{name}={value!r} is below float32's smallest normal number ({_FP32_TINY:.3g}) and is 0 in the update "
@@ -153,6 +163,13 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {type(value).__name__} {value!r}")
 
 
+@functools.cache
+def signature_defaults(cls: type) -> Mapping[str, Any]:
+    """The keyword defaults of ``cls.__init__`` (what each hyperparameter's type is when the caller omits it)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
 def check_common_hyperparameters(group: dict[str, Any], defaults: Mapping[str, Any], *, betas_count: int = 2) -> None:
     """Check the hyperparameters most algorithms share, for every optimizer whose groups have them (lmopt's own
     and the torch.optim classes the registry builds): ``lr`` >= 0 (torch's convention: ``lr=0`` freezes a group,
@@ -160,17 +177,23 @@ def check_common_hyperparameters(group: dict[str, Any], defaults: Mapping[str, A
     (pairs such as Adafactor's are the algorithm's to check), ``weight_decay`` >= 0 with ``lr * weight_decay <= 1``
     (beyond that the decay multiplier ``1 - lr * weight_decay`` is negative and the parameters grow without
     bound), and the boolean flags (``True`` / ``False``, not ``0`` / ``1``). Integer values of float
-    hyperparameters (per ``defaults``) become floats in ``group`` (an int such as ``2**70`` would overflow inside
-    torch's kernels).
+    hyperparameters (``defaults``: the constructor's signature defaults, :func:`signature_defaults`) become floats
+    in ``group`` (an int such as ``2**70`` would overflow inside torch's kernels). ``lr`` is at most
+    :data:`LR_MAX` (1e6): an update of ~lr per element beyond that leaves float32's useful range within steps.
 
     Raises:
         ValueError: naming the hyperparameter and what would be valid.
     """
     if "lr" in group:
         check_nonnegative("lr", group["lr"])
+        if _as_float("lr", group["lr"]) > LR_MAX:
+            raise ValueError(
+                f"lr={group['lr']!r} is beyond {LR_MAX:g}: every update would move weights by ~lr and overflow "
+                "float32 within a few steps; use a learning rate below 1e6 (typical: 1e-5 .. 1)"
+            )
     if "betas" in group:
         check_betas("betas", group["betas"], betas_count)
-    if "eps" in group and not isinstance(group["eps"], (tuple, list)):
+    if "eps" in group and not isinstance(defaults.get("eps"), (tuple, list)):  # pairs: the algorithm checks them
         check_eps("eps", group["eps"])
     if "weight_decay" in group:
         check_nonnegative("weight_decay", group["weight_decay"])
@@ -249,7 +272,7 @@ class LmoptOptimizer(Optimizer):
 
     def _check_common(self, group: dict[str, Any]) -> None:
         """The hyperparameters most algorithms share (:func:`check_common_hyperparameters`)."""
-        check_common_hyperparameters(group, self.defaults, betas_count=self.betas_count)
+        check_common_hyperparameters(group, signature_defaults(type(self)), betas_count=self.betas_count)
 
     def _check_params(self, group: dict[str, Any]) -> None:
         """The group's parameters: each a floating tensor of a supported dtype, none listed twice."""

@@ -49,8 +49,8 @@ from ._dispatch import blocked_applies, resolve_implementation
 from .base import (
     Implementation,
     LmoptOptimizer,
-    check_nonnegative,
     check_positive,
+    check_range,
 )
 
 __all__ = ["ScheduleFreeAdamW", "recompute_batchnorm_statistics", "schedule_free_adamw"]
@@ -266,8 +266,8 @@ class ScheduleFreeAdamW(LmoptOptimizer):
         ws = group["warmup_steps"]
         if isinstance(ws, bool) or not isinstance(ws, int) or ws < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {ws!r}")
-        check_nonnegative("r", group["r"])
-        check_nonnegative("weight_lr_power", group["weight_lr_power"])
+        for key in ("r", "weight_lr_power"):  # powers of the step and of lr_max, in float64: keep them finite
+            check_range(key, group[key], 0.0, 16.0, high_inclusive=True)
 
     # -- modes
     # ---------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..spec import OptimizerSpec, StateTensor
-from .base import check_common_hyperparameters, check_flag, check_nonnegative, check_range
+from .base import check_common_hyperparameters, check_flag, check_nonnegative, check_range, signature_defaults
 
 __all__ = ["SGD", "Adagrad", "NAdam", "RAdam", "RMSprop"]
 
@@ -31,7 +31,8 @@ __all__ = ["SGD", "Adagrad", "NAdam", "RAdam", "RMSprop"]
 _RANGES = {"momentum": (0.0, 1.0, False), "dampening": (0.0, 1.0, True), "alpha": (0.0, 1.0, False)}
 _NONNEGATIVE = ("lr_decay", "initial_accumulator_value", "momentum_decay")
 #: flags torch also takes as None ("let torch choose")
-_OPTIONAL_FLAGS = ("foreach", "fused", "capturable", "differentiable", "centered")
+_OPTIONAL_FLAGS = ("foreach", "fused")
+_TORCH_FLAGS = ("capturable", "differentiable", "centered")
 
 
 def _check_torch_group(group: dict[str, Any], defaults: Mapping[str, Any]) -> None:
@@ -42,9 +43,17 @@ def _check_torch_group(group: dict[str, Any], defaults: Mapping[str, Any]) -> No
     for key in _NONNEGATIVE:
         if key in group:
             check_nonnegative(key, group[key])
+    for key in (*_RANGES, *_NONNEGATIVE):  # torch's integer defaults (initial_accumulator_value=0): floats
+        if type(group.get(key)) is int:
+            group[key] = float(group[key])
     for key in _OPTIONAL_FLAGS:
         if group.get(key) is not None:
             check_flag(key, group[key])
+    for key in _TORCH_FLAGS:
+        if key in group:
+            check_flag(key, group[key])
+    if group.get("capturable") and any(p.device.type == "cpu" for p in group.get("params", ())):
+        raise ValueError("capturable=True needs CUDA parameters (CUDA graphs); leave it False on CPU")
 
 
 def _checked(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
@@ -55,15 +64,15 @@ def _checked(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
         bound = signature.bind(self, params, *args, **kwargs)
         bound.apply_defaults()
         hyper = {k: v for k, v in bound.arguments.items() if k not in ("self", "params")}
-        _check_torch_group(hyper, hyper)  # before torch's own checks, whose errors are weaker (or absent)
-        base.__init__(self, params, *args, **kwargs)
+        _check_torch_group(hyper, signature_defaults(base))  # before torch's checks: theirs are weaker or absent
+        base.__init__(self, params, **hyper)
         for group in self.param_groups:
-            _check_torch_group(group, self.defaults)
+            _check_torch_group(group, signature_defaults(base))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         base.add_param_group(self, param_group)
         try:
-            _check_torch_group(self.param_groups[-1], self.defaults)
+            _check_torch_group(self.param_groups[-1], signature_defaults(base))
         except Exception:
             self.param_groups.pop()
             raise
@@ -74,7 +83,7 @@ def _checked(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
 
         spec = next(s for s in list_optimizers() if s.cls is type(self))
         checked = check_optimizer_state_dict(
-            self, state_dict, declared_from_spec(spec, self), lambda g: _check_torch_group(g, self.defaults)
+            self, state_dict, declared_from_spec(spec, self), lambda g: _check_torch_group(g, signature_defaults(base))
         )
         before = {k: self.__dict__[k] for k in ("state", "param_groups")}
         try:
