@@ -17,6 +17,8 @@ from torch import nn
 
 import lmopt
 
+from .fuzz import LAYOUTS, MUTATIONS
+
 Builder = Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer]
 StepFn = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], None]
 
@@ -69,6 +71,12 @@ class OptimSpec:
         distributed_step: the training step used there when it differs from ``step``.
         distributed_unsupported: the optimizer refuses DTensor parameters with this message (a known gap, checked
             so that it stays a clear error).
+        layouts: the memory layouts (tests/fuzz.py's LAYOUTS) whose runs must equal the plain contiguous run
+            (tests/test_fuzz.py); every layout unless an entry documents why not.
+        mutations: the state-dict corruptions (tests/fuzz.py's MUTATIONS) that ``load_state_dict`` must refuse,
+            leaving the optimizer unchanged; every mutation unless an entry documents why not.
+        fuzz_skip: hyperparameters the generated-input test leaves out (torch features that need a context the
+            test does not build, e.g. torch.optim's ``differentiable``).
     """
 
     name: str
@@ -89,6 +97,9 @@ class OptimSpec:
     distributed_tol: float = 1e-5
     distributed_step: StepFn | None = None
     distributed_unsupported: str | None = None
+    layouts: tuple[str, ...] = tuple(LAYOUTS)
+    mutations: tuple[str, ...] = tuple(MUTATIONS)
+    fuzz_skip: frozenset[str] = frozenset()
 
     def make(self, model: nn.Module, variant: dict[str, Any]) -> torch.optim.Optimizer:
         if self.build is not None:
@@ -97,6 +108,11 @@ class OptimSpec:
 
     def ids(self) -> list[str]:
         return [f"{self.name}-{i}" for i in range(len(self.variants))]
+
+
+#: torch.optim's ``differentiable=True`` needs a step inside an autograd graph (non-leaf parameters), which the
+#: generated-input test does not build; lmopt checks it is a bool
+_TORCH_FEATURES = frozenset({"differentiable"})
 
 
 def _torch_ref(cls: type[torch.optim.Optimizer]) -> Builder:
@@ -462,6 +478,7 @@ def _lookahead_specs() -> list[OptimSpec]:
             variants=[{"lr": 0.05, "momentum": 0.9, "lookahead_k": 2}],
             reference=_lookahead_ref(_torch_ref(torch.optim.SGD)),
             lmopt_engine=False,
+            fuzz_skip=_TORCH_FEATURES,
             sparse_supported=True,
             invalid=_LOOKAHEAD_INVALID,
         ),
@@ -470,6 +487,7 @@ def _lookahead_specs() -> list[OptimSpec]:
             variants=[{"lr": 1e-2, "lookahead_k": 3}],
             reference=_lookahead_ref(_torch_ref(torch.optim.RAdam)),
             lmopt_engine=False,
+            fuzz_skip=_TORCH_FEATURES,
             dtypes=low,
             invalid=_LOOKAHEAD_INVALID,
         ),
@@ -575,6 +593,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="sgd",
         variants=[{"lr": 0.05}, {"lr": 0.05, "momentum": 0.9, "nesterov": True}],
         lmopt_engine=False,
+        fuzz_skip=_TORCH_FEATURES,
         sparse_supported=True,
         invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
     ),
@@ -582,6 +601,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="adagrad",
         variants=[{"lr": 0.05}],
         lmopt_engine=False,
+        fuzz_skip=_TORCH_FEATURES,
         sparse_supported=True,
         dtypes=(torch.float32, torch.bfloat16),
         invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
@@ -591,6 +611,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="rmsprop",
         variants=[{"lr": 1e-3}, {"lr": 1e-3, "momentum": 0.9, "centered": True}],
         lmopt_engine=False,
+        fuzz_skip=_TORCH_FEATURES,
         dtypes=(torch.float32, torch.bfloat16),
         invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
     ),
@@ -598,6 +619,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="radam",
         variants=[{"lr": 1e-2}],
         lmopt_engine=False,
+        fuzz_skip=_TORCH_FEATURES,
         dtypes=(torch.float32, torch.bfloat16),
         invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
     ),
@@ -605,6 +627,7 @@ OPTIM_DB: list[OptimSpec] = [
         name="nadam",
         variants=[{"lr": 1e-2}],
         lmopt_engine=False,
+        fuzz_skip=_TORCH_FEATURES,
         dtypes=(torch.float32, torch.bfloat16),
         invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
     ),
