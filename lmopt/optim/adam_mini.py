@@ -82,11 +82,8 @@ def block_count(partition: Partition) -> int:
     return 1 if axis is None else sum(count for count, _size in segments)
 
 
-def _config_heads(model: nn.Module) -> tuple[int | None, int | None, int | None]:
-    """``(n_heads, n_kv_heads, head_dim)`` from a Hugging Face config, when the model has one."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None, None, None
+def _heads_of(config: Any) -> tuple[int | None, int | None, int | None]:
+    """``(n_heads, n_kv_heads, head_dim)`` read from one Hugging Face style config (None where absent)."""
     heads = next(
         (
             getattr(config, k)
@@ -98,6 +95,31 @@ def _config_heads(model: nn.Module) -> tuple[int | None, int | None, int | None]
     kv = getattr(config, "num_key_value_heads", None)
     head_dim = getattr(config, "head_dim", None)
     return heads, kv if isinstance(kv, int) else None, head_dim if isinstance(head_dim, int) else None
+
+
+def _config_heads(model: nn.Module) -> tuple[int | None, int | None, int | None]:
+    """``(n_heads, n_kv_heads, head_dim)`` from a Hugging Face config, when the model or a submodule has one.
+
+    The model's own ``config`` wins; otherwise every submodule's ``config`` is read (a LightningModule, a PEFT
+    wrapper or any module holding a Hugging Face model), and configs that disagree are an error.
+    """
+    own = getattr(model, "config", None)
+    if own is not None:
+        return _heads_of(own)
+    found: dict[tuple[int | None, int | None, int | None], str] = {}
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if config is None:
+            continue
+        heads = _heads_of(config)
+        if heads[0] is not None:
+            found.setdefault(heads, name or "<model>")
+    if len(found) > 1:
+        listed = "; ".join(
+            f"{where}: n_heads={h}, n_kv_heads={kv}, head_dim={hd}" for (h, kv, hd), where in found.items()
+        )
+        raise ValueError(f"submodules' configs disagree on the head count ({listed}); pass n_heads= (and n_kv_heads=)")
+    return next(iter(found), (None, None, None))
 
 
 def find_partitions(
