@@ -186,3 +186,127 @@ def test_trainer_schedule_free_saves_and_ends_at_x(tmp_path):
     torch.testing.assert_close(params_of(full.model), saved_params, rtol=0, atol=1e-6)  # save_model would hold x
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
     assert_same(params_of(full.model), params_of(resumed.model))
+
+
+# ------------------------------------------------------------------------------------------------- accelerate
+def _batches(n_rows: int = 16) -> list[dict[str, torch.Tensor]]:
+    rows = token_rows(n_rows)
+    return [{k: torch.stack([r[k] for r in rows[i : i + BATCH]]) for k in rows[0]} for i in range(0, n_rows, BATCH)]
+
+
+def test_accelerate_accumulation_and_save_load_resume(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    batches = _batches(32)  # 8 micro-batches = 4 optimizer steps with accumulation 2
+
+    def setup():
+        accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model = tiny_llama()
+        opt = lmopt.create_optimizer("schedule_free_adamw", model, lr=1e-2, warmup_steps=0)
+        model, opt = accelerator.prepare(model, opt)
+        return accelerator, model, opt
+
+    def train(accelerator, model, opt, chunk):
+        model.train()
+        opt.train()  # accelerate forwards train()/eval() to the Schedule-Free optimizer
+        for batch in chunk:
+            with accelerator.accumulate(model):
+                accelerator.backward(model(**batch).loss)
+                opt.step()
+                opt.zero_grad()
+
+    accelerator, model, opt = setup()
+    train(accelerator, model, opt, batches[:4])
+    before = params_of(model)
+    with eval_mode(opt, model):  # the recipe: save (and evaluate) at x
+        accelerator.save_state(str(tmp_path / "state"))
+        at_x = params_of(model)
+    assert any(not torch.equal(at_x[k], before[k]) for k in at_x)
+    train(accelerator, model, opt, batches[4:])
+    with eval_mode(opt):
+        full = params_of(model)
+
+    accelerator, model, opt = setup()
+    accelerator.load_state(str(tmp_path / "state"))
+    assert opt.optimizer.mode == "eval"  # the state was saved at x
+    assert_same(params_of(model), at_x)
+    train(accelerator, model, opt, batches[4:])
+    with eval_mode(opt):
+        assert_same(params_of(model), full)
+
+
+# ------------------------------------------------------------------------------------------------- Lightning
+def test_lightning_closures_model_checkpoint_resume_and_schedule_free(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    from lmopt.integrations import ScheduleFreeLightningCallback
+
+    class LM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama()
+            self.val_modes: list[str] = []
+            self.closure_steps = 0
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, batch_idx):
+            self.val_modes.append(self.trainer.optimizers[0].mode)
+            return self.model(**batch).loss
+
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            assert callable(optimizer_closure)  # Lightning's closure path: step(closure) runs forward/backward
+            self.closure_steps += 1
+            optimizer.step(closure=optimizer_closure)
+
+        def configure_optimizers(self):
+            return lmopt.create_optimizer("schedule_free_adamw", self, lr=1e-2, warmup_steps=0)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(token_rows(8), batch_size=BATCH, shuffle=False)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(token_rows(4, seed=2), batch_size=BATCH)
+
+    def fit(root, ckpt_path=None):
+        module = LM()
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(root), every_n_epochs=1, save_top_k=-1)
+        trainer = pl.Trainer(
+            max_steps=4,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[ScheduleFreeLightningCallback(), ckpt],
+        )
+        trainer.fit(module, ckpt_path=ckpt_path)
+        return module, trainer
+
+    full, trainer = fit(tmp_path / "full")
+    assert full.closure_steps == 4 and full.val_modes and set(full.val_modes) == {"eval"}
+    assert trainer.optimizers[0].mode == "eval"  # after fit: the model holds x
+    saved = torch.load(tmp_path / "full" / "epoch=0-step=2.ckpt", weights_only=False)
+    assert all(not g["train_mode"] for g in saved["optimizer_states"][0]["param_groups"])
+    resumed, _ = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "full" / "epoch=0-step=2.ckpt"))
+    assert_same(params_of(full), params_of(resumed))
+
+
+# ------------------------------------------------------------------------------------------------- PEFT
+@pytest.mark.parametrize("name", ["adamw", "adam_mini"])
+def test_peft_lora_trains_with_lmopt(name):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    before = params_of(model)
+    opt = lmopt.create_optimizer(name, model, lr=1e-2)
+    for batch in _batches(8):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = params_of(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(not torch.equal(before[n], after[n]) for n in trainable if "lora_B" in n)
+    assert all(torch.equal(before[n], after[n]) for n in after if n not in trainable)
