@@ -311,3 +311,30 @@ def test_peft_lora_trains_with_lmopt(name):
     assert trainable and all("lora_" in n for n in trainable)
     assert all(not torch.equal(before[n], after[n]) for n in trainable if "lora_B" in n)
     assert all(torch.equal(before[n], after[n]) for n in after if n not in trainable)
+
+
+# ------------------------------------------------------------------------------------------------- Adam-mini
+def test_adam_mini_finds_heads_on_wrapped_models():
+    class Holder(nn.Module):  # a LightningModule, or any module holding a Hugging Face model
+        def __init__(self, *models):
+            super().__init__()
+            self.parts = nn.ModuleList(models)
+
+    opt = lmopt.create_optimizer("adam_mini", Holder(tiny_llama()), lr=1e-3)
+    wrapped = lmopt.create_optimizer("adam_mini", tiny_llama(), lr=1e-3)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in wrapped.param_groups]
+    other = tiny_llama()
+    other.config.num_attention_heads = 8  # a second model that disagrees
+    with pytest.raises(ValueError, match="disagree on the head count"):
+        lmopt.create_optimizer("adam_mini", Holder(tiny_llama(), other), lr=1e-3)
+    lmopt.create_optimizer("adam_mini", Holder(tiny_llama(), other), lr=1e-3, n_heads=4, n_kv_heads=2)
+
+
+def test_hf_optimizer_adamw_does_not_decay_the_embedding(tmp_path):
+    trainer = _trainer(tmp_path, "factory", "adamw", lr=1e-3, weight_decay=0.1)
+    opt = trainer.create_optimizer()
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    model = trainer.model
+    assert decay[id(model.get_input_embeddings().weight)] == 0.0  # Trainer's own split would decay it
+    assert decay[id(model.model.layers[0].self_attn.q_proj.weight)] == 0.1
+    assert all(decay[id(p)] == 0.0 for n, p in model.named_parameters() if "norm" in n)

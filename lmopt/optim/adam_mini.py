@@ -97,14 +97,15 @@ def _heads_of(config: Any) -> tuple[int | None, int | None, int | None]:
     return heads, kv if isinstance(kv, int) else None, head_dim if isinstance(head_dim, int) else None
 
 
-def _config_heads(model: nn.Module) -> tuple[int | None, int | None, int | None]:
+def _config_heads(model: nn.Module, strict: bool = True) -> tuple[int | None, int | None, int | None]:
     """``(n_heads, n_kv_heads, head_dim)`` from a Hugging Face config, when the model or a submodule has one.
 
-    The model's own ``config`` wins; otherwise every submodule's ``config`` is read (a LightningModule, a PEFT
-    wrapper or any module holding a Hugging Face model), and configs that disagree are an error.
+    The model's own ``config`` wins when it names the heads; otherwise every submodule's ``config`` is read (a LightningModule, a PEFT
+    wrapper or any module holding a Hugging Face model), configs that disagree are an error when
+    ``strict`` (the caller gave no head count) and otherwise ignored.
     """
     own = getattr(model, "config", None)
-    if own is not None:
+    if own is not None and _heads_of(own)[0] is not None:
         return _heads_of(own)
     found: dict[tuple[int | None, int | None, int | None], str] = {}
     for name, module in model.named_modules():
@@ -115,6 +116,8 @@ def _config_heads(model: nn.Module) -> tuple[int | None, int | None, int | None]
         if heads[0] is not None:
             found.setdefault(heads, name or "<model>")
     if len(found) > 1:
+        if not strict:
+            return None, None, None
         listed = "; ".join(
             f"{where}: n_heads={h}, n_kv_heads={kv}, head_dim={hd}" for (h, kv, hd), where in found.items()
         )
@@ -131,7 +134,7 @@ def find_partitions(
         ValueError: the model has query/key projections but no head count (pass ``n_heads``), or a head count
             that does not divide a projection.
     """
-    cfg_heads, cfg_kv, cfg_head_dim = _config_heads(model)
+    cfg_heads, cfg_kv, cfg_head_dim = _config_heads(model, strict=n_heads is None)
     heads = n_heads if n_heads is not None else cfg_heads
     kv_heads = n_kv_heads if n_kv_heads is not None else (cfg_kv if n_heads is None else None)
     kv_heads = kv_heads if kv_heads is not None else heads
