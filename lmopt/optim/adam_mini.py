@@ -100,9 +100,9 @@ def _heads_of(config: Any) -> tuple[int | None, int | None, int | None]:
 def _config_heads(model: nn.Module, strict: bool = True) -> tuple[int | None, int | None, int | None]:
     """``(n_heads, n_kv_heads, head_dim)`` from a Hugging Face config, when the model or a submodule has one.
 
-    The model's own ``config`` wins when it names the heads; otherwise every submodule's ``config`` is read (a LightningModule, a PEFT
-    wrapper or any module holding a Hugging Face model), configs that disagree are an error when
-    ``strict`` (the caller gave no head count) and otherwise ignored.
+    The model's own ``config`` wins when it names the heads; otherwise every submodule's ``config`` is read (a
+    LightningModule, a PEFT wrapper or any module holding a Hugging Face model). Configs that disagree are an
+    error when ``strict`` (the caller gave no head count) and otherwise ignored.
     """
     own = getattr(model, "config", None)
     if own is not None and _heads_of(own)[0] is not None:
