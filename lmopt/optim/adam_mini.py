@@ -82,11 +82,8 @@ def block_count(partition: Partition) -> int:
     return 1 if axis is None else sum(count for count, _size in segments)
 
 
-def _config_heads(model: nn.Module) -> tuple[int | None, int | None, int | None]:
-    """``(n_heads, n_kv_heads, head_dim)`` from a Hugging Face config, when the model has one."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None, None, None
+def _heads_of(config: Any) -> tuple[int | None, int | None, int | None]:
+    """``(n_heads, n_kv_heads, head_dim)`` read from one Hugging Face style config (None where absent)."""
     heads = next(
         (
             getattr(config, k)
@@ -100,6 +97,34 @@ def _config_heads(model: nn.Module) -> tuple[int | None, int | None, int | None]
     return heads, kv if isinstance(kv, int) else None, head_dim if isinstance(head_dim, int) else None
 
 
+def _config_heads(model: nn.Module, strict: bool = True) -> tuple[int | None, int | None, int | None]:
+    """``(n_heads, n_kv_heads, head_dim)`` from a Hugging Face config, when the model or a submodule has one.
+
+    The model's own ``config`` wins when it names the heads; otherwise every submodule's ``config`` is read (a
+    LightningModule, a PEFT wrapper or any module holding a Hugging Face model). Configs that disagree are an
+    error when ``strict`` (the caller gave no head count) and otherwise ignored.
+    """
+    own = getattr(model, "config", None)
+    if own is not None and _heads_of(own)[0] is not None:
+        return _heads_of(own)
+    found: dict[tuple[int | None, int | None, int | None], str] = {}
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if config is None:
+            continue
+        heads = _heads_of(config)
+        if heads[0] is not None:
+            found.setdefault(heads, name or "<model>")
+    if len(found) > 1:
+        if not strict:
+            return None, None, None
+        listed = "; ".join(
+            f"{where}: n_heads={h}, n_kv_heads={kv}, head_dim={hd}" for (h, kv, hd), where in found.items()
+        )
+        raise ValueError(f"submodules' configs disagree on the head count ({listed}); pass n_heads= (and n_kv_heads=)")
+    return next(iter(found), (None, None, None))
+
+
 def find_partitions(
     model: nn.Module, *, n_heads: int | None = None, n_kv_heads: int | None = None
 ) -> dict[str, Partition]:
@@ -109,7 +134,7 @@ def find_partitions(
         ValueError: the model has query/key projections but no head count (pass ``n_heads``), or a head count
             that does not divide a projection.
     """
-    cfg_heads, cfg_kv, cfg_head_dim = _config_heads(model)
+    cfg_heads, cfg_kv, cfg_head_dim = _config_heads(model, strict=n_heads is None)
     heads = n_heads if n_heads is not None else cfg_heads
     kv_heads = n_kv_heads if n_kv_heads is not None else (cfg_kv if n_heads is None else None)
     kv_heads = kv_heads if kv_heads is not None else heads
