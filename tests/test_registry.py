@@ -29,7 +29,13 @@ def test_torch_optim_entries_are_torch_classes_with_lmopt_checks():
     ]:
         built = get_spec(name).cls
         assert issubclass(built, cls) and built.__name__ == cls.__name__
-        assert built.step is cls.step  # torch's update, unchanged
+        ours, theirs = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+        a, b = built([ours], lr=0.1), cls([theirs], lr=0.1)
+        for k in range(3):  # torch's update, unchanged (bit for bit)
+            ours.grad = theirs.grad = torch.arange(4.0) - k
+            a.step()
+            b.step()
+        assert torch.equal(ours, theirs)
     opt = create_optimizer("sgd_nesterov", [torch.nn.Parameter(torch.zeros(3))], lr=0.1)
     assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
 
