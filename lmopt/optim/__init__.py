@@ -5,6 +5,7 @@ from .adabound import AdaBound
 from .adafactor import Adafactor, adafactor
 from .adam_mini import AdamMini, adam_mini, find_partitions
 from .adamw import Adam, Adam8bit, AdamW, AdamW4bit, AdamW8bit, adamw
+from .convert import convert_state
 from .ademamix import AdEMAMix, ademamix
 from .base import LmoptOptimizer, NonFiniteGradientError
 from .came import CAME, came
@@ -21,6 +22,7 @@ __all__ = [
     "LmoptOptimizer",
     "NonFiniteGradientError",
     "resolve_implementation",
+    "convert_state",
     # Adam family
     "Adam",
     "AdamW",
