@@ -160,3 +160,18 @@ def test_mismatches_are_clear_errors():
         lmopt.convert_state(ams, fewer)
     with pytest.raises(ValueError, match="state dict"):
         lmopt.convert_state([1, 2], plain)
+
+
+def test_a_torch_adamw_state_dict_loads_directly_and_another_precision_points_to_convert_state():
+    """torch.optim.AdamW's state dict (an HF Trainer ``optim="adamw_torch"`` resume) loads into lmopt's AdamW as it
+    is: lmopt's group keys come from the current groups. Into 8-bit state the error names convert_state."""
+    model = _model()
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, theirs, 2, seed=0)
+    ours = lmopt.create_optimizer("adamw", list(model.parameters()), lr=1e-2, implementation="foreach")
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.param_groups[0]["implementation"] == "foreach" and "state_precision" in ours.param_groups[0]
+    _train(model, ours, 1, seed=1)
+    low = lmopt.create_optimizer("adamw8bit", list(model.parameters()), lr=1e-2)
+    with pytest.raises(ValueError, match="convert_state"):
+        low.load_state_dict(theirs.state_dict())
