@@ -34,7 +34,7 @@ from .optim_db import OPTIM_DB, OptimSpec, make_batch, make_model
 
 def _write_payload(path: Path, payload: dict) -> Path:
     """A combined checkpoint file with a valid manifest for ``payload`` (to test what loading checks)."""
-    header, data = checkpoint._encode(payload, 0)
+    header, data = checkpoint._encode(payload)
     path.write_bytes(header + data)
     return path
 

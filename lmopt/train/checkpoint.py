@@ -138,6 +138,7 @@ MAGIC = b"LMOPT-CHECKPOINT\n"
 _MAX_MANIFEST = 1 << 20
 #: the layouts this lmopt reads: 1 (payload file + ``.json`` manifest beside it), 2 (one combined file)
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
+_MANIFEST_FIELDS = ("format", "format_version", "lmopt_version", "step")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -214,21 +215,13 @@ def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def _encode(payload: dict[str, Any], step: int) -> tuple[bytes, bytes]:
-    """(header, payload bytes) of a combined checkpoint file."""
-    from .._version import __version__
-
+def _encode(payload: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(header, payload bytes) of a combined checkpoint file; the manifest repeats the payload's identity."""
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "lmopt_version": __version__,
-        "step": step,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-    }
+    manifest = {key: payload.get(key) for key in _MANIFEST_FIELDS}
+    manifest.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
     text = json.dumps(manifest).encode()
     return MAGIC + len(text).to_bytes(8, "big") + text, data
 
@@ -316,7 +309,7 @@ def save_checkpoint(
         payload["scaler"] = scaler.state_dict()
     if rng:
         payload["rng"] = capture_rng_state()
-    header, data = _encode(payload, step)
+    header, data = _encode(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -363,8 +356,9 @@ def _verify_bytes(data: bytes | memoryview, manifest: dict[str, Any], path: Path
         )
 
 
-def _payload_bytes(path: Path, verify: bool) -> memoryview:
-    """The torch.save bytes of a checkpoint file (either layout), checked against its manifest."""
+def _payload_bytes(path: Path, verify: bool) -> tuple[memoryview, dict[str, Any] | None, bool]:
+    """The torch.save bytes of a checkpoint file (either layout), checked against its manifest; (bytes, manifest,
+    combined layout)."""
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -384,7 +378,8 @@ def _payload_bytes(path: Path, verify: bool) -> memoryview:
                     f"only if you trust the file"
                 ) from None
             _verify_bytes(data, _check_manifest(manifest, str(path)), path)
-        return data
+            return data, manifest, True
+        return data, None, True
     # layout 1: the payload file with a manifest beside it
     if verify:
         manifest_path = _manifest_path(path)
@@ -401,7 +396,8 @@ def _payload_bytes(path: Path, verify: bool) -> memoryview:
                 f"if you trust the file"
             ) from None
         _verify_bytes(raw, _check_manifest(manifest, str(manifest_path)), path)
-    return memoryview(raw)
+        return memoryview(raw), manifest, False
+    return memoryview(raw), None, False
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -433,7 +429,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _read(path: Path, map_location: Any, verify: bool) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
-    data = _payload_bytes(path, verify)
+    data, manifest, combined = _payload_bytes(path, verify)
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -461,6 +457,13 @@ def _read(path: Path, map_location: Any, verify: bool) -> dict[str, Any]:
                 else f", not one this lmopt reads ({', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})"
             )
         )
+    if manifest is not None:  # the manifest's own fields are not hashed: they must agree with the payload
+        for key in _MANIFEST_FIELDS:
+            if (combined or key in manifest) and (manifest.get(key) != payload.get(key) or key not in manifest):
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupted: its manifest's {key} ({manifest.get(key)!r:.40}) differs "
+                    f"from the payload's ({payload.get(key)!r:.40}); use an earlier checkpoint"
+                )
     return payload
 
 
@@ -591,7 +594,19 @@ def _check_optimizer(payload: dict[str, Any], optimizer: Optimizer, path: Path) 
 
 
 def _snapshot(obj: Any) -> Any:
-    return None if obj is None else copy.deepcopy(obj.state_dict())
+    if obj is None:
+        return None
+    if isinstance(obj, Optimizer):  # load_state_dict replaces state and groups with new objects
+        return dict(obj.__dict__)
+    return copy.deepcopy(obj.state_dict())
+
+
+def _restore(obj: Any, snapshot: Any) -> None:
+    if isinstance(obj, Optimizer):
+        obj.__dict__.clear()
+        obj.__dict__.update(snapshot)
+    else:
+        obj.load_state_dict(snapshot)
 
 
 def load_checkpoint(
@@ -647,9 +662,9 @@ def load_checkpoint(
                 loaded.append(name)
                 obj.load_state_dict(sources[name])
     except Exception as err:
-        for name in loaded:
+        for done in reversed(loaded):
             try:
-                objects[name].load_state_dict(before[name])
+                _restore(objects[done], before[done])
             except Exception:  # pragma: no cover - restoring what was there cannot normally fail
                 pass
         first = (str(err).splitlines() or [""])[0]
