@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip()) or "(no message)"
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip()) or "(no message)"
 
 
 def _describe(err: BaseException) -> str:
@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error already printed: a status, as from run()
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
