@@ -5,12 +5,17 @@ state included), the LR scheduler, the GradScaler, the RNG states (Python, NumPy
 step, the data position, the lmopt version and the run's config. A run stopped at step k and resumed from it
 continues bit for bit as if it had not stopped.
 
-Writing is atomic: the payload goes to a temporary file in the same directory, is flushed and fsynced, then
-renamed over the final name (and the directory fsynced), so a crash or a kill during a save leaves the
-previous checkpoint intact. A small JSON manifest beside each file records its SHA-256 and size, so a
-truncated or corrupted file is detected before it is trusted. :class:`CheckpointManager` keeps the last N.
+A checkpoint is one file: a small JSON manifest (the payload's SHA-256 and size, the format version, the step)
+in a header, then the payload as ``torch.save`` wrote it. Writing is atomic: the file goes to a temporary name
+in the same directory, is flushed and fsynced, read back (hash and a ``weights_only`` load), and only then renamed
+over the final name (and the directory fsynced); manifest and payload are committed by that one rename, so a
+crash, a kill or an error at any point leaves the previous checkpoint intact. :class:`CheckpointManager` keeps
+the last N, deleting older ones only after the new one is verified. The older layout (a payload file with a
+``.json`` manifest beside it) still loads, verified.
 
 Loading uses ``torch.load(weights_only=True)`` only: a checkpoint from an untrusted source cannot run code.
+A missing or malformed manifest is an error (``verify=False`` is the explicit opt-out); everything is
+checked before the model, optimizer or scheduler change, and restored if a later part fails to load.
 Clear :class:`CheckpointError` messages name the problem: another model shape, another optimizer, a
 truncated or corrupted file, a newer format version.
 
