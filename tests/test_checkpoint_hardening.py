@@ -365,13 +365,21 @@ def test_a_bad_payload_changes_nothing_and_names_the_problem(mutate, message, tm
     assert target_sched.state_dict() == sched_state and torch.equal(torch.get_rng_state(), rng_before)
 
 
-def test_a_failure_after_partial_loading_restores_what_was_loaded(tmp_path, monkeypatch):
-    model, opt, sched = _setup()
+def _torch_setup(seed: int = 0):
+    model = make_model(seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt, schedules.scheduler(opt, schedules.warmup_cosine(2, 20))
+
+
+@pytest.mark.parametrize("make", [_setup, _torch_setup], ids=["lmopt", "torch"])
+def test_a_failure_after_partial_loading_restores_what_was_loaded(make, tmp_path, monkeypatch):
+    model, opt, sched = make()
     _train(model, opt, sched, 0, 3)
     path = save_checkpoint(tmp_path / "c.pt", step=3, model=model, optimizer=opt, scheduler=sched)
-    target, target_opt, target_sched = _setup(seed=8)
+    target, target_opt, target_sched = make(seed=8)
     _train(target, target_opt, target_sched, 5, 6)
     weights, groups = _weights(target), target_opt.state_dict()["param_groups"]
+    exp_avgs = [target_opt.state[p]["exp_avg"].clone() for p in target.parameters()]
 
     def broken(state):
         raise RuntimeError("scheduler exploded")
@@ -380,6 +388,8 @@ def test_a_failure_after_partial_loading_restores_what_was_loaded(tmp_path, monk
     with pytest.raises(CheckpointError, match="scheduler state does not load.*scheduler exploded"):
         load_checkpoint(path, model=target, optimizer=target_opt, scheduler=target_sched)
     assert _same(_weights(target), weights) and target_opt.state_dict()["param_groups"] == groups
+    moments = [target_opt.state[p]["exp_avg"] for p in target.parameters()]
+    assert all(torch.equal(m, before) for m, before in zip(moments, exp_avgs, strict=True))
 
 
 # -- Schedule-Free: the averaged point x as the model weights, and a bit-exact resume ------------------------
