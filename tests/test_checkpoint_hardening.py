@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 
 import numpy as np
@@ -429,16 +428,3 @@ def test_schedule_free_in_eval_mode_saves_its_parameters_as_they_are(tmp_path):
     fresh, fresh_opt, _ = _setup(seed=3, name="schedule_free_adamw")
     load_checkpoint(path, model=fresh, optimizer=fresh_opt)
     assert fresh_opt.mode == "eval" and _same(_weights(fresh), x)
-
-
-def test_no_temporary_file_is_left_when_the_directory_is_read_only(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only directories")
-    model, _, _ = _setup()
-    tmp_path.chmod(0o500)
-    try:
-        with pytest.raises(OSError):
-            save_checkpoint(tmp_path / "c.pt", step=1, model=model)
-    finally:
-        tmp_path.chmod(0o700)
-    assert list(tmp_path.iterdir()) == []

@@ -98,6 +98,8 @@ def test_unreadable_inputs_are_one_line(tmp_path, capsys):
     junk = tmp_path / "config.json"
     junk.write_text("root:x:0:0:root:/root:/bin/bash\n")
     _fails(["plan", str(junk)], capsys)
+    if Path("/etc/passwd").is_file():
+        _fails(["plan", "/etc/passwd"], capsys)
     _fails(["recommend", str(junk)], capsys)
     _fails(["compare", "--config", str(tmp_path / "missing.json")], capsys, "missing.json")
     _fails(["compare", "--config", str(junk)], capsys)
