@@ -22,12 +22,22 @@ from lmopt import schedules
 from lmopt.train import (
     CheckpointError,
     CheckpointManager,
+    checkpoint,
     fit,
     load_checkpoint,
     save_checkpoint,
 )
+from lmopt.train.checkpoint import read_manifest
 
 from .optim_db import OPTIM_DB, OptimSpec, make_batch, make_model
+
+
+def _write_payload(path: Path, payload: dict) -> Path:
+    """A combined checkpoint file with a valid manifest for ``payload`` (to test what loading checks)."""
+    header, data = checkpoint._encode(payload)
+    path.write_bytes(header + data)
+    return path
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +77,7 @@ def test_round_trip_restores_everything(tmp_path):
         extra={"note": "x"},
     )
     expected = (random.random(), np.random.rand(), torch.rand(2))
-    assert json.loads((tmp_path / "c.pt.json").read_text())["step"] == 3
+    assert read_manifest(path)["step"] == 3 and not (tmp_path / "c.pt.json").exists()
 
     model2, opt2, sched2 = _setup(seed=9)
     scaler2 = torch.amp.GradScaler("cpu", init_scale=4.0)
@@ -94,7 +104,7 @@ def test_keep_last_n(tmp_path):
     for step in (1, 2, 3, 4):
         manager.save(step, model=model, optimizer=opt)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["step-00000003.pt", "step-00000003.pt.json", "step-00000004.pt", "step-00000004.pt.json"]
+    assert names == ["step-00000003.pt", "step-00000004.pt"]
     assert manager.latest().name == "step-00000004.pt"
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
@@ -108,14 +118,10 @@ _KILL_CHILD = textwrap.dedent(
     model = torch.nn.Linear(256, 256)
     manager = CheckpointManager(sys.argv[1], keep_last=3)
     manager.save(1, model=model)
-    original = checkpoint._HashingWriter.write
-    def slow_write(self, data):
-        n = original(self, data)
-        if self.size > 4096:
-            print("WRITING", flush=True)
-            time.sleep(60)
-        return n
-    checkpoint._HashingWriter.write = slow_write
+    def slow_verify(*args, **kwargs):  # the new file is written, not yet renamed into place
+        print("WRITING", flush=True)
+        time.sleep(60)
+    checkpoint._read = slow_verify
     with torch.no_grad():
         model.weight.add_(1.0)
     manager.save(2, model=model)
@@ -194,9 +200,8 @@ def test_error_truncated_and_corrupted(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(path, model=model)
-    (tmp_path / "c.pt.json").unlink()  # without the manifest, torch's reader still notices
-    with pytest.raises(CheckpointError, match="truncated or corrupted"):
-        load_checkpoint(path, model=model)
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):  # unverified, torch's reader notices
+        load_checkpoint(path, model=model, verify=False)
 
     path = save_checkpoint(tmp_path / "d.pt", step=1, model=model, optimizer=opt)
     flipped = bytearray(path.read_bytes())
@@ -207,8 +212,10 @@ def test_error_truncated_and_corrupted(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt", model=model)
     path = save_checkpoint(tmp_path / "e.pt", step=1, model=model)
-    (tmp_path / "e.pt.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="manifest .* is unreadable"):
+    raw = bytearray(path.read_bytes())
+    raw[len(checkpoint.MAGIC) + 8] = ord("[")  # the manifest's opening brace
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="manifest is unreadable"):
         load_checkpoint(path, model=model)
     assert load_checkpoint(path, model=model, verify=False).step == 1
 
@@ -216,14 +223,16 @@ def test_error_truncated_and_corrupted(tmp_path):
 def test_error_newer_format_and_foreign_files(tmp_path):
     model, _, _ = _setup()
     path = save_checkpoint(tmp_path / "c.pt", step=1, model=model)
-    payload = torch.load(path, weights_only=True)
+    payload = checkpoint._read(path, "cpu", verify=True)
     payload["format_version"] = 99
-    torch.save(payload, tmp_path / "new.pt")
+    _write_payload(tmp_path / "new.pt", payload)
     with pytest.raises(CheckpointError, match="format version 99, newer"):
         load_checkpoint(tmp_path / "new.pt", model=model)
     torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="not an lmopt checkpoint"):
+    with pytest.raises(CheckpointError, match="has no manifest"):
         load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an lmopt checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt", verify=False)
 
 
 class _Evil:
@@ -233,7 +242,11 @@ class _Evil:
 
 def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     model, _, _ = _setup()
-    path = save_checkpoint(tmp_path / "c.pt", step=1, model=model, extra={"payload": _Evil()})
+    with pytest.raises(ValueError, match=r"extra\['payload'\] is a .*_Evil"):  # refused at save
+        save_checkpoint(tmp_path / "c.pt", step=1, model=model, extra={"payload": _Evil()})
+    payload = checkpoint._read(save_checkpoint(tmp_path / "c.pt", step=1, model=model), "cpu", verify=True)
+    payload["extra"] = {"payload": _Evil()}
+    path = _write_payload(tmp_path / "c.pt", payload)  # a hostile file with a valid manifest
     with pytest.raises(CheckpointError, match="weights_only"):
         load_checkpoint(path, model=model)
 

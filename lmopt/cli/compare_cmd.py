@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ._args import integer, number
+
 NAME = "compare"
 HELP = "train a small Llama with several optimizers on a real corpus; compare loss, speed and memory"
 
@@ -61,11 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="registry names or aliases, comma- or space-separated; 'all' for every registered "
         "one (default: the documented default set that is registered)",
     )
-    parser.add_argument("--steps", type=int, help=f"optimizer steps per optimizer (default {d.steps})")
+    parser.add_argument("--steps", type=integer(1), help=f"optimizer steps per optimizer (default {d.steps})")
     parser.add_argument("--model", choices=list(MODEL_SIZES), help=f"model size (default {d.model})")
-    parser.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
-    parser.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
-    parser.add_argument("--seed", type=int, help=f"initial weights and data order (default {d.seed})")
+    parser.add_argument("--batch-size", type=integer(1), help=f"sequences per step (default {d.batch_size})")
+    parser.add_argument("--seq-len", type=integer(2), help=f"tokens per sequence (default {d.seq_len})")
+    parser.add_argument("--seed", type=integer(0), help=f"initial weights and data order (default {d.seed})")
     parser.add_argument("--device", help="auto (default: CUDA when available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--out", help="output folder (default ./lmopt-compare/<UTC timestamp>)")
     parser.add_argument("--data", help="a text file or a folder of text files (default: Python's stdlib sources)")
@@ -79,16 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="overrides",
         help="hyperparameter override, VALUE in JSON (e.g. lion.lr=1e-4, adamw.betas=[0.9,0.99]); repeatable",
     )
-    parser.add_argument("--warmup-steps", type=int, help="warmup length (default 10%% of --steps)")
-    parser.add_argument("--eval-windows", type=int, help=f"validation windows (default {d.eval_windows})")
-    parser.add_argument("--eval-every", type=int, help="also evaluate every N steps (default: at the end only)")
+    parser.add_argument("--warmup-steps", type=integer(0), help="warmup length (default 10%% of --steps)")
+    parser.add_argument("--eval-windows", type=integer(1), help=f"validation windows (default {d.eval_windows})")
+    parser.add_argument("--eval-every", type=integer(1), help="also evaluate every N steps (default: at the end only)")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=integer(1),
         help="torch CPU threads during the run (default: torch's setting; "
         "on a busy shared machine 1 can be much faster)",
     )
-    parser.add_argument("--max-grad-norm", type=float, help=f"clipping threshold, 0 = off (default {d.max_grad_norm})")
+    parser.add_argument(
+        "--max-grad-norm", type=number(0), help=f"clipping threshold, 0 = off (default {d.max_grad_norm})"
+    )
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:

@@ -12,6 +12,7 @@ from rich.table import Table
 from ..memory import PRECISIONS, SHARDING, plan
 from ..memory.planner import OFFLOAD, MemoryPlan, resolve_optimizer
 from ..memory.units import format_bytes
+from ._args import integer
 
 NAME = "plan"
 HELP = "plan the memory of a training step: parameters, master weights, gradients, optimizer state, activations"
@@ -42,13 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"one of {', '.join(PRECISIONS)}; 'mixed' = mixed-bf16 (default mixed-bf16 for named models)",
     )
-    parser.add_argument("--devices", type=int, default=1, help="data-parallel devices (default 1)")
+    parser.add_argument("--devices", type=integer(1), default=1, help="data-parallel devices (default 1)")
     parser.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GB or 24GiB")
     parser.add_argument("--sharding", default="none", choices=list(SHARDING), help="ZeRO stage / FSDP")
     parser.add_argument("--offload", default="none", choices=list(OFFLOAD))
-    parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=None, help="default: the model's context, at most 4096")
-    parser.add_argument("--grad-accumulation", type=int, default=1)
+    parser.add_argument("--micro-batch", type=integer(1), default=1)
+    parser.add_argument("--seq-len", type=integer(1), default=None, help="default: the model's context, at most 4096")
+    parser.add_argument("--grad-accumulation", type=integer(1), default=1)
     parser.add_argument(
         "--checkpointing",
         default="none",
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--activation-model", default=None, choices=["korthikanti", "transformers"])
     parser.add_argument("--trainable", default="full", choices=["full", "lora"])
-    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-rank", type=integer(1), default=16)
     parser.add_argument(
         "--lora-modules", default=None, help="comma-separated module names (default: all hidden matrices)"
     )

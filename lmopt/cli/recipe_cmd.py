@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import recipes as R
+from ._args import integer
 
 NAME = "recipe"
 HELP = "published hyperparameters for a model size and phase, translated for an optimizer, with sources"
@@ -18,11 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("size", nargs="?", help="model size: 125M, 350M, 1.3B, 7B, 13B, 30B, 65B, 70B, 175B, ...")
     parser.add_argument("--phase", choices=("pretrain", "finetune"), default="pretrain")
     parser.add_argument("--optimizer", default="adamw", help="registry name (default adamw)")
-    parser.add_argument("--total-steps", type=int, default=None, help="steps of your run")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="override the warmup (short runs)")
+    parser.add_argument("--total-steps", type=integer(1), default=None, help="steps of your run")
+    parser.add_argument("--warmup-steps", type=integer(0), default=None, help="override the warmup (short runs)")
     parser.add_argument(
         "--batch-tokens",
-        type=int,
+        type=integer(1),
         default=None,
         help="your tokens per optimizer step (rescales the lr; pre-training only)",
     )

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..memory import recommend
 from ..memory.units import format_bytes
+from ._args import integer
 from .plan_cmd import load_model
 
 NAME = "recommend"
@@ -17,12 +18,12 @@ HELP = "rank the training configurations (optimizer, precision, sharding, offloa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a named model, 'NB' (e.g. 13B), or a transformers config.json / folder")
-    parser.add_argument("--devices", type=int, default=1, help="data-parallel devices (default 1)")
+    parser.add_argument("--devices", type=integer(1), default=1, help="data-parallel devices (default 1)")
     parser.add_argument("--device-memory", default="80GB", help="memory per device (default 80GB)")
     parser.add_argument("--task", default="pretrain", choices=["pretrain", "finetune", "lora"])
-    parser.add_argument("--micro-batch", type=int, default=8, help="largest micro-batch to try (default 8)")
-    parser.add_argument("--seq-len", type=int, default=None, help="default: the model's context, at most 4096")
-    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--micro-batch", type=integer(1), default=8, help="largest micro-batch to try (default 8)")
+    parser.add_argument("--seq-len", type=integer(1), default=None, help="default: the model's context, at most 4096")
+    parser.add_argument("--lora-rank", type=integer(1), default=16)
     parser.add_argument(
         "--optimizers",
         default=None,
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host-memory", default=None, help="host memory per device for offloading (default: not limited)"
     )
-    parser.add_argument("--top", type=int, default=10, help="how many configurations to show")
+    parser.add_argument("--top", type=integer(1), default=10, help="how many configurations to show")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import schedules as S
+from ._args import integer, number
 
 NAME = "schedule"
 HELP = "print a learning-rate schedule at key steps (warmup edges, decay quarters, end) and plot it"
@@ -17,26 +18,30 @@ KINDS = ("cosine", "linear", "constant", "wsd", "sgdr", "inverse-sqrt")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=KINDS, help="schedule shape")
-    parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
-    parser.add_argument("--total", type=int, default=None, help="total training steps (cosine/linear/wsd)")
-    parser.add_argument("--peak", type=float, default=1.0, help="peak learning rate (default 1.0: multipliers)")
+    parser.add_argument("--warmup", type=integer(0), default=0, help="linear warmup steps (default 0)")
+    parser.add_argument("--total", type=integer(1), default=None, help="total training steps (cosine/linear/wsd)")
+    parser.add_argument(
+        "--peak", type=number(above=0), default=1.0, help="peak learning rate (default 1.0: multipliers)"
+    )
     parser.add_argument(
         "--min-lr-ratio",
-        type=float,
+        type=number(0, 1),
         default=None,
         help="floor as a fraction of the peak (default 0.1 for cosine, 0 otherwise)",
     )
-    parser.add_argument("--decay-steps", type=int, default=None, help="wsd: decay length (default 20%% of total)")
+    parser.add_argument(
+        "--decay-steps", type=integer(0), default=None, help="wsd: decay length (default 20%% of total)"
+    )
     parser.add_argument("--shape", choices=("1-sqrt", "linear", "cosine"), default="1-sqrt", help="wsd decay shape")
-    parser.add_argument("--t0", type=int, default=1000, help="sgdr: first cycle length (T_0)")
-    parser.add_argument("--t-mult", type=int, default=2, help="sgdr: cycle growth factor (T_mult)")
+    parser.add_argument("--t0", type=integer(1), default=1000, help="sgdr: first cycle length (T_0)")
+    parser.add_argument("--t-mult", type=integer(1), default=2, help="sgdr: cycle growth factor (T_mult)")
     parser.add_argument(
         "--timescale",
-        type=int,
+        type=integer(1),
         default=None,
         help="inverse-sqrt: steps at the peak (default the warmup, or 10000)",
     )
-    parser.add_argument("--steps", type=int, nargs="*", default=(), help="further steps to print")
+    parser.add_argument("--steps", type=integer(0), nargs="*", default=(), help="further steps to print")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG plot of the schedule")
 
 

@@ -5,12 +5,17 @@ state included), the LR scheduler, the GradScaler, the RNG states (Python, NumPy
 step, the data position, the lmopt version and the run's config. A run stopped at step k and resumed from it
 continues bit for bit as if it had not stopped.
 
-Writing is atomic: the payload goes to a temporary file in the same directory, is flushed and fsynced, then
-renamed over the final name (and the directory fsynced), so a crash or a kill during a save leaves the
-previous checkpoint intact. A small JSON manifest beside each file records its SHA-256 and size, so a
-truncated or corrupted file is detected before it is trusted. :class:`CheckpointManager` keeps the last N.
+A checkpoint is one file: a small JSON manifest (the payload's SHA-256 and size, the format version, the step)
+in a header, then the payload as ``torch.save`` wrote it. Writing is atomic: the file goes to a temporary name
+in the same directory, is flushed and fsynced, read back (hash and a ``weights_only`` load), and only then renamed
+over the final name (and the directory fsynced); manifest and payload are committed by that one rename, so a
+crash, a kill or an error at any point leaves the previous checkpoint intact. :class:`CheckpointManager` keeps
+the last N, deleting older ones only after the new one is verified. The older layout (a payload file with a
+``.json`` manifest beside it) still loads, verified.
 
 Loading uses ``torch.load(weights_only=True)`` only: a checkpoint from an untrusted source cannot run code.
+A missing or malformed manifest is an error (``verify=False`` is the explicit opt-out); everything is
+checked before the model, optimizer or scheduler change, and restored if a later part fails to load.
 Clear :class:`CheckpointError` messages name the problem: another model shape, another optimizer, a
 truncated or corrupted file, a newer format version.
 
@@ -25,7 +30,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -51,13 +58,14 @@ __all__ = [
     "TrainState",
     "capture_rng_state",
     "load_checkpoint",
+    "read_manifest",
     "restore_rng_state",
     "save_checkpoint",
 ]
 
 FORMAT_NAME = "lmopt-checkpoint"
 #: the checkpoint layout version this lmopt writes (and the newest it reads)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -128,21 +136,14 @@ def restore_rng_state(state: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------
 # saving
 # --------------------------------------------------------------------------------------------------------
-class _HashingWriter:
-    """A write-only file wrapper that hashes what passes through (torch.save writes sequentially)."""
-
-    def __init__(self, file: Any) -> None:
-        self.file = file
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
+# One file per checkpoint: MAGIC, the manifest's length (8 bytes, big-endian), the manifest (JSON: SHA-256 and
+# size of the payload), then the payload as torch.save wrote it. Manifest and payload are committed by one
+# rename, so a kill at any point leaves the old file or the new one, never a mix.
+MAGIC = b"LMOPT-CHECKPOINT\n"
+_MAX_MANIFEST = 1 << 20
+#: the layouts this lmopt reads: 1 (payload file + ``.json`` manifest beside it), 2 (one combined file)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+_MANIFEST_FIELDS = ("format", "format_version", "lmopt_version", "step")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -158,23 +159,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Any) -> tuple[str, int]:
-    """Write through ``write(fileobj)`` to a temporary file, fsync, rename over ``path``; (sha256, size)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            writer = _HashingWriter(f)
-            write(writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return writer.sha256.hexdigest(), writer.size
-
-
 def _manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -185,6 +169,66 @@ def _optimizer_signature(optimizer: Optimizer) -> dict[str, Any]:
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "group_shapes": [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups],
     }
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as data ``torch.load(weights_only=True)`` reads back.
+
+    Lossless conversions: NumPy scalars become Python numbers, paths become strings; anything else that is not
+    None / bool / int / float / str / bytes / tensor / list / tuple / dict is refused, naming where it is.
+    """
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, np.generic) and isinstance(value.item(), (bool, int, float, complex, str, bytes)):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise ValueError(
+                    f"{where} has a key of type {type(k).__name__} ({k!r:.60}); checkpoints keep dict keys that "
+                    f"are str / int / float / bool / None"
+                )
+            out[k] = _plain(v, f"{where}[{k!r}]")
+        return out
+    hint = "dataclasses.asdict(...)" if hasattr(value, "__dataclass_fields__") else "plain data (str, int, list ...)"
+    raise ValueError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which a safe load "
+        f"(torch.load(weights_only=True)) cannot read back; convert it to {hint} before saving"
+    )
+
+
+def _has_train_mode(optimizer: Any) -> bool:
+    """An optimizer with train()/eval() modes (Schedule-Free) that is in train mode: parameters hold y, not x."""
+    if not (callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))):
+        return False
+    mode = getattr(optimizer, "mode", None)
+    if mode is not None:
+        return mode == "train"
+    return all(g.get("train_mode", False) for g in optimizer.param_groups) and bool(optimizer.param_groups)
+
+
+def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _encode(payload: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(header, payload bytes) of a combined checkpoint file; the manifest repeats the payload's identity."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    manifest = {key: payload.get(key) for key in _MANIFEST_FIELDS}
+    manifest.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    text = json.dumps(manifest).encode()
+    return MAGIC + len(text).to_bytes(8, "big") + text, data
 
 
 def save_checkpoint(
@@ -200,7 +244,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     rng: bool = True,
 ) -> Path:
-    """Save a complete checkpoint atomically to ``path`` (and its manifest ``path + ".json"``).
+    """Save a complete checkpoint to ``path``: one file, written to a temporary name, verified, then renamed.
 
     Args:
         path: destination file.
@@ -212,7 +256,16 @@ def save_checkpoint(
         extra: any further plain data (e.g. the health monitor's history).
         rng: save the random generators' states (default True).
 
-    Everything must be plain data or tensors so that ``torch.load(weights_only=True)`` can read it back.
+    ``data_position``, ``config`` and ``extra`` must be plain data or tensors so that
+    ``torch.load(weights_only=True)`` reads them back: NumPy scalars are stored as Python numbers and paths as
+    strings; anything else (a dataclass, an arbitrary object) raises ``ValueError`` naming its key.
+
+    With an optimizer that has train/eval modes (Schedule-Free) in train mode, the model weights saved are the
+    averaged point x (what evaluation and export want); the training point y is saved too, so that resuming
+    (loading with the optimizer) continues bit for bit.
+
+    The written file is read back (SHA-256 and a ``weights_only`` load) before it replaces ``path``; a failed
+    save leaves any previous checkpoint at ``path`` untouched and no temporary file behind.
     """
     from .._version import __version__
 
@@ -220,21 +273,38 @@ def save_checkpoint(
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"config must be a dict, got {type(config).__name__}")
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model_state = model.state_dict()
     payload: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "lmopt_version": __version__,
         "torch_version": str(torch.__version__),
         "step": step,
-        "model": model_state,
-        "model_shapes": {k: list(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)},
-        "data_position": data_position,
-        "config": dict(config or {}),
-        "extra": dict(extra or {}),
+        "data_position": _plain(data_position, "data_position"),
+        "config": _plain(dict(config or {}), "config"),
+        "extra": _plain(dict(extra or {}), "extra"),
     }
+    if optimizer is not None and _has_train_mode(optimizer):
+        train_point = _clone_state(model.state_dict())
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        held = [p.detach().clone() for p in params]
+        optimizer.eval()
+        try:
+            model_state = _clone_state(model.state_dict())
+        finally:
+            optimizer.train()
+            with torch.no_grad():  # train() after eval() is not bit-exact: put y back as it was
+                for p, y in zip(params, held, strict=True):
+                    p.copy_(y)
+        payload["model_train_point"] = train_point
+    else:
+        model_state = model.state_dict()
+    payload["model"] = model_state
+    payload["model_shapes"] = {k: list(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
         payload["optimizer_signature"] = _optimizer_signature(optimizer)
@@ -244,59 +314,129 @@ def save_checkpoint(
         payload["scaler"] = scaler.state_dict()
     if rng:
         payload["rng"] = capture_rng_state()
-    sha, size = _atomic_write(path, lambda f: torch.save(payload, f))
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "lmopt_version": __version__,
-        "step": step,
-        "sha256": sha,
-        "size": size,
-        "file": path.name,
-    }
-    data = json.dumps(manifest, indent=1).encode()
-    _atomic_write(_manifest_path(path), lambda f: f.write(data))
+    header, data = _encode(payload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        del data
+        _read(tmp, "cpu", verify=True)  # what is on disk loads back, before it replaces anything
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    _manifest_path(path).unlink(missing_ok=True)  # a layout-1 manifest of an older checkpoint at this path
     return path
 
 
 # --------------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------------
-def _verify(path: Path) -> dict[str, Any] | None:
-    manifest_path = _manifest_path(path)
-    if not manifest_path.exists():
-        return None
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as err:
+def _check_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"the manifest of {where} is not a JSON object (got {type(manifest).__name__})")
+    size, sha = manifest.get("size"), manifest.get("sha256")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise CheckpointError(f"the manifest of {where} has no valid size (got {size!r:.40})")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise CheckpointError(f"the manifest of {where} has no valid sha256 (got {sha!r:.80})")
+    return manifest
+
+
+def _verify_bytes(data: bytes | memoryview, manifest: dict[str, Any], path: Path) -> None:
+    if len(data) != manifest["size"]:
         raise CheckpointError(
-            f"the manifest {manifest_path} is unreadable ({err}); delete it to load {path.name} without verification"
-        ) from None
-    size = path.stat().st_size
-    if size != manifest.get("size"):
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupted: {size:,} bytes on disk, "
-            f"{manifest.get('size', 0):,} written; use an earlier checkpoint"
+            f"checkpoint {path} is truncated or corrupted: {len(data):,} payload bytes on disk, "
+            f"{manifest['size']:,} written; use an earlier checkpoint"
         )
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != manifest.get("sha256"):
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
         raise CheckpointError(
             f"checkpoint {path} is corrupted: its SHA-256 differs from the one recorded when "
             f"it was written; use an earlier checkpoint"
         )
-    return manifest
+
+
+def _payload_bytes(path: Path, verify: bool) -> tuple[memoryview, dict[str, Any] | None, bool]:
+    """The torch.save bytes of a checkpoint file (either layout), checked against its manifest; (bytes, manifest,
+    combined layout)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if raw.startswith(MAGIC):
+        start = len(MAGIC) + 8
+        length = int.from_bytes(raw[len(MAGIC) : start], "big")
+        if len(raw) < start or length > min(_MAX_MANIFEST, len(raw) - start):
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupted (its manifest header is damaged)")
+        data = memoryview(raw)[start + length :]
+        if verify:
+            try:
+                manifest = json.loads(raw[start : start + length])
+            except (ValueError, UnicodeDecodeError) as err:
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupted: its manifest is unreadable ({err}); load it with verify=False "
+                    f"only if you trust the file"
+                ) from None
+            _verify_bytes(data, _check_manifest(manifest, str(path)), path)
+            return data, manifest, True
+        return data, None, True
+    # layout 1: the payload file with a manifest beside it
+    if verify:
+        manifest_path = _manifest_path(path)
+        if not manifest_path.exists():
+            raise CheckpointError(
+                f"checkpoint {path} has no manifest ({manifest_path.name}), so it cannot be verified; "
+                f"load it with verify=False only if you trust the file"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(
+                f"the manifest {manifest_path} is unreadable ({err}); load {path.name} with verify=False only "
+                f"if you trust the file"
+            ) from None
+        _verify_bytes(raw, _check_manifest(manifest, str(manifest_path)), path)
+        return memoryview(raw), manifest, False
+    return memoryview(raw), None, False
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest a checkpoint file carries (format, version, lmopt version, step, payload SHA-256 and size).
+
+    Raises:
+        CheckpointError: the file is missing, of the older layout without a manifest, or its manifest is damaged.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 8)
+            if not head.startswith(MAGIC) or len(head) < len(MAGIC) + 8:
+                raise CheckpointError(f"{path} is not a layout-{FORMAT_VERSION} lmopt checkpoint")
+            length = int.from_bytes(head[len(MAGIC) :], "big")
+            if length > _MAX_MANIFEST:
+                raise CheckpointError(f"checkpoint {path} is corrupted (its manifest header is damaged)")
+            text = f.read(length)
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    try:
+        return _check_manifest(json.loads(text), str(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path} is corrupted: its manifest is unreadable ({err})") from None
 
 
 def _read(path: Path, map_location: Any, verify: bool) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
-    if verify:
-        _verify(path)
+    data, manifest, combined = _payload_bytes(path, verify)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             detail = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
@@ -305,18 +445,79 @@ def _read(path: Path, map_location: Any, verify: bool) -> dict[str, Any]:
                 f"unpickle; lmopt never loads arbitrary pickles. {detail}"
             ) from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({err})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # a damaged file can fail anywhere in torch's reader
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not an lmopt checkpoint (no '{FORMAT_NAME}' header)")
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_FORMAT_VERSIONS:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
         raise CheckpointError(
-            f"checkpoint {path} has format version {version}, newer than this lmopt "
-            f"reads ({FORMAT_VERSION}; written by lmopt {payload.get('lmopt_version')}); "
-            f"upgrade lmopt"
+            f"checkpoint {path} has format version {version!r:.40}"
+            + (
+                f", newer than this lmopt reads ({FORMAT_VERSION}; written by lmopt "
+                f"{payload.get('lmopt_version')}); upgrade lmopt"
+                if newer
+                else f", not one this lmopt reads ({', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})"
+            )
         )
+    if manifest is not None:  # the manifest's own fields are not hashed: they must agree with the payload
+        for key in _MANIFEST_FIELDS:
+            if (combined or key in manifest) and (manifest.get(key) != payload.get(key) or key not in manifest):
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupted: its manifest's {key} ({manifest.get(key)!r:.40}) differs "
+                    f"from the payload's ({payload.get(key)!r:.40}); use an earlier checkpoint"
+                )
     return payload
+
+
+def _check_payload(payload: dict[str, Any], path: Path) -> None:
+    """The structure of everything besides the model and optimizer, before anything is loaded."""
+    step = payload.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {path}: step must be an int >= 0, got {step!r:.40}")
+    for key in ("config", "extra"):
+        if not isinstance(payload.get(key, {}), dict):
+            raise CheckpointError(f"checkpoint {path}: {key} must be a dict, got {type(payload[key]).__name__}")
+    for key in ("model", "model_shapes", "model_train_point"):
+        if key in payload and not isinstance(payload[key], dict):
+            raise CheckpointError(f"checkpoint {path}: {key} must be a dict, got {type(payload[key]).__name__}")
+    if "model" not in payload or "model_shapes" not in payload:
+        raise CheckpointError(f"checkpoint {path} has no model state")
+    for key in ("scheduler", "scaler"):
+        if key in payload and not isinstance(payload[key], dict):
+            raise CheckpointError(f"checkpoint {path}: {key} state must be a dict, got {type(payload[key]).__name__}")
+    if "rng" in payload:
+        _check_rng(payload["rng"], path)
+
+
+def _check_rng(rng: Any, path: Path) -> None:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: the saved RNG state is malformed ({what})")
+
+    if not isinstance(rng, dict):
+        raise bad("not a dict")
+    if "python" in rng:
+        py = rng["python"]
+        if not (isinstance(py, (tuple, list)) and len(py) == 3 and isinstance(py[1], (tuple, list))):
+            raise bad("python")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in py[1]):
+            raise bad("python")
+    if "numpy" in rng:
+        n = rng["numpy"]
+        if not isinstance(n, dict) or not isinstance(n.get("keys"), torch.Tensor) or n["keys"].numel() != 624:
+            raise bad("numpy")
+        if not isinstance(n.get("name"), str) or not all(
+            isinstance(n.get(k), (int, float)) for k in ("pos", "has_gauss", "gauss")
+        ):
+            raise bad("numpy")
+    if "torch" in rng and not (isinstance(rng["torch"], torch.Tensor) and rng["torch"].dtype == torch.uint8):
+        raise bad("torch")
+    if "cuda" in rng and not (
+        isinstance(rng["cuda"], (list, tuple)) and all(isinstance(s, torch.Tensor) for s in rng["cuda"])
+    ):
+        raise bad("cuda")
 
 
 def _check_model(payload: dict[str, Any], model: nn.Module, path: Path) -> None:
@@ -342,12 +543,25 @@ def _check_model(payload: dict[str, Any], model: nn.Module, path: Path) -> None:
             f"with the configuration it was saved with (its run config: "
             f"{payload.get('config') or 'not saved'})"
         )
+    for key in ("model", "model_train_point"):
+        state = payload.get(key)
+        if state is None:
+            continue
+        for name, shape in current.items():
+            value = state.get(name)
+            if not isinstance(value, torch.Tensor) or list(value.shape) != shape:
+                raise CheckpointError(
+                    f"checkpoint {path}: {key}[{name!r}] is not a tensor of shape {tuple(shape)} "
+                    f"(the checkpoint is inconsistent)"
+                )
 
 
 def _check_optimizer(payload: dict[str, Any], optimizer: Optimizer, path: Path) -> None:
     if "optimizer" not in payload:
         raise CheckpointError(f"checkpoint {path} has no optimizer state; load it without an optimizer")
     saved = payload.get("optimizer_signature", {})
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path}: optimizer_signature is malformed")
     current = _optimizer_signature(optimizer)
     if saved.get("class") != current["class"]:
         raise CheckpointError(
@@ -358,10 +572,46 @@ def _check_optimizer(payload: dict[str, Any], optimizer: Optimizer, path: Path) 
     if saved.get("group_shapes") != current["group_shapes"]:
         raise CheckpointError(
             f"checkpoint {path}: the optimizer's param groups differ (saved "
-            f"{[len(g) for g in saved.get('group_shapes', [])]} tensors per group, now "
+            f"{[len(g) for g in saved.get('group_shapes', []) if isinstance(g, list)]} tensors per group, now "
             f"{[len(g) for g in current['group_shapes']]}, or their shapes differ); "
             f"build the param groups as in the saved run"
         )
+    state_dict = payload["optimizer"]
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"checkpoint {path}: the optimizer state must be a dict")
+    groups, state = state_dict.get("param_groups"), state_dict.get("state", {})
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: the optimizer state needs a 'param_groups' list and a 'state' dict")
+    for gi, (group, shapes) in enumerate(zip(groups, current["group_shapes"], strict=False)):
+        if (
+            not isinstance(group, dict)
+            or not isinstance(group.get("params"), list)
+            or len(group["params"]) != len(shapes)
+        ):
+            raise CheckpointError(f"checkpoint {path}: optimizer param group {gi} is malformed")
+    if len(groups) != len(current["group_shapes"]):
+        raise CheckpointError(
+            f"checkpoint {path}: the optimizer state has {len(groups)} param groups, not {len(current['group_shapes'])}"
+        )
+    for key, entry in state.items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"checkpoint {path}: optimizer state for parameter {key!r:.40} is not a dict")
+
+
+def _snapshot(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Optimizer):  # load_state_dict replaces state and groups with new objects
+        return dict(obj.__dict__)
+    return copy.deepcopy(obj.state_dict())
+
+
+def _restore(obj: Any, snapshot: Any) -> None:
+    if isinstance(obj, Optimizer):
+        obj.__dict__.clear()
+        obj.__dict__.update(snapshot)
+    else:
+        obj.load_state_dict(snapshot)
 
 
 def load_checkpoint(
@@ -377,14 +627,25 @@ def load_checkpoint(
 ) -> TrainState:
     """Load a checkpoint safely (``weights_only=True``) into the given objects; return the run's position.
 
-    Everything is checked before anything is changed: model shapes, the optimizer's class and param groups.
+    Everything is checked before anything is changed: the manifest (size, SHA-256), the format version, the
+    step, config, RNG, model shapes, the optimizer's class, param groups and state. The optimizer loads first
+    (lmopt optimizers validate their whole state before changing anything); if anything fails after that, the
+    model, optimizer, scheduler and scaler are restored to their previous state.
+
+    With the optimizer given, a Schedule-Free checkpoint restores the training point y (bit-exact resume);
+    without it, the model gets the averaged point x.
+
+    Args:
+        verify: check the payload against its manifest (default True). ``verify=False`` is for a trusted file
+            whose manifest is lost; it is still loaded with ``weights_only=True``.
 
     Raises:
-        CheckpointError: missing, truncated or corrupted file; newer format; another model shape; another
-            optimizer; a scheduler or scaler state the checkpoint lacks.
+        CheckpointError: missing, truncated or corrupted file or manifest; an unsupported format; another model
+            shape; another optimizer; malformed state; a scheduler or scaler state the checkpoint lacks.
     """
     path = Path(path)
     payload = _read(path, map_location, verify)
+    _check_payload(payload, path)
     if model is not None:
         _check_model(payload, model, path)
     if optimizer is not None:
@@ -392,14 +653,29 @@ def load_checkpoint(
     for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None and name not in payload:
             raise CheckpointError(f"checkpoint {path} has no {name} state; pass {name}=None or start it fresh")
-    if model is not None:
-        model.load_state_dict(payload["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None:
-        scaler.load_state_dict(payload["scaler"])
+    objects = {"optimizer": optimizer, "model": model, "scheduler": scheduler, "scaler": scaler}
+    before = {name: _snapshot(obj) for name, obj in objects.items()}
+    weights = payload["model"]
+    if optimizer is not None and isinstance(payload.get("model_train_point"), dict):
+        weights = payload["model_train_point"]
+    sources = {"optimizer": payload.get("optimizer"), "model": weights}
+    sources.update({k: payload.get(k) for k in ("scheduler", "scaler")})
+    loaded = []
+    try:
+        for name, obj in objects.items():  # the optimizer first: lmopt's validates its state before changing
+            if obj is not None:
+                loaded.append(name)
+                obj.load_state_dict(sources[name])
+    except Exception as err:
+        for done in reversed(loaded):
+            try:
+                _restore(objects[done], before[done])
+            except Exception:  # pragma: no cover - restoring what was there cannot normally fail
+                pass
+        first = (str(err).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"checkpoint {path}: the {name} state does not load ({type(err).__name__}: {first}); nothing was changed"
+        ) from err
     warnings: list[str] = []
     restored = False
     if restore_rng and "rng" in payload:
