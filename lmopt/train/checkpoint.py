@@ -140,6 +140,9 @@ def restore_rng_state(state: dict[str, Any]) -> list[str]:
 # size of the payload), then the payload as torch.save wrote it. Manifest and payload are committed by one
 # rename, so a kill at any point leaves the old file or the new one, never a mix.
 MAGIC = b"LMOPT-CHECKPOINT\n"
+#: bytes before the payload: MAGIC, the manifest's length, the manifest padded with spaces
+_HEADER = 4096
+_CHUNK = 1 << 24
 _MAX_MANIFEST = 1 << 20
 #: the layouts this lmopt reads: 1 (payload file + ``.json`` manifest beside it), 2 (one combined file)
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
@@ -220,15 +223,74 @@ def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def _encode(payload: dict[str, Any]) -> tuple[bytes, bytes]:
-    """(header, payload bytes) of a combined checkpoint file; the manifest repeats the payload's identity."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
+class _Window(io.RawIOBase):
+    """A file seen from ``start`` on: torch.save streams the payload behind the header, torch.load reads it there
+    (neither ever holds the whole payload as bytes)."""
+
+    def __init__(self, f: Any, start: int) -> None:
+        self.f, self.start = f, start
+        f.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        return self.f.readinto(b)
+
+    def write(self, b: Any) -> int:
+        return self.f.write(b)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(self.start + offset if whence == 0 else offset, whence) - self.start
+
+    def tell(self) -> int:
+        return self.f.tell() - self.start
+
+
+def _hash_region(f: Any, start: int, size: int) -> str:
+    digest = hashlib.sha256()
+    f.seek(start)
+    left = size
+    while left > 0:
+        chunk = f.read(min(_CHUNK, left))
+        if not chunk:
+            break
+        digest.update(chunk)
+        left -= len(chunk)
+    return digest.hexdigest()
+
+
+def _write_combined(f: Any, payload: dict[str, Any]) -> None:
+    """Write a combined checkpoint into ``f`` (opened for reading and writing, at its start): the header slot,
+    the payload streamed by torch.save, then the manifest (the payload's SHA-256 and size, read back from ``f``)
+    into the slot, padded with spaces (JSON ignores them)."""
+    slot = _HEADER - len(MAGIC) - 8
+    f.write(MAGIC + slot.to_bytes(8, "big") + b" " * slot)
+    torch.save(payload, _Window(f, _HEADER))
+    end = f.tell()
+    f.flush()
     manifest = {key: payload.get(key) for key in _MANIFEST_FIELDS}
-    manifest.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    manifest.update(sha256=_hash_region(f, _HEADER, end - _HEADER), size=end - _HEADER)
     text = json.dumps(manifest).encode()
-    return MAGIC + len(text).to_bytes(8, "big") + text, data
+    if len(text) > slot:
+        raise ValueError(f"the checkpoint manifest is {len(text)} bytes, more than its {slot}-byte slot")
+    f.seek(len(MAGIC) + 8)
+    f.write(text.ljust(slot))
+    f.seek(end)
+
+
+def _encode(payload: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(header, payload bytes) of a combined checkpoint, in memory (tests write files from them)."""
+    buffer = io.BytesIO()
+    _write_combined(buffer, payload)
+    data = buffer.getvalue()
+    return data[:_HEADER], data[_HEADER:]
 
 
 def save_checkpoint(
@@ -314,17 +376,16 @@ def save_checkpoint(
         payload["scaler"] = scaler.state_dict()
     if rng:
         payload["rng"] = capture_rng_state()
-    header, data = _encode(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(data)
+        with open(tmp, "w+b") as f:
+            _write_combined(f, payload)
             f.flush()
             os.fsync(f.fileno())
-        del data
-        _read(tmp, "cpu", verify=True)  # what is on disk loads back, before it replaces anything
+        # what is on disk loads back, before it replaces anything: its SHA-256 read again from the file, and a
+        # weights_only load of everything but tensor data (meta tensors: no memory)
+        _read(tmp, "meta", verify=True)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -348,61 +409,58 @@ def _check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     return manifest
 
 
-def _verify_bytes(data: bytes | memoryview, manifest: dict[str, Any], path: Path) -> None:
-    if len(data) != manifest["size"]:
+def _verify_region(f: Any, start: int, size: int, manifest: dict[str, Any], path: Path) -> None:
+    if size != manifest["size"]:
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupted: {len(data):,} payload bytes on disk, "
+            f"checkpoint {path} is truncated or corrupted: {size:,} payload bytes on disk, "
             f"{manifest['size']:,} written; use an earlier checkpoint"
         )
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+    if _hash_region(f, start, size) != manifest["sha256"]:
         raise CheckpointError(
             f"checkpoint {path} is corrupted: its SHA-256 differs from the one recorded when "
             f"it was written; use an earlier checkpoint"
         )
 
 
-def _payload_bytes(path: Path, verify: bool) -> tuple[memoryview, dict[str, Any] | None, bool]:
-    """The torch.save bytes of a checkpoint file (either layout), checked against its manifest; (bytes, manifest,
-    combined layout)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
-    if raw.startswith(MAGIC):
+def _payload_region(f: Any, path: Path, verify: bool) -> tuple[int, dict[str, Any] | None, bool]:
+    """Where the torch.save payload of an open checkpoint file starts (either layout), checked against its
+    manifest (streamed: the file is never held in memory); (start, manifest, combined layout)."""
+    total = os.fstat(f.fileno()).st_size
+    head = f.read(len(MAGIC) + 8)
+    if head.startswith(MAGIC):
         start = len(MAGIC) + 8
-        length = int.from_bytes(raw[len(MAGIC) : start], "big")
-        if len(raw) < start or length > min(_MAX_MANIFEST, len(raw) - start):
+        length = int.from_bytes(head[len(MAGIC) :], "big") if len(head) == start else -1
+        if length < 0 or length > min(_MAX_MANIFEST, total - start):
             raise CheckpointError(f"checkpoint {path} is truncated or corrupted (its manifest header is damaged)")
-        data = memoryview(raw)[start + length :]
-        if verify:
-            try:
-                manifest = json.loads(raw[start : start + length])
-            except (ValueError, UnicodeDecodeError) as err:
-                raise CheckpointError(
-                    f"checkpoint {path} is corrupted: its manifest is unreadable ({err}); load it with verify=False "
-                    f"only if you trust the file"
-                ) from None
-            _verify_bytes(data, _check_manifest(manifest, str(path)), path)
-            return data, manifest, True
-        return data, None, True
-    # layout 1: the payload file with a manifest beside it
-    if verify:
-        manifest_path = _manifest_path(path)
-        if not manifest_path.exists():
-            raise CheckpointError(
-                f"checkpoint {path} has no manifest ({manifest_path.name}), so it cannot be verified; "
-                f"load it with verify=False only if you trust the file"
-            )
+        if not verify:
+            return start + length, None, True
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as err:
+            manifest = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError) as err:
             raise CheckpointError(
-                f"the manifest {manifest_path} is unreadable ({err}); load {path.name} with verify=False only "
-                f"if you trust the file"
+                f"checkpoint {path} is corrupted: its manifest is unreadable ({err}); load it with verify=False "
+                f"only if you trust the file"
             ) from None
-        _verify_bytes(raw, _check_manifest(manifest, str(manifest_path)), path)
-        return memoryview(raw), manifest, False
-    return memoryview(raw), None, False
+        _verify_region(f, start + length, total - start - length, _check_manifest(manifest, str(path)), path)
+        return start + length, manifest, True
+    # layout 1: the payload file with a manifest beside it
+    if not verify:
+        return 0, None, False
+    manifest_path = _manifest_path(path)
+    if not manifest_path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} has no manifest ({manifest_path.name}), so it cannot be verified; "
+            f"load it with verify=False only if you trust the file"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"the manifest {manifest_path} is unreadable ({err}); load {path.name} with verify=False only "
+            f"if you trust the file"
+        ) from None
+    _verify_region(f, 0, total, _check_manifest(manifest, str(manifest_path)), path)
+    return 0, manifest, False
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -434,9 +492,15 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _read(path: Path, map_location: Any, verify: bool) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
-    data, manifest, combined = _payload_bytes(path, verify)
     try:
-        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        f = open(path, "rb")  # noqa: SIM115 (closed below, after torch.load read from it)
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    try:
+        start, manifest, combined = _payload_region(f, path, verify)
+        payload = torch.load(_Window(f, start), map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             detail = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
@@ -448,6 +512,8 @@ def _read(path: Path, map_location: Any, verify: bool) -> dict[str, Any]:
     except Exception as err:  # a damaged file can fail anywhere in torch's reader
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({first})") from None
+    finally:
+        f.close()
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not an lmopt checkpoint (no '{FORMAT_NAME}' header)")
     version = payload.get("format_version")
