@@ -263,3 +263,28 @@ def _assert_state_equal(a, b) -> None:
                 assert torch.equal(value, other), name
             else:
                 assert value == other, name
+
+
+@pytest.mark.parametrize(("spec", "variant"), CASES, ids=CASE_IDS)
+def test_lr_zero_leaves_parameters_unchanged(spec: OptimSpec, variant: int):
+    """torch's convention: ``lr=0`` is valid (a frozen group, or a scheduler that sets the rate later; DCP builds
+    optimizers with it to initialise state) and a step then changes no parameter; the state stays finite."""
+    kw = dict(spec.variants[variant])
+    if kw.get("relative_step"):  # Adafactor's relative step computes its own rate and ignores lr
+        pytest.skip("relative_step ignores lr")
+    if kw.get("decouple_lr") and kw.get("max_lr") is None:  # max_lr defaults to lr: it needs the peak
+        with pytest.raises(ValueError, match="max_lr="):
+            spec.make(make_model(), {**kw, "lr": 0.0})
+        kw["max_lr"] = kw["lr"]
+    model = make_model()
+    opt = spec.make(model, {**kw, "lr": 0.0})
+    before = [p.detach().clone() for p in model.parameters()]
+    _run(spec, model, opt, 3)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all()
+    named = {"param_names": ["extra"]} if "param_names" in opt.param_groups[0] else {}
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 0.0, **named})  # a later group

@@ -218,6 +218,11 @@ class StableAdamW(LmoptOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         if group["max_lr"] is not None:
+            if float(group["max_lr"]) == 0 and group.get("decouple_lr"):
+                raise ValueError(
+                    "max_lr must be > 0 for decouple_lr=True (it defaults to lr, here 0): pass max_lr=, the "
+                    "schedule's peak learning rate"
+                )
             check_positive("max_lr", group["max_lr"])
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
