@@ -115,6 +115,13 @@ class OptimSpec:
 _TORCH_FEATURES = frozenset({"differentiable"})
 
 
+_TORCH_INVALID = [
+    ({"lr": -1.0}, "lr must be >= 0"),
+    ({"lr": float("nan")}, "lr must be finite"),
+    ({"weight_decay": float("inf")}, "weight_decay must be finite"),
+]
+
+
 def _torch_ref(cls: type[torch.optim.Optimizer]) -> Builder:
     return lambda model, kw: cls(model.parameters(), **kw)
 
@@ -595,7 +602,7 @@ OPTIM_DB: list[OptimSpec] = [
         lmopt_engine=False,
         fuzz_skip=_TORCH_FEATURES,
         sparse_supported=True,
-        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
+        invalid=_TORCH_INVALID,
     ),
     OptimSpec(
         name="adagrad",
@@ -604,7 +611,7 @@ OPTIM_DB: list[OptimSpec] = [
         fuzz_skip=_TORCH_FEATURES,
         sparse_supported=True,
         dtypes=(torch.float32, torch.bfloat16),
-        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
+        invalid=_TORCH_INVALID,
     ),
     # torch's eps=1e-8 underflows in fp16 (0/0 = NaN): torch's own limitation, so fp16 is not claimed
     OptimSpec(
@@ -613,7 +620,7 @@ OPTIM_DB: list[OptimSpec] = [
         lmopt_engine=False,
         fuzz_skip=_TORCH_FEATURES,
         dtypes=(torch.float32, torch.bfloat16),
-        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
+        invalid=_TORCH_INVALID,
     ),
     OptimSpec(
         name="radam",
@@ -621,7 +628,7 @@ OPTIM_DB: list[OptimSpec] = [
         lmopt_engine=False,
         fuzz_skip=_TORCH_FEATURES,
         dtypes=(torch.float32, torch.bfloat16),
-        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
+        invalid=_TORCH_INVALID,
     ),
     OptimSpec(
         name="nadam",
@@ -629,7 +636,7 @@ OPTIM_DB: list[OptimSpec] = [
         lmopt_engine=False,
         fuzz_skip=_TORCH_FEATURES,
         dtypes=(torch.float32, torch.bfloat16),
-        invalid=[({"lr": -1.0}, "lr must be >= 0"), ({"lr": float("nan")}, "lr must be finite")],
+        invalid=_TORCH_INVALID,
     ),
     # ------------------------------------------------- memory-efficient / sign / curvature optimizers (issue 3)
     OptimSpec(

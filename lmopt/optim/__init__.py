@@ -5,10 +5,10 @@ from .adabound import AdaBound
 from .adafactor import Adafactor, adafactor
 from .adam_mini import AdamMini, adam_mini, find_partitions
 from .adamw import Adam, Adam8bit, AdamW, AdamW4bit, AdamW8bit, adamw
-from .convert import convert_state
 from .ademamix import AdEMAMix, ademamix
 from .base import LmoptOptimizer, NonFiniteGradientError
 from .came import CAME, came
+from .convert import convert_state
 from .lion import Lion, Lion8bit, lion
 from .lookahead import Lookahead, with_lookahead
 from .muon import Muon
