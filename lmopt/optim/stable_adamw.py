@@ -38,6 +38,7 @@ from .adamw import _copy_back, _upcast, step_tensor
 from .base import (
     Implementation,
     LmoptOptimizer,
+    check_nonnegative,
     check_positive,
     constructor_defaults,
     is_dtensor,
@@ -218,6 +219,7 @@ class StableAdamW(LmoptOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         if group["max_lr"] is not None:
+            check_nonnegative("max_lr", group["max_lr"])
             if float(group["max_lr"]) == 0 and group.get("decouple_lr"):
                 raise ValueError(
                     "max_lr must be > 0 for decouple_lr=True (it defaults to lr, here 0): pass max_lr=, the "
