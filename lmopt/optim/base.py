@@ -367,7 +367,9 @@ class LmoptOptimizer(Optimizer):
 
     def _grads_nonfinite(self, collected) -> str | None:
         recorded, self._recorded_grad_norm = self._recorded_grad_norm, None
-        if not self.check_finite:
+        if not self.check_finite or torch.compiler.is_compiling():
+            # under torch.compile the check (a host read of the gradients' finiteness) would break the graph:
+            # compiled steps apply the update as torch.optim does (docs/compile.md)
             return None
         if recorded is not None and bool(torch.isfinite(recorded)):
             return None
