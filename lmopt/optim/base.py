@@ -322,7 +322,8 @@ class LmoptOptimizer(Optimizer):
                         f"({self._param_name(gi, i)}); use nn.Embedding(sparse=False) or torch.optim.SparseAdam"
                     )
                 # a gradient of another dtype only where the parameter opts in (torch's ``grad_dtype = None``)
-                grad_dtype = getattr(p, "grad_dtype", p.dtype)
+                # (dynamo cannot read ``grad_dtype``: compiled steps take the parameter's dtype)
+                grad_dtype = p.dtype if torch.compiler.is_compiling() else getattr(p, "grad_dtype", p.dtype)
                 dtype_ok = p.grad.dtype == p.dtype if grad_dtype is not None else p.grad.dtype in _FLOAT_DTYPES
                 if p.grad.shape != p.shape or not dtype_ok or p.grad.device != p.device:
                     raise ValueError(
