@@ -107,7 +107,7 @@ def _run(name: str, backend: str, tensor_lr: bool = False) -> None:
     compiled_step = torch.compile(type(opt).step, backend=counting)
     opt.step = types.MethodType(compiled_step, opt)  # bound, so LR schedulers can wrap it
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in (opt, eager_opt)]
-    # Lookahead's group step counter (a Python int) turns dynamic at its first change: one more warm-up compile;
+    # Lookahead's group step counter (a Python int) turns dynamic after it changes: up to two more warm-up compiles;
     # run past two slow steps (k=5) to show that they do not recompile either
     lookahead = name.startswith("lookahead_")
     steps, warm_up = (12, WARM_UP + 2) if lookahead else (STEPS, WARM_UP)
