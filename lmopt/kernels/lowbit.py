@@ -134,7 +134,10 @@ def _build() -> ctypes.CDLL:
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None (with one warning) when it cannot be built."""
+    """The compiled kernel library, or None (with one warning) when it cannot be built; None while
+    torch.compile traces (a ctypes call is a graph break: the PyTorch path is traced instead)."""
+    if torch.compiler.is_compiling():
+        return None
     with _LOCK:
         if "lib" in _STATE:
             return _STATE["lib"]  # type: ignore[return-value]

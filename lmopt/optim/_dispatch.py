@@ -43,6 +43,10 @@ __all__ = [
 BLOCK_ELEMENTS = int(os.environ.get("LMOPT_BLOCK_ELEMENTS", 1 << 18))
 
 
+#: what ``auto`` picks from while torch.compile traces a step (docs/compile.md)
+_COMPILE_FRIENDLY = ("foreach", "for_loop")
+
+
 def resolve_implementation(
     requested: str,
     available: Sequence[str],
@@ -58,7 +62,8 @@ def resolve_implementation(
         available: the implementations the optimizer has.
         applies: for the names whose applicability depends on the tensors (``fused``, ``blocked``, ``kernel``),
             whether they apply to this step; a name left out applies.
-        preference: the order ``auto`` tries (default: kernel, fused, blocked, compiled, foreach, for_loop).
+        preference: the order ``auto`` tries (default: kernel, fused, blocked, compiled, foreach, for_loop);
+            while ``torch.compile`` traces the step only ``foreach`` and ``for_loop`` are tried.
         owner: named in errors.
 
     Returns:
@@ -79,6 +84,10 @@ def resolve_implementation(
                 f"implementation='auto' or one of {usable}"
             )
         return requested
+    if torch.compiler.is_compiling():
+        # under torch.compile: the paths dynamo traces into one graph (torch's fused kernels take the lr as a
+        # Python scalar and break functionalization; the C kernel is a ctypes call; blocked loops unroll)
+        preference = [name for name in preference if name in _COMPILE_FRIENDLY]
     for name in preference:
         if name in available and applies.get(name, True):
             return name

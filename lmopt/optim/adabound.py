@@ -55,6 +55,10 @@ class AdaBoundHyper(NamedTuple):
     maximize: bool
 
 
+def _sqrt(x):
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
 def _bounds(final_lr: float, gamma: float, step: float) -> tuple[float, float]:
     return final_lr * (1 - 1 / (gamma * step + 1)), final_lr * (1 + 1 / (gamma * step))
 
@@ -138,7 +142,7 @@ def _multi_tensor_adabound(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
         rate = torch._foreach_sqrt(v_hat)
         torch._foreach_add_(rate, eps)
         torch._foreach_reciprocal_(rate)
-        torch._foreach_mul_(rate, [lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in ts])
+        torch._foreach_mul_(rate, [lr * _sqrt(1 - beta2**t) / (1 - beta1**t) for t in ts])
         torch._foreach_clamp_min_(rate, [b[0] for b in bounds])
         torch._foreach_clamp_max_(rate, [b[1] for b in bounds])
         torch._foreach_addcmul_(p32, rate, m, value=-1)
@@ -212,7 +216,12 @@ def adabound(
         implementation, tuple(_IMPLEMENTATIONS), {"blocked": blocked}, owner="AdaBound"
     )
     torch._foreach_add_(state_steps, 1)
-    steps = [float(s) for s in state_steps]
+    # while torch.compile traces, the counters stay tensors (reading them is a graph break); foreach takes them
+    steps = (
+        list(state_steps)
+        if implementation == "foreach" and torch.compiler.is_compiling()
+        else [float(s) for s in state_steps]
+    )
     hp = AdaBoundHyper(lr, beta1, beta2, final_lr, gamma, eps, weight_decay, decoupled, amsbound, maximize)
     _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp)
 

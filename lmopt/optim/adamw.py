@@ -139,6 +139,12 @@ def _upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
+def _traced_lr(lr: Any) -> Any:
+    """The group's lr for the step: a float, except a tensor lr while torch.compile traces (reading it is a graph
+    break; a tensor lr is what keeps Inductor from recompiling when a scheduler changes it, as in torch.optim)."""
+    return lr if isinstance(lr, Tensor) and torch.compiler.is_compiling() else float(lr)
+
+
 def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
     pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
     if pairs and not is_dtensor(pairs[0][0]):
@@ -182,13 +188,23 @@ def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
             v_hat = vmax
         else:
             v_hat = v
-        step_values = [float(s) for s in steps]
-        bias_correction2_sqrt = [math.sqrt(1 - beta2**s) for s in step_values]
-        step_size = [-lr / (1 - beta1**s) for s in step_values]
-        denom = torch._foreach_sqrt(v_hat)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(p32, m, denom, step_size)
+        if torch.compiler.is_compiling():
+            # the step counters stay tensors (reading them is a graph break): torch's capturable formulation
+            bias_correction1 = [1 - beta1**s for s in steps]
+            bias_correction2_sqrt = [(1 - beta2**s).sqrt() for s in steps]
+            denom = torch._foreach_sqrt(v_hat)
+            torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_mul_(denom, torch._foreach_div(bias_correction1, -lr))
+            torch._foreach_addcdiv_(p32, m, denom)
+        else:
+            step_values = [float(s) for s in steps]
+            bias_correction2_sqrt = [math.sqrt(1 - beta2**s) for s in step_values]
+            step_size = [-lr / (1 - beta1**s) for s in step_values]
+            denom = torch._foreach_sqrt(v_hat)
+            torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(p32, m, denom, step_size)
         del denom
         _copy_back([exp_avgs[i] for i in idx], m)
         _copy_back([exp_avg_sqs[i] for i in idx], v)
@@ -439,7 +455,7 @@ class AdamW(MomentPrecision, LmoptOptimizer):
                     [s["exp_avg_sq"] for s in states],
                     [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
                     [s["step"] for s in states],
-                    lr=float(group["lr"]),
+                    lr=_traced_lr(group["lr"]),
                     beta1=beta1,
                     beta2=beta2,
                     eps=group["eps"],

@@ -356,7 +356,8 @@ class LmoptOptimizer(Optimizer):
                         f"({self._param_name(gi, i)}); use nn.Embedding(sparse=False) or torch.optim.SparseAdam"
                     )
                 # a gradient of another dtype only where the parameter opts in (torch's ``grad_dtype = None``)
-                grad_dtype = getattr(p, "grad_dtype", p.dtype)
+                # (dynamo cannot read ``grad_dtype``: compiled steps take the parameter's dtype)
+                grad_dtype = p.dtype if torch.compiler.is_compiling() else getattr(p, "grad_dtype", p.dtype)
                 dtype_ok = p.grad.dtype == p.dtype if grad_dtype is not None else p.grad.dtype in _FLOAT_DTYPES
                 if p.grad.shape != p.shape or not dtype_ok or p.grad.device != p.device:
                     raise ValueError(
@@ -401,7 +402,9 @@ class LmoptOptimizer(Optimizer):
 
     def _grads_nonfinite(self, collected) -> str | None:
         recorded, self._recorded_grad_norm = self._recorded_grad_norm, None
-        if not self.check_finite:
+        if not self.check_finite or torch.compiler.is_compiling():
+            # under torch.compile the check (a host read of the gradients' finiteness) would break the graph:
+            # compiled steps apply the update as torch.optim does (docs/compile.md)
             return None
         if recorded is not None and bool(torch.isfinite(recorded)):
             return None

@@ -45,6 +45,9 @@ from .base import check_range, is_dtensor
 __all__ = ["LOOKAHEAD_BASES", "Lookahead", "with_lookahead"]  # noqa: F822 (LOOKAHEAD_BASES: read on access)
 
 
+_LOOKAHEAD_KEYS = ("lookahead_k", "lookahead_alpha", "lookahead_step")
+
+
 def _check_k(k: Any) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"lookahead k must be an integer >= 1, got {k!r}")
@@ -83,6 +86,9 @@ class Lookahead(Optimizer):
         super().__init__(
             optimizer.param_groups, {"lookahead_k": k, "lookahead_alpha": float(alpha), "lookahead_step": 0}
         )
+        # the inner hyperparameters too: schedulers read defaults (OneCycleLR(cycle_momentum=True) looks for
+        # ``betas`` / ``momentum`` there)
+        self.defaults = {**optimizer.defaults, **self.defaults}
         self._link()
 
     def _link(self) -> None:
@@ -90,8 +96,34 @@ class Lookahead(Optimizer):
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in _LOOKAHEAD_KEYS:
+                group.setdefault(key, self.defaults[key])
+
+    # torch's __getstate__ keeps only defaults / state / param_groups: the inner optimizer must travel too
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "optimizer": self.optimizer}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._link()
+
+    def _inner_step(self, closure: Callable[[], float] | None) -> float | None:
+        """The inner step with its own hooks but not the global ones: those fire once, for this step."""
+        inner = self.optimizer
+        step = type(inner).step
+        raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+        if raw is None or "step" in vars(inner):  # not torch's hooked step, or patched on the instance
+            return inner.step(closure) if closure is not None else inner.step()
+        args = (inner,) if closure is None else (inner, closure)
+        for pre_hook in inner._optimizer_step_pre_hooks.values():
+            result = pre_hook(inner, args, {})
+            if result is not None:
+                args = result[0]
+        loss = raw(*args)
+        inner._optimizer_step_code()
+        for post_hook in inner._optimizer_step_post_hooks.values():
+            post_hook(inner, args, {})
+        return loss
 
     # -- forwarding
     # ----------------------------------------------------------------------------------------------
@@ -112,8 +144,8 @@ class Lookahead(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if any(param_group is g for g in self.optimizer.param_groups):
             # torch's __init__ registering the inner groups: fill our defaults into them, nothing else
-            for key, value in self.defaults.items():
-                param_group.setdefault(key, value)
+            for key in _LOOKAHEAD_KEYS:
+                param_group.setdefault(key, self.defaults[key])
             if not any(param_group is g for g in self.param_groups):
                 self.param_groups.append(param_group)
             return
@@ -149,7 +181,7 @@ class Lookahead(Optimizer):
             and (p.grad is not None or (closure is not None and p.requires_grad))
         }
         skipped_before = self.skipped_steps
-        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        loss = self._inner_step(closure)
         if self.skipped_steps != skipped_before:
             return loss
         for p, initial in pending.items():
@@ -215,7 +247,11 @@ def _lookahead_class(base: OptimizerSpec) -> type[Lookahead]:
         f"``lookahead_{base.name}``): the inner class's arguments plus ``lookahead_k`` and "
         "``lookahead_alpha``."
     )
-    return type(name, (Lookahead,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    cls = type(name, (Lookahead,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    cls.__qualname__ = name
+    __init__.__qualname__ = f"{name}.__init__"
+    globals()[name] = cls  # bound in the module, so pickle / torch.save find the class by name
+    return cls
 
 
 def _lookahead_state(base: OptimizerSpec):
@@ -249,4 +285,10 @@ def __getattr__(name: str) -> Any:
         from ..registry import list_optimizers
 
         return tuple(s.name for s in list_optimizers() if s.lookahead)
+    if name.startswith("Lookahead"):  # a generated class asked for (unpickling) before the registry was built
+        from ..registry import list_optimizers
+
+        list_optimizers()
+        if name in globals():
+            return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
