@@ -459,9 +459,9 @@ _ADABOUND_INVALID = [
     ({"implementation": "fused"}, "implementation"),
 ]
 _LOOKAHEAD_INVALID = [
-    ({"lookahead_k": 0}, "lookahead k"),
-    ({"lookahead_alpha": 1.5}, "alpha"),
-    ({"lookahead_alpha": 0.0}, "alpha"),
+    ({"lookahead_k": 0}, "lookahead_k"),
+    ({"lookahead_alpha": 1.5}, "lookahead_alpha"),
+    ({"lookahead_alpha": 0.0}, "lookahead_alpha"),
 ]
 
 

@@ -50,7 +50,43 @@ _LOOKAHEAD_KEYS = ("lookahead_k", "lookahead_alpha", "lookahead_step")
 
 def _check_k(k: Any) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"lookahead k must be an integer >= 1, got {k!r}")
+        raise ValueError(f"k (lookahead_k) must be an integer >= 1, got {k!r}")
+
+
+def _check_alpha(alpha: Any) -> None:
+    check_range("alpha (lookahead_alpha)", alpha, 0.0, 1.0, high_inclusive=True)
+    if alpha == 0:
+        raise ValueError("alpha (lookahead_alpha) must be in (0, 1], got 0")
+
+
+def _check_saved(state_dict: Any) -> None:
+    """Lookahead's own part of a state dict, before the inner optimizer checks the rest: each group's k, alpha
+    and step, and a slow weight for every parameter the inner optimizer has stepped once the group has."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), (list, tuple)):
+        return  # the inner optimizer's checks name what is wrong
+    state = state_dict.get("state", {}) if isinstance(state_dict.get("state"), dict) else {}
+    for gi, group in enumerate(state_dict["param_groups"]):
+        if not isinstance(group, dict):
+            return
+        where = f"Lookahead.load_state_dict: param_groups[{gi}]"
+        try:
+            _check_k(group.get("lookahead_k", 5))
+            _check_alpha(group.get("lookahead_alpha", 0.5))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        step = group.get("lookahead_step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}: lookahead_step must be an integer >= 0, got {step!r}")
+        for key in group.get("params", ()) if step > 0 else ():
+            saved = state.get(key) if isinstance(key, (int, str)) else None
+            if not isinstance(saved, dict) or not saved or "slow_param" in saved:
+                continue
+            inner_step = saved.get("step", 1)
+            if not isinstance(inner_step, (int, float, Tensor)) or float(inner_step) > 0:
+                raise ValueError(
+                    f"{where}: parameter {key!r} has inner state but no slow weights ('slow_param') after "
+                    f"{step} Lookahead steps; the state dict lost entries"
+                )
 
 
 class Lookahead(Optimizer):
@@ -78,9 +114,7 @@ class Lookahead(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         _check_k(k)
-        check_range("alpha", alpha, 0.0, 1.0, high_inclusive=True)
-        if alpha == 0:
-            raise ValueError("alpha must be in (0, 1], got 0")
+        _check_alpha(alpha)
         self.optimizer = optimizer
         # torch's __init__ adds our defaults to the inner group dicts in place; then share the inner objects
         super().__init__(
@@ -157,6 +191,9 @@ class Lookahead(Optimizer):
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the inner optimizer's state dict (with its checks), after checking Lookahead's own entries (k,
+        alpha, step, slow weights); all or nothing."""
+        _check_saved(state_dict)
         self.optimizer.load_state_dict(state_dict)
         self._link()  # torch's loader replaces the inner group list and state dict
 
