@@ -18,6 +18,14 @@ from .optim_db import BY_NAME, OPTIM_DB
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
+def clean_environment() -> dict[str, str]:
+    """The environment without what earlier in-process tests leave in it: Inductor's variables for its own
+    worker processes (``_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR`` is a pointer into this process; workers that
+    inherit it abort at exit) and another launcher's rank variables."""
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if not k.lstrip("_").startswith("TORCHINDUCTOR") and k not in launcher}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -27,7 +35,7 @@ def _free_port() -> int:
 def _launch(worker_name: str, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp") / "results.json"
     worker = Path(__file__).with_name(worker_name)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env = {**clean_environment(), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [
         sys.executable,
         "-m",

@@ -37,6 +37,7 @@ from .fuzz import (
     snapshot,
 )
 from .optim_db import OPTIM_DB, OptimSpec, make_batch, make_model
+from .test_distributed import clean_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +129,7 @@ def test_layouts_equal_the_contiguous_run(spec: OptimSpec, layout: str):
 
 # ----------------------------------------------------------------------------------------------------- mutations
 def _worker(names: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**clean_environment(), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
         [sys.executable, "-m", "tests.fuzz_state_worker", *names],
         cwd=ROOT,
