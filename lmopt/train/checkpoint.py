@@ -227,8 +227,8 @@ class _Window(io.RawIOBase):
     """A file seen from ``start`` on: torch.save streams the payload behind the header, torch.load reads it there
     (neither ever holds the whole payload as bytes)."""
 
-    def __init__(self, f: Any, start: int) -> None:
-        self.f, self.start = f, start
+    def __init__(self, f: Any, start: int, digest: Any = None) -> None:
+        self.f, self.start, self.digest = f, start, digest
         f.seek(start)
 
     def readable(self) -> bool:
@@ -244,6 +244,8 @@ class _Window(io.RawIOBase):
         return self.f.readinto(b)
 
     def write(self, b: Any) -> int:
+        if self.digest is not None:  # hashed as written: the save's read-back then checks the disk against it
+            self.digest.update(b)
         return self.f.write(b)
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -267,16 +269,17 @@ def _hash_region(f: Any, start: int, size: int) -> str:
 
 
 def _write_combined(f: Any, payload: dict[str, Any]) -> None:
-    """Write a combined checkpoint into ``f`` (opened for reading and writing, at its start): the header slot,
-    the payload streamed by torch.save, then the manifest (the payload's SHA-256 and size, read back from ``f``)
-    into the slot, padded with spaces (JSON ignores them)."""
+    """Write a combined checkpoint into ``f`` (at its start): the header slot, the payload streamed by torch.save
+    (hashed as it is written), then the manifest (the payload's SHA-256 and size) into the slot, padded with spaces
+    (JSON ignores them)."""
     slot = _HEADER - len(MAGIC) - 8
     f.write(MAGIC + slot.to_bytes(8, "big") + b" " * slot)
-    torch.save(payload, _Window(f, _HEADER))
+    digest = hashlib.sha256()
+    torch.save(payload, _Window(f, _HEADER, digest))
     end = f.tell()
     f.flush()
     manifest = {key: payload.get(key) for key in _MANIFEST_FIELDS}
-    manifest.update(sha256=_hash_region(f, _HEADER, end - _HEADER), size=end - _HEADER)
+    manifest.update(sha256=digest.hexdigest(), size=end - _HEADER)
     text = json.dumps(manifest).encode()
     if len(text) > slot:
         raise ValueError(f"the checkpoint manifest is {len(text)} bytes, more than its {slot}-byte slot")
@@ -719,8 +722,11 @@ def load_checkpoint(
     for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None and name not in payload:
             raise CheckpointError(f"checkpoint {path} has no {name} state; pass {name}=None or start it fresh")
-    objects = {"optimizer": optimizer, "model": model, "scheduler": scheduler, "scaler": scaler}
-    before = {name: _snapshot(obj) for name, obj in objects.items()}
+    # the optimizer first (lmopt's validates its whole state before changing anything), the model last: its names
+    # and shapes were checked above, so its load cannot fail half-way, and it is not copied (a copy of the weights
+    # would double the memory a load needs)
+    objects = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "model": model}
+    before = {name: _snapshot(obj) for name, obj in objects.items() if name != "model"}
     weights = payload["model"]
     if optimizer is not None and isinstance(payload.get("model_train_point"), dict):
         weights = payload["model_train_point"]
@@ -728,12 +734,12 @@ def load_checkpoint(
     sources.update({k: payload.get(k) for k in ("scheduler", "scaler")})
     loaded = []
     try:
-        for name, obj in objects.items():  # the optimizer first: lmopt's validates its state before changing
+        for name, obj in objects.items():
             if obj is not None:
                 loaded.append(name)
                 obj.load_state_dict(sources[name])
     except Exception as err:
-        for done in reversed(loaded):
+        for done in reversed([n for n in loaded if n in before]):
             try:
                 _restore(objects[done], before[done])
             except Exception:  # pragma: no cover - restoring what was there cannot normally fail
