@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..quant.blockwise import QuantizedState
+from ..quant.moments import load_moment, store_moment
 from ._precision import moment_format
 from ._state_check import NONNEGATIVE_STATE
 from .base import LmoptOptimizer
@@ -87,9 +87,7 @@ def _decode(where: str, saved: Mapping[str, Any], group: Mapping[str, Any], para
                 raise ValueError(
                     f"convert_state: {where} holds quantized {base!r} but its group has no low-bit state_precision"
                 )
-            scales = saved[f"{base}_scales"]
-            values = QuantizedState(value.reshape(-1), scales, fmt.qmap, fmt.blocks, shape).dequantize(torch.float32)
-            out[base] = values.reshape(shape)
+            out[base] = load_moment(saved, base, fmt, shape).reshape(shape)
         elif name.endswith(("_scales", "_shards")):
             continue
         elif hasattr(value, "dequantize") and type(value) is not Tensor:  # torchao's OptimState8bit / 4bit
@@ -167,10 +165,7 @@ def _encode(
             state[name].copy_(raw[0][name])
             state[f"{base}_scales"].copy_(raw[0][f"{base}_scales"])
         elif name.endswith("_codes"):
-            fmt = moment_format(group, _kind(base))
-            QuantizedState(state[name].view(-1), state[f"{base}_scales"], fmt.qmap, fmt.blocks, param.shape).copy_(
-                value.reshape(param.shape).to(param.device)
-            )
+            store_moment(state, base, value.reshape(param.shape).to(param.device), moment_format(group, _kind(base)))
         else:
             state[name].copy_(value.reshape(state[name].shape))
     if "step" in state:
