@@ -156,6 +156,7 @@ def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
 
 def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp):
     lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize = hp
+    traced = torch.compiler.is_compiling()
     # one foreach pass per (device, parameter dtype, state dtype) bucket
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -188,23 +189,19 @@ def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
             v_hat = vmax
         else:
             v_hat = v
-        if torch.compiler.is_compiling():
-            # the step counters stay tensors (reading them is a graph break): torch's capturable formulation
-            bias_correction1 = [1 - beta1**s for s in steps]
+        if traced:  # the step counters stay tensors (reading them is a graph break): torch's capturable formulation
             bias_correction2_sqrt = [(1 - beta2**s).sqrt() for s in steps]
-            denom = torch._foreach_sqrt(v_hat)
-            torch._foreach_div_(denom, bias_correction2_sqrt)
-            torch._foreach_add_(denom, eps)
-            torch._foreach_mul_(denom, torch._foreach_div(bias_correction1, -lr))
-            torch._foreach_addcdiv_(p32, m, denom)
         else:
             step_values = [float(s) for s in steps]
             bias_correction2_sqrt = [math.sqrt(1 - beta2**s) for s in step_values]
-            step_size = [-lr / (1 - beta1**s) for s in step_values]
-            denom = torch._foreach_sqrt(v_hat)
-            torch._foreach_div_(denom, bias_correction2_sqrt)
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(p32, m, denom, step_size)
+        denom = torch._foreach_sqrt(v_hat)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        if traced:
+            torch._foreach_mul_(denom, torch._foreach_div([1 - beta1**s for s in steps], -lr))
+            torch._foreach_addcdiv_(p32, m, denom)
+        else:
+            torch._foreach_addcdiv_(p32, m, denom, [-lr / (1 - beta1**s) for s in step_values])
         del denom
         _copy_back([exp_avgs[i] for i in idx], m)
         _copy_back([exp_avg_sqs[i] for i in idx], v)
