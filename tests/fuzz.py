@@ -223,44 +223,24 @@ def _swapped(sd: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _first_state_key(sd: dict[str, Any]) -> Any:
-    return next((k for k, v in sd["state"].items() if isinstance(v, dict) and v), None)
+def _first_state(edit: Callable[[dict[str, Any], Any], None]) -> Mutation:
+    """A mutation of the first parameter's non-empty state: ``edit(state, key)`` changes a copy in place."""
+
+    def mutate(sd: dict[str, Any]) -> dict[str, Any] | None:
+        key = next((k for k, v in sd["state"].items() if isinstance(v, dict) and v), None)
+        if key is None:
+            return None
+        out = copy.deepcopy(sd)
+        edit(out["state"], key)
+        return out
+
+    return mutate
 
 
-def _drop_entry(sd: dict[str, Any]) -> dict[str, Any] | None:
-    key = _first_state_key(sd)
-    if key is None:
-        return None
-    out = copy.deepcopy(sd)
-    out["state"][key].pop(sorted(out["state"][key])[-1])
-    return out
-
-
-def _extra_entry(sd: dict[str, Any]) -> dict[str, Any] | None:
-    key = _first_state_key(sd)
-    if key is None:
-        return None
-    out = copy.deepcopy(sd)
-    out["state"][key]["bogus"] = torch.zeros(3)
-    return out
-
-
-def _string_key(sd: dict[str, Any]) -> dict[str, Any] | None:
-    key = _first_state_key(sd)
-    if key is None:
-        return None
-    out = copy.deepcopy(sd)
-    out["state"]["weight"] = out["state"].pop(key)
-    return out
-
-
-def _state_not_dict(sd: dict[str, Any]) -> dict[str, Any] | None:
-    key = _first_state_key(sd)
-    if key is None:
-        return None
-    out = copy.deepcopy(sd)
-    out["state"][key] = [1, 2, 3]
-    return out
+_drop_entry = _first_state(lambda state, key: state[key].pop(sorted(state[key])[-1]))
+_extra_entry = _first_state(lambda state, key: state[key].__setitem__("bogus", torch.zeros(3)))
+_string_key = _first_state(lambda state, key: state.__setitem__("weight", state.pop(key)))
+_state_not_dict = _first_state(lambda state, key: state.__setitem__(key, [1, 2, 3]))
 
 
 def _edit_step(value: Any) -> Mutation:
