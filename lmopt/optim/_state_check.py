@@ -223,8 +223,10 @@ def _warn_dropped(owner: str, keyed: Mapping[Any, tuple[int, Tensor, Any]], stat
     """Warn when some parameters of a group have saved state and others none: those start from fresh state
     (torch's convention, right for parameters that never had a gradient; wrong for a state dict that lost
     entries)."""
-    for gi in sorted({gi for gi, _p, _g in keyed.values()}):
-        keys = [k for k, (g, _p, _group) in keyed.items() if g == gi]
+    by_group: dict[int, list[Any]] = {}
+    for key, (gi, _p, _group) in keyed.items():
+        by_group.setdefault(gi, []).append(key)
+    for gi, keys in sorted(by_group.items()):
         missing = [k for k in keys if not state.get(k)]
         if missing and len(missing) < len(keys):
             warnings.warn(
