@@ -193,6 +193,20 @@ def schedule_free_adamw(
     _IMPLEMENTATIONS[implementation](ys, grads, zs, exp_avg_sqs, **hyper)
 
 
+def schedule_free_mode(optimizer: Any) -> str | None:
+    """``"train"`` or ``"eval"`` for an optimizer with Schedule-Free modes (callable ``train()`` / ``eval()``, and a
+    ``mode`` or per-group ``train_mode`` as lmopt's and the schedulefree package's keep), else None."""
+    if not (callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))):
+        return None
+    mode = getattr(optimizer, "mode", None)
+    if mode in ("train", "eval"):
+        return mode
+    groups = getattr(optimizer, "param_groups", None) or []
+    if groups and all("train_mode" in g for g in groups):
+        return "train" if all(g["train_mode"] for g in groups) else "eval"
+    return None
+
+
 class ScheduleFreeAdamW(LmoptOptimizer):
     """Schedule-Free AdamW (Defazio et al. 2024): train without a learning-rate schedule.
 

@@ -50,6 +50,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..optim.schedule_free import schedule_free_mode
+
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
@@ -209,16 +211,6 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
-def _has_train_mode(optimizer: Any) -> bool:
-    """An optimizer with train()/eval() modes (Schedule-Free) that is in train mode: parameters hold y, not x."""
-    if not (callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))):
-        return False
-    mode = getattr(optimizer, "mode", None)
-    if mode is not None:
-        return mode == "train"
-    return all(g.get("train_mode", False) for g in optimizer.param_groups) and bool(optimizer.param_groups)
-
-
 def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
@@ -353,7 +345,7 @@ def save_checkpoint(
         "config": _plain(dict(config or {}), "config"),
         "extra": _plain(dict(extra or {}), "extra"),
     }
-    if optimizer is not None and _has_train_mode(optimizer):
+    if optimizer is not None and schedule_free_mode(optimizer) == "train":
         train_point = _clone_state(model.state_dict())
         params = [p for g in optimizer.param_groups for p in g["params"]]
         held = [p.detach().clone() for p in params]
