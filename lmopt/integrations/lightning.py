@@ -5,6 +5,7 @@ Built on ``pytorch_lightning`` when it is installed, else on ``lightning.pytorch
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 try:
@@ -12,7 +13,7 @@ try:
 except ImportError:  # the unified ``lightning`` package
     import lightning.pytorch as pl
 
-from ._common import schedule_free_optimizers
+from ._common import eval_mode, schedule_free_optimizers
 
 __all__ = ["ScheduleFreeLightningCallback"]
 
@@ -32,21 +33,17 @@ class ScheduleFreeLightningCallback(pl.Callback):
 
     def __init__(self) -> None:
         super().__init__()
-        self._previous: list[tuple[Any, str]] = []
+        self._held = contextlib.ExitStack()  # the eval_mode block open between a *_start and its *_end hook
 
     @staticmethod
     def _optimizers(trainer: pl.Trainer) -> list[Any]:
         return schedule_free_optimizers(list(getattr(trainer, "optimizers", None) or []))
 
     def _enter_eval(self, trainer: pl.Trainer) -> None:
-        self._previous = [(opt, opt.mode) for opt in self._optimizers(trainer)]
-        for opt, _ in self._previous:
-            opt.eval()
+        self._held.enter_context(eval_mode(self._optimizers(trainer)))
 
     def _restore(self) -> None:
-        for opt, mode in self._previous:
-            opt.train() if mode == "train" else opt.eval()
-        self._previous = []
+        self._held.close()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enter_eval(trainer)
@@ -82,14 +79,8 @@ class ScheduleFreeLightningCallback(pl.Callback):
         found = self._optimizers(trainer)
         if not found:
             return
-        previous = [opt.mode for opt in found]
-        for opt in found:
-            opt.eval()
-        try:
+        with eval_mode(found):
             # the dumped tensors alias the parameters: copies of x, not views that turn back into y
             checkpoint["state_dict"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             if "optimizer_states" in checkpoint:
                 checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
-        finally:
-            for opt, mode in zip(found, previous, strict=True):
-                opt.train() if mode == "train" else opt.eval()
