@@ -110,6 +110,8 @@ def validate_state_precision(group: dict[str, Any], legacy: str | None = None) -
     group.setdefault("min_quantized_numel", 4096)
     check_block_size_option(group["block_size"])
     check_min_quantized_numel(group["min_quantized_numel"])
+    for kind in ("first", "second"):  # builds the code maps now, eagerly (a traced step reads them as constants)
+        moment_format(group, kind)
 
 
 def moment_format(hyper: Mapping[str, Any], kind: str) -> MomentFormat | None:
