@@ -178,12 +178,12 @@ def _gather_orthogonalize_scatter(params, updates, seconds, hp, keys, idx: list[
                 (j, cols, dtype, v, count, recv, dist.scatter(recv, None, src=dst, group=group, async_op=True), work)
             )
     out: dict[int, Tensor] = {}
-    for j, cols, dtype, v, count, recv, scatter_work, gather_work in pending:
+    for j, cols, _dtype, v, count, recv, scatter_work, gather_work in pending:
         scatter_work.wait()
         gather_work.wait()
         if v is not None:
             v.copy_(recv[:count, cols:].reshape(v.shape))
-        out[keys[j]] = recv[:count, :cols].to(dtype)
+        out[keys[j]] = recv[:count, :cols]  # the Newton-Schulz dtype (NorMuon: its statistics dtype)
     return out
 
 

@@ -200,19 +200,18 @@ def zeropower_via_newton_schulz(
     return x.mT if tall else x
 
 
-def normuon_normalize_(ortho: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
-    """NorMuon's neuron-wise normalisation of an orthogonalised matrix (or batch, ``(..., A, B)``), in place.
+def normuon_normalize(ortho: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
+    """NorMuon's neuron-wise normalisation of an orthogonalised matrix (or batch, ``(..., A, B)``).
 
-    ``second_moment`` (``(..., A, 1)``) is updated with the mean square of each row; ``ortho`` is divided by its
-    root and rescaled to its Frobenius norm before (per matrix). Returns ``ortho`` (in its dtype; the
-    statistics in ``second_moment``'s).
+    ``second_moment`` (``(..., A, 1)``) is updated in place with the mean square of each row; the result is
+    ``ortho`` divided by its root and rescaled to ``ortho``'s Frobenius norm (per matrix), a new tensor in
+    ``second_moment``'s dtype (fp32; fp64 for fp64 parameters).
     """
     o = ortho.to(second_moment.dtype)
     norm = torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
     second_moment.lerp_(o.square().mean(dim=-1, keepdim=True), 1 - beta2)
     o = o / second_moment.sqrt().add_(NORMUON_EPS)
-    o.mul_(norm / torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True).add_(NORMUON_EPS))
-    return ortho.copy_(o)
+    return o.mul_(norm / torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True).add_(NORMUON_EPS))
 
 
 def matrix_shape(shape: Sequence[int], matrix_3d: str = "per_matrix") -> tuple[int, ...]:
@@ -266,10 +265,10 @@ class MuonHyper(NamedTuple):
 def orthogonalize(matrix: Tensor, second_moment: Tensor | None, hp: MuonHyper, dtype: torch.dtype) -> Tensor:
     """The matrix-level part of the step: Newton-Schulz on ``matrix`` (2-D, or a batch ``(k, A, B)``), then
     NorMuon's normalisation where ``second_moment`` is given (updated in place; shape ``matrix.shape[:-1] +
-    (1,)``). Returns a new tensor of ``dtype``."""
+    (1,)``). Returns a new tensor of ``dtype`` (NorMuon: of ``second_moment``'s dtype)."""
     ortho = zeropower_via_newton_schulz(matrix, **hp.newton_schulz(), dtype=dtype)
     if second_moment is not None:
-        normuon_normalize_(ortho, second_moment, hp.beta2)  # type: ignore[arg-type]
+        ortho = normuon_normalize(ortho, second_moment, hp.beta2)  # type: ignore[arg-type]
     return ortho
 
 
@@ -290,7 +289,8 @@ def finish_update(
     reduced it across shards), the (cautious) weight decay and the update, in one rounding for low-precision
     parameters. ``ortho`` has ``param``'s number of elements."""
     ortho = ortho.reshape(param.shape)
-    if hp.cautious:
+    if hp.cautious:  # the mask and its mean in the parameter's math dtype (fp64 for fp64 parameters)
+        ortho = ortho.to(math_dtype(param.dtype))
         mask = (ortho * grad > 0).to(ortho.dtype)
         fraction = cautious_fraction(ortho, grad) if kept_fraction is None else kept_fraction
         ortho = ortho * mask.div_(fraction)
