@@ -186,7 +186,7 @@ def zeropower_via_newton_schulz(
         x = x.mT
     # Frobenius norm over the matrix (a reduction: on DTensors it stays a DTensor, never .to_local())
     norm = x.norm() if x.ndim == 2 else torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    x.div_(norm.clamp(min=eps) if scale == 1.0 else norm.mul(scale).add_(eps))
+    x.div_(norm.clamp(min=eps) if scale == 1.0 else norm.mul(scale).add(eps))  # out of place: DTensor partials
     if x.ndim == 2:
         for a, b, c in schedule:
             gram = x @ x.T
@@ -209,9 +209,10 @@ def normuon_normalize(ortho: Tensor, second_moment: Tensor, beta2: float) -> Ten
     """
     o = ortho.to(second_moment.dtype)
     norm = torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
-    second_moment.lerp_(o.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    second_moment.lerp_(_like_param(o.square().mean(dim=-1, keepdim=True), second_moment), 1 - beta2)
     o = o / second_moment.sqrt().add_(NORMUON_EPS)
-    return o.mul_(norm / torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True).add_(NORMUON_EPS))
+    # out of place on the norms: on DTensors they are pending partial values
+    return o.mul_(norm / torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True).add(NORMUON_EPS))
 
 
 def matrix_shape(shape: Sequence[int], matrix_3d: str = "per_matrix") -> tuple[int, ...]:
@@ -274,7 +275,7 @@ def orthogonalize(matrix: Tensor, second_moment: Tensor | None, hp: MuonHyper, d
 
 def cautious_fraction(update: Tensor, grad: Tensor) -> Tensor:
     """``max(mean(1[update * grad > 0]), 1e-3)`` (C-Optim's normalisation; a DTensor reduces over shards)."""
-    return (update * grad > 0).to(update.dtype).mean().clamp_(min=CAUTIOUS_MIN_FRACTION)
+    return (update * grad > 0).to(update.dtype).mean().clamp(min=CAUTIOUS_MIN_FRACTION)
 
 
 def finish_update(
@@ -304,6 +305,13 @@ def finish_update(
     work.add_(ortho.to(work.dtype), alpha=-scaled_lr)
     if work is not param:  # low-precision parameters: one rounding per step
         param.copy_(work)
+
+
+def _like_param(ortho: Tensor, param: Tensor) -> Tensor:
+    """A DTensor result laid out as its parameter (DTensor's matmuls may leave a small matrix replicated)."""
+    if is_dtensor(ortho) and tuple(ortho.placements) != tuple(param.placements):
+        return ortho.redistribute(param.device_mesh, param.placements)
+    return ortho
 
 
 def _matrix(update: Tensor, hp: MuonHyper) -> Tensor:
@@ -343,7 +351,7 @@ def _single_tensor_muon(params, grads, bufs, second, hp: MuonHyper):
     for i in rest:
         matrix = _matrix(updates[i], hp)
         dtype = _resolve_ns_dtype(hp.ns_dtype, params[i].device)
-        orthos[i] = orthogonalize(matrix, second[i] if second else None, hp, dtype)
+        orthos[i] = _like_param(orthogonalize(matrix, second[i] if second else None, hp, dtype), params[i])
         scaled[i] = adjusted_lr(hp.lr, hp.adjust_lr_fn, tuple(matrix.shape))
     local = _owned_orthos(params, grads, updates, bufs, second, hp, owned, orthos, scaled)
     _finish_all(params, grads, orthos, hp, scaled, local)
@@ -401,7 +409,8 @@ def _foreach_muon(params, grads, bufs, second, hp: MuonHyper):
         if dtensor or (len(idx) == 1 and params[idx[0]].ndim == 2):
             # DTensors: each matrix stays a DTensor, no stacking of shards; a lone matrix: torch's 2-D order
             for i in idx:
-                orthos[i] = orthogonalize(_matrix(updates[i], hp), second[i] if second else None, hp, dtype)
+                ortho = orthogonalize(_matrix(updates[i], hp), second[i] if second else None, hp, dtype)
+                orthos[i] = _like_param(ortho, params[i])
             continue
         mats = [updates[i].reshape(-1, rows, cols).to(dtype) for i in idx]
         counts = [m.shape[0] for m in mats]
