@@ -66,7 +66,16 @@ CASES = {
     "muon_owner_for_loop": ("muon", {"lr": 2e-2, "implementation": "for_loop"}),
     "muon_owner_polar_express": ("muon", {"lr": 2e-2, "ns_coefficients": "polar_express"}),
     "muon_owner_cautious": ("muon", {"lr": 2e-2, "cautious": True, "cautious_weight_decay": True}),
-    "muon_dtensor_cautious": ("muon", {"lr": 2e-2, "cautious": True, "distributed": "dtensor"}),
+    "muon_dtensor_cautious": (
+        "muon",
+        {
+            "lr": 2e-2,
+            "cautious": True,
+            "cautious_weight_decay": True,
+            "distributed": "dtensor",
+            "implementation": "for_loop",
+        },
+    ),
     "muon_owner_flatten_3d": ("muon", {"lr": 2e-2, "matrix_3d": "flatten"}),
     "normuon_owner": ("normuon", {"lr": 2e-2}),
     "normuon_dtensor": ("normuon", {"lr": 2e-2, "distributed": "dtensor"}),
