@@ -425,11 +425,13 @@ def _foreach_muon(params, grads, bufs, second, hp: MuonHyper):
     local = _owned_orthos(params, grads, updates, bufs, second, hp, owned, orthos, scaled)
     plain = not (hp.cautious or hp.cautious_weight_decay or local)
     if plain and all(params[i].dtype in (torch.float32, torch.float64) for i in orthos):
-        # the common case in foreach ops: decay, then one add per lr scale
-        by_scale: dict[float, list[int]] = defaultdict(list)
+        # the common case in foreach ops: decay, then one add per matrix shape (one lr scale; keyed by the
+        # shape, not the scale: under torch.compile the lr, hence the scale, is symbolic)
+        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i in orthos:
-            by_scale[scaled[i]].append(i)
-        for scale, idx in by_scale.items():
+            by_shape[matrix_shape(params[i].shape, hp.matrix_3d)[-2:]].append(i)
+        for idx in by_shape.values():
+            scale = scaled[idx[0]]
             ps = [params[i] for i in idx]
             if hp.weight_decay != 0:
                 torch._foreach_mul_(ps, 1 - hp.lr * hp.weight_decay)
