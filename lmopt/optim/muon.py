@@ -78,7 +78,7 @@ from torch import Tensor, nn
 
 from ..param_groups import classify_parameters
 from ..spec import OptimizerSpec, StateTensor, Translation
-from ._cautious import CAUTIOUS_MIN_FRACTION, cautious_decay_mask
+from ._cautious import CAUTIOUS_MIN_FRACTION, apply_cautious_, cautious_decay_mask
 from ._dispatch import math_dtype, resolve_implementation
 from .adamw import adam_state, adamw
 from .base import (
@@ -292,9 +292,11 @@ def finish_update(
     ortho = ortho.reshape(param.shape)
     if hp.cautious:  # the mask and its mean in the parameter's math dtype (fp64 for fp64 parameters)
         ortho = ortho.to(math_dtype(param.dtype))
-        mask = (ortho * grad > 0).to(ortho.dtype)
-        fraction = cautious_fraction(ortho, grad) if kept_fraction is None else kept_fraction
-        ortho = ortho * mask.div_(fraction)
+        if kept_fraction is None and not is_dtensor(ortho):
+            ortho = apply_cautious_(ortho, grad)  # ortho is this step's own (a new tensor, or a slice of one)
+        else:  # a local shard (its fraction reduced across ranks) or a DTensor (out-of-place on the partial mean)
+            fraction = cautious_fraction(ortho, grad) if kept_fraction is None else kept_fraction
+            ortho = ortho * (ortho * grad > 0).to(ortho.dtype).div_(fraction)
     work = param if param.dtype in (torch.float32, torch.float64) else param.float()
     if hp.weight_decay != 0:
         if hp.cautious_weight_decay:
