@@ -376,9 +376,12 @@ class _MuonReference:
     def __init__(self, model: nn.Module, kw: dict[str, Any]):
         from .reference.muon import ReferenceMuon
 
-        kw = {k: v for k, v in kw.items() if k not in ("implementation", "ns_dtype")}
+        kw = {k: v for k, v in kw.items() if k not in ("implementation", "ns_dtype", "distributed", "matrix_3d")}
         betas, eps = kw.pop("adamw_betas", (0.9, 0.95)), kw.pop("adamw_eps", 1e-8)
         kw.setdefault("adjust_lr_fn", "match_rms_adamw")
+        if kw.get("ns_coefficients") == "polar_express":  # the authors' function (tests/reference/polar_express.py)
+            kw["polar"] = True
+            del kw["ns_coefficients"]
         matrices = [p for p in model.parameters() if p.ndim == 2]
         rest = [p for p in model.parameters() if p.ndim != 2]
         self.optimizers = [
@@ -399,6 +402,27 @@ class _MuonReference:
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
+
+
+class _NorMuonReference(_MuonReference):
+    """NorMuon (tests/reference/normuon.py: the authors' code, Newton-Schulz in fp32) on the 2-D tensors and
+    torch.optim.AdamW on the rest, stepped together."""
+
+    def __init__(self, model: nn.Module, kw: dict[str, Any]):
+        from .reference.normuon import ReferenceNorMuon
+
+        kw = {k: v for k, v in kw.items() if k not in ("implementation", "ns_dtype", "distributed", "matrix_3d")}
+        betas, eps = kw.pop("adamw_betas", (0.9, 0.95)), kw.pop("adamw_eps", 1e-8)
+        kw.setdefault("adjust_lr_fn", "match_rms_adamw")
+        kw.setdefault("lr", 1e-3)
+        kw.setdefault("weight_decay", 0.1)
+        kw["polar"] = kw.pop("ns_coefficients", None) == "polar_express"
+        matrices = [p for p in model.parameters() if p.ndim == 2]
+        rest = [p for p in model.parameters() if p.ndim != 2]
+        self.optimizers = [
+            ReferenceNorMuon(matrices, ns_dtype=torch.float32, **kw),
+            torch.optim.AdamW(rest, lr=kw["lr"], betas=betas, eps=eps, weight_decay=kw["weight_decay"]),
+        ]
 
 
 def _adabound_ref(amsbound: bool) -> Builder:
@@ -448,6 +472,12 @@ _MUON_INVALID = [
     ({"adamw_eps": -1.0}, "adamw_eps"),
     ({"ns_dtype": "fp8"}, "ns_dtype"),
     ({"nesterov": 1}, "nesterov"),
+    ({"ns_coefficients": "cubic"}, "ns_coefficients"),
+    ({"ns_coefficients": [(1.0, 2.0, 3.0), (1.0, 2.0)]}, "ns_coefficients"),
+    ({"cautious": 1}, "cautious"),
+    ({"cautious_weight_decay": "yes"}, "cautious_weight_decay"),
+    ({"matrix_3d": "stack"}, "matrix_3d"),
+    ({"distributed": "allgather"}, "distributed"),
 ]
 _ADABOUND_INVALID = [
     ({"lr": -1.0}, "lr"),
@@ -735,12 +765,28 @@ OPTIM_DB: list[OptimSpec] = [
             {"lr": 1e-2},
             {"lr": 1e-2, "adjust_lr_fn": "original", "nesterov": False, "weight_decay": 0.0},
             {"lr": 5e-3, "ns_dtype": "fp32", "momentum": 0.9, "ns_steps": 3, "adamw_betas": (0.8, 0.99)},
+            {"lr": 1e-2, "ns_coefficients": "polar_express", "ns_steps": 6},  # Polar Express (issue 15)
+            {"lr": 1e-2, "cautious": True, "cautious_weight_decay": True},  # cautious masking and decay
         ],
         reference=lambda model, kw: _MuonReference(model, kw),
         reference_steps=50,
         reference_tol=(1e-5, 1e-8),
         implementations=("for_loop", "foreach"),
         invalid=_MUON_INVALID,
+    ),
+    # NorMuon (issue 15) against the authors' code (tests/reference/normuon.py), Newton-Schulz in fp32
+    OptimSpec(
+        name="normuon",
+        variants=[
+            {"lr": 1e-2},
+            {"lr": 1e-2, "adjust_lr_fn": "original", "beta2": 0.9, "weight_decay": 0.0, "nesterov": False},
+            {"lr": 5e-3, "ns_coefficients": "polar_express", "momentum": 0.9},
+        ],
+        reference=lambda model, kw: _NorMuonReference(model, kw),
+        reference_steps=50,
+        reference_tol=(1e-5, 1e-8),
+        implementations=("for_loop", "foreach"),
+        invalid=[*_MUON_INVALID, ({"beta2": 1.0}, "beta2"), ({"beta2": -0.1}, "beta2")],
     ),
     OptimSpec(
         name="adabound",
