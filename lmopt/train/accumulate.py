@@ -11,7 +11,14 @@ Two weightings:
 
 The optimizer steps once, after the last micro-batch (:attr:`GradientAccumulator.is_last` says when). With a
 GradScaler, pass it: losses are scaled with it. With DistributedDataParallel, pass the model: gradients are
-synchronised only on the last micro-batch (``no_sync`` for the others).
+synchronised only on the last micro-batch (``no_sync`` for the others); with FSDP2 (``fully_shard``) likewise
+(``set_requires_gradient_sync(False)`` for the others, so gradients are reduce-scattered once per step).
+
+Under torchrun (``distributed``; default: torch.distributed is initialised with more than one process)
+:meth:`GradientAccumulator.finish` reduces the loss and the token count over all ranks (one all-reduce): it
+returns the global batch's mean loss on every rank, and ``"tokens"`` weighting divides by the global token
+count (DDP and FSDP2 average gradients over the ``W`` ranks, so the local sums are divided by
+``total_tokens / W``): the gradient is that of the mean over every token of the global batch, as in one process.
 
 Example:
     >>> acc = GradientAccumulator(optimizer, steps=4, weighting="tokens")
@@ -31,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .distributed import all_reduce_sum, is_distributed
+
 __all__ = ["GradientAccumulator"]
 
 
@@ -43,7 +52,13 @@ class GradientAccumulator:
         weighting: ``"mean"`` (scale by 1/k) or ``"tokens"`` (scale by each micro-batch's token count, then
             divide by the total in :meth:`finish`).
         scaler: an optional GradScaler; losses are scaled with it.
-        model: an optional model; when it has ``no_sync`` (DDP), all micro-batches but the last run inside it.
+        model: an optional model; when it has ``no_sync`` (DDP), all micro-batches but the last run inside it;
+            when it has ``set_requires_gradient_sync`` (FSDP2), gradient sync is off for all but the last.
+        distributed: reduce the loss and tokens over all ranks in :meth:`finish` (None: when torch.distributed
+            is initialised with more than one process). Every rank must then call :meth:`finish`.
+
+    Attributes:
+        global_tokens: tokens of the last finished step over all ranks (this rank's alone in one process).
     """
 
     def __init__(
@@ -54,6 +69,7 @@ class GradientAccumulator:
         weighting: Literal["mean", "tokens"] = "mean",
         scaler: torch.amp.GradScaler | None = None,
         model: nn.Module | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -66,6 +82,8 @@ class GradientAccumulator:
         self.weighting = weighting
         self.scaler = scaler
         self.model = model
+        self.distributed = distributed
+        self.global_tokens = 0
         self.reset()
 
     def reset(self) -> None:
@@ -100,6 +118,9 @@ class GradientAccumulator:
         last = self.is_last
         sync_off = getattr(self.model, "no_sync", None)
         ctx = sync_off() if (sync_off is not None and not last) else contextlib.nullcontext()
+        fsdp_sync = getattr(self.model, "set_requires_gradient_sync", None)
+        if fsdp_sync is not None and self.steps > 1:
+            fsdp_sync(last)  # FSDP2: reduce-scatter once, after the last micro-batch's backward
         with ctx:
             scaled.backward()
         detached = loss.detach().float() * weight
@@ -113,12 +134,22 @@ class GradientAccumulator:
         if self.micro_step != self.steps:
             raise RuntimeError(f"finish() after {self.micro_step} of {self.steps} micro-batches")
         loss = self._loss_sum if self._loss_sum is not None else torch.zeros(())
+        tokens, world = float(self.tokens), 1
+        if is_distributed() if self.distributed is None else self.distributed:
+            # one all-reduce: every rank reports the global batch's loss and divides by the global token count
+            world = torch.distributed.get_world_size()
+            loss_sum, tokens = all_reduce_sum([loss, tokens])
+            loss = torch.tensor(loss_sum, dtype=loss.dtype, device=loss.device)
+            if self.weighting == "mean":
+                loss = loss / world
+        self.global_tokens = int(tokens)
         if self.weighting == "tokens":
-            if self.tokens == 0:
+            if tokens == 0:
                 raise ValueError("no tokens in any micro-batch of this step: the mean loss is undefined")
             grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             if grads:
-                torch._foreach_div_(grads, float(self.tokens))
-            loss = loss / self.tokens
+                # DDP / FSDP2 averaged the gradients over the ranks: undo the 1/W with the division
+                torch._foreach_div_(grads, tokens / world)
+            loss = loss / tokens
         self.reset()
         return loss
