@@ -10,6 +10,7 @@ command line, with every rank's findings.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -239,6 +240,8 @@ def main(out_path: str) -> None:
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(everyone, f)
+    gc.collect()  # DDP reducers freed while the process group still exists (else gloo may abort at exit)
+    dist.barrier()
     dist.destroy_process_group()
 
 
