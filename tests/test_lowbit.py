@@ -134,7 +134,8 @@ def test_quantized_state_zeros_copy_view_narrow():
     x = torch.randn(8, 96)
     q.copy_(x)
     full = q.dequantize()
-    assert full.shape == (8, 96) and (full - x).abs().max() < 0.02 * x.abs().max()
+    # one rounding of each value: at most one code step of its block's absmax (tests/tolerances.py)
+    assert full.shape == (8, 96) and (full - x).abs().max() <= roundtrip_tol("8bit", "first") * x.abs().max()
     assert q.view(96, 8).dequantize().shape == (96, 8)
     part = q.narrow(128, 256)  # blocks 2..5: shares storage
     assert torch.equal(part.dequantize(), full.reshape(-1)[128:384])
