@@ -64,3 +64,10 @@ def test_nan_loss_on_one_rank_and_nan_state_shard(ranks):
         assert found["skipped"] == 1 and found["step"] == 4, found
         assert found["losses"][1] != found["losses"][1]  # NaN: the global loss of the poisoned step
         assert rank["nonfinite"]["fsdp2_state"] == [["state_nonfinite", 1]]
+
+
+def test_ddp_accumulation_synchronises_once_per_step(ranks):
+    """With accumulation, DDP all-reduces on the last micro-batch only (``no_sync`` for the others)."""
+    for rank in ranks:
+        sync = rank["sync"]
+        assert sync["fit"] > 0 and sync["every_backward"] == 2 * sync["fit"], sync

@@ -231,10 +231,42 @@ def nonfinite_agreement() -> dict:
     return out
 
 
+def counting_hook(state: dict, bucket):
+    state["calls"] += bucket.buffer().numel()  # elements all-reduced (buckets may be regrouped)
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+def sync_counts() -> dict:
+    """Gradient elements DDP all-reduces in fit (accumulation 2: ``no_sync`` for the first micro-batch) and in the same
+    backward passes without ``no_sync``."""
+    counts = {}
+    for name, use_no_sync in (("fit", True), ("every_backward", False)):
+        model = make_lm()
+        ddp = DistributedDataParallel(model)
+        state = {"calls": 0}
+        ddp.register_comm_hook(state, counting_hook)
+        optimizer = lmopt.create_optimizer("adamw", list(model.parameters()), lr=1e-2)
+        if use_no_sync:
+            fit(
+                ddp,
+                optimizer,
+                rank_batches(dist.get_rank(), False),
+                steps=STEPS,
+                accumulation_steps=ACCUMULATION,
+                monitor=False,
+                handle_signals=False,
+            )
+        else:
+            for batch in rank_batches(dist.get_rank(), False):
+                lmopt.train.lm_loss(ddp, batch)[0].backward()
+        counts[name] = state["calls"]
+    return counts
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a hang fails the test, not the suite
     torch.set_num_threads(1)
-    mine = {"fits": compare_fits(), "nonfinite": nonfinite_agreement()}
+    mine = {"fits": compare_fits(), "nonfinite": nonfinite_agreement(), "sync": sync_counts()}
     everyone: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0:

@@ -10,9 +10,12 @@ Two weightings:
   knowing the total in advance.
 
 The optimizer steps once, after the last micro-batch (:attr:`GradientAccumulator.is_last` says when). With a
-GradScaler, pass it: losses are scaled with it. With DistributedDataParallel, pass the model: gradients are
-synchronised only on the last micro-batch (``no_sync`` for the others); with FSDP2 (``fully_shard``) likewise
-(``set_requires_gradient_sync(False)`` for the others, so gradients are reduce-scattered once per step).
+GradScaler, pass it: losses are scaled with it. With DistributedDataParallel, pass the model and run each
+micro-batch's forward *and* backward inside :meth:`GradientAccumulator.micro_batch`: gradients are synchronised
+only on the last micro-batch (``no_sync`` for the others; DDP decides in the forward pass, so a ``no_sync``
+around the backward alone would not stop the all-reduce). With FSDP2 (``fully_shard``) likewise
+(``set_requires_gradient_sync(False)`` for the others, so gradients are reduce-scattered once per step; FSDP2
+reads it in the backward pass, so :meth:`backward` alone suffices).
 
 Under torchrun (``distributed``; default: torch.distributed is initialised with more than one process)
 :meth:`GradientAccumulator.finish` reduces the loss and the token count over all ranks (one all-reduce): it
@@ -23,8 +26,9 @@ count (DDP and FSDP2 average gradients over the ``W`` ranks, so the local sums a
 Example:
     >>> acc = GradientAccumulator(optimizer, steps=4, weighting="tokens")
     >>> for micro in micro_batches:                       # 4 of them
-    ...     loss = lm_loss(model, micro)                  # mean over the micro-batch's tokens
-    ...     acc.backward(loss, tokens=int((micro["labels"] != -100).sum()))
+    ...     with acc.micro_batch():                       # DDP: no_sync() for all but the last
+    ...         loss = lm_loss(model, micro)              # mean over the micro-batch's tokens
+    ...         acc.backward(loss, tokens=int((micro["labels"] != -100).sum()))
     >>> mean_loss = acc.finish()                          # gradients now hold the large batch's
     >>> clip_grad_norm(optimizer, 1.0); optimizer.step(); optimizer.zero_grad()
 """
@@ -32,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -52,8 +57,9 @@ class GradientAccumulator:
         weighting: ``"mean"`` (scale by 1/k) or ``"tokens"`` (scale by each micro-batch's token count, then
             divide by the total in :meth:`finish`).
         scaler: an optional GradScaler; losses are scaled with it.
-        model: an optional model; when it has ``no_sync`` (DDP), all micro-batches but the last run inside it;
-            when it has ``set_requires_gradient_sync`` (FSDP2), gradient sync is off for all but the last.
+        model: an optional model; when it has ``no_sync`` (DDP), all micro-batches but the last run inside it
+            (forward and backward: use :meth:`micro_batch`); when it has ``set_requires_gradient_sync`` (FSDP2),
+            gradient sync is off for all but the last.
         distributed: reduce the loss and tokens over all ranks in :meth:`finish` (None: when torch.distributed
             is initialised with more than one process). Every rank must then call :meth:`finish`.
 
@@ -84,6 +90,7 @@ class GradientAccumulator:
         self.model = model
         self.distributed = distributed
         self.global_tokens = 0
+        self._in_micro_batch = False
         self.reset()
 
     def reset(self) -> None:
@@ -116,17 +123,34 @@ class GradientAccumulator:
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         last = self.is_last
-        sync_off = getattr(self.model, "no_sync", None)
-        ctx = sync_off() if (sync_off is not None and not last) else contextlib.nullcontext()
-        fsdp_sync = getattr(self.model, "set_requires_gradient_sync", None)
-        if fsdp_sync is not None and self.steps > 1:
-            fsdp_sync(last)  # FSDP2: reduce-scatter once, after the last micro-batch's backward
-        with ctx:
+        with contextlib.nullcontext() if self._in_micro_batch else self._sync_context():
             scaled.backward()
         detached = loss.detach().float() * weight
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         self.micro_step += 1
         return last
+
+    def _sync_context(self) -> contextlib.AbstractContextManager:
+        """Gradient sync off unless the next micro-batch is the step's last (DDP: ``no_sync``; FSDP2: the flag)."""
+        last = self.is_last
+        fsdp_sync = getattr(self.model, "set_requires_gradient_sync", None)
+        if fsdp_sync is not None:
+            if self.steps > 1:
+                fsdp_sync(last)  # FSDP2: reduce-scatter once, after the last micro-batch's backward
+            return contextlib.nullcontext()
+        sync_off = getattr(self.model, "no_sync", None)
+        return sync_off() if (sync_off is not None and not last) else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def micro_batch(self) -> Iterator[None]:
+        """Run one micro-batch's forward pass and :meth:`backward` inside this: for all but the step's last
+        micro-batch, DDP's ``no_sync()`` (which must cover the forward pass) or FSDP2's gradient sync off."""
+        with self._sync_context():
+            self._in_micro_batch = True
+            try:
+                yield
+            finally:
+                self._in_micro_batch = False
 
     @torch.no_grad()
     def finish(self) -> Tensor:

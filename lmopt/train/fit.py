@@ -287,13 +287,14 @@ def fit(
                 break
             for batch in micro_batches:
                 position += 1
-                if autocast_dtype is not None:
-                    with torch.autocast(device_type, dtype=autocast_dtype):
+                with accumulator.micro_batch():  # DDP: no_sync() around forward and backward but the last
+                    if autocast_dtype is not None:
+                        with torch.autocast(device_type, dtype=autocast_dtype):
+                            out = compute(model, batch)
+                    else:
                         out = compute(model, batch)
-                else:
-                    out = compute(model, batch)
-                loss, tokens = out if isinstance(out, tuple) else (out, None)
-                accumulator.backward(loss, tokens=tokens)
+                    loss, tokens = out if isinstance(out, tuple) else (out, None)
+                    accumulator.backward(loss, tokens=tokens)
             loss_value = float(accumulator.finish())  # under torchrun: the global batch's mean loss
             micro_tokens = accumulator.global_tokens
             if health is not None:
