@@ -360,12 +360,12 @@ class HealthMonitor:
                 pn = group.get("param_names")
                 names[p] = pn[i] if pn and i < len(pn) else f"param_groups[{gi}]['params'][{i}]"
         first: tuple[str, str] | None = None
-        bad = 0
+        bad = 0.0  # bad tensors, a tensor held by several ranks (replicated under DDP) counted once
         for p, state in optimizer.state.items():
             for key, value in state.items():
                 if not (isinstance(value, Tensor) and value.is_floating_point() and value.numel()):
                     continue
-                local, _ = local_part(value)  # this rank's shard: judged here, counted over ranks below
+                local, copies = local_part(value)  # this rank's shard: judged here, counted over ranks below
                 if local.numel() == 0:
                     continue
                 try:
@@ -374,14 +374,16 @@ class HealthMonitor:
                 except (NotImplementedError, RuntimeError, TypeError):
                     continue  # a tensor subclass (quantized state) without this reduction: not judged here
                 if not finite:
-                    bad += 1
+                    bad += 1.0 / copies if self._reducing() else 1.0
                     if first is None:
                         first = (key, names.get(p, f"a parameter of shape {tuple(p.shape)}"))
             if first is not None and not self._reducing():
                 break  # one process: the first bad tensor is enough
         if self._reducing():
             # every rank scans its own shards; one all-reduce tells all of them how many tensors are bad
-            bad = int(all_reduce_sum([float(bad)])[0])
+            # (a NaN in one replica only still counts as one tensor: ceil)
+            bad = math.ceil(all_reduce_sum([bad])[0] - 1e-9)
+        bad = int(bad)
         if not bad:
             return []
         key, where = first if first is not None else ("?", "a parameter held by another rank")
