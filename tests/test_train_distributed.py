@@ -71,3 +71,13 @@ def test_ddp_accumulation_synchronises_once_per_step(ranks):
     for rank in ranks:
         sync = rank["sync"]
         assert sync["fit"] > 0 and sync["every_backward"] == 2 * sync["fit"], sync
+
+
+@pytest.mark.parametrize("wrap", ["fsdp2", "ddp"])
+def test_gradscaler_overflow_on_one_rank_skips_on_every_rank(wrap, ranks):
+    """GradScaler with an inf in rank 1's gradient only (its FSDP2 shard: torch's DTensor unscale already
+    reduces the flag; its DDP all-reduced copy: optimizer_step all-reduces the scalers' found-inf flags): both
+    ranks skip the step (parameters unchanged) and halve the scale alike -- no rank steps alone."""
+    found = [r["nonfinite"][f"{wrap}_scaler"] for r in ranks]
+    assert all("error" not in f for f in found), found
+    assert [f["scale"] for f in found] == [2.0**7, 2.0**7] and all(f["unchanged"] for f in found), found

@@ -222,6 +222,9 @@ def nonfinite_agreement() -> dict:
         on_nonfinite="skip",
     )
     out["fsdp2_loss_skip"] = {"skipped": result.skipped_steps, "step": result.step, "losses": result.losses}
+    # GradScaler: an inf in rank 1's gradient only -> both ranks' scalers skip and back off alike
+    out["fsdp2_scaler"] = scaler_agreement("fsdp2")
+    out["ddp_scaler"] = scaler_agreement("ddp")
     # FSDP2: a NaN in rank 1's shard of the optimizer state -> every rank's monitor reports one bad tensor
     weight = next(iter(optimizer.state.values()))["exp_avg"]
     if dist.get_rank() == 1:
@@ -229,6 +232,33 @@ def nonfinite_agreement() -> dict:
     events = HealthMonitor(state_every=1, distributed=True)._check_state(0, optimizer)
     out["fsdp2_state"] = [(e.kind, e.data.get("tensors")) for e in events]
     return out
+
+
+def scaler_agreement(wrap: str) -> dict:
+    """One GradScaler step with an inf in rank 1's gradient only: its shard (FSDP2), or its all-reduced copy
+    (DDP, a comm hook)."""
+    model = make_lm()
+    trained = model
+    if wrap == "fsdp2":
+        fully_shard(model)
+    else:
+        trained = DistributedDataParallel(model)
+        trained.register_comm_hook({"calls": 0, "poison_at": 0}, poisoning_hook)
+    optimizer = lmopt.create_optimizer("adamw", list(model.parameters()), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = [full(p).clone() for p in model.parameters()]
+    inputs, targets = rank_batches(dist.get_rank(), False)[0]
+    loss, _ = lmopt.train.lm_loss(trained, (inputs, targets))
+    scaler.scale(loss).backward()
+    if dist.get_rank() == 1 and wrap == "fsdp2":
+        next(iter(model.parameters())).grad.to_local().view(-1)[0] = float("inf")
+    try:
+        outcome = lmopt.train.optimizer_step(optimizer, clip=1.0, loss=float(loss), scaler=scaler)
+        result = {"applied": outcome.applied, "scale": scaler.get_scale()}
+    except Exception as err:  # reported, so that the test names it
+        result = {"error": f"{type(err).__name__}: {err}"}
+    result["unchanged"] = all(torch.equal(full(p), b) for p, b in zip(model.parameters(), before))
+    return result
 
 
 def counting_hook(state: dict, bucket):

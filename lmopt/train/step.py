@@ -18,7 +18,9 @@ Under torchrun (``distributed``, default: torch.distributed is initialised with 
 non-finite judgement is agreed before anyone acts on it: one all-reduce of a flag, so a NaN seen on one rank
 only (its loss, its gradient shard) makes every rank stop, skip or raise at the same step -- never one rank
 stepping into a collective the others skip. With ``"raise"`` every rank then hands its optimizer a non-finite
-recorded norm, so that the optimizer's own policy decides the same on every rank.
+recorded norm, so that the optimizer's own policy decides the same on every rank. A GradScaler's overflow flags
+(set per rank while unscaling) are all-reduced too, so every rank skips the same fp16 steps and keeps the same
+scale.
 
 Example:
     >>> loss = model(input_ids=x, labels=x).loss
@@ -65,6 +67,18 @@ class StepOutcome:
     stopped: bool
 
 
+def _agree_found_inf(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> None:
+    """Make a GradScaler's overflow verdict global: its ``found_inf`` flags (one per device, set while unscaling
+    this rank's gradients) are all-reduced with MAX, so every rank skips the same steps and keeps the same scale.
+    FSDP2's DTensor unscale already reduces them; DDP ranks whose gradients differ after the all-reduce (a
+    corrupted copy) would not agree without this."""
+    import torch.distributed as dist
+
+    state = scaler._per_optimizer_states[id(optimizer)]  # filled by unscale_ (clip_grad_norm ran it)
+    for found_inf in state.get("found_inf_per_device", {}).values():
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+
+
 def optimizer_step(
     optimizer: Optimizer,
     *,
@@ -93,9 +107,11 @@ def optimizer_step(
     if on_nonfinite not in ("stop", "skip", "raise"):
         raise ValueError(f"on_nonfinite must be 'stop', 'skip' or 'raise', got {on_nonfinite!r}")
     clipped = clip_grad_norm(optimizer, clip, scaler=scaler)
+    agreeing = is_distributed() if distributed is None else distributed
+    if agreeing and scaler is not None and scaler.is_enabled():
+        _agree_found_inf(scaler, optimizer)
     # with a GradScaler, overflowing fp16 gradients are routine: the scaler skips those steps itself
     local = not math.isfinite(loss) or (scaler is None and not bool(torch.isfinite(clipped.norm)))
-    agreeing = is_distributed() if distributed is None else distributed
     nonfinite = agree(local) if agreeing else local
     if nonfinite and agreeing:
         # some rank saw a NaN: every rank's optimizer (its own policy, under "raise") must see the same record,
