@@ -67,6 +67,8 @@ class OptimSpec:
         build: builds the optimizer for a model and a variant (default: ``create_optimizer(name, params)``).
         step: one training step (default: zero_grad, MSE backward, step); Sophia-style optimizers override.
         distributed: checked on FSDP2 (DTensor) parameters against an unsharded run (tests/test_distributed.py).
+        distributed_tol: ignored; the FSDP2 tolerance is derived from the precision (tests/tolerances.py). Kept
+            only so that entries written before that still load; remove once no branch sets it.
         distributed_step: the training step used there when it differs from ``step``.
         distributed_unsupported: the optimizer refuses DTensor parameters with this message (a known gap, checked
             so that it stays a clear error).
@@ -93,6 +95,7 @@ class OptimSpec:
     build: Builder | None = None
     step: StepFn = default_step
     distributed: bool = True
+    distributed_tol: float | None = None
     distributed_step: StepFn | None = None
     distributed_unsupported: str | None = None
     layouts: tuple[str, ...] = tuple(LAYOUTS)
