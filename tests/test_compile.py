@@ -36,8 +36,6 @@ TENSOR_LR_GAPS: dict[str, str] = dict.fromkeys(
     (
         "lion",
         "schedule_free_adamw",
-        "muon",
-        "lookahead_muon",
         "adamw8bit",
         "adam8bit",
         "adamw4bit",

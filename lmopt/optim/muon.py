@@ -80,6 +80,7 @@ from ..param_groups import classify_parameters
 from ..spec import OptimizerSpec, StateTensor, Translation
 from ._cautious import CAUTIOUS_MIN_FRACTION, apply_cautious_, cautious_decay_mask
 from ._dispatch import math_dtype, resolve_implementation
+from ._impl import traced_lr
 from .adamw import adam_state, adamw
 from .base import (
     LmoptOptimizer,
@@ -304,7 +305,10 @@ def finish_update(
             work.addcmul_(work, decay)
         else:
             work.mul_(1 - hp.lr * hp.weight_decay)
-    work.add_(ortho.to(work.dtype), alpha=-scaled_lr)
+    if isinstance(scaled_lr, Tensor):  # a tensor lr in a traced step: an operand (alpha takes Python numbers)
+        work.sub_(ortho.to(work.dtype) * scaled_lr)
+    else:
+        work.add_(ortho.to(work.dtype), alpha=-scaled_lr)
     if work is not param:  # low-precision parameters: one rounding per step
         param.copy_(work)
 
@@ -437,7 +441,11 @@ def _foreach_muon(params, grads, bufs, second, hp: MuonHyper):
             ps = [params[i] for i in idx]
             if hp.weight_decay != 0:
                 torch._foreach_mul_(ps, 1 - hp.lr * hp.weight_decay)
-            torch._foreach_add_(ps, [orthos[i].reshape(params[i].shape).to(params[i].dtype) for i in idx], alpha=-scale)
+            steps = [orthos[i].reshape(params[i].shape).to(params[i].dtype) for i in idx]
+            if isinstance(scale, Tensor):  # a tensor lr in a traced step: an operand, not alpha
+                torch._foreach_add_(ps, torch._foreach_mul(steps, -scale))
+            else:
+                torch._foreach_add_(ps, steps, alpha=-scale)
         return
     _finish_all(params, grads, orthos, hp, scaled, local)
 
@@ -738,7 +746,7 @@ class Muon(LmoptOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
-        lr = float(group["lr"])
+        lr = traced_lr(group["lr"])
         if group["use_muon"]:
             muon(
                 params,
