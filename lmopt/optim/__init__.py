@@ -12,6 +12,7 @@ from .convert import convert_state
 from .lion import Lion, Lion8bit, lion
 from .lookahead import Lookahead, with_lookahead
 from .muon import Muon, NorMuon, muon, normuon
+from .offload import OffloadOptimizer, offload
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
 from .sophia import Sophia, sampled_label_loss, sophia
@@ -52,6 +53,9 @@ __all__ = [
     # Schedule-Free, Muon, AdaBound, Lookahead, gradient release (docs/optimizers-schedule-free-muon.md)
     "AdaBound",
     "GradientRelease",
+    # offload: state and step on the host (lmopt/optim/offload.py, docs/offload.md)
+    "OffloadOptimizer",
+    "offload",
     "Lookahead",
     "Muon",
     "NorMuon",
