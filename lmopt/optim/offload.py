@@ -169,6 +169,32 @@ class OffloadOptimizer(Optimizer):
         self._copied.clear()
 
     # -- forwarding ----------------------------------------------------------------------------------------------
+    def train(self) -> OffloadOptimizer:
+        """Schedule-Free inner optimizers: back to the training point (host), copied to the device parameters."""
+        self._swap("train")
+        return self
+
+    def eval(self) -> OffloadOptimizer:
+        """Schedule-Free inner optimizers: the averaged point for evaluation (host), copied to the device."""
+        self._swap("eval")
+        return self
+
+    def _swap(self, mode: str) -> None:
+        switch = getattr(self.optimizer, mode, None)
+        if switch is None:
+            raise AttributeError(f"{type(self.optimizer).__name__} has no {mode}() (only Schedule-Free optimizers do)")
+        switch()
+        with torch.no_grad():
+            for p, host in zip(self.device_params, self.host_params, strict=True):
+                p.copy_(host, non_blocking=p.is_cuda)
+
+    def __getattr__(self, name: str) -> Any:
+        # the inner optimizer's own methods (Sophia's update_hessian / hessian_due, ...); only reached for names
+        # this object lacks
+        if name != "optimizer" and "optimizer" in self.__dict__:
+            return getattr(self.__dict__["optimizer"], name)
+        raise AttributeError(name)
+
     @property
     def skipped_steps(self) -> int:
         """Steps the inner optimizer skipped for non-finite gradients (0 without the policy)."""
@@ -273,6 +299,11 @@ def _refuse_wrappers(inner: Optimizer) -> None:
 
     if isinstance(inner, GradientRelease):
         raise ValueError("gradient release steps inside backward on the device; it cannot be offloaded")
+    if hasattr(inner, "update_hessian"):
+        raise ValueError(
+            f"{type(inner).__name__}'s Hessian estimate differentiates through the model's parameters, which stay on "
+            "the device; it cannot be offloaded (offload another optimizer, or keep it on the device)"
+        )
 
 
 def _rehome(optimizer: Optimizer, pin_memory: bool | None, overlap: bool) -> OffloadOptimizer:
