@@ -11,6 +11,7 @@ from .came import CAME, came
 from .convert import convert_state
 from .lion import Lion, Lion8bit, lion
 from .lookahead import Lookahead, with_lookahead
+from .mapped import map_state
 from .muon import Muon, NorMuon, muon, normuon
 from .offload import OffloadOptimizer, offload
 from .release import GradientRelease
@@ -55,6 +56,7 @@ __all__ = [
     "GradientRelease",
     # offload: state and step on the host (lmopt/optim/offload.py, docs/offload.md)
     "OffloadOptimizer",
+    "map_state",
     "offload",
     "Lookahead",
     "Muon",
