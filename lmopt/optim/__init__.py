@@ -14,6 +14,7 @@ from .lookahead import Lookahead, with_lookahead
 from .muon import Muon
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
+from .soap import SOAP, soap
 from .sophia import Sophia, sampled_label_loss, sophia
 from .stable_adamw import StableAdamW, stable_adamw
 
@@ -57,4 +58,7 @@ __all__ = [
     "ScheduleFreeAdamW",
     "recompute_batchnorm_statistics",
     "with_lookahead",
+    # SOAP: Adam in Shampoo's eigenbasis (docs/optimizers-soap.md)
+    "SOAP",
+    "soap",
 ]
