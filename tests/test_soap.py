@@ -156,3 +156,23 @@ def test_heavyball_soap_trains_alike(monkeypatch):
     assert ours[0] == theirs[0]
     assert ours[-1] < 0.8 * ours[0] and theirs[-1] < 0.8 * theirs[0]
     assert abs(ours[-1] - theirs[-1]) < 0.1 * theirs[-1]
+
+
+def test_foreach_batches_in_chunks_bit_identically(monkeypatch):
+    """Same-shape matrices are stacked in runs of at most BATCH_ELEMENTS elements (bounded temporaries); the
+    split does not change the result."""
+    import lmopt.optim.soap as soap_module
+
+    def run(cap: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(soap_module, "BATCH_ELEMENTS", cap)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(5)]
+        opt = SOAP(params, lr=1e-2, precondition_frequency=2)
+        for _ in range(7):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return [p.detach() for p in params]
+
+    for a, b in zip(run(1 << 24), run(64), strict=True):
+        assert torch.equal(a, b)

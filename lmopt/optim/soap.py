@@ -305,7 +305,7 @@ def _foreach_soap(entries: list[_Entry], hp: SOAPHyper) -> None:
         else:
             rest.append(e)
     _single_tensor_soap(rest, hp)
-    for (shape, (has_left, has_right), _dtype, _device, t), batch in batches.items():
+    for (shape, (has_left, has_right), _dtype, _device, t), batch in _chunks(batches):
         g = _stacked([e.g.reshape(shape) for e in batch])
         if hp.maximize:
             g = g.neg()
@@ -364,6 +364,19 @@ def _foreach_soap(entries: list[_Entry], hp: SOAPHyper) -> None:
             torch._foreach_copy_(exp_avg_sqs, list(squares.unbind(0)))
             rotated = _batched_rotate(original, new_bases[0], new_bases[1], back=False)
             torch._foreach_copy_(exp_avgs, list(rotated.unbind(0)))
+
+
+#: elements of one batch of stacked matrices (a few fp32 temporaries of this size are alive at once): large
+#: matrices run one per batch, small ones many
+BATCH_ELEMENTS = 1 << 24
+
+
+def _chunks(batches: Mapping[tuple, list[_Entry]]) -> Iterable[tuple[tuple, list[_Entry]]]:
+    """Each batch split into runs of at most :data:`BATCH_ELEMENTS` elements (at least one matrix each)."""
+    for key, batch in batches.items():
+        per = max(1, BATCH_ELEMENTS // max(1, math.prod(key[0])))
+        for start in range(0, len(batch), per):
+            yield key, batch[start : start + per]
 
 
 def _batched_accumulate(g: Tensor, batch: list[_Entry], hp: SOAPHyper, has_left: bool, has_right: bool) -> None:
