@@ -161,7 +161,9 @@ def test_heavyball_soap_trains_alike(monkeypatch):
 def test_foreach_batches_in_chunks_bit_identically(monkeypatch):
     """Same-shape matrices are stacked in runs of at most BATCH_ELEMENTS elements (bounded temporaries); the
     split does not change the result."""
-    import lmopt.optim.soap as soap_module
+    import importlib
+
+    soap_module = importlib.import_module("lmopt.optim.soap")  # the attribute lmopt.optim.soap is the function
 
     def run(cap: int) -> list[torch.Tensor]:
         monkeypatch.setattr(soap_module, "BATCH_ELEMENTS", cap)
