@@ -29,8 +29,8 @@ from harness import make_params  # noqa: E402
 
 CASES = [
     ("heavyball SOAP (ForeachSOAP)", "heavyball_soap"),
-    ("lmopt soap auto (foreach)", "lmopt_soap"),
-    ("lmopt soap for_loop", "lmopt_soap_for_loop"),
+    ("lmopt soap auto (for_loop)", "lmopt_soap"),
+    ("lmopt soap foreach", "lmopt_soap_foreach"),
     ("lmopt soap preconditioner_precision=bf16", "lmopt_soap_bf16"),
 ]
 

@@ -48,6 +48,10 @@ def lmopt_soap(params):
     return _keeping_grads(SOAP(params, max_precond_dim=10000, **_SOAP), params)
 
 
+def lmopt_soap_foreach(params):
+    return _keeping_grads(SOAP(params, max_precond_dim=10000, implementation="foreach", **_SOAP), params)
+
+
 def lmopt_soap_for_loop(params):
     return _keeping_grads(SOAP(params, max_precond_dim=10000, implementation="for_loop", **_SOAP), params)
 
@@ -58,7 +62,7 @@ def lmopt_soap_bf16(params):
 
 CASES = [
     Case("heavyball SOAP (ForeachSOAP)", "soap", "heavyball_soap", peer=True, prepare="reattach_grads"),
-    Case("lmopt soap auto (foreach)", "soap", "lmopt_soap", prepare="reattach_grads"),
-    Case("lmopt soap for_loop", "soap", "lmopt_soap_for_loop", prepare="reattach_grads"),
+    Case("lmopt soap auto (for_loop)", "soap", "lmopt_soap", prepare="reattach_grads"),
+    Case("lmopt soap foreach", "soap", "lmopt_soap_foreach", prepare="reattach_grads"),
     Case("lmopt soap preconditioner_precision=bf16", "soap", "lmopt_soap_bf16", prepare="reattach_grads"),
 ]
