@@ -563,6 +563,7 @@ def _soap_ref(model: nn.Module, kw: dict[str, Any]) -> Any:
         "correct_bias",
         "cautious",
         "maximize",
+        "cautious_weight_decay",
     )
     return ReferenceSOAP(model.parameters(), **{k: h[k] for k in keys})
 
@@ -960,6 +961,7 @@ OPTIM_DB: list[OptimSpec] = [
                 "precondition_frequency": 4,
             },
             {"lr": 3e-3, "cautious": True, "precondition_frequency": 5},
+            {"lr": 3e-3, "cautious_weight_decay": True, "weight_decay": 0.3, "precondition_frequency": 5},
         ],
         reference=_soap_ref,
         reference_tol=(1e-9, 1e-12),
@@ -974,6 +976,7 @@ OPTIM_DB: list[OptimSpec] = [
             ({"max_precond_dim": 0}, "max_precond_dim"),
             ({"merge_dims": 1}, "merge_dims"),
             ({"cautious": "yes"}, "cautious"),
+            ({"cautious_weight_decay": 1}, "cautious_weight_decay"),
             ({"state_precision": "8bit"}, "state_precision"),
             ({"preconditioner_precision": "fp16"}, "preconditioner_precision"),
             ({"implementation": "fused"}, "implementation"),

@@ -16,6 +16,7 @@ Update rule for a matrix parameter ``W`` with gradient ``G`` (negated when ``max
         U <- U / (1e-30 + rms(U))                                   (normalize_grads=True only)
         W <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * U               (correct_bias=False: W - lr * U)
         W <- W - lr * weight_decay * W                              (decoupled, after the update, as the authors)
+             cautious_weight_decay=True: W <- W - lr * weight_decay * 1[U * W >= 0] * W (Chen et al. 2025)
         L <- b_s L + (1 - b_s) G G^T      R <- b_s R + (1 - b_s) G^T G
         if t % precondition_frequency == 0 (one power iteration + QR, the authors' refresh):
             for Q, P in (Q_L, L), (Q_R, R):
@@ -72,7 +73,7 @@ import torch
 from torch import Tensor
 
 from ..spec import OptimizerSpec, StateTensor, Translation
-from ._cautious import apply_cautious_
+from ._cautious import apply_cautious_, cautious_decay_mask
 from ._dispatch import math_dtype, resolve_implementation
 from .base import LmoptOptimizer, check_choice, check_flag, check_range, constructor_defaults, is_dtensor
 
@@ -143,6 +144,7 @@ class SOAPHyper(NamedTuple):
     correct_bias: bool
     cautious: bool
     maximize: bool
+    cautious_weight_decay: bool = False
 
 
 def _rotate(x: Tensor, bases: list[Tensor | None], back: bool) -> Tensor:
@@ -233,7 +235,8 @@ def soap_tensor(
         update = update / (1e-30 + torch.mean(update**2) ** 0.5)
     p.add_(update, alpha=-step_size)
     if hp.weight_decay > 0:
-        p.add_(p, alpha=-hp.lr * hp.weight_decay)
+        decayed = p * cautious_decay_mask(update, p) if hp.cautious_weight_decay else p
+        p.add_(decayed, alpha=-hp.lr * hp.weight_decay)
     _accumulate(g, statistics, hp.shampoo_beta)
     if t % hp.precondition_frequency == 0 and any(q is not None for q in bases):
         original = _rotate(exp_avg, bases, back=True)  # the first moment in W's space, by the old basis
@@ -346,9 +349,13 @@ def _foreach_soap(entries: list[_Entry], hp: SOAPHyper) -> None:
             updates = [u / (1e-30 + torch.mean(u**2) ** 0.5) for u in updates]
         params = [e.p for e in batch]
         torch._foreach_add_(params, updates, alpha=-step_size)
-        del update, updates
         if hp.weight_decay > 0:
-            torch._foreach_add_(params, params, alpha=-hp.lr * hp.weight_decay)
+            decayed = params
+            if hp.cautious_weight_decay:
+                decayed = [p * cautious_decay_mask(u, p) for p, u in zip(params, updates, strict=True)]
+            torch._foreach_add_(params, decayed, alpha=-hp.lr * hp.weight_decay)
+            del decayed
+        del update, updates
         _batched_accumulate(g, batch, hp, has_left, has_right)
         if t % hp.precondition_frequency == 0 and (has_left or has_right):
             original = _batched_rotate(_stacked(exp_avgs), left, right, back=True)
@@ -423,6 +430,7 @@ def soap(
     correct_bias: bool = True,
     cautious: bool = False,
     maximize: bool = False,
+    cautious_weight_decay: bool = False,
     implementation: str = "auto",
 ) -> str:
     """Functional SOAP step over plain tensors (see the module docstring), in place.
@@ -445,6 +453,7 @@ def soap(
         correct_bias,
         cautious,
         maximize,
+        cautious_weight_decay,
     )
     entries, write_back = [], []
     for i, p in enumerate(params):
@@ -492,6 +501,8 @@ class SOAP(LmoptOptimizer):
         correct_bias: Adam's bias correction (default True).
         cautious: mask the update where its sign disagrees with the gradient, rescaled by the kept fraction
             (Liang et al. 2024; :mod:`lmopt.optim._cautious`; default False).
+        cautious_weight_decay: decay only where the update and the parameter have the same sign (Chen et al.
+            2025, "Cautious Weight Decay"; applied after the update, as SOAP's decay; default False).
         maximize: ascend instead of descend.
         state_precision: dtype of ``exp_avg`` / ``exp_avg_sq``: None (the parameter's, default), ``"fp32"`` or
             ``"bf16"``.
@@ -528,6 +539,7 @@ class SOAP(LmoptOptimizer):
         correct_bias: bool = True,
         *,
         cautious: bool = False,
+        cautious_weight_decay: bool = False,
         maximize: bool = False,
         state_precision: str | None = None,
         preconditioner_precision: str | None = None,
@@ -545,7 +557,9 @@ class SOAP(LmoptOptimizer):
             value = group[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias", "cautious", "maximize"):
+        group.setdefault("cautious_weight_decay", False)  # groups saved before the option
+        flags = ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias", "cautious", "maximize")
+        for name in (*flags, "cautious_weight_decay"):
             check_flag(name, group[name])
         check_choice("state_precision", group["state_precision"], (None, "fp32", "bf16"))
         check_choice("preconditioner_precision", group["preconditioner_precision"], (None, "fp32", "bf16"))
@@ -600,6 +614,7 @@ class SOAP(LmoptOptimizer):
             normalize_grads=group["normalize_grads"],
             correct_bias=group["correct_bias"],
             cautious=group["cautious"],
+            cautious_weight_decay=group["cautious_weight_decay"],
             maximize=group["maximize"],
             implementation=group["implementation"],
         )

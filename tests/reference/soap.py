@@ -13,8 +13,9 @@ Changes, so that the comparison is exact in float64 and covers lmopt's options:
   decompositions in fp32, which would limit a float64 comparison to fp32 precision);
 * ``shampoo_beta=None`` means ``betas[1]`` (the authors' -1);
 * ``cautious`` (C-Optim's mask ``1[u * g > 0] / max(mean, 1e-3)`` on the update in the parameter's space, before
-  ``normalize_grads``) and ``maximize`` (the gradient negated) are added; ``data_format`` is dropped
-  (channels-first only).
+  ``normalize_grads``), ``cautious_weight_decay`` (Chen et al. 2025, "Cautious Weight Decay": the decay only
+  where ``u * p >= 0``, at SOAP's place, after the update) and ``maximize`` (the gradient negated) are added;
+  ``data_format`` is dropped (channels-first only).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ReferenceSOAP(torch.optim.Optimizer):
         correct_bias=True,
         cautious=False,
         maximize=False,
+        cautious_weight_decay=False,
     ):
         defaults = dict(
             lr=lr,
@@ -56,6 +58,7 @@ class ReferenceSOAP(torch.optim.Optimizer):
             correct_bias=correct_bias,
             cautious=cautious,
             maximize=maximize,
+            cautious_weight_decay=cautious_weight_decay,
         )
         super().__init__(params, defaults)
 
@@ -138,7 +141,10 @@ class ReferenceSOAP(torch.optim.Optimizer):
                     norm_grad = norm_grad / (1e-30 + torch.mean(norm_grad**2) ** 0.5)
                 p.add_(norm_grad, alpha=-step_size)
                 if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=(-group["lr"] * group["weight_decay"]))
+                    decayed = p
+                    if group["cautious_weight_decay"]:  # Chen et al. 2025: decay where update and weight agree
+                        decayed = p * (norm_grad * p >= 0).to(p.dtype)
+                    p.add_(decayed, alpha=(-group["lr"] * group["weight_decay"]))
                 self.update_preconditioner(
                     grad,
                     state,
