@@ -16,6 +16,7 @@ from .muon import Muon, NorMuon, muon, normuon
 from .offload import OffloadOptimizer, offload
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
+from .soap import SOAP, soap
 from .sophia import Sophia, sampled_label_loss, sophia
 from .stable_adamw import StableAdamW, stable_adamw
 
@@ -66,4 +67,7 @@ __all__ = [
     "ScheduleFreeAdamW",
     "recompute_batchnorm_statistics",
     "with_lookahead",
+    # SOAP: Adam in Shampoo's eigenbasis (docs/optimizers-soap.md)
+    "SOAP",
+    "soap",
 ]
