@@ -5,6 +5,8 @@
 * :func:`z_loss`, :func:`cross_entropy_with_z_loss` -- PaLM's z-loss
 * :class:`HealthMonitor` -- loss spikes, gradient norms, clip rate, update ratios, NaN/inf, with suggestions
 * :func:`save_checkpoint`, :func:`load_checkpoint`, :class:`CheckpointManager`, :class:`PreemptionHandler`
+* :func:`save_sharded_checkpoint`, :func:`load_sharded_checkpoint`, :func:`convert_checkpoint` -- sharded
+  checkpoints through torch.distributed.checkpoint (torchrun, FSDP2), resumable at another world size
 * :func:`optimizer_step` -- one update after the backward pass: clip, non-finite policy, step, zero, schedule
 * :func:`fit` -- the reference training loop that uses all of the above
 """
@@ -22,6 +24,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .clip import ClipResult, clip_grad_norm
+from .dcp import convert_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from .fit import FitResult, StepInfo, fit, lm_loss
 from .monitor import SUGGESTIONS, HealthEvent, HealthMonitor
 from .step import NonFinitePolicy, StepOutcome, optimizer_step
@@ -44,12 +47,15 @@ __all__ = [
     "TrainState",
     "capture_rng_state",
     "clip_grad_norm",
+    "convert_checkpoint",
     "cross_entropy_with_z_loss",
     "fit",
     "lm_loss",
     "load_checkpoint",
+    "load_sharded_checkpoint",
     "optimizer_step",
     "restore_rng_state",
     "save_checkpoint",
+    "save_sharded_checkpoint",
     "z_loss",
 ]
