@@ -1,6 +1,7 @@
 """Worker for test_dcp_checkpoint.py, launched with torchrun (gloo on CPU) or as a plain process (1 rank).
 
-``python dcp_worker.py MODE DIRECTORY RESULTS.json [SPEC,SPEC,...]`` (default: every spec):
+``python dcp_worker.py MODE DIRECTORY RESULTS.json [SPEC,SPEC,...] [KILL_DIRECTORY]`` (default: every spec;
+with ``KILL_DIRECTORY``, ``kill-write`` runs there after MODE, in the same processes):
 
 * ``save`` (2 ranks): for every spec of the test database, trains the small model sharded with FSDP2 for 3
   steps, saves a sharded checkpoint through :class:`lmopt.train.CheckpointManager` (scheduler and GradScaler
@@ -74,9 +75,9 @@ def params_hash(model) -> str:
     return digest.hexdigest()
 
 
-def save_mode(directory: str) -> dict:
+def save_mode(directory: str, specs) -> dict:
     results = {}
-    for spec in SPECS:
+    for spec in specs:
         try:
             model, opt, sched, scaler = build(spec)
             train(spec, model, opt, sched, 0, SAVED_AT)
@@ -106,9 +107,9 @@ def resume(spec, directory: str) -> dict:
     }
 
 
-def resume_mode(directory: str) -> dict:
+def resume_mode(directory: str, specs) -> dict:
     results = {}
-    for spec in SPECS:
+    for spec in specs:
         try:
             results[spec.name] = resume(spec, directory)
         except Exception as err:
@@ -144,25 +145,27 @@ def kill_mode(directory: str, where: str) -> dict:
     return {"survived": True}
 
 
-def main(mode: str, directory: str, out_path: str, names: str = "") -> None:
-    global SPECS
-    if names:
-        SPECS = [s for s in SPECS if s.name in names.split(",")]
+def main(mode: str, directory: str, out_path: str, names: str = "", kill_directory: str = "") -> None:
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
+    specs = [s for s in SPECS if s.name in names.split(",")] if names else SPECS
     if mode == "save":
-        results = save_mode(directory)
+        results = save_mode(directory, specs)
     elif mode == "resume":
-        results = resume_mode(directory)
+        results = resume_mode(directory, specs)
     else:
         results = kill_mode(directory, mode.removeprefix("kill-"))
     if not dist.is_initialized() or dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
+    if kill_directory:  # then the kill test in the same processes (saves a launch): results are written already
+        if dist.is_initialized():
+            dist.barrier()
+        kill_mode(kill_directory, "write")
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

@@ -31,34 +31,43 @@ FAST = ["adamw", "adamw8bit", "came4bit", "schedule_free_adamw", "lookahead_adam
 ALL = [s.name for s in OPTIM_DB if s.distributed and not s.distributed_unsupported]
 
 
-def _run(mode: str, directory: Path, ranks: int, names: list[str] | None = None, check: bool = True) -> dict | None:
+def _run(mode: str, directory: Path, ranks: int, names: list[str] | None = None, kill: Path | None = None) -> dict:
     out = directory.parent / f"{directory.name}-{mode}-{ranks}.json"
     env = {**clean_environment(), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    args = [mode, str(directory), str(out), ",".join(names or [])]
+    args = [mode, str(directory), str(out), ",".join(names or []), str(kill or "")]
     if ranks == 1:  # a plain process: no process group, an unsharded model
         cmd = [sys.executable, str(WORKER), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--nnodes=1"]
         cmd += [f"--master-port={_free_port()}", "--master-addr=127.0.0.1", str(WORKER), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    if not check:
-        return None
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    if kill is None and not mode.startswith("kill"):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:  # rank 0 killed itself mid-save (the other ranks then fail in their next collective)
+        killed = "exitcode: -9" in proc.stderr or proc.returncode == -9
+        assert killed, proc.stderr[-3000:]
+    return json.loads(out.read_text()) if out.exists() else {}
 
 
-def _curves(tmp_path_factory, names: list[str]) -> dict:
+def _curves(tmp_path_factory, names: list[str], kill: Path | None = None) -> dict:
+    """Save on 2 ranks (and, with ``kill``, the SIGKILL-mid-write test in the same launch), resume on 1 rank in
+    this process (no process group, unsharded) and on 3 ranks."""
+    from . import dcp_worker
+
     directory = tmp_path_factory.mktemp("dcp") / "ckpt"
-    return {
-        "saved": _run("save", directory, 2, names),
-        1: _run("resume", directory, 1, names),
-        3: _run("resume", directory, 3, names),
-    }
+    saved = _run("save", directory, 2, names, kill=kill)
+    torch.manual_seed(0)
+    specs = [s for s in dcp_worker.SPECS if s.name in names]
+    return {"saved": saved, 1: dcp_worker.resume_mode(str(directory), specs), 3: _run("resume", directory, 3, names)}
+
+
+KILLED = "kill-write"
 
 
 @pytest.fixture(scope="module")
 def fast_curves(tmp_path_factory) -> dict:
-    return _curves(tmp_path_factory, FAST)
+    kill = tmp_path_factory.mktemp("killed") / "ckpt"
+    return {**_curves(tmp_path_factory, FAST, kill=kill), KILLED: kill}
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +111,14 @@ def test_sharded_resume_other_world_size_continues_the_curve(name, ranks, reques
 
 
 @pytest.mark.parametrize("where", ["write", "commit"])
-def test_sigkill_mid_save_leaves_the_previous_checkpoint(where, tmp_path):
+def test_sigkill_mid_save_leaves_the_previous_checkpoint(where, tmp_path, request):
     """Rank 0 killed after DCP wrote its files (2 ranks) or after the manifest, before the rename (1 process):
     step 3 stays the newest, loads, and the next save removes the stale temporary."""
-    directory = tmp_path / "ckpt"
-    _run(f"kill-{where}", directory, 2 if where == "write" else 1, check=False)
+    if where == "write":
+        directory = request.getfixturevalue("fast_curves")[KILLED]
+    else:
+        directory = tmp_path / "ckpt"
+        _run(f"kill-{where}", directory, 1)
     manager = CheckpointManager(directory, sharded=True)
     assert [p.name for p in manager.checkpoints()] == ["step-00000003"]
     stale = list(directory.glob(".step-00000006.tmp-*"))

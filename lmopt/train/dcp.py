@@ -595,12 +595,8 @@ def load_sharded_checkpoint(
                 )
             else:
                 set_model_state_dict(model, target[weights_key])
-        if (
-            optimizer is not None
-            and isinstance(common.get("optimizer_lmopt"), dict)
-            and hasattr(optimizer, "skipped_steps")
-        ):
-            optimizer.skipped_steps = int(common["optimizer_lmopt"].get("skipped_steps", 0))
+        if optimizer is not None and isinstance(common.get("optimizer_lmopt"), dict):
+            _set_skipped_steps(optimizer, int(common["optimizer_lmopt"].get("skipped_steps", 0)))
     except BaseException as err:
         if optimizer is not None and before is not None:
             optimizer.__dict__.clear()
@@ -617,6 +613,15 @@ def load_sharded_checkpoint(
         )
         warnings.warn(state.warnings[-1], UserWarning, stacklevel=2)
     return state
+
+
+def _set_skipped_steps(optimizer: Any, value: int) -> None:
+    """lmopt's own state entry, which DCP's get_state_dict leaves out; wrappers (Lookahead) hold it in the inner
+    optimizer."""
+    while isinstance(getattr(type(optimizer), "skipped_steps", None), property) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if hasattr(optimizer, "skipped_steps"):
+        optimizer.skipped_steps = value
 
 
 def _finish(common: dict[str, Any], path: Path, scheduler: Any, scaler: Any, restore_rng: bool) -> TrainState:
