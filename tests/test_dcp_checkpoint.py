@@ -222,3 +222,23 @@ def test_manager_picks_the_layout(tmp_path):
     fresh = make_model(seed=1)
     state = manager.load_latest(model=fresh, optimizer=BY_NAME["adamw"].make(fresh, {}))
     assert state is not None and state.step == 3
+
+
+def test_cli_checkpoint_convert(tmp_path, capsys):
+    from lmopt.cli import main
+
+    _, model, opt = _trained("adamw8bit")
+    save_checkpoint(tmp_path / "a.pt", step=3, model=model, optimizer=opt)
+    assert main(["checkpoint", "convert", str(tmp_path / "a.pt"), str(tmp_path / "b")]) == 0
+    assert main(["checkpoint", "convert", str(tmp_path / "b"), str(tmp_path / "c.pt")]) == 0
+    assert main(["checkpoint", "info", str(tmp_path / "b")]) == 0
+    assert '"world_size": 1' in capsys.readouterr().out
+    for argv, message in (
+        (["convert", str(tmp_path / "b"), str(tmp_path / "c.pt")], "exists; choose another destination"),
+        (["convert", str(tmp_path / "missing"), str(tmp_path / "d")], "no checkpoint at"),
+        (["convert", str(tmp_path / "b"), str(tmp_path / "b")], "exists"),
+        (["info", str(tmp_path / "missing")], "No such file or directory"),
+    ):
+        assert main(["checkpoint", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lmopt checkpoint: error: ") and message in err and err.count("\n") == 1, err

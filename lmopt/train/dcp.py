@@ -885,7 +885,9 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     if not src.exists():
         raise CheckpointError(f"no checkpoint at {src}")
     if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst} exists; choose another destination or pass overwrite=True")
+        raise CheckpointError(
+            f"{dst} exists; choose another destination or pass overwrite=True (lmopt checkpoint convert --overwrite)"
+        )
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"source and destination are the same path ({src})")
     if src.is_dir():
