@@ -827,11 +827,10 @@ class CheckpointManager:
         return [p for *_, p in sorted(found)]
 
     def latest(self) -> Path | None:
-        """The newest checkpoint, or None (under a process group: rank 0's view, on every rank)."""
-        from .dcp import _from_rank0
-
+        """The newest checkpoint, or None (a local listing: no collective; a sharded load checks that every rank
+        found the same one)."""
         found = self.checkpoints()
-        return _from_rank0(found[-1] if found else None)
+        return found[-1] if found else None
 
     def uses_sharded(self, model: nn.Module | None) -> bool:
         """The layout :meth:`save` writes for ``model``."""

@@ -536,6 +536,12 @@ def load_sharded_checkpoint(
     try:
         if not path.is_dir():
             raise CheckpointError(f"no sharded checkpoint at {path}")
+        first = _from_rank0(str(path.resolve()))
+        if first != str(path.resolve()):
+            raise CheckpointError(
+                f"rank {_rank()} loads {path}, rank 0 loads {first}: every rank must load the same checkpoint "
+                f"(a directory every rank sees the same way: a shared file system)"
+            )
         if _rank() == 0:
             if verify:
                 _verify(path)
