@@ -242,3 +242,22 @@ def test_cli_checkpoint_convert(tmp_path, capsys):
         assert main(["checkpoint", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("lmopt checkpoint: error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("stage", ["capture_rng_state", "_write_manifest", "_verify"])
+def test_failed_sharded_save_leaves_the_previous_one_and_no_temporary(stage, tmp_path, monkeypatch):
+    from lmopt.train import dcp as lmopt_dcp
+
+    _, model, opt = _trained("adamw")
+    manager = CheckpointManager(tmp_path, keep_last=1, sharded=True)
+    manager.save(3, model=model, optimizer=opt)
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lmopt_dcp, stage, fail)
+    with pytest.raises(OSError, match="No space left"):
+        manager.save(4, model=model, optimizer=opt)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000003"]
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "step-00000003", model=make_model()).step == 3

@@ -112,7 +112,8 @@ def _from_rank0(value: Any) -> Any:
 
 
 def _agree(error: BaseException | None, what: str) -> None:
-    """Raise on every rank when any rank failed (never a hang with some ranks waiting in a collective)."""
+    """Raise on every rank when any rank failed (never a hang with some ranks waiting in a collective): the
+    failing rank its own error, the others a :class:`CheckpointError` naming it."""
     message = None if error is None else f"rank {_rank()}: {type(error).__name__}: {error}"
     if _distributed():
         everyone: list[Any] = [None] * _world_size()
@@ -121,9 +122,9 @@ def _agree(error: BaseException | None, what: str) -> None:
     else:
         failed = [message] if message is not None else []
     if failed:
-        if error is not None and isinstance(error, CheckpointError):
+        if error is not None:  # this rank's own error, as raised
             raise error
-        raise CheckpointError(f"{what} failed: {failed[0]}") from error
+        raise CheckpointError(f"{what} failed: {failed[0]}")
 
 
 class _quiet_single_process(warnings.catch_warnings):
@@ -133,6 +134,16 @@ class _quiet_single_process(warnings.catch_warnings):
         out = super().__enter__()
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         return out
+
+
+def _as_checkpoint_error(error: BaseException | None, path: Path, what: str) -> BaseException | None:
+    """A load failure as a one-line :class:`CheckpointError` (what a caller of load_checkpoint catches)."""
+    if error is None or isinstance(error, (CheckpointError, KeyboardInterrupt)):
+        return error
+    first = (str(error).splitlines() or [""])[0][:300]
+    wrapped = CheckpointError(f"{what} failed ({type(error).__name__}: {first}); nothing was changed")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _has_dtensors(model: nn.Module) -> bool:
@@ -350,7 +361,6 @@ def save_sharded_checkpoint(
     temporary directory, verified (manifest of hashes) and renamed by rank 0 after a barrier; a failure on any
     rank raises on every rank and leaves any previous checkpoint at ``path`` untouched.
     """
-    import torch.distributed.checkpoint as dcp
 
     from .._version import __version__
 
@@ -382,6 +392,28 @@ def save_sharded_checkpoint(
     except BaseException as err:
         error = err
     _agree(error, f"creating {tmp}")
+    try:
+        _save_into(tmp, path, common, model, optimizer, scheduler, scaler, rng)
+    except BaseException:
+        if _rank() == 0:  # a failed save leaves no temporary behind (a killed one does; the next save cleans it)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _save_into(
+    tmp: Path,
+    path: Path,
+    common: dict[str, Any],
+    model: nn.Module,
+    optimizer: Optimizer | None,
+    scheduler: Any,
+    scaler: Any,
+    rng: bool,
+) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    error: BaseException | None = None
     try:
         model_sd, optim_sd = _state_dicts(model, optimizer)
         state: dict[str, Any] = {"model": model_sd}
@@ -431,10 +463,7 @@ def save_sharded_checkpoint(
             _commit(tmp, path, common)
     except BaseException as err:
         error = err
-    if error is not None and _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
     _agree(error, f"committing {path}")
-    return path
 
 
 def _commit(tmp: Path, path: Path, common: dict[str, Any]) -> None:
@@ -448,7 +477,11 @@ def _commit(tmp: Path, path: Path, common: dict[str, Any]) -> None:
     if path.exists():  # the same step saved again: the old one goes only once the new one is in place
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
@@ -549,7 +582,7 @@ def load_sharded_checkpoint(
                 read_sharded_manifest(path)
     except BaseException as err:
         error = err
-    _agree(error, f"verifying {path}")
+    _agree(_as_checkpoint_error(error, path, f"verifying {path}"), f"verifying {path}")
     try:
         try:
             common = torch.load(path / COMMON, weights_only=True, map_location="cpu")
@@ -569,7 +602,7 @@ def load_sharded_checkpoint(
                 raise CheckpointError(f"checkpoint {path} has no {name} state; pass {name}=None or start it fresh")
     except BaseException as err:
         error = err
-    _agree(error, f"checking {path}")
+    _agree(_as_checkpoint_error(error, path, f"checking {path}"), f"checking {path}")
     if model is None:
         return _finish(common, path, scheduler, scaler, restore_rng)
     try:
@@ -583,13 +616,13 @@ def load_sharded_checkpoint(
         target, whole = _target(metadata, live, tuple(live))
     except BaseException as err:
         error = err
-    _agree(error, f"preparing to read {path}")
+    _agree(_as_checkpoint_error(error, path, f"preparing to read {path}"), f"preparing to read {path}")
     try:
         with _quiet_single_process():
             dcp.load(target, checkpoint_id=str(path), storage_reader=_reader(path), planner=_load_planner())
     except BaseException as err:
         error = err
-    _agree(error, f"reading {path}")
+    _agree(_as_checkpoint_error(error, path, f"reading {path}"), f"reading {path}")
     before = dict(optimizer.__dict__) if optimizer is not None else None
     try:
         with warnings.catch_warnings():
@@ -608,7 +641,7 @@ def load_sharded_checkpoint(
             optimizer.__dict__.clear()
             optimizer.__dict__.update(before)
         error = err
-    _agree(error, f"installing the state of {path}")
+    _agree(_as_checkpoint_error(error, path, f"installing the state of {path}"), f"installing the state of {path}")
     state = _finish(common, path, scheduler, scaler, restore_rng)
     if whole:
         state.warnings.append(
