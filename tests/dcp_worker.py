@@ -7,7 +7,8 @@ with ``KILL_DIRECTORY``, ``kill-write`` runs there after MODE, in the same proce
   steps, saves a sharded checkpoint through :class:`lmopt.train.CheckpointManager` (scheduler and GradScaler
   included), then trains 3 more steps, recording the loss on a fixed batch after each step and a hash of the
   final full parameters: the uninterrupted curve. Then it resumes from that checkpoint on the same 2 ranks as
-  ``resume`` does (``resumed``).
+  ``resume`` does (``resumed``), and resumes the checkpoints a single process saved in ``DIRECTORY-one-process``
+  (``from_one_process``).
 * ``resume`` (any world size; 1 = a plain process and an unsharded model): loads the newest checkpoint of each
   spec into a fresh model (other weights) and optimizer and trains the same 3 steps, recording the same.
 * ``kill-write`` / ``kill-commit`` (2 ranks): saves step 3 of AdamW, trains, then starts saving step 6 and rank 0
@@ -86,6 +87,12 @@ def save_mode(directory: str, specs) -> dict:
             manager.save(SAVED_AT, model=model, optimizer=opt, scheduler=sched, scaler=scaler, data_position=SAVED_AT)
             losses = train(spec, model, opt, sched, SAVED_AT, MORE)
             results[spec.name] = {"losses": losses, "params": params_hash(model), "resumed": resume(spec, directory)}
+            single = os.path.join(directory + "-one-process", spec.name)
+            if os.path.isdir(single):  # saved by one process (plain parameters): resumed here on 2 ranks
+                try:
+                    results[spec.name]["from_one_process"] = resume(spec, directory + "-one-process")
+                except Exception as err:
+                    results[spec.name]["from_one_process"] = {"error": f"{type(err).__name__}: {err}"}
         except Exception as err:  # reported per optimizer, the others still run
             results[spec.name] = {"error": f"{type(err).__name__}: {err}"}
     return results

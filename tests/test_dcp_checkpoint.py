@@ -28,6 +28,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 WORKER = Path(__file__).with_name("dcp_worker.py")
 FAST = ["adamw", "adamw8bit", "came4bit", "schedule_free_adamw", "lookahead_adamw", "muon"]
+#: saved by one process and resumed on 2 ranks: the single file (adamw) and the sharded layout (quantized)
+FROM_ONE_PROCESS = ("adamw", "adamw8bit", "came4bit")
 ALL = [s.name for s in OPTIM_DB if s.distributed and not s.distributed_unsupported]
 
 
@@ -55,10 +57,22 @@ def _curves(tmp_path_factory, names: list[str], kill: Path | None = None) -> dic
     from . import dcp_worker
 
     directory = tmp_path_factory.mktemp("dcp") / "ckpt"
+    one = {}
+    for spec in [s for s in dcp_worker.SPECS if s.name in names and s.name in FROM_ONE_PROCESS]:
+        # one process, plain parameters, both layouts: resumed on 2 ranks by the save launch
+        sharded = spec.name != "adamw"
+        torch.manual_seed(0)
+        model, opt, sched, scaler = dcp_worker.build(spec)
+        dcp_worker.train(spec, model, opt, sched, 0, dcp_worker.SAVED_AT)
+        manager = CheckpointManager(Path(f"{directory}-one-process") / spec.name, sharded=sharded)
+        kwargs = dict(model=model, optimizer=opt, scheduler=sched, scaler=scaler, data_position=dcp_worker.SAVED_AT)
+        manager.save(dcp_worker.SAVED_AT, **kwargs)
+        one[spec.name] = dcp_worker.train(spec, model, opt, sched, dcp_worker.SAVED_AT, dcp_worker.MORE)
     saved = _run("save", directory, 2, names, kill=kill)
     torch.manual_seed(0)
     specs = [s for s in dcp_worker.SPECS if s.name in names]
-    return {"saved": saved, 1: dcp_worker.resume_mode(str(directory), specs), 3: _run("resume", directory, 3, names)}
+    resumed_1 = dcp_worker.resume_mode(str(directory), specs)
+    return {"saved": saved, 1: resumed_1, 3: _run("resume", directory, 3, names), "one": one}
 
 
 KILLED = "kill-write"
@@ -108,6 +122,19 @@ def test_sharded_resume_other_world_size_continues_the_curve(name, ranks, reques
     if name in ("adamw8bit", "came4bit"):  # their blocks straddle the new shard boundaries
         assert resumed["requantized"]
     assert any("saved on 2 ranks" in note for note in resumed["notes"])
+
+
+@pytest.mark.parametrize("name", FROM_ONE_PROCESS)
+def test_one_process_checkpoint_resumes_on_two_ranks(name, fast_curves):
+    """Saved by one process with plain parameters (adamw: the single file; the quantized ones: the sharded
+    layout), loaded into FSDP2 on 2 ranks: the curve continues within the spec's FSDP2 tolerance."""
+    saved = fast_curves["saved"][name]
+    assert "error" not in saved, saved["error"]
+    resumed = saved["from_one_process"]
+    assert "error" not in resumed, resumed["error"]
+    got, want = resumed["losses"], fast_curves["one"][name]
+    tol = BY_NAME[name].distributed_tol
+    assert all(abs(a - b) <= tol * abs(b) for a, b in zip(got, want, strict=True)), (got, want)
 
 
 @pytest.mark.parametrize("where", ["write", "commit"])

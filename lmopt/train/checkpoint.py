@@ -687,6 +687,41 @@ def _restore(obj: Any, snapshot: Any) -> None:
         obj.load_state_dict(snapshot)
 
 
+def _load_full_into_shards(
+    name: str, obj: Any, source: dict[str, Any], model: nn.Module, payload: dict[str, Any], path: Path
+) -> None:
+    """A single file's full tensors into a model with DTensor (FSDP2) parameters and its optimizer, through
+    torch.distributed.checkpoint.state_dict (each rank keeps its shards; quantized state is re-blocked)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    if name == "model":
+        set_model_state_dict(model, source, options=options)
+        return
+    names = (payload.get("optimizer_signature") or {}).get("group_params")
+    if not isinstance(names, list) or any(n is None for g in names for n in g):
+        raise CheckpointError(
+            f"checkpoint {path} does not record its optimizer's parameter names, which loading into sharded "
+            f"(FSDP2) parameters needs; load it in one process and save it again with this lmopt"
+        )
+    index_to_name = {}
+    groups = []
+    for group, group_names in zip(source["param_groups"], names, strict=True):
+        index_to_name.update(zip(group["params"], group_names, strict=True))
+        groups.append({**group, "params": list(group_names)})
+    by_name = {"state": {index_to_name[k]: v for k, v in source["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, obj, by_name, options=options)
+    skipped = source.get("lmopt", {}).get("skipped_steps") if isinstance(source.get("lmopt"), dict) else None
+    if isinstance(skipped, int) and hasattr(obj, "skipped_steps"):
+        from .dcp import _set_skipped_steps
+
+        _set_skipped_steps(obj, skipped)
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -749,11 +784,15 @@ def load_checkpoint(
     sources = {"optimizer": payload.get("optimizer"), "model": weights}
     sources.update({k: payload.get(k) for k in ("scheduler", "scaler")})
     loaded = []
+    into_shards = model is not None and any(hasattr(p, "device_mesh") for p in model.parameters())
     try:
         for name, obj in objects.items():
             if obj is not None:
                 loaded.append(name)
-                obj.load_state_dict(sources[name])
+                if into_shards and name in ("optimizer", "model"):  # FSDP2: full tensors distributed to the shards
+                    _load_full_into_shards(name, obj, sources[name], model, payload, path)
+                else:
+                    obj.load_state_dict(sources[name])
     except Exception as err:
         for done in reversed([n for n in loaded if n in before]):
             try:
