@@ -68,6 +68,20 @@ def train(spec, model, opt, sched, first: int, steps: int) -> list[float]:
     return losses
 
 
+def rng_probe() -> list:
+    """The next draws of Python's, NumPy's and torch's generators on every rank (restored per rank)."""
+    import random
+
+    import numpy as np
+
+    mine = [random.random(), float(np.random.rand()), torch.rand(1).item()]
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 def params_hash(model) -> str:
     digest = hashlib.sha256()
     for p in model.parameters():
@@ -85,8 +99,10 @@ def save_mode(directory: str, specs) -> dict:
             manager = CheckpointManager(os.path.join(directory, spec.name), keep_last=2)
             assert manager.uses_sharded(model)
             manager.save(SAVED_AT, model=model, optimizer=opt, scheduler=sched, scaler=scaler, data_position=SAVED_AT)
+            rng = rng_probe()
             losses = train(spec, model, opt, sched, SAVED_AT, MORE)
-            results[spec.name] = {"losses": losses, "params": params_hash(model), "resumed": resume(spec, directory)}
+            results[spec.name] = {"losses": losses, "params": params_hash(model), "rng": rng}
+            results[spec.name]["resumed"] = resume(spec, directory)
             single = os.path.join(directory + "-one-process", spec.name)
             if os.path.isdir(single):  # saved by one process (plain parameters): resumed here on 2 ranks
                 try:
@@ -105,8 +121,10 @@ def resume(spec, directory: str) -> dict:
         warnings.simplefilter("always")
         state = manager.load_latest(model=model, optimizer=opt, scheduler=sched, scaler=scaler)
     assert state is not None and state.step == SAVED_AT and state.data_position == SAVED_AT, state
+    rng = rng_probe()
     losses = train(spec, model, opt, sched, SAVED_AT, MORE)
     return {
+        "rng": rng,
         "losses": losses,
         "params": params_hash(model),
         "requantized": any("requantized" in str(w.message) for w in caught),
@@ -156,6 +174,13 @@ def main(mode: str, directory: str, out_path: str, names: str = "", kill_directo
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
+    import random
+
+    import numpy as np
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    random.seed(rank)  # each rank its own Python and NumPy streams: a resume must restore each rank's
+    np.random.seed(rank)
     specs = [s for s in SPECS if s.name in names.split(",")] if names else SPECS
     if mode == "save":
         results = save_mode(directory, specs)

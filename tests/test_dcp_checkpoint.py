@@ -103,6 +103,7 @@ def test_sharded_resume_same_world_size_is_bit_exact(name, request):
     assert "error" not in saved, saved["error"]
     resumed = saved["resumed"]
     assert resumed["losses"] == saved["losses"] and resumed["params"] == saved["params"]
+    assert resumed["rng"] == saved["rng"] and saved["rng"][0] != saved["rng"][1]  # per rank, each its own
     assert not resumed["requantized"] and not resumed["notes"]
 
 
@@ -122,6 +123,7 @@ def test_sharded_resume_other_world_size_continues_the_curve(name, ranks, reques
     if name in ("adamw8bit", "came4bit"):  # their blocks straddle the new shard boundaries
         assert resumed["requantized"]
     assert any("saved on 2 ranks" in note for note in resumed["notes"])
+    assert resumed["rng"][0] == saved["rng"][0]  # rank 0 takes the saved rank 0's streams
 
 
 @pytest.mark.parametrize("name", FROM_ONE_PROCESS)

@@ -805,7 +805,13 @@ def load_checkpoint(
         ) from err
     warnings: list[str] = []
     restored = False
-    if restore_rng and "rng" in payload:
+    rank = (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
+    if restore_rng and "rng" in payload and rank != 0:
+        # one process's streams: rank 0 takes them; copying them to every rank would make the ranks draw alike
+        warnings = [f"a single-file checkpoint holds one process's random streams: rank {rank} keeps its own"]
+    elif restore_rng and "rng" in payload:
         warnings = restore_rng_state(payload["rng"])
         restored = True
     return TrainState(
