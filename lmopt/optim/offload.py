@@ -18,11 +18,14 @@ per parameter and the state. The PCIe traffic per step is one gradient and one p
 Without an accelerator the same code runs with the host as the device (the copies are plain CPU copies): the
 result equals the inner optimizer run on the parameters directly, bit for bit (tested), which is what CI checks.
 
-Gradient accumulation works unchanged (the hook copies the accumulated gradient each time; the last copy before
-:meth:`OffloadOptimizer.step` is the one used). Clip the gradients the step uses, the host ones, with
+Gradient accumulation works unchanged: the first gradient after ``zero_grad`` is copied, later ones are added on
+the host in the order autograd adds them on the device (bit-identical), and with ``overlap`` each device gradient is
+released once moved, so the device holds only the gradients autograd is producing (ZeRO-Offload's streaming).
+
+Clip the gradients the step uses, the host ones, with
 :meth:`OffloadOptimizer.clip_grad_norm_` or :func:`lmopt.train.clip_grad_norm` given the optimizer (it reads the
-optimizer's parameters): clipping ``model.parameters()`` after backward would change only the device gradients,
-which were already copied.
+optimizer's parameters): after backward ``model.parameters()`` hold no gradients with ``overlap`` (moved and
+released), and without it only the device copies, which the step does not read.
 """
 
 from __future__ import annotations
@@ -85,7 +88,10 @@ class OffloadOptimizer(Optimizer):
         self._link()
         cuda = any(p.is_cuda for p in self.device_params)
         self._stream = torch.cuda.Stream() if cuda else None
-        self._copied: set[int] = set()  # device params whose current gradient is already on the host
+        self._copied: set[int] = set()  # device params with a gradient on the host since zero_grad
+        self._staging: dict[int, Tensor] = {}  # CUDA accumulation: the copy in flight, added at synchronize
+        self._pending: list[int] = []
+        self._moved: dict[int, tuple[int, int]] = {}  # overlap=False: the device gradient last moved, and its version
         self._hooks = []
         if overlap:
             for index, p in enumerate(self.device_params):
@@ -105,34 +111,58 @@ class OffloadOptimizer(Optimizer):
         return hook
 
     def _copy_grad(self, index: int) -> None:
+        """Move ``p.grad`` to the host: the first gradient since ``zero_grad`` is copied, later ones (accumulation)
+        are added, in the order autograd would add them on the device (bit-identical). With ``overlap`` the device
+        gradient is then released (``p.grad = None``): the device holds only the gradients autograd is producing."""
         p, host = self.device_params[index], self.host_params[index]
         grad = p.grad
         if grad is None:
-            host.grad = None
             return
-        if host.grad is None or host.grad.shape != grad.shape or host.grad.dtype != grad.dtype:
-            pin = host.is_pinned()
-            host.grad = torch.empty(grad.shape, dtype=grad.dtype, device="cpu", pin_memory=pin)
+        # with overlap the device gradient was released after its last move: a new one is a further contribution;
+        # without, the device gradient is the whole of it
+        accumulate = self.overlap and index in self._copied and host.grad is not None
+        if not accumulate:
+            if host.grad is None or host.grad.shape != grad.shape or host.grad.dtype != grad.dtype:
+                host.grad = torch.empty(grad.shape, dtype=grad.dtype, device="cpu", pin_memory=host.is_pinned())
         if self._stream is not None:
+            target = host.grad
+            if accumulate:  # staged, added on the host once the copy landed (synchronize)
+                target = self._staging.get(index)
+                if target is None:
+                    target = self._staging[index] = torch.empty_like(host.grad, pin_memory=host.is_pinned())
+                self._pending.append(index)
             # the gradient is ready on the current stream; the copy waits for it on the side stream
             self._stream.wait_stream(torch.cuda.current_stream(grad.device))
             with torch.cuda.stream(self._stream):
                 grad.record_stream(self._stream)
-                host.grad.copy_(grad, non_blocking=True)
+                target.copy_(grad, non_blocking=True)
+        elif accumulate:
+            host.grad.add_(grad)
         else:
             host.grad.copy_(grad)
         self._copied.add(index)
+        if self.overlap:
+            p.grad = None
 
     def synchronize(self) -> None:
-        """Make the host gradients current: wait for the copies in flight and copy any gradient no hook copied
-        (``overlap=False``, or gradients set by hand). Called by :meth:`step` and the clipping helpers."""
+        """Make the host gradients current: wait for the copies in flight, add staged accumulations, and move any
+        gradient no hook moved (``overlap=False``, or gradients set by hand). Called by :meth:`step`, by
+        :meth:`clip_grad_norm_` and by :func:`lmopt.train.clip_grad_norm`."""
         for index, p in enumerate(self.device_params):
-            if index not in self._copied:
+            grad = p.grad
+            # without overlap: moved once per gradient (a second synchronize must not undo a clip of the host copy)
+            if grad is not None and self._moved.get(index) != (id(grad), grad._version):
                 self._copy_grad(index)
-            elif p.grad is None:
-                self.host_params[index].grad = None
+                if not self.overlap:
+                    self._moved[index] = (id(grad), grad._version)
         if self._stream is not None:
             self._stream.synchronize()
+            for index in self._pending:
+                self.host_params[index].grad.add_(self._staging[index])
+            self._pending.clear()
+        for index, host in enumerate(self.host_params):
+            if index not in self._copied:
+                host.grad = None  # no gradient since zero_grad: the inner optimizer skips it
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip the host gradients (the ones the step uses) to a global norm; returns the norm before clipping."""
@@ -151,7 +181,6 @@ class OffloadOptimizer(Optimizer):
         self.synchronize()
         before = getattr(self.optimizer, "skipped_steps", None)
         self.optimizer.step()
-        self._copied.clear()
         if before is not None and getattr(self.optimizer, "skipped_steps", None) != before:
             return loss  # the inner step was skipped (non-finite gradients): nothing changed, nothing to copy
         for p, host in zip(self.device_params, self.host_params, strict=True):
@@ -167,6 +196,7 @@ class OffloadOptimizer(Optimizer):
                     p.grad.zero_()
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._copied.clear()
+        self._moved.clear()
 
     # -- forwarding ----------------------------------------------------------------------------------------------
     def train(self) -> OffloadOptimizer:
