@@ -36,7 +36,7 @@ CAUTIOUS_MIN_FRACTION = 1e-3
 def cautious_mask(update: Tensor, grad: Tensor) -> Tensor:
     """The rescaled mask ``1[update * grad > 0] / max(mean, 1e-3)`` in ``update``'s dtype (a new tensor)."""
     mask = (update * grad > 0).to(update.dtype)
-    return mask.div_(mask.mean().clamp_(min=CAUTIOUS_MIN_FRACTION))
+    return mask.div_(mask.mean().clamp(min=CAUTIOUS_MIN_FRACTION))  # out of place: a DTensor mean is Partial
 
 
 def apply_cautious_(update: Tensor, grad: Tensor) -> Tensor:
