@@ -969,3 +969,76 @@ OPTIM_DB += [
 ]
 
 BY_NAME = {spec.name: spec for spec in OPTIM_DB}
+
+
+# --------------------------------------------------- Schedule-Free SGD and RAdam (issue 15 item 6)
+def _schedule_free_package_ref(cls_name: str, name: str, keys: tuple[str, ...]) -> Builder:
+    """The schedulefree package's ``SGDScheduleFree`` / ``RAdamScheduleFree`` (its foreach path), in train mode."""
+
+    def build(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+        import schedulefree
+
+        h = _full(name, kw)
+        opt = getattr(schedulefree, cls_name)(model.parameters(), **{k: h[k] for k in keys})
+        opt.train()
+        return opt
+
+    return build
+
+
+_SF_SGD_INVALID = [
+    ({"lr": -1.0}, "lr"),
+    ({"momentum": 0.0}, "momentum"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"r": -1.0}, "r"),
+    ({"weight_lr_power": 17.0}, "weight_lr_power"),
+    ({"implementation": "blocked"}, "implementation"),
+]
+_SF_RADAM_INVALID = [
+    ({"lr": -1.0}, "lr"),
+    ({"betas": (0.9, 1.0)}, "betas"),
+    ({"betas": (0.0, 0.999)}, "betas"),
+    ({"eps": 0.0}, "eps"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"silent_sgd_phase": 1}, "silent_sgd_phase"),
+    ({"r": -1.0}, "r"),
+    ({"implementation": "fused"}, "implementation"),
+]
+# the package's foreach path in float64 runs the same operations in the same order: bit-identical (tolerance 0)
+OPTIM_DB += [
+    OptimSpec(
+        name="schedule_free_sgd",
+        variants=[
+            {"lr": 0.05},
+            {"lr": 0.02, "momentum": 0.8, "weight_decay": 0.01, "warmup_steps": 10},
+            {"lr": 0.05, "r": 1.0, "weight_lr_power": 1.0, "warmup_steps": 3},
+        ],
+        reference=_schedule_free_package_ref(
+            "SGDScheduleFree",
+            "schedule_free_sgd",
+            ("lr", "momentum", "weight_decay", "warmup_steps", "r", "weight_lr_power"),
+        ),
+        reference_tol=(0.0, 0.0),
+        implementations=("for_loop", "foreach"),
+        invalid=_SF_SGD_INVALID,
+    ),
+    OptimSpec(
+        name="schedule_free_radam",
+        variants=[
+            {"lr": 1e-2},
+            {"lr": 5e-3, "weight_decay": 0.1, "betas": (0.95, 0.99), "eps": 1e-6},
+            {"lr": 1e-2, "r": 1.0, "weight_lr_power": 1.0, "silent_sgd_phase": False},
+        ],
+        reference=_schedule_free_package_ref(
+            "RAdamScheduleFree",
+            "schedule_free_radam",
+            ("lr", "betas", "eps", "weight_decay", "r", "weight_lr_power", "silent_sgd_phase"),
+        ),
+        reference_tol=(0.0, 0.0),
+        implementations=("for_loop", "foreach"),
+        invalid=_SF_RADAM_INVALID,
+    ),
+]
+BY_NAME = {spec.name: spec for spec in OPTIM_DB}

@@ -13,7 +13,7 @@ from .lion import Lion, Lion8bit, lion
 from .lookahead import Lookahead, with_lookahead
 from .muon import Muon
 from .release import GradientRelease
-from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
+from .schedule_free import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD, recompute_batchnorm_statistics
 from .sophia import Sophia, sampled_label_loss, sophia
 from .stable_adamw import StableAdamW, stable_adamw
 
@@ -55,6 +55,8 @@ __all__ = [
     "Lookahead",
     "Muon",
     "ScheduleFreeAdamW",
+    "ScheduleFreeRAdam",
+    "ScheduleFreeSGD",
     "recompute_batchnorm_statistics",
     "with_lookahead",
 ]
