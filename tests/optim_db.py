@@ -994,7 +994,7 @@ _SF_SGD_INVALID = [
     ({"warmup_steps": -1}, "warmup_steps"),
     ({"r": -1.0}, "r"),
     ({"weight_lr_power": 17.0}, "weight_lr_power"),
-    ({"implementation": "blocked"}, "implementation"),
+    ({"implementation": "fused"}, "implementation"),
 ]
 _SF_RADAM_INVALID = [
     ({"lr": -1.0}, "lr"),
@@ -1021,7 +1021,7 @@ OPTIM_DB += [
             ("lr", "momentum", "weight_decay", "warmup_steps", "r", "weight_lr_power"),
         ),
         reference_tol=(0.0, 0.0),
-        implementations=("for_loop", "foreach"),
+        implementations=("for_loop", "foreach", "blocked"),
         invalid=_SF_SGD_INVALID,
     ),
     OptimSpec(
@@ -1037,7 +1037,7 @@ OPTIM_DB += [
             ("lr", "betas", "eps", "weight_decay", "r", "weight_lr_power", "silent_sgd_phase"),
         ),
         reference_tol=(0.0, 0.0),
-        implementations=("for_loop", "foreach"),
+        implementations=("for_loop", "foreach", "blocked"),
         invalid=_SF_RADAM_INVALID,
     ),
 ]

@@ -206,3 +206,27 @@ def test_hf_trainer_callback_saves_x(tmp_path):
     torch.testing.assert_close(saved, params_of(trainer.model), rtol=0, atol=1e-6)
     state = torch.load(tmp_path / "checkpoint-4" / "optimizer.pt", weights_only=False)
     assert all(not g["train_mode"] for g in state["param_groups"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("schedule_free_sgd", NAMES["schedule_free_sgd"]),
+        ("schedule_free_radam", NAMES["schedule_free_radam"]),
+        ("schedule_free_radam", {"lr": 1e-2, "weight_decay": 0.05}),  # silent phase, then rectified
+        ("schedule_free_radam", {"lr": 1e-2, "silent_sgd_phase": False}),  # unrectified SGD steps, no decay
+    ],
+)
+def test_blocked_walks_blocks_and_equals_foreach(monkeypatch, name, kw, dtype):
+    """Blocks of 40 elements (the test model's tensors are smaller than a real block): partial blocks, tensors
+    of one block and of many, bf16 upcast block by block; the same operations as foreach, so the same bits."""
+    monkeypatch.setattr("lmopt.optim._dispatch.BLOCK_ELEMENTS", 40)
+    runs = []
+    for impl in ("foreach", "blocked"):
+        model = make_model(dtype)
+        opt = lmopt.create_optimizer(name, model, **kw, implementation=impl)
+        _train(model, opt, 8)
+        assert opt._implementation_used[id(opt.param_groups[0])] == impl
+        runs.append((_weights(model), [opt.state[p]["z"].clone() for p in model.parameters()]))
+    assert _same(runs[0][0], runs[1][0]) and _same(runs[0][1], runs[1][1])
