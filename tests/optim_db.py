@@ -942,7 +942,7 @@ OPTIM_DB += [
             {"lr": 1e-2, "cautious": False, "cautious_weight_decay": True, "weight_decay": 0.2},
         ],
         reference=_cautious_ref("AdamW", (*_CAUTIOUS_KEYS, "eps")),
-        implementations=("for_loop", "foreach"),
+        implementations=("for_loop", "foreach", "blocked"),
         invalid=[
             *_ADAM_INVALID,
             *_CAUTIOUS_INVALID,
@@ -957,12 +957,12 @@ OPTIM_DB += [
             {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5, "cautious_weight_decay": True},
         ],
         reference=_cautious_ref("Lion", _CAUTIOUS_KEYS),
-        implementations=("for_loop", "foreach"),
+        implementations=("for_loop", "foreach", "blocked"),
         invalid=[
             ({"lr": -1.0}, "lr"),
             ({"betas": (0.9, 1.0)}, "betas"),
             ({"weight_decay": -1.0}, "weight_decay"),
-            ({"implementation": "blocked"}, "implementation"),
+            ({"implementation": "kernel"}, "implementation"),
             *_CAUTIOUS_INVALID,
         ],
     ),

@@ -63,7 +63,11 @@ def test_auto_avoids_torchs_fused_kernel_and_explicit_fused_is_refused():
     model = make_model()
     opt = lmopt.create_optimizer("cautious_adamw", model.parameters(), lr=1e-2)
     _train(opt, model, 1)
-    assert _used(opt) == "foreach" and "foreach" in repr(opt)
+    assert _used(opt) == "blocked" and "blocked" in repr(opt)  # two passes over each masked tensor (CPU)
+    model = make_model()
+    opt = lmopt.create_optimizer("cautious_adamw", model.parameters(), lr=1e-2, state_precision="bf16")
+    _train(opt, model, 1)
+    assert _used(opt) == "foreach"  # bf16 moments: neither fused nor blocked applies
     with pytest.raises(ValueError, match="implementation='fused'.*cannot mask"):
         lmopt.create_optimizer("cautious_adamw", make_model().parameters(), implementation="fused")
     with pytest.raises(ValueError, match="cannot mask"):  # the HF name implies fused
@@ -72,13 +76,32 @@ def test_auto_avoids_torchs_fused_kernel_and_explicit_fused_is_refused():
         lmopt.Adam(make_model().parameters(), weight_decay=0.1, cautious_weight_decay=True)
 
 
-def test_lion_auto_avoids_blocked_and_explicit_blocked_is_refused():
-    model = make_model()
-    opt = lmopt.create_optimizer("cautious_lion", model.parameters(), lr=1e-3)
-    _train(opt, model, 1)
-    assert _used(opt) == "foreach"
-    with pytest.raises(ValueError, match="implementation='blocked' cannot mask"):
-        lmopt.Lion(make_model().parameters(), cautious=True, implementation="blocked")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("cautious_adamw", {"lr": 1e-2}),
+        ("cautious_adamw", {"lr": 3e-3, "weight_decay": 0.1, "cautious_weight_decay": True, "maximize": True}),
+        ("cautious_adamw", {"lr": 1e-2, "amsgrad": True}),
+        ("adam", {"lr": 1e-2, "weight_decay": 0.05, "cautious": True}),  # coupled L2 in the masked gradient
+        ("adamw", {"lr": 1e-2, "weight_decay": 0.1}),  # blocked without masks: one pass
+        ("cautious_lion", {"lr": 1e-3}),
+        ("cautious_lion", {"lr": 3e-4, "weight_decay": 0.5, "cautious_weight_decay": True, "maximize": True}),
+    ],
+)
+def test_blocked_two_passes_equal_foreach(monkeypatch, name, kw, dtype):
+    """Blocks of 40 elements (the test model's tensors are smaller than a real block): several blocks per tensor,
+    partial blocks, the count over all of them; the same operations as foreach, so the same bits (bf16
+    parameters step through foreach inside the blocked path)."""
+    monkeypatch.setattr("lmopt.optim._dispatch.BLOCK_ELEMENTS", 40)
+    runs = []
+    for impl in ("foreach", "blocked"):
+        model = make_model(dtype)
+        opt = lmopt.create_optimizer(name, model.parameters(), **kw, implementation=impl)
+        _train(opt, model, 12, dtype)
+        assert _used(opt) == impl
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 LOW_BIT = [
@@ -147,10 +170,14 @@ def test_planner_resolves_the_paths_that_mask():
 
     for name, fused_ok, device, expected in (
         ("cautious_adamw", True, "cuda", "foreach"),
+        ("cautious_adamw", True, "cpu", "blocked"),
+        ("cautious_adamw", False, "cpu", "foreach"),  # bf16 moments
         ("adamw", True, "cuda", "fused"),
+        ("adamw", True, "cpu", "fused"),
         ("cautious_adamw8bit", True, "cpu", "for_loop"),
         ("adamw8bit", True, "cpu", "kernel"),
-        ("cautious_lion", True, "cpu", "foreach"),
+        ("cautious_lion", True, "cpu", "blocked"),
+        ("cautious_lion", True, "cuda", "foreach"),
         ("lion", True, "cpu", "blocked"),
     ):
         spec, implied = lmopt.registry.resolve_name(name)

@@ -381,7 +381,8 @@ def _step_implementation(spec: OptimizerSpec, hyper: Mapping[str, Any], fused_ok
         return "for_loop"
     applies = {
         "fused": fused_ok and not quantized and not masked,
-        "blocked": device == "cpu" and not quantized and not masked,
+        # where an optimizer has both, blocked needs what fused needs (AdamW's blocked path is for the masks)
+        "blocked": device == "cpu" and not quantized and (fused_ok or "fused" not in available),
         "kernel": quantized,
     }
     if requested != "auto" and not applies.get(requested, True):

@@ -30,9 +30,11 @@ for bf16/fp16 parameters with ``param_rounding="kahan"``. The math always runs i
 
 Implementations (``implementation=``, vocabulary in :mod:`lmopt.spec`): ``for_loop`` (the one per-tensor rule
 :func:`adam_delta`, the reference, at every precision), ``foreach`` (multi-tensor), ``fused`` (torch's fused
-kernel), ``kernel`` (lmopt's C kernel on CPUs, Triton on CUDA, for 8/4-bit state: bit-identical to ``for_loop``),
-and ``auto`` (default; :func:`lmopt.optim.resolve_implementation`): ``kernel`` for quantized state, ``fused``
-where it applies (state in the parameter's dtype, non-DTensor parameters), else ``foreach``.
+kernel), ``blocked`` (the foreach rule over cache-sized blocks of plain CPU tensors, bit-identical to it; two passes
+for the cautious masks, which ``fused`` cannot compute), ``kernel`` (lmopt's C kernel on CPUs, Triton on CUDA, for
+8/4-bit state: bit-identical to ``for_loop``), and ``auto`` (default; :func:`lmopt.optim.resolve_implementation`):
+``kernel`` for quantized state, ``fused`` where it applies (state in the parameter's dtype, non-DTensor
+parameters, no cautious mask), then ``blocked`` (CPU), else ``foreach``.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ import torch
 from torch import Tensor
 
 from ..spec import SAME_AS_ADAMW, STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor, Translation
-from ._cautious import cautious_decay_mask, cautious_mask
-from ._dispatch import resolve_implementation
+from . import _dispatch
+from ._cautious import CAUTIOUS_MIN_FRACTION, cautious_decay_mask, cautious_mask
+from ._dispatch import blockable, blocked_applies, flat_blocks, resolve_implementation
 from ._impl import run_on
 from ._precision import (
     ROUNDING_CODES,
@@ -106,7 +109,7 @@ def adam_delta(
         max_exp_avg_sq.copy_(scratch)
         v_hat = max_exp_avg_sq
     step_size, inv_bc2 = adam_scalars(lr, beta1, beta2, step)
-    direction = exp_avg.mul(cautious_mask(exp_avg, g32)) if cautious else exp_avg
+    direction = cautious_mask(exp_avg, g32).mul_(exp_avg) if cautious else exp_avg
     root = _sqrt(v_hat) if ieee_sqrt else torch.sqrt(v_hat, out=scratch)
     delta = torch.div(direction, root.mul_(inv_bc2).add_(eps), out=root).mul_(-step_size)  # -(x * s): exact
     if decoupled and weight_decay != 0:
@@ -201,7 +204,7 @@ def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
         # the update's direction: m, masked per tensor where cautious (the mean is over each whole tensor)
-        direction = [mi.mul(cautious_mask(mi, gi)) for mi, gi in zip(m, g, strict=True)] if cautious else m
+        direction = [cautious_mask(mi, gi).mul_(mi) for mi, gi in zip(m, g, strict=True)] if cautious else m
         del g
         if cautious_wd and decoupled and weight_decay != 0:
             decay = [pi.mul(cautious_decay_mask(di, pi)) for pi, di in zip(p32, direction, strict=True)]
@@ -275,7 +278,94 @@ def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
         )
 
 
-_IMPLEMENTATIONS = {"for_loop": _single_tensor_adamw, "foreach": _multi_tensor_adamw, "fused": _fused_adamw}
+def _blocked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp):
+    """The foreach rule over cache-sized blocks of each large plain contiguous fp32/fp64 CPU tensor (the same
+    operations, so the same values; the rest take foreach). It exists for the cautious masks, which torch's fused
+    kernel cannot compute: their kept fraction is a whole-tensor mean, so a masked tensor takes two passes -- the
+    moments and the count of agreeing signs, then the update -- about 40 B per fp32 parameter from memory, where
+    the foreach rule makes ~15 passes (``auto`` picks ``fused`` for unmasked groups: one pass)."""
+    amsgrad = hp.amsgrad
+    large, rest = [], []
+    for i, p in enumerate(params):
+        tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], *([max_exp_avg_sqs[i]] if amsgrad else [])]
+        same = all(t.dtype == p.dtype for t in tensors) and p.dtype in (torch.float32, torch.float64)
+        # small tensors: one foreach call per op beats Python calls per block
+        (large if same and blockable(*tensors) and p.numel() >= _dispatch.BLOCK_ELEMENTS // 4 else rest).append(i)
+    scratch: dict[torch.dtype, Tensor] = {}
+    for i in large:
+        p = params[i]
+        size = min(p.numel(), _dispatch.BLOCK_ELEMENTS)
+        if p.dtype not in scratch or scratch[p.dtype].shape[1] < size:
+            scratch[p.dtype] = torch.empty((4, size), dtype=p.dtype, device=p.device)
+        state_steps[i] += 1
+        vmax = max_exp_avg_sqs[i] if amsgrad else None
+        _blocked_adamw_tensor(
+            p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, float(state_steps[i]), hp, scratch[p.dtype]
+        )
+    run_on(
+        _multi_tensor_adamw,
+        rest,
+        (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), state_steps),
+        hp,
+    )
+
+
+def _blocked_adamw_tensor(p, g, m, v, vmax, step: float, hp: AdamHyper, scratch: Tensor) -> None:
+    """One tensor of :func:`_blocked_adamw`; ``scratch``: 4 rows of at least one block."""
+    lr, beta1, beta2, eps, weight_decay, decoupled, _amsgrad, maximize, cautious, cautious_wd = hp
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    step_size = -lr / (1 - beta1**step)
+    flat = [t.view(-1) for t in (p, g, m, v, *([vmax] if vmax is not None else []))]
+    blocks = list(flat_blocks(p.numel()))
+
+    def views(start, stop):
+        pb, gb, mb, vb, *rest = (t[start:stop] for t in flat)
+        gbuf, buf, denom, decay = (row[: stop - start] for row in scratch)
+        if maximize:
+            gb = torch.neg(gb, out=gbuf)
+        if not decoupled and weight_decay != 0:
+            gb = torch.add(gb, pb, alpha=weight_decay, out=gbuf)
+        return pb, gb, mb, vb, (rest[0] if rest else None), buf, denom, decay
+
+    kept = 0.0
+    for start, stop in blocks:  # pass 1 (the only one without the masks): the moments
+        pb, gb, mb, vb, vmaxb, buf, denom, decay = views(start, stop)
+        mb.lerp_(gb, 1 - beta1)
+        vb.mul_(beta2).addcmul_(gb, gb, value=1 - beta2)
+        if vmaxb is not None:
+            torch.maximum(vmaxb, vb, out=vmaxb)
+        if cautious:
+            kept += float(torch.mul(mb, gb, out=buf).gt_(0).sum())
+        else:  # no mask: the update in the same pass
+            _blocked_adamw_update(pb, mb, vmaxb if vmaxb is not None else vb, mb, denom, decay, hp, step_size,
+                                  bias_correction2_sqrt)  # fmt: skip
+    if not cautious:
+        return
+    fraction = max(kept / p.numel(), CAUTIOUS_MIN_FRACTION)  # mean(mask) of lmopt.optim._cautious
+    for start, stop in blocks:  # pass 2: the masked update
+        pb, gb, mb, vb, vmaxb, buf, denom, decay = views(start, stop)
+        direction = torch.mul(mb, gb, out=buf).gt_(0).div_(fraction).mul_(mb)
+        _blocked_adamw_update(pb, direction, vmaxb if vmaxb is not None else vb, mb, denom, decay, hp, step_size,
+                              bias_correction2_sqrt)  # fmt: skip
+
+
+def _blocked_adamw_update(p, direction, v_hat, m, denom, decay, hp, step_size, bias_correction2_sqrt) -> None:
+    lr, weight_decay, decoupled, cautious_wd = hp.lr, hp.weight_decay, hp.decoupled, hp.cautious_weight_decay
+    if decoupled and weight_decay != 0:
+        if cautious_wd:  # where u = direction / denom and p agree in sign (lmopt.optim._cautious)
+            p.sub_(torch.mul(direction, p, out=decay).ge_(0).mul_(p).mul_(lr * weight_decay))
+        else:
+            p.mul_(1 - lr * weight_decay)
+    torch.sqrt(v_hat, out=denom).div_(bias_correction2_sqrt).add_(hp.eps)
+    p.addcdiv_(direction, denom, value=step_size)
+
+
+_IMPLEMENTATIONS = {
+    "for_loop": _single_tensor_adamw,
+    "foreach": _multi_tensor_adamw,
+    "fused": _fused_adamw,
+    "blocked": _blocked_adamw,
+}
 
 
 def fused_applies(params: list[Tensor], exp_avgs: list[Tensor]) -> bool:
@@ -283,6 +373,11 @@ def fused_applies(params: list[Tensor], exp_avgs: list[Tensor]) -> bool:
     return all(
         m.dtype == p.dtype and p.device.type in ("cpu", "cuda") and not is_dtensor(p) for p, m in zip(params, exp_avgs)
     )
+
+
+def _blocked_applies(params: list[Tensor], exp_avgs: list[Tensor]) -> bool:
+    """``blocked`` walks plain contiguous CPU tensors whose moments have the parameter's dtype (as ``fused``)."""
+    return blocked_applies(params) and all(m.dtype == p.dtype for p, m in zip(params, exp_avgs))
 
 
 def adamw(
@@ -310,14 +405,15 @@ def adamw(
 
     Updates ``params``, the moments and ``state_steps`` in place. ``decoupled=False`` is Adam with an L2
     penalty added to the gradient. ``cautious`` / ``cautious_weight_decay``: the masks of the module docstring
-    (torch's fused kernel cannot mask: ``"auto"`` then takes ``foreach``). Returns the implementation that ran
+    (torch's fused kernel cannot mask: ``"auto"`` then takes ``blocked`` on CPU, else ``foreach``). Returns the
+    implementation that ran
     (what ``"auto"`` chose).
     """
     masked = cautious or (cautious_weight_decay and decoupled and weight_decay != 0)
     implementation = resolve_implementation(
         implementation,
         tuple(_IMPLEMENTATIONS),
-        {"fused": fused_applies(params, exp_avgs) and not masked},
+        {"fused": fused_applies(params, exp_avgs) and not masked, "blocked": _blocked_applies(params, exp_avgs)},
         owner="cautious AdamW" if masked else "AdamW",
     )
     hp = AdamHyper(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, cautious, cautious_weight_decay)
@@ -343,8 +439,9 @@ class AdamW(MomentPrecision, LmoptOptimizer):
         min_quantized_numel: tensors with fewer elements keep fp32 moments under 8/4-bit precision (default
             4096).
         implementation: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"fused"`` (full-precision
-            moments) or ``"kernel"`` (8/4-bit moments: the C kernel on CPU, Triton on CUDA). For 8/4-bit state
-            the old name ``"fused"`` means ``"kernel"``.
+            moments), ``"blocked"`` (CPU, full-precision moments; ``auto``'s choice for cautious groups there) or
+            ``"kernel"`` (8/4-bit moments: the C kernel on CPU, Triton on CUDA). For 8/4-bit state the old name
+            ``"fused"`` means ``"kernel"``.
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
         param_rounding: how bf16/fp16 parameters (no fp32 master copy) take the update: ``"nearest"``
             (default), ``"stochastic"`` (bf16) or ``"kahan"`` (adds a ``kahan_comp`` state tensor in the
@@ -352,8 +449,8 @@ class AdamW(MomentPrecision, LmoptOptimizer):
         state_dtype: deprecated alias of ``state_precision`` (``"fp32"`` / ``"bf16"``).
         cautious: mask the update where its sign disagrees with the gradient, rescaled by the kept fraction
             (default False; Liang et al. 2024; registry ``cautious_adamw``). torch's fused kernel and lmopt's
-            8/4-bit kernel cannot mask: ``"auto"`` takes ``foreach`` / the per-tensor rule instead (``repr`` says
-            which ran) and an explicit ``"fused"`` / ``"kernel"`` is refused.
+            8/4-bit kernel cannot mask: ``"auto"`` takes ``blocked`` (CPU) / ``foreach`` / the per-tensor rule
+            instead (``repr`` says which ran) and an explicit ``"fused"`` / ``"kernel"`` is refused.
         cautious_weight_decay: decay only where the update and the parameter have the same sign (default
             False; Chen et al. 2025, arXiv:2510.12402); AdamW (decoupled decay) only.
 
@@ -369,7 +466,7 @@ class AdamW(MomentPrecision, LmoptOptimizer):
     Optimizers with 4-bit States", NeurIPS 2023.
     """
 
-    implementations = ("for_loop", "foreach", "fused", "kernel")
+    implementations = ("for_loop", "foreach", "fused", "blocked", "kernel")
     moments = (("exp_avg", "first"), ("exp_avg_sq", "second"))
     kernel_algorithm = "adam"
     _decoupled = True
@@ -440,8 +537,8 @@ class AdamW(MomentPrecision, LmoptOptimizer):
             raise ValueError(
                 f"implementation={impl!r} ({what}) cannot mask updates, which cautious=True / "
                 "cautious_weight_decay=True need; use implementation='auto' (it picks "
-                f"{'the per-tensor rule' if quantized else 'foreach'}) or "
-                f"{'for_loop' if quantized else 'foreach / for_loop'}"
+                f"{'the per-tensor rule' if quantized else 'blocked on CPU, else foreach'}) or "
+                f"{'for_loop' if quantized else 'blocked / foreach / for_loop'}"
             )
         if quantized and any(is_dtensor(p) for p in group["params"]):
             raise NotImplementedError(

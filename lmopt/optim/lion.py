@@ -12,8 +12,9 @@ Cautious masking (``cautious=True``; Liang et al. 2024, C-Optim's ``c_lion.py``,
 :mod:`lmopt.optim._cautious`): ``sign(c)`` is kept where it agrees with ``g`` and rescaled by the kept fraction of
 the whole tensor, ``sign(c) * 1[sign(c) * g > 0] / max(mean, 1e-3)``; cautious weight decay
 (``cautious_weight_decay=True``; Chen et al. 2025) decays only where that update and ``p`` agree in sign. No
-state. The masks need a whole-tensor mean: masked groups take ``foreach`` where ``auto`` would take ``blocked``,
-and the per-tensor rule where it would take the 8/4-bit kernel (``repr`` says which ran).
+state. The masks need a whole-tensor mean: ``blocked`` takes two passes over a masked tensor (count, then update:
+28 B per fp32 parameter instead of 20), and masked groups with 8/4-bit state take the per-tensor rule where
+``auto`` would take the kernel (``repr`` says which ran).
 
 State per parameter: ``exp_avg`` (``m``) -- 4 bytes per fp32 parameter, half of AdamW's -- at the group's
 ``state_precision`` (None: the parameter's dtype; ``"bf16"``; ``"8bit"``: ~1 byte, blockwise-quantized as in
@@ -44,8 +45,9 @@ import torch
 from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor, Translation
-from ._cautious import cautious_decay_mask, cautious_mask
-from ._dispatch import as_math, blockable, resolve_implementation
+from . import _dispatch
+from ._cautious import CAUTIOUS_MIN_FRACTION, cautious_decay_mask, cautious_mask
+from ._dispatch import as_math, blockable, flat_blocks, resolve_implementation
 from ._impl import foreach_copy_back, run_flat_blocks, run_on
 from ._precision import ROUNDING_CODES, MomentPrecision, kahan_state, moments_state, validate_state_precision
 from .base import LmoptOptimizer, check_flag, constructor_defaults, is_dtensor
@@ -161,13 +163,54 @@ def _multi_tensor_lion(params, grads, exp_avgs, hp):
 
 def _blocked_lion(params, grads, exp_avgs, hp):
     decay = 1 - hp.lr * hp.weight_decay
+    masked = hp.cautious or (hp.cautious_weight_decay and hp.weight_decay != 0)
     rest = []
+    scratch: dict[torch.dtype, Tensor] = {}
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=False)):
-        if not blockable(p, g, m):
+        if not blockable(p, g, m) or (masked and not (p.dtype == g.dtype == m.dtype and p.dtype.itemsize >= 4)):
             rest.append(i)
             continue
-        run_flat_blocks((p, m, g), 2, lambda p, m, g, buf: _lion_block(p, g, m, buf, hp, decay))
+        if not masked:
+            run_flat_blocks((p, m, g), 2, lambda p, m, g, buf: _lion_block(p, g, m, buf, hp, decay))
+            continue
+        size = min(p.numel(), _dispatch.BLOCK_ELEMENTS)
+        if p.dtype not in scratch or scratch[p.dtype].shape[1] < size:
+            scratch[p.dtype] = torch.empty((3, size), dtype=p.dtype, device=p.device)
+        _blocked_masked_lion(p, g, m, hp, scratch[p.dtype])
     run_on(_multi_tensor_lion, rest, (params, grads, exp_avgs), hp)
+
+
+def _blocked_masked_lion(p: Tensor, g: Tensor, m: Tensor, hp: LionHyper, scratch: Tensor) -> None:
+    """Cautious Lion on one fp32/fp64 tensor in two passes over blocks (the kept fraction is a whole-tensor mean):
+    count where sign(c) agrees with g, then the foreach rule's operations (the same values); ``scratch``: 3 rows
+    of at least one block. 28 B per fp32 parameter from memory."""
+    lr, beta1, beta2, weight_decay, maximize, cautious, cautious_wd = hp
+    flat = [t.view(-1) for t in (p, g, m)]
+    blocks = list(flat_blocks(p.numel()))
+
+    def views(start, stop):
+        pb, gb, mb = (t[start:stop] for t in flat)
+        gbuf, c, buf = (row[: stop - start] for row in scratch)
+        return pb, (torch.neg(gb, out=gbuf) if maximize else gb), mb, c, buf
+
+    kept = 0.0
+    if cautious:
+        for start, stop in blocks:
+            _pb, gb, mb, c, _buf = views(start, stop)
+            kept += float(torch.lerp(mb, gb, 1 - beta1, out=c).sign_().mul_(gb).gt_(0).sum())
+    fraction = max(kept / p.numel(), CAUTIOUS_MIN_FRACTION)  # mean(mask) of lmopt.optim._cautious
+    for start, stop in blocks:
+        pb, gb, mb, c, buf = views(start, stop)
+        torch.lerp(mb, gb, 1 - beta1, out=c)
+        mb.lerp_(gb, 1 - beta2)
+        c.sign_()
+        if cautious:
+            c.mul_(torch.mul(c, gb, out=buf).gt_(0).div_(fraction))
+        if weight_decay != 0 and cautious_wd:
+            pb.add_(torch.mul(c, pb, out=buf).ge_(0).mul_(pb), alpha=-lr * weight_decay)
+        elif weight_decay != 0:
+            pb.mul_(1 - lr * weight_decay)
+        pb.add_(c, alpha=-lr)
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_lion, "foreach": _multi_tensor_lion, "blocked": _blocked_lion}
@@ -188,12 +231,10 @@ def lion(
     implementation: Implementation = "auto",
 ) -> str:
     """Functional Lion step over lists of tensors (see the module docstring for the rule); updates in
-    place. ``cautious`` / ``cautious_weight_decay``: the masks of the module docstring (``blocked`` cannot take
-    them: a whole-tensor mean; ``"auto"`` then takes ``foreach``). Returns the implementation that ran."""
+    place. ``cautious`` / ``cautious_weight_decay``: the masks of the module docstring (``blocked`` takes two
+    passes over a masked tensor). Returns the implementation that ran."""
     masked = cautious or (cautious_weight_decay and weight_decay != 0)
-    blocked = not masked and all(
-        p.device.type == "cpu" and blockable(p) and m.dtype == p.dtype for p, m in zip(params, exp_avgs)
-    )
+    blocked = all(p.device.type == "cpu" and blockable(p) and m.dtype == p.dtype for p, m in zip(params, exp_avgs))
     implementation = resolve_implementation(
         {"fused": "blocked"}.get(implementation, implementation),
         tuple(_IMPLEMENTATIONS),
@@ -225,8 +266,8 @@ class Lion(MomentPrecision, LmoptOptimizer):
             ``"fused"``) or ``"kernel"`` (8/4-bit state).
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
         cautious: mask the update where its sign disagrees with the gradient, rescaled by the kept fraction
-            (default False; Liang et al. 2024; registry ``cautious_lion``). ``blocked`` and the 8/4-bit kernel
-            cannot mask: ``"auto"`` takes ``foreach`` / the per-tensor rule; an explicit one is refused.
+            (default False; Liang et al. 2024; registry ``cautious_lion``). The 8/4-bit kernel cannot mask:
+            ``"auto"`` takes the per-tensor rule instead and an explicit ``"kernel"`` is refused.
         cautious_weight_decay: decay only where the update and the parameter agree in sign (default False;
             Chen et al. 2025, arXiv:2510.12402).
 
@@ -280,11 +321,12 @@ class Lion(MomentPrecision, LmoptOptimizer):
         group.setdefault("cautious_weight_decay", False)
         check_flag("cautious", group["cautious"])
         check_flag("cautious_weight_decay", group["cautious_weight_decay"])
-        if _masks(group) and impl in ("blocked", "kernel"):
+        if _masks(group) and impl == "kernel":
             raise ValueError(
-                f"implementation={impl!r} cannot mask updates (the kept fraction is a whole-tensor mean), which "
+                "implementation='kernel' (lmopt's 8/4-bit kernel) cannot mask updates (the kept fraction is a "
+                "whole-tensor mean), which "
                 "cautious=True / cautious_weight_decay=True need; use implementation='auto' (it picks "
-                f"{'the per-tensor rule' if quantized else 'foreach'}) or 'for_loop'"
+                "the per-tensor rule) or 'for_loop'"
             )
         if _masks(group) and quantized and any(is_dtensor(p) for p in group["params"]):
             raise NotImplementedError(
