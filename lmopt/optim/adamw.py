@@ -290,7 +290,7 @@ def _blocked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
         tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], *([max_exp_avg_sqs[i]] if amsgrad else [])]
         same = all(t.dtype == p.dtype for t in tensors) and p.dtype in (torch.float32, torch.float64)
         # small tensors: one foreach call per op beats Python calls per block
-        (large if same and blockable(*tensors) and p.numel() >= _dispatch.BLOCK_ELEMENTS // 4 else rest).append(i)
+        (large if same and blockable(*tensors) and p.numel() >= max(1, _dispatch.BLOCK_ELEMENTS // 4) else rest).append(i)
     scratch: dict[torch.dtype, Tensor] = {}
     for i in large:
         p = params[i]
@@ -406,8 +406,7 @@ def adamw(
     Updates ``params``, the moments and ``state_steps`` in place. ``decoupled=False`` is Adam with an L2
     penalty added to the gradient. ``cautious`` / ``cautious_weight_decay``: the masks of the module docstring
     (torch's fused kernel cannot mask: ``"auto"`` then takes ``blocked`` on CPU, else ``foreach``). Returns the
-    implementation that ran
-    (what ``"auto"`` chose).
+    implementation that ran (what ``"auto"`` chose).
     """
     masked = cautious or (cautious_weight_decay and decoupled and weight_decay != 0)
     implementation = resolve_implementation(

@@ -173,6 +173,8 @@ def _blocked_lion(params, grads, exp_avgs, hp):
         if not masked:
             run_flat_blocks((p, m, g), 2, lambda p, m, g, buf: _lion_block(p, g, m, buf, hp, decay))
             continue
+        if p.numel() == 0:
+            continue
         size = min(p.numel(), _dispatch.BLOCK_ELEMENTS)
         if p.dtype not in scratch or scratch[p.dtype].shape[1] < size:
             scratch[p.dtype] = torch.empty((3, size), dtype=p.dtype, device=p.device)
