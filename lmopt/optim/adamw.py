@@ -290,7 +290,8 @@ def _blocked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
         tensors = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], *([max_exp_avg_sqs[i]] if amsgrad else [])]
         same = all(t.dtype == p.dtype for t in tensors) and p.dtype in (torch.float32, torch.float64)
         # small tensors: one foreach call per op beats Python calls per block
-        (large if same and blockable(*tensors) and p.numel() >= max(1, _dispatch.BLOCK_ELEMENTS // 4) else rest).append(i)
+        big = p.numel() >= max(1, _dispatch.BLOCK_ELEMENTS // 4)
+        (large if same and big and blockable(*tensors) else rest).append(i)
     scratch: dict[torch.dtype, Tensor] = {}
     for i in large:
         p = params[i]
