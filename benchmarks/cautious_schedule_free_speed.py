@@ -73,20 +73,24 @@ def cases(c_optim) -> dict[str, list[tuple[str, bool, Callable]]]:
 
     out: dict[str, list[tuple[str, bool, Callable]]] = {
         "cautious adamw": [
-            ("lmopt cautious_adamw auto (foreach)", False,
+            ("lmopt cautious_adamw auto (blocked)", False,
              lambda p: lmopt.create_optimizer("cautious_adamw", p, **_ADAMW)),
             ("lmopt cautious_adamw auto, norm from clipping", False,
              lambda p: lmopt.create_optimizer("cautious_adamw", p, **_ADAMW)),
+            ("lmopt cautious_adamw foreach", False,
+             lambda p: lmopt.create_optimizer("cautious_adamw", p, implementation="foreach", **_ADAMW)),
             ("lmopt cautious_adamw for_loop", False,
              lambda p: lmopt.create_optimizer("cautious_adamw", p, implementation="for_loop", **_ADAMW)),
             ("lmopt adamw auto (fused; no mask)", False, lambda p: lmopt.create_optimizer("adamw", p, **_ADAMW)),
         ],
         "cautious lion": [
             ("pytorch_optimizer Lion(cautious=True)", True, lambda p: PoLion(p, cautious=True, **_LION)),
-            ("lmopt cautious_lion auto (foreach)", False,
+            ("lmopt cautious_lion auto (blocked)", False,
              lambda p: lmopt.create_optimizer("cautious_lion", p, **_LION)),
             ("lmopt cautious_lion auto, norm from clipping", False,
              lambda p: lmopt.create_optimizer("cautious_lion", p, **_LION)),
+            ("lmopt cautious_lion foreach", False,
+             lambda p: lmopt.create_optimizer("cautious_lion", p, implementation="foreach", **_LION)),
             ("lmopt cautious_lion for_loop", False,
              lambda p: lmopt.create_optimizer("cautious_lion", p, implementation="for_loop", **_LION)),
         ],
