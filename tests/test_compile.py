@@ -44,15 +44,6 @@ KNOWN_GAPS: dict[str, str] = {
         _LOW_BIT,
     ),
     "ademamix": "AdEMAMix's step-dependent alpha/beta3 schedule recompiles every step",
-    # found by counting every break of every compiled step (explain over the first steps misses them)
-    **dict.fromkeys(
-        ("adafactor", "adafactor_bf16", "adam_mini", "stable_adamw"),
-        "per-tensor step reads the step counter / a scalar on the host (Tensor.item() graph breaks)",
-    ),
-    **dict.fromkeys(
-        ("adamw_8bit", "adam_8bit", "lion_8bit"),
-        "precision path reads the step counter on the host (Tensor.item() graph breaks) even for fp32 tensors",
-    ),
 }
 
 #: the default run; the rest of the database runs with ``-m slow``

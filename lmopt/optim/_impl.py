@@ -7,7 +7,9 @@ Each family passes its scalar hyperparameters to its implementations as one ``Na
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,7 +17,18 @@ from torch import Tensor
 from . import _dispatch
 from ._dispatch import flat_blocks
 
-__all__ = ["copy_back", "ema_", "foreach_copy_back", "run_flat_blocks", "run_on", "upcast"]
+__all__ = [
+    "copy_back",
+    "ema_",
+    "foreach_copy_back",
+    "run_flat_blocks",
+    "run_on",
+    "scalar_min",
+    "scalar_sqrt",
+    "traced_lr",
+    "traced_step",
+    "upcast",
+]
 
 
 def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -30,8 +43,38 @@ def copy_back(low: Tensor, exact: Tensor) -> None:
 
 
 def ema_(stat: Tensor, value: Tensor, beta: float | Tensor) -> Tensor:
-    """``stat <- beta * stat + (1 - beta) * value``, in place."""
+    """``stat <- beta * stat + (1 - beta) * value``, in place (``beta`` a float, or a 0-d tensor in a traced
+    step)."""
+    if isinstance(beta, Tensor):
+        return stat.mul_(beta).add_(value * (1 - beta))
     return stat.mul_(beta).add_(value, alpha=1 - beta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scalars of a step: Python floats eagerly, 0-d tensors while torch.compile traces (docs/compile.md)
+def traced_step(step: Tensor) -> float | Tensor:
+    """A step counter as the scalar math takes it: a float eagerly (one host read), the 0-d tensor itself while
+    ``torch.compile`` traces the step (reading it would break the graph; as tensor ops the bias corrections stay
+    in the graph, torch's capturable formulation)."""
+    return step if torch.compiler.is_compiling() else float(step)
+
+
+def traced_lr(lr: Any) -> float | Tensor:
+    """A group's lr: a float, except a tensor lr while torch.compile traces (reading it is a graph break; a tensor
+    lr is what keeps Inductor from recompiling when a scheduler changes it, as in torch.optim)."""
+    return lr if isinstance(lr, Tensor) and torch.compiler.is_compiling() else float(lr)
+
+
+def scalar_sqrt(x: float | Tensor) -> float | Tensor:
+    """``sqrt`` of a step scalar (``math.sqrt`` for a float, bit-identical to the eager path)."""
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def scalar_min(a: float | Tensor, b: float | Tensor) -> float | Tensor:
+    """``min`` of two step scalars, either of which may be a 0-d tensor in a traced step."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return min(a, b)
 
 
 def run_on(fn: Callable[..., None], idx: list[int], lists: Sequence[list], hp: tuple) -> None:

@@ -23,7 +23,6 @@ the same result (tested). The old per-optimizer names ``state_dtype`` (AdamW) an
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -49,6 +48,7 @@ from ..quant.moments import (
 from ..quant.rounding import apply_update_, stochastic_key
 from ..quant.sharded import ShardLayout, is_dtensor, local_state, reshard_quantized, to_layout_of
 from ..spec import STATE_PRECISIONS, StateTensor
+from ._impl import scalar_sqrt, traced_step
 from .base import check_choice
 
 __all__ = [
@@ -224,7 +224,7 @@ class MomentPrecision:
         """One tensor: load its moments in the math dtype, apply :meth:`_update`, store them back, write the
         update with the group's rounding. The step counter (if any) was already advanced."""
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        step = float(state["step"]) if "step" in state else 0.0
+        step = traced_step(state["step"]) if "step" in state else 0.0
         g32 = g.to(dtype)
         if group.get("maximize", False):
             g32 = -g32
@@ -234,13 +234,14 @@ class MomentPrecision:
         delta = self._update(group, p32, g32, values, step)
         for name, fmt in formats.items():
             store_moment(state, name, values[name], fmt)
+        rounding = group.get("param_rounding", "nearest")
         apply_update_(
             p,
             p32,
             delta,
-            group.get("param_rounding", "nearest"),
+            rounding,
             comp=state.get("kahan_comp"),
-            key=stochastic_key(seed, int(step)),
+            key=stochastic_key(seed, int(step)) if rounding == "stochastic" else 0,
             offset=offset,
         )
 
@@ -444,8 +445,8 @@ def _advance_steps(states: list[dict[str, Any]]) -> None:
         torch._foreach_add_(steps, 1)
 
 
-def adam_scalars(lr: float, beta1: float, beta2: float, step: float) -> tuple[float, float]:
+def adam_scalars(lr: Any, beta1: float, beta2: float, step: Any) -> tuple[Any, Any]:
     """Per-tensor (lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)) of Adam's bias corrections. The kernels multiply
     by the inverse (torch's division by a Python scalar does too, but rounds the reciprocal its own way): every
     path gets this one number."""
-    return lr / (1 - beta1**step), 1.0 / math.sqrt(1 - beta2**step)
+    return lr / (1 - beta1**step), 1.0 / scalar_sqrt(1 - beta2**step)

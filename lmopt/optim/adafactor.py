@@ -55,7 +55,7 @@ from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
 from ._dispatch import BLOCK_ELEMENTS, blockable, math_dtype, resolve_implementation, row_blocks
-from ._impl import copy_back, ema_, run_on, upcast
+from ._impl import copy_back, ema_, run_on, scalar_min, scalar_sqrt, traced_lr, traced_step, upcast
 from ._momentum import (
     init_momentum,
     momentum_state,
@@ -99,18 +99,18 @@ class AdafactorHyper(NamedTuple):
     warmup_init: bool
 
 
-def _relative_step(step: float, lr: float, relative_step: bool, warmup_init: bool) -> float:
+def _relative_step(step: float | Tensor, lr: float | Tensor, relative_step: bool, warmup_init: bool) -> float | Tensor:
     if not relative_step:
         return lr
     cap = 1e-6 * step if warmup_init else lr
-    return min(cap, 1.0 / math.sqrt(step))
+    return scalar_min(cap, 1.0 / scalar_sqrt(step))
 
 
 def _param_rms(p: Tensor) -> Tensor:
     return torch.linalg.vector_norm(p, dtype=math_dtype(p.dtype)) / math.sqrt(p.numel())
 
 
-def _step_size(p: Tensor, step: float, hp: AdafactorHyper) -> Tensor | float:
+def _step_size(p: Tensor, step: float | Tensor, hp: AdafactorHyper) -> Tensor | float:
     rho = _relative_step(step, hp.lr, hp.relative_step, hp.warmup_init)
     if hp.scale_parameter:
         return _param_rms(p).clamp(min=hp.eps2) * rho
@@ -166,7 +166,7 @@ def _single_tensor_adafactor(params, grads, row_vars, col_vars, variances, exp_a
         state_steps[i] += 1
         if p.numel() == 0:
             continue
-        step = float(state_steps[i])
+        step = traced_step(state_steps[i])
         dtype = math_dtype(p.dtype)
         p32 = upcast(p, dtype)
         g = grads[i].to(dtype)
@@ -291,7 +291,7 @@ def _blocked_adafactor(params, grads, row_vars, col_vars, variances, exp_avgs, s
     for i in take:
         p, m = params[i], moments[i]
         state_steps[i] += 1
-        step = float(state_steps[i])
+        step = traced_step(state_steps[i])
         lr_t = _step_size(p, step, hp)
         beta2_t = 1.0 - step**hp.decay_rate
         blocks, g3, a, b = blocked_clipped_factors(
@@ -484,7 +484,7 @@ class Adafactor(LmoptOptimizer):
                 [states[i].get("variance") for i in idx],
                 exp_avgs,
                 [states[i]["step"] for i in idx],
-                lr=float(group["lr"]),
+                lr=traced_lr(group["lr"]),
                 eps1=eps1,
                 eps2=eps2,
                 clip_threshold=group["clip_threshold"],

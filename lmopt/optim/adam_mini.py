@@ -47,7 +47,6 @@ per-neuron sums, then the parameter update); ``auto`` picks ``for_loop``, measur
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -58,6 +57,7 @@ from torch import Tensor, nn
 from ..param_groups import classify_parameters
 from ..spec import SAME_AS_ADAMW, OptimizerSpec, StateTensor
 from ._dispatch import blockable, math_dtype, resolve_implementation, row_blocks
+from ._impl import scalar_sqrt, traced_lr, traced_step
 from .base import Implementation, LmoptOptimizer
 
 __all__ = ["AdamMini", "Partition", "adam_mini", "find_partitions"]
@@ -219,9 +219,10 @@ def _to_neurons(block: Tensor, segments: tuple[tuple[int, int], ...]) -> Tensor:
     return torch.cat(parts)
 
 
-def _coefficients(v: Tensor, step: float, *, lr, beta1, beta2, eps) -> Tensor:
-    """``lr / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps)`` per block."""
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+def _coefficients(v: Tensor, step: float | Tensor, *, lr, beta1, beta2, eps) -> Tensor:
+    """``lr / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps)`` per block (``step``, ``lr``: 0-d tensors in a
+    traced step)."""
+    bias_correction2_sqrt = scalar_sqrt(1 - beta2**step)
     return (v.sqrt() / bias_correction2_sqrt).add_(eps).reciprocal_().mul_(lr / (1 - beta1**step))
 
 
@@ -240,7 +241,7 @@ def _single_tensor_adam_mini(
         step_t += 1
         if p.numel() == 0:
             continue
-        step = float(step_t)
+        step = traced_step(step_t)
         dtype = math_dtype(p.dtype)
         p32 = p if p.dtype == dtype else p.to(dtype)
         m32 = m if m.dtype == dtype else m.to(dtype)
@@ -466,7 +467,7 @@ class AdamMini(LmoptOptimizer):
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
             partitions,
-            lr=float(group["lr"]),
+            lr=traced_lr(group["lr"]),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..spec import OptimizerSpec, StateTensor
 from ._dispatch import as_math, math_dtype, resolve_implementation
+from ._impl import traced_lr, traced_step
 from .adamw import _copy_back, _upcast, step_tensor
 from .base import (
     Implementation,
@@ -47,7 +48,7 @@ from .base import (
 __all__ = ["StableAdamW", "stable_adamw"]
 
 
-def debias_beta(beta: float, step: float) -> float:
+def debias_beta(beta: float, step: float | Tensor) -> float | Tensor:
     """``beta * (1 - beta^(t-1)) / (1 - beta^t)``, written as torch-optimi writes it (0 at t = 1)."""
     return (beta**step - beta) / (beta**step - 1)
 
@@ -83,25 +84,34 @@ class StableAdamWHyper(NamedTuple):
 
 def _single_tensor_stable_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, hp):
     lr, beta1, beta2, eps, weight_decay, max_lr, maximize = hp
+    traced = torch.compiler.is_compiling()
     for p, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         g = as_math(grad)
         if maximize:
             g = -g
         p32, m, v = as_math(p), as_math(exp_avg), as_math(exp_avg_sq)
         step_t += 1
-        step = float(step_t)
+        step = traced_step(step_t)
         beta1_t, beta2_t = debias_beta(beta1, step), debias_beta(beta2, step)
         m.lerp_(g, 1 - beta1_t)
-        v.mul_(beta2_t).addcmul_(g, g, value=1 - beta2_t)
+        if traced:  # 0-d tensor scalars: no host read breaks the graph (docs/compile.md)
+            v.mul_(beta2_t).add_(g * g * (1 - beta2_t))
+        else:
+            v.mul_(beta2_t).addcmul_(g, g, value=1 - beta2_t)
         rms = _mean(g.square().div_(v.clamp_min(eps * eps))).sqrt()
-        lr_t = _clipped_lr(lr, float(rms))
+        lr_t = lr / rms.clamp(min=1.0) if traced else _clipped_lr(lr, float(rms))
         if weight_decay != 0:
             p32.mul_(_decay(lr_t, weight_decay, max_lr))
-        p32.addcdiv_(m, v.sqrt().add_(eps), value=-lr_t)
+        if traced:
+            p32.sub_(m / v.sqrt().add_(eps) * lr_t)
+        else:
+            p32.addcdiv_(m, v.sqrt().add_(eps), value=-lr_t)
         _copy_back([exp_avg, exp_avg_sq, p], [m, v, p32])
 
 
 def _multi_tensor_stable_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, hp):
+    if torch.compiler.is_compiling():  # per tensor with 0-d tensor scalars; Inductor fuses across tensors itself
+        return _single_tensor_stable_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, hp)
     lr, beta1, beta2, eps, weight_decay, max_lr, maximize = hp
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -241,7 +251,7 @@ class StableAdamW(LmoptOptimizer):
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
-            lr=float(group["lr"]),
+            lr=traced_lr(group["lr"]),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
