@@ -201,3 +201,45 @@ def test_pytorch_optimizer_cautious_lion_with_c_optims_normalisation(monkeypatch
     _train(PeerLion(theirs.parameters(), **kw, cautious=True, foreach=False), theirs, 100, torch.float64)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_quantized_cautious_state_on_dtensors_is_refused_clearly():
+    """8/4-bit state steps each local shard alone (the kept fraction would be a shard's): refused at construction,
+    naming the fix. A one-process gloo mesh in a subprocess (no process group in the test process)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import os, torch, torch.distributed as dist
+from torch.distributed.tensor import distribute_tensor, Shard
+from torch.distributed.device_mesh import init_device_mesh
+import lmopt
+os.environ["MASTER_ADDR"] = "127.0.0.1"
+dist.init_process_group("gloo", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+p = torch.nn.Parameter(distribute_tensor(torch.randn(64, 64), mesh, [Shard(0)]))
+for name in ("cautious_adamw8bit", "lion8bit"):
+    try:
+        lmopt.create_optimizer(name, [p], cautious=True)
+        print("accepted", name)
+    except NotImplementedError as err:
+        print("refused", name, "bf16" in str(err))
+lmopt.create_optimizer("cautious_adamw", [p])  # full precision: the DTensor mean covers every shard
+print("full precision ok")
+dist.destroy_process_group()
+"""
+    with socket.socket() as sock:  # a free port for the one-process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:3] == [
+        "refused cautious_adamw8bit True",
+        "refused lion8bit True",
+        "full precision ok",
+    ]
