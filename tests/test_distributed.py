@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from .optim_db import BY_NAME, OPTIM_DB
+from .optim_db import BY_NAME, OPTIM_DB, make_model
+from .tolerances import moment_precision, state_tol, within
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -62,15 +63,28 @@ def lowbit_results(tmp_path_factory) -> dict:
     return _launch("fsdp_lowbit_worker.py", tmp_path_factory)
 
 
+# the longest fp32 reduction an optimizer step may run in another order: a norm over all parameters
+MODEL_NUMEL = sum(p.numel() for p in make_model().parameters())
+
+
+def _precision(name: str) -> str:
+    return moment_precision(name, BY_NAME[name].variants[0])
+
+
 @pytest.mark.parametrize("spec", [s for s in OPTIM_DB if s.distributed], ids=lambda s: s.name)
 def test_fsdp2_matches_unsharded(spec, fsdp_results):
+    """Sharded and unsharded runs differ only by rounding: the order of fp32 reductions across shards, the
+    bf16 neighbours that order selects, the blocks a shard boundary cuts (quantized state). The tolerance per
+    parameter comes from that precision and the run's own update size (tests/tolerances.py), not from one
+    machine's result."""
     result = fsdp_results[spec.name]
     assert "error" not in result, result.get("error")
     if spec.distributed_unsupported:  # a known gap must stay a clear error, not silent wrong numbers
         assert spec.distributed_unsupported in result.get("unsupported", ""), result
         return
     assert "unsupported" not in result, result["unsupported"]
-    assert result["max_rel_err"] < spec.distributed_tol
+    ok, ratio = within(result["per_param"], precision=_precision(spec.name), steps=result["steps"], n=MODEL_NUMEL)
+    assert ok, f"max_rel_err {result['max_rel_err']:.3g} is {ratio:.3g} x the precision-derived tolerance"
     if spec.lmopt_engine:
         assert result["nonfinite_raised"], "a NaN in one shard must raise on every rank"
         assert result["resume"] == "bit-exact", result["resume"]
@@ -88,7 +102,7 @@ def test_lowbit_sharded_state_is_exact_where_blocks_align(name, lowbit_results):
     assert "error" not in result, result.get("error")
     aligned = {k: v for k, v in result.items() if k.startswith("aligned_")}
     assert len(aligned) >= 2 and all(v == 0.0 for v in aligned.values()), aligned
-    assert 0.0 < result["unaligned"] < BY_NAME[name].distributed_tol
+    assert 0.0 < result["unaligned"] < state_tol(_precision(name), steps=4)  # 4 steps, other blocks
 
 
 @pytest.mark.parametrize("name", LOWBIT)
@@ -105,8 +119,8 @@ def test_lowbit_state_reshards_between_world_sizes(name, lowbit_results):
     for key, value in unaligned.items():
         if key.startswith("loaded_"):
             assert 0.0 < value <= bound, (key, value, bound)
-        else:  # 2 steps after the load: the new blocks' rounding, as in the FSDP2 comparison
-            assert value < BY_NAME[name].distributed_tol, (key, value)
+        else:  # the load's requantization, then 2 steps with other blocks
+            assert value < state_tol(_precision(name), steps=3), (key, value)
 
 
 @pytest.mark.parametrize("name", LOWBIT)
@@ -119,7 +133,8 @@ def test_lowbit_state_through_distributed_checkpoint(name, lowbit_results):
     assert "error" not in result, result.get("error")
     dcp = result["dcp"]
     assert dcp["dcp"] == dcp["full_state_dict"] == "bit-exact" and dcp["full_state_dict_is_plain"], dcp
-    assert dcp["full_to_1_shard_warned"] and dcp["full_to_1_shard"] < BY_NAME[name].distributed_tol
+    # the load's requantization, then 3 steps with other blocks
+    assert dcp["full_to_1_shard_warned"] and dcp["full_to_1_shard"] < state_tol(_precision(name), steps=4)
     assert "Size mismatch" in dcp["dcp_to_1_shard"] and "_scales" in dcp["dcp_to_1_shard"]
     assert dcp["dcp_converted_to_1_shard_warned"] and dcp["dcp_converted_to_1_shard"] == "same as full_to_1_shard"
     assert dcp["dcp_equal_sizes"] == "warned [True, True], same as full_state_dict"

@@ -11,7 +11,7 @@ from .came import CAME, came
 from .convert import convert_state
 from .lion import Lion, Lion8bit, lion
 from .lookahead import Lookahead, with_lookahead
-from .muon import Muon
+from .muon import Muon, NorMuon, muon, normuon
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD, recompute_batchnorm_statistics
 from .sophia import Sophia, sampled_label_loss, sophia
@@ -54,6 +54,9 @@ __all__ = [
     "GradientRelease",
     "Lookahead",
     "Muon",
+    "NorMuon",
+    "muon",
+    "normuon",
     "ScheduleFreeAdamW",
     "ScheduleFreeRAdam",
     "ScheduleFreeSGD",

@@ -37,7 +37,8 @@ CAUTIOUS_MIN_FRACTION = 1e-3
 def cautious_mask(update: Tensor, grad: Tensor) -> Tensor:
     """The rescaled mask ``1[update * grad > 0] / max(mean, 1e-3)`` in ``update``'s dtype (a new tensor)."""
     mask = torch.mul(update, grad).gt_(0)  # 1.0 / 0.0 in update's dtype: one temporary, not three
-    return mask.div_(mask.mean().clamp(min=CAUTIOUS_MIN_FRACTION))  # out of place: a DTensor mean is Partial
+    # out of place: on a DTensor the mean is a pending partial value until it is reduced
+    return mask.div_(mask.mean().clamp(min=CAUTIOUS_MIN_FRACTION))
 
 
 def apply_cautious_(update: Tensor, grad: Tensor) -> Tensor:

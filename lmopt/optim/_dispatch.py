@@ -58,7 +58,8 @@ def resolve_implementation(
     """The implementation a step runs.
 
     Args:
-        requested: ``"auto"`` or a name from ``available``.
+        requested: ``"auto"``, a name from ``available``, or ``"compiled"`` (inside the optimizer's compiled step:
+            resolved as ``"auto"`` is while tracing).
         available: the implementations the optimizer has.
         applies: for the names whose applicability depends on the tensors (``fused``, ``blocked``, ``kernel``),
             whether they apply to this step; a name left out applies.
@@ -74,6 +75,16 @@ def resolve_implementation(
         ValueError: an explicit request that does not apply here, naming the argument and the alternatives.
     """
     applies = applies or {}
+    if requested == "compiled":
+        # lmopt's optimizers run a "compiled" group through torch.compile of their step (LmoptOptimizer.step): inside
+        # the trace it means the paths dynamo traces into one graph, chosen as under "auto"
+        if not torch.compiler.is_compiling():
+            raise ValueError(
+                f"implementation='compiled' for {owner} runs through the optimizer's step (which compiles it); "
+                "a functional step called directly takes 'auto' or one of "
+                f"{list(available)} (wrap the call in torch.compile yourself)"
+            )
+        requested = "auto"
     if requested != "auto":
         if requested not in available:
             raise ValueError(f"implementation must be one of {['auto', *available]} for {owner}, got {requested!r}")

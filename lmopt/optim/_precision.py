@@ -110,6 +110,8 @@ def validate_state_precision(group: dict[str, Any], legacy: str | None = None) -
     group.setdefault("min_quantized_numel", 4096)
     check_block_size_option(group["block_size"])
     check_min_quantized_numel(group["min_quantized_numel"])
+    for kind in ("first", "second"):  # builds the code maps now, eagerly (a traced step reads them as constants)
+        moment_format(group, kind)
 
 
 def moment_format(hyper: Mapping[str, Any], kind: str) -> MomentFormat | None:
@@ -262,7 +264,8 @@ class MomentPrecision:
         all_seeds = self._param_seeds()
         seeds = [all_seeds.get(id(p), 0) for p in params]
         params, grads, states, offsets = self._local_views(group, params, grads, states)
-        kernel = kernel and self._kernel_applies_to_group(group)
+        # a traced step (implementation="compiled", or torch.compile of the step) cannot call the C/Triton kernel
+        kernel = kernel and not torch.compiler.is_compiling() and self._kernel_applies_to_group(group)
         lib = cpu_kernel.load() if kernel and any(p.device.type == "cpu" for p in params) else None
         use_triton = kernel and any(p.is_cuda for p in params) and triton_kernel.available()
         on_cpu: dict[tuple, list[int]] = defaultdict(list)

@@ -34,6 +34,7 @@ from torch import Tensor
 from ..spec import OptimizerSpec
 from . import _dispatch
 from ._dispatch import blocked_applies, resolve_implementation, split_blocks
+from ._impl import traced_lr
 from .adamw import adam_state
 from .base import LR_MAX, LmoptOptimizer, check_choice, check_positive, constructor_defaults
 
@@ -299,7 +300,7 @@ class AdaBound(LmoptOptimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        lr = float(group["lr"])
+        lr = traced_lr(group["lr"])
         # lr = 0 (checkpoint initialisation) gives final = 0 and a zero rate: parameters stay unchanged
         final_lr = group["final_lr"] * lr / group["base_lr"] if group["base_lr"] > 0 else 0.0
         adabound(

@@ -502,7 +502,7 @@ class AdamW(MomentPrecision, LmoptOptimizer):
         if quantized and group["implementation"] == "fused":  # the old low-bit classes' name for the kernel
             group["implementation"] = "kernel"
         impl = group["implementation"]
-        if quantized and impl not in ("auto", "kernel", "for_loop"):
+        if quantized and impl not in ("auto", "kernel", "for_loop", "compiled"):
             raise ValueError(
                 f"implementation={impl!r} needs full-precision moments; state_precision="
                 f"{group['state_precision']!r} steps with implementation='kernel' (C/Triton), 'for_loop' or 'auto'"

@@ -48,6 +48,7 @@ from torch import Tensor
 from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor
 from ._cautious import cautious_decay_mask, cautious_mask
 from ._dispatch import math_dtype, resolve_implementation
+from ._impl import scalar_min, scalar_sqrt, traced_lr, traced_step
 from ._precision import MomentPrecision, moments_state, validate_state_precision
 from .adamw import _copy_back, _upcast, step_tensor
 from .base import LmoptOptimizer, check_flag, check_nonnegative, constructor_defaults, is_dtensor
@@ -58,19 +59,20 @@ __all__ = ["AdEMAMix", "ademamix", "ademamix_delta"]
 _MOMENTS = (("exp_avg", "first"), ("exp_avg_slow", "first"), ("exp_avg_sq", "second"))
 
 
-def alpha_schedule(alpha: float, step: float, t_alpha: int | None) -> float:
+def alpha_schedule(alpha: float, step: float | Tensor, t_alpha: int | None) -> float | Tensor:
     """The paper's linear warmup of alpha over ``t_alpha`` steps (None or 0: no warmup)."""
-    return min(step * alpha / t_alpha, alpha) if t_alpha else alpha
+    return scalar_min(step * alpha / t_alpha, alpha) if t_alpha else alpha
 
 
-def beta3_schedule(beta1: float, beta3: float, step: float, t_beta3: int | None) -> float:
+def beta3_schedule(beta1: float, beta3: float, step: float | Tensor, t_beta3: int | None) -> float | Tensor:
     """The paper's beta3 warmup over ``t_beta3`` steps, from beta1 to beta3 with a half-life growing linearly
     (None or 0: no warmup)."""
     if not t_beta3:
         return beta3
     ln_beta1, ln_beta3 = math.log(beta1), math.log(beta3)
     s = step / t_beta3
-    return min(math.exp((ln_beta1 * ln_beta3) / ((1 - s) * ln_beta3 + s * ln_beta1)), beta3)
+    exponent = (ln_beta1 * ln_beta3) / ((1 - s) * ln_beta3 + s * ln_beta1)
+    return scalar_min(exponent.exp() if isinstance(exponent, Tensor) else math.exp(exponent), beta3)
 
 
 def _scalars(state_steps, *, beta1, beta2, beta3, alpha, t_alpha, t_beta3):
@@ -81,7 +83,7 @@ def _scalars(state_steps, *, beta1, beta2, beta3, alpha, t_alpha, t_beta3):
 
 def _step_scalars(step, beta1, beta2, beta3, alpha, t_alpha, t_beta3):
     weight3 = 1 - beta3_schedule(beta1, beta3, step, t_beta3)
-    return weight3, alpha_schedule(alpha, step, t_alpha), 1 - beta1**step, math.sqrt(1 - beta2**step)
+    return weight3, alpha_schedule(alpha, step, t_alpha), 1 - beta1**step, scalar_sqrt(1 - beta2**step)
 
 
 def ademamix_delta(
@@ -131,12 +133,16 @@ def _single_tensor_ademamix(params, grads, m1s, m2s, nus, state_steps, *, maximi
         (p32, g, m1, m2, nu) = _upcast([p, grad, m1s[i], m2s[i], nus[i]], math_dtype(p.dtype))
         if maximize:
             g = -g
-        p32.add_(ademamix_delta(p32, g, m1, m2, nu, step=float(state_steps[i]), **hyper))
+        p32.add_(ademamix_delta(p32, g, m1, m2, nu, step=traced_step(state_steps[i]), **hyper))
         _copy_back([m1s[i], m2s[i], nus[i], p], [m1, m2, nu, p32])
 
 
 def _multi_tensor_ademamix(params, grads, m1s, m2s, nus, state_steps, *, lr, beta1, beta2, eps, weight_decay,
                            maximize, cautious=False, cautious_weight_decay=False, **schedule):  # fmt: skip
+    if torch.compiler.is_compiling():  # per tensor with 0-d tensor scalars; Inductor fuses across tensors itself
+        return _single_tensor_ademamix(params, grads, m1s, m2s, nus, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+                                       eps=eps, weight_decay=weight_decay, maximize=maximize, cautious=cautious,
+                                       cautious_weight_decay=cautious_weight_decay, **schedule)  # fmt: skip
     scalars = _scalars(state_steps, beta1=beta1, beta2=beta2, **schedule)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -322,7 +328,7 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
             g32,
             *(values[name] for name, _ in _MOMENTS),
             step=step,
-            lr=float(group["lr"]),
+            lr=traced_lr(group["lr"]),
             beta1=beta1,
             beta2=beta2,
             beta3=beta3,
@@ -350,7 +356,7 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
                 grads,
                 *([s[name] for s in states] for name, _ in _MOMENTS),
                 [s["step"] for s in states],
-                lr=float(group["lr"]),
+                lr=traced_lr(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 beta3=beta3,

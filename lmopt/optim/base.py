@@ -236,6 +236,10 @@ class LmoptOptimizer(Optimizer):
     auto_preference: ClassVar[tuple[str, ...]] = IMPLEMENTATIONS
     #: how many decay rates ``betas`` holds (CAME and AdEMAMix: 3)
     betas_count: ClassVar[int] = 2
+    #: whether ``implementation="compiled"`` is offered (the group's step traced by torch.compile; docs/compile.md)
+    compilable: ClassVar[bool] = True
+    #: the torch.compile backend of ``implementation="compiled"`` (Inductor: C++ on CPU, Triton on CUDA)
+    compile_backend: ClassVar[str] = "inductor"
 
     def __init__(
         self,
@@ -264,11 +268,17 @@ class LmoptOptimizer(Optimizer):
         current vocabulary (:attr:`implementation_aliases`)."""
         impl = group.get("implementation", "auto")
         impl = self.implementation_aliases.get(impl, impl) if isinstance(impl, str) else impl
-        check_choice("implementation", impl, ("auto", *self.implementations))
+        check_choice("implementation", impl, ("auto", *self.implementations, *self._engine_implementations()))
         if "implementation" in group:
             group["implementation"] = impl
         if "param_rounding" in group:
             check_choice("param_rounding", group["param_rounding"], PARAM_ROUNDINGS)
+
+    @classmethod
+    def _engine_implementations(cls) -> tuple[str, ...]:
+        """What the engine adds to :attr:`implementations`: ``compiled`` (:meth:`step` runs the group through
+        ``torch.compile``), unless the class has its own ``compiled`` or cannot be compiled (:attr:`compilable`)."""
+        return ("compiled",) if cls.compilable and "compiled" not in cls.implementations else ()
 
     def _check_common(self, group: dict[str, Any]) -> None:
         """The hyperparameters most algorithms share (:func:`check_common_hyperparameters`)."""
@@ -438,8 +448,33 @@ class LmoptOptimizer(Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(group, p, state)
-            self._step_group(group, params, grads)
+            if group.get("implementation") == "compiled" and not torch.compiler.is_compiling():
+                self._compiled_step_group(group, params, grads)
+            else:
+                self._step_group(group, params, grads)
         return loss
+
+    def _compiled_step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """``implementation="compiled"``: the group's step through ``torch.compile`` (one graph per group, compiled
+        at its first step). The non-finite check above stays eager, so the policy holds; a float lr is handed to
+        the graph as a 0-d tensor (filled each step), so LR schedules never recompile it."""
+        compiled = self.__dict__.get("_compiled_step")
+        if compiled is None:
+            compiled = self._compiled_step = torch.compile(type(self)._step_group, backend=self.compile_backend)
+        lr = group["lr"]
+        holders: dict[int, Tensor] = self.__dict__.setdefault("_compiled_lr", {})
+        if not isinstance(lr, Tensor):
+            holder = holders.get(id(group))
+            if holder is None:
+                holder = holders[id(group)] = torch.zeros((), dtype=torch.float64)
+            holder.fill_(lr)
+            group["lr"] = holder
+        try:
+            compiled(self, group, params, grads)
+        finally:
+            group["lr"] = lr
+        used = self._implementation_used.get(id(group))
+        self._implementation_used[id(group)] = f"compiled ({used})" if used else "compiled"
 
     # -- state dicts that keep dtypes ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

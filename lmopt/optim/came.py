@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
 from ._dispatch import blockable, math_dtype, resolve_implementation
-from ._impl import copy_back, ema_, run_on, upcast
+from ._impl import copy_back, ema_, run_on, traced_lr, upcast
 from ._momentum import (
     init_momentum,
     momentum_state,
@@ -292,7 +292,7 @@ class CAME(LmoptOptimizer):
                 [states[i].get("variance") for i in idx],
                 exp_avgs,  # type: ignore[arg-type]
                 [states[i]["step"] for i in idx],
-                lr=float(group["lr"]),
+                lr=traced_lr(group["lr"]),
                 eps1=eps1,
                 eps2=eps2,
                 clip_threshold=group["clip_threshold"],

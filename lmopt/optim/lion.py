@@ -314,7 +314,7 @@ class Lion(MomentPrecision, LmoptOptimizer):
         if quantized and group["implementation"] == "blocked":  # Lion8bit's old "fused" was the kernel
             group["implementation"] = "kernel"
         impl = group["implementation"]
-        if quantized != (impl == "kernel") and impl not in ("auto", "for_loop"):
+        if quantized != (impl == "kernel") and impl not in ("auto", "for_loop", "compiled"):
             need = "'kernel', 'for_loop' or 'auto'" if quantized else "'blocked', 'foreach', 'for_loop' or 'auto'"
             raise ValueError(
                 f"implementation={impl!r} does not run state_precision={group['state_precision']!r}; use {need}"

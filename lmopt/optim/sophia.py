@@ -57,7 +57,7 @@ from torch import Tensor
 
 from ..spec import OptimizerSpec, StateTensor
 from ._dispatch import as_math, blockable, resolve_implementation
-from ._impl import foreach_copy_back, run_flat_blocks, run_on
+from ._impl import foreach_copy_back, run_flat_blocks, run_on, traced_lr
 from .base import (
     Implementation,
     LmoptOptimizer,
@@ -159,7 +159,11 @@ def _multi_tensor_sophia(params, grads, exp_avgs, hessians, state_steps, hp):
         torch._foreach_clamp_max_(ratio, 1.0)
         if weight_decay != 0:
             torch._foreach_mul_(p32, 1 - lr * weight_decay)
-        torch._foreach_add_(p32, ratio, alpha=-lr)
+        if isinstance(lr, Tensor):  # a tensor lr in a traced step: as an operand (alpha takes Python numbers)
+            torch._foreach_mul_(ratio, -lr)
+            torch._foreach_add_(p32, ratio)
+        else:
+            torch._foreach_add_(p32, ratio, alpha=-lr)
         del ratio
         foreach_copy_back((p_, p32), (m_, m32))
 
@@ -294,7 +298,7 @@ class Sophia(LmoptOptimizer):
             [s["exp_avg"] for s in states],
             [s["hessian"] for s in states],
             [s["step"] for s in states],
-            lr=float(group["lr"]),
+            lr=traced_lr(group["lr"]),
             beta1=beta1,
             rho=group["rho"],
             eps=group["eps"],

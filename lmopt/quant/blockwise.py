@@ -99,14 +99,17 @@ def quantize_blockwise(
     with ``ceil(n / block_size)`` elements. When ``codes`` / ``scales`` are given they are written in place.
 
     Raises:
-        ValueError: ``x`` holds inf or NaN (a block's scale would be undefined), or a bad ``block_size``.
+        ValueError: ``x`` holds inf or NaN (a block's scale would be undefined), or a bad ``block_size``. While
+            ``torch.compile`` traces a step nothing is read on the host: a non-finite block gets a NaN scale
+            instead (it reads back NaN, as the eager optimizers store an overflowed moment).
     """
     cm = code_map(qmap) if isinstance(qmap, str) else qmap
     _check_block_size(block_size, cm.bits)
     flat = x.detach().reshape(-1)
     n = flat.numel()
     chunk = _chunk(block_size)
-    for start in range(0, n, chunk):  # checked before anything is written
+    traced = torch.compiler.is_compiling()
+    for start in range(0 if not traced else n, n, chunk):  # checked before anything is written
         if not bool(torch.isfinite(flat[start : start + chunk]).all()):
             raise ValueError("quantize_blockwise: input holds inf or NaN; blockwise scales need finite values")
     code_count = n if cm.bits == 8 else (n + 1) // 2
@@ -118,9 +121,20 @@ def quantize_blockwise(
     for start in range(0, n, chunk):
         piece = flat[start : start + chunk].to(torch.float32)
         m = piece.numel()
-        absmax = _block_absmax(piece, block_size)
-        inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-        normalized = (piece * _expand(inverse, m, block_size)).clamp_(-1.0, 1.0)
+        if traced:
+            # one padded (blocks, block_size) view (zeros leave every absmax as it is): Inductor (torch 2.13, CPU)
+            # miscompiles the tail block of the cat / repeat_interleave form below, giving it a zero scale
+            blocks = torch.nn.functional.pad(piece, (0, num_blocks(m, block_size) * block_size - m))
+            blocks = blocks.view(-1, block_size)
+            absmax = blocks.abs().amax(dim=1)
+            # no host check in a traced step: a non-finite block gets a NaN scale (it reads back NaN)
+            absmax = torch.where(torch.isfinite(absmax), absmax, torch.full_like(absmax, float("nan")))
+            inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+            normalized = (blocks * inverse[:, None]).view(-1)[:m].clamp_(-1.0, 1.0)
+        else:
+            absmax = _block_absmax(piece, block_size)
+            inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+            normalized = (piece * _expand(inverse, m, block_size)).clamp_(-1.0, 1.0)
         idx = cm.encode(normalized)
         first_block = start // block_size
         out_scales[first_block : first_block + absmax.numel()].copy_(absmax)
@@ -151,6 +165,7 @@ def dequantize_blockwise(
     values = cm.on(codes.device)[0]
     out = torch.empty(n, dtype=dtype, device=codes.device)
     chunk = _chunk(block_size)
+    traced = torch.compiler.is_compiling()
     for start in range(0, n, chunk):  # chunked like quantize_blockwise: small temporaries
         m = min(chunk, n - start)
         if cm.bits == 8:
@@ -158,8 +173,14 @@ def dequantize_blockwise(
         else:
             idx = unpack_nibbles(flat_codes[start // 2 : start // 2 + (m + 1) // 2], m)
         first_block = start // block_size
-        block_scales = scales[first_block : first_block + num_blocks(m, block_size)]
-        out[start : start + m].copy_(values[idx.to(torch.int64)] * _expand(block_scales, m, block_size))
+        count = num_blocks(m, block_size)
+        block_scales = scales[first_block : first_block + count]
+        decoded = values[idx.to(torch.int64)]
+        if traced:  # a padded (blocks, block_size) view: see quantize_blockwise (Inductor and repeat_interleave)
+            blocks = torch.nn.functional.pad(decoded, (0, count * block_size - m)).view(count, block_size)
+            out[start : start + m].copy_((blocks * block_scales[:, None]).view(-1)[:m])
+        else:
+            out[start : start + m].copy_(decoded * _expand(block_scales, m, block_size))
     return out.reshape(shape)
 
 
@@ -207,7 +228,7 @@ class QuantizedState:
         """A quantized tensor of zeros (codes of 0.0; scales 0)."""
         cm = code_map(qmap) if isinstance(qmap, str) else qmap
         n = torch.Size(shape).numel()
-        zero_code = int(cm.encode(torch.zeros(1)).item())
+        zero_code = cm.zero_code
         byte = zero_code if cm.bits == 8 else zero_code | (zero_code << 4)
         codes = torch.full((code_bytes(n, cm.bits),), byte, dtype=torch.uint8, device=device)
         if cm.bits == 4 and n % 2:

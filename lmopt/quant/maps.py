@@ -23,7 +23,6 @@ reads instead of a binary search.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +86,7 @@ class CodeMap:
         lut: int32 table of ``2 * lut_buckets`` entries ``(c0 << 24) | threshold`` (see ``encode_with_lut``).
         lut_exponents: ``E``: magnitudes below ``2**-E`` share the bucket of zero.
         lut_mantissa_bits: ``M``: mantissa bits in the bucket index.
+        zero_code: the code of 0.0 (what a zero moment is stored as).
     """
 
     name: str
@@ -97,6 +97,7 @@ class CodeMap:
     lut: Tensor
     lut_exponents: int
     lut_mantissa_bits: int
+    zero_code: int
     _device_tables: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -151,7 +152,8 @@ def _build(name: str, values: Tensor, signed: bool, bits: int) -> CodeMap:
         for mantissa_bits in (6, 8, 10):
             lut = _build_lut(values, midpoints, exponents, mantissa_bits)
             if lut is not None:
-                return CodeMap(name, bits, signed, values, midpoints, lut, exponents, mantissa_bits)
+                zero_code = int(torch.bucketize(torch.zeros(1), midpoints[:-1], right=False).item())
+                return CodeMap(name, bits, signed, values, midpoints, lut, exponents, mantissa_bits, zero_code)
     raise AssertionError(f"no lookup table resolves code map {name}")
 
 
@@ -194,10 +196,19 @@ CODE_MAPS = {
 }
 
 
-@functools.cache
+#: the maps built so far (a plain dict rather than ``functools.cache``: a traced step reads a built map as a
+#: constant, where dynamo would trace into the cached function and its host reads)
+_BUILT: dict[str, CodeMap] = {}
+
+
 def code_map(name: str) -> CodeMap:
-    """The :class:`CodeMap` named ``name`` (one of :data:`CODE_MAPS`), built once per process."""
+    """The :class:`CodeMap` named ``name`` (one of :data:`CODE_MAPS`), built once per process (optimizers build
+    theirs when a quantized format is declared, before any step can be traced)."""
+    built = _BUILT.get(name)
+    if built is not None:
+        return built
     if name not in CODE_MAPS:
         raise ValueError(f"code map must be one of {sorted(CODE_MAPS)}, got {name!r}")
     values = CODE_MAPS[name]()
-    return _build(name, values, signed=name.endswith("s"), bits=8 if "8" in name else 4)
+    built = _BUILT[name] = _build(name, values, signed=name.endswith("s"), bits=8 if "8" in name else 4)
+    return built

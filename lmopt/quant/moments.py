@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..spec import StateTensor
 from .blockwise import QuantizedState, _check_block_size, code_bytes, num_blocks
+from .maps import code_map
 from .sharded import ShardLayout, is_dtensor, local_quantized, sharded_quantized_zeros
 
 __all__ = [
@@ -92,6 +93,7 @@ class MomentFormat:
             raise ValueError(f"kind must be 'first' or 'second', got {self.kind!r}")
         if self.quantized:
             _check_block_size(self.blocks, 8)
+            code_map(self.qmap)  # built now, eagerly: a traced step then reads it as a constant
         m = self.min_quantized_numel
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"min_quantized_numel must be an integer >= 0, got {m!r}")

@@ -227,7 +227,7 @@ def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
 
 
 def _zero_code(qmap: str) -> int:
-    return int(code_map(qmap).encode(torch.zeros(1)).item())
+    return code_map(qmap).zero_code
 
 
 def sharded_quantized_zeros(

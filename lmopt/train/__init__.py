@@ -7,6 +7,10 @@
 * :func:`save_checkpoint`, :func:`load_checkpoint`, :class:`CheckpointManager`, :class:`PreemptionHandler`
 * :func:`optimizer_step` -- one update after the backward pass: clip, non-finite policy, step, zero, schedule
 * :func:`fit` -- the reference training loop that uses all of the above
+* :func:`zero_optimizer` -- a registry optimizer inside ZeroRedundancyOptimizer (DDP, state partitioned)
+
+All of it runs under torchrun with FSDP2 or DDP (:mod:`lmopt.train.distributed`): global gradient norms,
+reduced losses and monitor statistics, and non-finite / stop decisions agreed by every rank.
 """
 
 from .accumulate import GradientAccumulator
@@ -22,6 +26,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .clip import ClipResult, clip_grad_norm
+from .distributed import ZERO_UNSUPPORTED, is_main_process, zero_optimizer
 from .fit import FitResult, StepInfo, fit, lm_loss
 from .monitor import SUGGESTIONS, HealthEvent, HealthMonitor
 from .step import NonFinitePolicy, StepOutcome, optimizer_step
@@ -42,14 +47,17 @@ __all__ = [
     "StepInfo",
     "StepOutcome",
     "TrainState",
+    "ZERO_UNSUPPORTED",
     "capture_rng_state",
     "clip_grad_norm",
     "cross_entropy_with_z_loss",
     "fit",
+    "is_main_process",
     "lm_loss",
     "load_checkpoint",
     "optimizer_step",
     "restore_rng_state",
     "save_checkpoint",
     "z_loss",
+    "zero_optimizer",
 ]

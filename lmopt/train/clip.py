@@ -11,6 +11,10 @@ last micro-batch, when the gradients hold the whole batch.
 When the optimizer has ``record_grad_norm`` (every lmopt optimizer), the norm is handed to it: a finite norm
 proves every gradient is finite, so the optimizer skips its own finiteness pass over the gradients.
 
+Under torchrun the norm is global: with FSDP2 the gradients are DTensor shards and the norm is reduced over
+every shard (each element counted once); with DDP the gradients are already all-reduced, identical on every
+rank, and their norm is the global one as it stands (no second reduction, which would count them twice).
+
 Example:
     >>> result = clip_grad_norm(optimizer, max_norm=1.0, scaler=scaler)
     >>> result.norm, result.factor          # tensors: no host sync unless you read them
@@ -25,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["ClipResult", "clip_grad_norm", "params_with_grads"]
+__all__ = ["ClipResult", "clip_grad_norm", "params_with_grads", "record_grad_norm"]
 
 
 @dataclass(frozen=True)
@@ -94,14 +98,26 @@ def clip_grad_norm(
     if not params:
         zero = torch.zeros((), dtype=torch.float32)
         return ClipResult(zero, torch.ones((), dtype=torch.float32))
-    # the norm over a DTensor reduces across shards inside get_total_norm (full_tensor of a scalar)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=norm_type, foreach=foreach).float()
+    if hasattr(norm, "full_tensor"):
+        # FSDP2: the norm of DTensor gradients is reduced over every shard (a replicated DTensor scalar); its
+        # plain value is the global norm, the same on every rank
+        norm = norm.full_tensor()
     if max_norm is None or max_norm == float("inf"):
         factor = torch.ones_like(norm)
     else:
         # torch's rule: coefficient max_norm / (norm + 1e-6), clamped to 1; applied without a host sync
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=foreach)
-    if isinstance(optimizer_or_params, Optimizer) and hasattr(optimizer_or_params, "record_grad_norm"):
-        optimizer_or_params.record_grad_norm(norm)
+    if isinstance(optimizer_or_params, Optimizer):
+        record_grad_norm(optimizer_or_params, norm)
     return ClipResult(norm, factor)
+
+
+def record_grad_norm(optimizer: Optimizer, norm: Tensor) -> None:
+    """Hand ``norm`` to an lmopt optimizer (``record_grad_norm``), also inside ZeroRedundancyOptimizer (whose
+    local optimizer steps this rank's partition: the global norm speaks for all of it)."""
+    zero = type(optimizer).__name__ == "ZeroRedundancyOptimizer"
+    target = getattr(optimizer, "optim", optimizer) if zero else optimizer
+    if hasattr(target, "record_grad_norm"):
+        target.record_grad_norm(norm)

@@ -6,6 +6,14 @@ handed to the optimizer so it skips its own finiteness pass), z-loss, the LR sch
 complete checkpoints every ``checkpoint_every`` steps and on SIGTERM/SIGINT, and resumption from the newest
 checkpoint in ``checkpoint_dir``. Progress goes to callbacks; nothing is printed.
 
+Under torchrun (``distributed``; default: torch.distributed is initialised with more than one process) every
+rank runs ``fit`` on its own part of the global batch, with a DDP model (``DistributedDataParallel``) or an
+FSDP2 one (``fully_shard``). The gradient norm is global (FSDP2: over every shard; DDP: of the all-reduced
+gradients, counted once), the reported loss and tokens are the global batch's, the health monitor's
+statistics are reduced and logged by rank 0 only, and every decision that ends or skips a step (a non-finite
+loss or gradient on any rank, the data running out on any rank, a callback's stop, a preemption signal) is
+agreed by an all-reduce before any rank acts on it, so that no rank waits in a collective the others left.
+
 Example:
     >>> model = MyLM()
     >>> r = lmopt.recipe("125M", optimizer="adamw", total_steps=1000)
@@ -36,6 +44,7 @@ from torch.optim import Optimizer
 
 from .accumulate import GradientAccumulator
 from .checkpoint import CheckpointManager, PreemptionHandler
+from .distributed import agree, all_reduce_sum, is_distributed
 from .monitor import HealthEvent, HealthMonitor
 from .step import NonFinitePolicy, optimizer_step
 from .zloss import cross_entropy_with_z_loss
@@ -153,6 +162,7 @@ def fit(
     callbacks: Sequence[Callable[[StepInfo], bool | None]] = (),
     handle_signals: bool = True,
     on_nonfinite: NonFinitePolicy = "stop",
+    distributed: bool | None = None,
 ) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps (in total, counting steps before a resume).
 
@@ -184,7 +194,11 @@ def fit(
         on_nonfinite: a NaN/inf loss or gradient norm (the latter without a GradScaler, which handles its
             own) ``"stop"``s the run before the update (``stopped_by="nonfinite"``: diverged), ``"skip"``s the
             update (counted in ``skipped_steps``), or ``"raise"``: the optimizer's own policy decides (lmopt
-            optimizers raise :class:`lmopt.NonFiniteGradientError` by default).
+            optimizers raise :class:`lmopt.NonFiniteGradientError` by default). Under torchrun every rank takes
+            the same decision (the judgement is all-reduced first).
+        distributed: run as one rank of a torchrun job (None: when torch.distributed is initialised with more
+            than one process): reduce the loss, tokens and monitor statistics, agree on every decision that
+            ends or skips a step. ``batches`` is then this rank's share of each global batch.
 
     Returns:
         :class:`FitResult`.
@@ -209,10 +223,16 @@ def fit(
         raise ValueError(f"on_nonfinite must be 'stop', 'skip' or 'raise', got {on_nonfinite!r}")
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or z_loss < 0:
         raise ValueError(f"z_loss must be a number >= 0, got {z_loss!r}")
+    reducing = is_distributed() if distributed is None else bool(distributed)
     accumulator = GradientAccumulator(
-        optimizer, accumulation_steps, weighting=accumulation_weighting, scaler=scaler, model=model
+        optimizer,
+        accumulation_steps,
+        weighting=accumulation_weighting,
+        scaler=scaler,
+        model=model,
+        distributed=reducing,
     )
-    health = HealthMonitor() if monitor is True else (monitor or None)
+    health = HealthMonitor(distributed=reducing) if monitor is True else (monitor or None)
     manager = CheckpointManager(checkpoint_dir, keep_last=keep_last) if checkpoint_dir is not None else None
 
     step = 0
@@ -259,34 +279,35 @@ def fit(
     with handler if handler is not None else contextlib.nullcontext():
         while step < steps:
             t0 = time.perf_counter()
-            micro_tokens = 0
-            step_start_position = position
-            for _ in range(accumulation_steps):
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    result.stopped_by = "data"
-                    break
-                position += 1
-                if autocast_dtype is not None:
-                    with torch.autocast(device_type, dtype=autocast_dtype):
-                        out = compute(model, batch)
-                else:
-                    out = compute(model, batch)
-                loss, tokens = out if isinstance(out, tuple) else (out, None)
-                micro_tokens += int(tokens or 0)
-                accumulator.backward(loss, tokens=tokens)
-            if result.stopped_by == "data":  # an incomplete step is dropped, not trained on
-                optimizer.zero_grad(set_to_none=True)
-                accumulator.reset()
-                position = step_start_position
+            # the step's micro-batches first: a rank whose data ran out must not leave the others in a backward
+            micro_batches = list(itertools.islice(iterator, accumulation_steps))
+            short = len(micro_batches) < accumulation_steps
+            if agree(short) if reducing else short:
+                result.stopped_by = "data"  # an incomplete step is dropped, not trained on
                 break
-            loss_value = float(accumulator.finish())
+            for batch in micro_batches:
+                position += 1
+                with accumulator.micro_batch():  # DDP: no_sync() around forward and backward but the last
+                    if autocast_dtype is not None:
+                        with torch.autocast(device_type, dtype=autocast_dtype):
+                            out = compute(model, batch)
+                    else:
+                        out = compute(model, batch)
+                    loss, tokens = out if isinstance(out, tuple) else (out, None)
+                    accumulator.backward(loss, tokens=tokens)
+            loss_value = float(accumulator.finish())  # under torchrun: the global batch's mean loss
+            micro_tokens = accumulator.global_tokens
             if health is not None:
                 health.before_step(step, optimizer)  # snapshots the parameters (not the gradients)
             lr = float(optimizer.param_groups[0]["lr"])
             outcome = optimizer_step(
-                optimizer, clip=clip, loss=loss_value, scaler=scaler, scheduler=scheduler, on_nonfinite=on_nonfinite
+                optimizer,
+                clip=clip,
+                loss=loss_value,
+                scaler=scaler,
+                scheduler=scheduler,
+                on_nonfinite=on_nonfinite,
+                distributed=reducing,
             )
             clipped = outcome.clip
             if outcome.stopped:
@@ -322,8 +343,12 @@ def fit(
             if checkpoint_every is not None and step % checkpoint_every == 0:
                 save()
                 last_saved = step
-            if handler is not None and handler.requested:
-                result.stopped_by = handler.requested
+            requested = handler.requested if handler is not None else None
+            if reducing:  # a signal or a callback's stop on one rank stops every rank at this step
+                stop_sum, signal_sum = all_reduce_sum([float(stop), float(requested is not None)])
+                stop, requested = stop_sum > 0, (requested or "SIGTERM") if signal_sum > 0 else None
+            if requested:
+                result.stopped_by = requested
                 break
             if stop:
                 result.stopped_by = "callback"

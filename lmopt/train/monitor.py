@@ -15,6 +15,13 @@ Checks:
   rms(p_before)``, outside ``ratio_bounds`` (a healthy AdamW run sits near 1e-3);
 * **non-finite optimizer state** every ``state_every`` steps (one inf-norm per state tensor).
 
+Under torchrun (``distributed``; default: torch.distributed is initialised with more than one process) the
+statistics are global: update/parameter ratios sum each rank's local shard (FSDP2 DTensors; a replicated tensor,
+as under DDP, counted once) in one all-reduce, the non-finite state scan counts bad tensors over all ranks, and
+loss / gradient-norm spikes are judged on the values the loop passes, which :func:`lmopt.train.fit` reduces
+first (the global batch's loss, the global gradient norm). Every rank therefore returns the same events; only
+rank 0 logs them. Every rank must call :meth:`HealthMonitor.after_step` at the same steps.
+
 Example:
     >>> monitor = HealthMonitor()
     >>> monitor.before_step(step, optimizer)            # snapshots parameters on ratio steps only
@@ -35,6 +42,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from .distributed import all_reduce_sum, is_distributed, is_main_process, local_part
 
 __all__ = ["HealthEvent", "HealthMonitor", "SUGGESTIONS"]
 
@@ -109,10 +118,22 @@ class _Running:
         return mean, math.sqrt(var)
 
 
-def _rms_ratio(before: Sequence[Tensor], after: Sequence[Tensor]) -> float:
-    num = sum(float((a.float() - b.float()).square().sum()) for a, b in zip(after, before, strict=True))
-    den = sum(float(b.float().square().sum()) for b in before)
-    count = sum(b.numel() for b in before)
+def _squared_sums(before: Sequence[Tensor], after: Sequence[Tensor]) -> tuple[Tensor, Tensor, int]:
+    """``(sum (after - before)^2, sum before^2, elements)`` of this rank's part, each element of a sharded or
+    replicated tensor weighted by 1 / (ranks holding it), so that summing over ranks counts it once."""
+    num = torch.zeros((), dtype=torch.float64)
+    den = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for a, b in zip(after, before, strict=True):
+        a_local, copies = local_part(a)
+        b_local, _ = local_part(b)
+        num += (a_local.float() - b_local.float()).square().sum().double().cpu() / copies
+        den += b_local.float().square().sum().double().cpu() / copies
+        count += b.numel()  # the global shape's elements (the same on every rank)
+    return num, den, count
+
+
+def _rms_ratio_from(num: float, den: float, count: int) -> float:
     if count == 0:
         return 0.0
     return math.sqrt(num / count) / max(math.sqrt(den / count), 1e-12)
@@ -129,7 +150,9 @@ class HealthMonitor:
         ratio_every: measure update/parameter ratios every this many steps (0: never; default 100).
         ratio_bounds: healthy range of the update/parameter RMS ratio (default (1e-6, 1e-2)).
         state_every: scan the optimizer state for non-finite values every this many steps (0: never; 100).
-        log: log events on the ``lmopt.train`` logger (default True).
+        log: log events on the ``lmopt.train`` logger (default True; rank 0 only under torchrun).
+        distributed: reduce the statistics over all ranks (None: when torch.distributed is initialised with
+            more than one process).
     """
 
     def __init__(
@@ -143,6 +166,7 @@ class HealthMonitor:
         ratio_bounds: tuple[float, float] = (1e-6, 1e-2),
         state_every: int = 100,
         log: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         for name, value, low in (
             ("window", window, 2),
@@ -172,6 +196,7 @@ class HealthMonitor:
         self.ratio_bounds = (float(ratio_bounds[0]), float(ratio_bounds[1]))
         self.state_every = state_every
         self.log = log
+        self.distributed = distributed
         self._loss = _Running(window)
         self._grad = _Running(window)
         self._clipped: deque[bool] = deque(maxlen=window)
@@ -220,7 +245,7 @@ class HealthMonitor:
             found += self._check_state(step, optimizer)
         for event in found:
             self.events.append(event)
-            if self.log and event.severity != "info":
+            if self.log and event.severity != "info" and is_main_process():
                 level = logging.ERROR if event.severity == "error" else logging.WARNING
                 logger.log(level, "step %d: %s -- %s", event.step, event.message, event.suggestion)
         return found
@@ -281,14 +306,25 @@ class HealthMonitor:
         """Fraction of the last ``window`` steps that were clipped."""
         return sum(self._clipped) / len(self._clipped) if self._clipped else 0.0
 
+    def _reducing(self) -> bool:
+        return is_distributed() if self.distributed is None else self.distributed
+
     @torch.no_grad()
     def _check_ratios(self, step: int, optimizer: Optimizer) -> list[HealthEvent]:
         out = []
+        measured: list[tuple[int, dict[str, Any], int]] = []
+        sums: list[Tensor] = []
         for gi, (group, before) in enumerate(zip(optimizer.param_groups, self._snapshot or [], strict=False)):
             after = [p.detach() for p in group["params"]]
             if len(after) != len(before) or not after:
                 continue
-            ratio = _rms_ratio(before, after)
+            num, den, count = _squared_sums(before, after)
+            measured.append((gi, group, count))
+            sums += [num, den]
+        # one all-reduce for every group's sums (each rank holds its shards; replicated tensors counted once)
+        totals = all_reduce_sum(sums) if self._reducing() else [float(v) for v in sums]
+        for k, (gi, group, count) in enumerate(measured):
+            ratio = _rms_ratio_from(totals[2 * k], totals[2 * k + 1], count)
             self.update_ratios.setdefault(gi, []).append((step, ratio))
             name = group.get("name", f"group {gi}")
             low, high = self.ratio_bounds
@@ -323,28 +359,46 @@ class HealthMonitor:
             for i, p in enumerate(group["params"]):
                 pn = group.get("param_names")
                 names[p] = pn[i] if pn and i < len(pn) else f"param_groups[{gi}]['params'][{i}]"
+        first: tuple[str, str] | None = None
+        bad = 0.0  # bad tensors, a tensor held by several ranks (replicated under DDP) counted once
         for p, state in optimizer.state.items():
             for key, value in state.items():
                 if not (isinstance(value, Tensor) and value.is_floating_point() and value.numel()):
                     continue
+                local, copies = local_part(value)  # this rank's shard: judged here, counted over ranks below
+                if local.numel() == 0:
+                    continue
                 try:
                     # the max-norm propagates NaN/inf and reduces without a full-size temporary
-                    finite = bool(torch.isfinite(torch.linalg.vector_norm(value, float("inf"))))
+                    finite = bool(torch.isfinite(torch.linalg.vector_norm(local, float("inf"))))
                 except (NotImplementedError, RuntimeError, TypeError):
                     continue  # a tensor subclass (quantized state) without this reduction: not judged here
                 if not finite:
-                    where = names.get(p, f"a parameter of shape {tuple(p.shape)}")
-                    return [
-                        self._event(
-                            step,
-                            "state_nonfinite",
-                            "error",
-                            f"optimizer state '{key}' of {where} holds NaN/inf",
-                            state=key,
-                            parameter=where,
-                        )
-                    ]
-        return []
+                    bad += 1.0 / copies if self._reducing() else 1.0
+                    if first is None:
+                        first = (key, names.get(p, f"a parameter of shape {tuple(p.shape)}"))
+            if first is not None and not self._reducing():
+                break  # one process: the first bad tensor is enough
+        if self._reducing():
+            # every rank scans its own shards; one all-reduce tells all of them how many tensors are bad
+            # (a NaN in one replica only still counts as one tensor: ceil)
+            bad = math.ceil(all_reduce_sum([bad])[0] - 1e-9)
+        bad = int(bad)
+        if not bad:
+            return []
+        key, where = first if first is not None else ("?", "a parameter held by another rank")
+        count = f" ({bad} state tensors over all ranks)" if self._reducing() else ""
+        return [
+            self._event(
+                step,
+                "state_nonfinite",
+                "error",
+                f"optimizer state '{key}' of {where} holds NaN/inf{count}",
+                state=key,
+                parameter=where,
+                tensors=bad,
+            )
+        ]
 
     # -- persistence: a resumed run judges spikes against the same history ------------------------------
     def state_dict(self) -> dict[str, Any]:

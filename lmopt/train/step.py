@@ -14,6 +14,14 @@
 4. ``optimizer.zero_grad(set_to_none=True)``;
 5. ``scheduler.step()``: a skipped update still advances the schedule, as a GradScaler's skipped steps do.
 
+Under torchrun (``distributed``, default: torch.distributed is initialised with more than one process) the
+non-finite judgement is agreed before anyone acts on it: one all-reduce of a flag, so a NaN seen on one rank
+only (its loss, its gradient shard) makes every rank stop, skip or raise at the same step -- never one rank
+stepping into a collective the others skip. With ``"raise"`` every rank then hands its optimizer a non-finite
+recorded norm, so that the optimizer's own policy decides the same on every rank. A GradScaler's overflow flags
+(set per rank while unscaling) are all-reduced too, so every rank skips the same fp16 steps and keeps the same
+scale.
+
 Example:
     >>> loss = model(input_ids=x, labels=x).loss
     >>> loss.backward()
@@ -31,7 +39,8 @@ from typing import Any, Literal
 import torch
 from torch.optim import Optimizer
 
-from .clip import ClipResult, clip_grad_norm
+from .clip import ClipResult, clip_grad_norm, record_grad_norm
+from .distributed import agree, is_distributed
 
 __all__ = ["NonFinitePolicy", "StepOutcome", "optimizer_step"]
 
@@ -58,6 +67,18 @@ class StepOutcome:
     stopped: bool
 
 
+def _agree_found_inf(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> None:
+    """Make a GradScaler's overflow verdict global: its ``found_inf`` flags (one per device, set while unscaling
+    this rank's gradients) are all-reduced with MAX, so every rank skips the same steps and keeps the same scale.
+    FSDP2's DTensor unscale already reduces them; DDP ranks whose gradients differ after the all-reduce (a
+    corrupted copy) would not agree without this."""
+    import torch.distributed as dist
+
+    state = scaler._per_optimizer_states[id(optimizer)]  # filled by unscale_ (clip_grad_norm ran it)
+    for found_inf in state.get("found_inf_per_device", {}).values():
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+
+
 def optimizer_step(
     optimizer: Optimizer,
     *,
@@ -66,6 +87,7 @@ def optimizer_step(
     scaler: torch.amp.GradScaler | None = None,
     scheduler: Any = None,
     on_nonfinite: NonFinitePolicy = "stop",
+    distributed: bool | None = None,
 ) -> StepOutcome:
     """Clip, step (or skip / stop on non-finite values), zero the gradients and step the scheduler.
 
@@ -76,6 +98,8 @@ def optimizer_step(
         scaler: a GradScaler (fp16): gradients are unscaled before clipping, the step goes through it.
         scheduler: an LR scheduler stepped once per update (also after a skipped one; not after a stop).
         on_nonfinite: ``"stop"``, ``"skip"`` or ``"raise"`` (see the module docstring).
+        distributed: agree on the non-finite judgement across ranks (None: when torch.distributed is
+            initialised with more than one process). Every rank of the default group must call this.
 
     Returns:
         :class:`StepOutcome`.
@@ -83,8 +107,16 @@ def optimizer_step(
     if on_nonfinite not in ("stop", "skip", "raise"):
         raise ValueError(f"on_nonfinite must be 'stop', 'skip' or 'raise', got {on_nonfinite!r}")
     clipped = clip_grad_norm(optimizer, clip, scaler=scaler)
+    agreeing = is_distributed() if distributed is None else distributed
+    if agreeing and scaler is not None and scaler.is_enabled():
+        _agree_found_inf(scaler, optimizer)
     # with a GradScaler, overflowing fp16 gradients are routine: the scaler skips those steps itself
-    nonfinite = not math.isfinite(loss) or (scaler is None and not bool(torch.isfinite(clipped.norm)))
+    local = not math.isfinite(loss) or (scaler is None and not bool(torch.isfinite(clipped.norm)))
+    nonfinite = agree(local) if agreeing else local
+    if nonfinite and agreeing:
+        # some rank saw a NaN: every rank's optimizer (its own policy, under "raise") must see the same record,
+        # and run the same (collective, for DTensor gradients) search for the culprit
+        record_grad_norm(optimizer, torch.tensor(float("nan")))
     if nonfinite and on_nonfinite == "stop":
         optimizer.zero_grad(set_to_none=True)
         return StepOutcome(clipped, nonfinite=True, applied=False, skipped=False, stopped=True)

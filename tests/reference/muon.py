@@ -3,6 +3,11 @@ parameter: an oracle that runs in fp32 (bf16 matmuls are ~1000x slower on CPUs w
 
 With ``ns_dtype=torch.bfloat16`` it is torch's algorithm operation for operation; the generic tests use fp32 and
 ``tests/test_schedule_free_muon.py`` checks lmopt against torch.optim.Muon itself in bf16.
+
+Beyond torch: ``polar=True`` orthogonalises with the Polar Express authors' function (tests/reference/
+polar_express.py), and ``cautious=True`` masks the orthogonalised update with C-Optim's mask
+(``mask = (u * g > 0)``, ``mask /= mask.mean().clamp(min=1e-3)``, C-Optim's ``c_adamw.py``), applied to the update
+that is added to the weights; ``cautious_weight_decay=True`` decays only where ``u * p >= 0`` (Chen et al. 2025).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .polar_express import polar_express
 
 
 def newton_schulz(grad, coefficients, steps, eps, dtype):
@@ -42,6 +49,9 @@ class ReferenceMuon(torch.optim.Optimizer):
         ns_steps=5,
         adjust_lr_fn=None,
         ns_dtype=torch.float32,
+        polar=False,
+        cautious=False,
+        cautious_weight_decay=False,
     ):
         defaults = dict(
             lr=lr,
@@ -53,6 +63,9 @@ class ReferenceMuon(torch.optim.Optimizer):
             ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
             ns_dtype=ns_dtype,
+            polar=polar,
+            cautious=cautious,
+            cautious_weight_decay=cautious_weight_decay,
         )
         super().__init__(params, defaults)
 
@@ -68,9 +81,17 @@ class ReferenceMuon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz(
-                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], group["ns_dtype"]
-                )
+                if group["polar"]:
+                    update = polar_express(update, group["ns_steps"], group["ns_dtype"])
+                else:
+                    update = newton_schulz(
+                        update, group["ns_coefficients"], group["ns_steps"], group["eps"], group["ns_dtype"]
+                    )
+                update = update.to(p.dtype)
+                if group["cautious"]:
+                    mask = (update * p.grad > 0).to(update.dtype)
+                    mask.div_(mask.mean().clamp_(min=1e-3))
+                    update = update * mask
                 rows, cols = p.shape[:2]
                 if group["adjust_lr_fn"] in (None, "original"):
                     ratio = math.sqrt(max(1, rows / cols))
@@ -78,5 +99,8 @@ class ReferenceMuon(torch.optim.Optimizer):
                     ratio = 0.2 * math.sqrt(max(rows, cols))
                 else:
                     ratio = 1.0
-                p.mul_(1 - group["lr"] * group["weight_decay"])
+                if group["cautious_weight_decay"]:
+                    p.sub_(p * (update * p >= 0), alpha=group["lr"] * group["weight_decay"])
+                else:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * ratio)
