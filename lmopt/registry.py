@@ -127,7 +127,8 @@ def create_optimizer(
     Given an ``nn.Module``, the parameters are split with :func:`lmopt.param_groups` (no weight decay for biases,
     norms and embeddings); ``weight_decay`` and ``lr_multipliers`` go to that split and ``no_decay=False``
     turns it off. Given parameters or param groups, they are used as they are. ``lookahead=True`` (or
-    ``{"k": 5, "alpha": 0.5}``) wraps the result in :class:`lmopt.Lookahead`.
+    ``{"k": 5, "alpha": 0.5}``) wraps the result in :class:`lmopt.Lookahead`; ``offload=True`` (implied by the
+    ``paged_*`` aliases) builds it with :func:`lmopt.offload`: state and step on the host.
 
     Example:
         >>> opt = lmopt.create_optimizer("adamw", model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
@@ -144,6 +145,13 @@ def create_optimizer(
     use_structural_groups = hyper.pop("no_decay", True)
     lr_multipliers = hyper.pop("lr_multipliers", None)
     lookahead = hyper.pop("lookahead", None)
+    offloaded = hyper.pop("offload", False)
+    if offloaded:  # state and step on the host (the paged_* aliases imply it): lmopt.offload
+        from .optim.offload import offload
+
+        if not isinstance(offloaded, bool):
+            raise ValueError(f"offload must be True or False, got {offloaded!r}")
+        return offload(name, model_or_params, **{**hyperparameters, "offload": False})
     accepted = {k for k in inspect.signature(spec.cls.__init__).parameters if k not in ("self", "params")}
     unknown = sorted(set(hyper) - accepted - {"model"})
     if unknown:

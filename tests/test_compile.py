@@ -268,10 +268,15 @@ def _train_step_run(name: str) -> None:
             sched.step()
         per_step.append(compiles[0])
     assert per_step[WARM_UP - 1] == per_step[-1], f"recompiled after warm-up: compiles per step {per_step}"
-    ours = [r for r in torch._dynamo.utils.counters["graph_break"] if "/lmopt/" in r]
-    assert not ours, ours
+    # torch's own breaks of a train step: backward (without compiled autograd) and torch.optim.Optimizer.zero_grad,
+    # which dynamo marks as skipped; as in _run, torch.optim's user-inserted break for the torch.optim entries
+    allowed = ("Unsupported Tensor.backward() call", "Attempted to inline function marked as skipped")
+    allowed += () if spec.lmopt_engine else ("Call to `torch._dynamo.graph_break()`",)
+    breaks = {r.splitlines()[0]: n for r, n in torch._dynamo.utils.counters["graph_break"].items()}
+    assert all(r.startswith(allowed) for r in breaks), breaks
+    rtol, atol = (1e-4, 1e-5) if "bf16" in name else (1e-5, 1e-6)  # as in _run
     for p, q in zip(model.parameters(), eager_model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
 
 
 #: the default train-step run (the default AdamW; a quantized, factored rule); the rest with ``-m slow``

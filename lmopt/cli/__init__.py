@@ -24,6 +24,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "lmopt.cli.recipe_cmd",
     "lmopt.cli.plan_cmd",
     "lmopt.cli.recommend_cmd",
+    "lmopt.cli.checkpoint_cmd",
 )
 
 

@@ -11,9 +11,12 @@ from .came import CAME, came
 from .convert import convert_state
 from .lion import Lion, Lion8bit, lion
 from .lookahead import Lookahead, with_lookahead
+from .mapped import map_state
 from .muon import Muon, NorMuon, muon, normuon
+from .offload import OffloadOptimizer, offload
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD, recompute_batchnorm_statistics
+from .soap import SOAP, soap
 from .sophia import Sophia, sampled_label_loss, sophia
 from .stable_adamw import StableAdamW, stable_adamw
 
@@ -52,6 +55,10 @@ __all__ = [
     # Schedule-Free, Muon, AdaBound, Lookahead, gradient release (docs/optimizers-schedule-free-muon.md)
     "AdaBound",
     "GradientRelease",
+    # offload: state and step on the host (lmopt/optim/offload.py, docs/offload.md)
+    "OffloadOptimizer",
+    "map_state",
+    "offload",
     "Lookahead",
     "Muon",
     "NorMuon",
@@ -62,4 +69,7 @@ __all__ = [
     "ScheduleFreeSGD",
     "recompute_batchnorm_statistics",
     "with_lookahead",
+    # SOAP: Adam in Shampoo's eigenbasis (docs/optimizers-soap.md)
+    "SOAP",
+    "soap",
 ]

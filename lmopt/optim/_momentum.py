@@ -45,11 +45,12 @@ from ..quant.moments import (
 from ..quant.sharded import ShardLayout
 from ..spec import StateTensor
 from ._dispatch import math_dtype
-from ._precision import moment_format, normalize_state_precision, validate_state_precision
+from ._precision import moment_format, normalize_state_precision, reshard_loaded_state, validate_state_precision
 from .base import is_dtensor
 
 __all__ = [
     "MOMENTUM_PRECISIONS",
+    "QuantizedMomentumLoading",
     "init_momentum",
     "momentum_format",
     "momentum_state",
@@ -63,6 +64,19 @@ __all__ = [
 #: the values ``momentum_precision`` takes (None: the parameter's dtype)
 MOMENTUM_PRECISIONS: tuple[str | None, ...] = (None, "fp32", "bf16", "8bit", "4bit")
 _NAME = "exp_avg"
+
+
+class QuantizedMomentumLoading:
+    """Mixin for optimizers whose first moment may be quantized (CAME, Adafactor): a state dict saved with
+    another sharding (another world size, FSDP2 <-> unsharded) is re-blocked after loading, as the low-bit Adam
+    family does (:func:`lmopt.optim._precision.reshard_loaded_state`)."""
+
+    def _after_load_state_dict(self) -> None:
+        super()._after_load_state_dict()  # type: ignore[misc]
+        self._reshard_loaded_state()
+
+    def _reshard_loaded_state(self) -> None:
+        reshard_loaded_state(self, lambda group: [(_NAME, momentum_format(group))])
 
 
 def normalize_momentum_precision(value: Any) -> str | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -369,50 +369,11 @@ class MomentPrecision:
         self._reshard_loaded_state()
 
     def _reshard_loaded_state(self) -> None:
-        """After loading: quantized moments saved with another number of shards than the parameter now has
-        (another world size, or unsharded <-> FSDP2) are requantized into the current per-shard blocks (with a
-        warning: one more rounding of those moments); full-precision entries are sliced or gathered to the
-        parameter's form, so plain and DTensor state never mix."""
-        groups = {id(p): group for group in self.param_groups for p in group["params"]}  # type: ignore[attr-defined]
-        requantized = []
-        for p in (p for group in self.param_groups for p in group["params"] if p in self.state):  # type: ignore[attr-defined]
-            state = self.state[p]  # type: ignore[attr-defined]
-            for name, value in list(state.items()):  # full-precision entries: in the parameter's form
-                if isinstance(value, Tensor) and not is_quantized_entry(name):
-                    state[name] = to_layout_of(value, p)
-            for name, kind in self._moments(groups[id(p)]):
-                if f"{name}_codes" not in state:
-                    continue
-                codes, scales = state[f"{name}_codes"], state[f"{name}_scales"]
-                shards = int(state.get(f"{name}_shards", 1))
-                if not is_dtensor(p):  # plain parameters keep no shard count
-                    state.pop(f"{name}_shards", None)
-                fmt = self._format(groups[id(p)], kind)
-                shape = codes_shape(tuple(p.shape), fmt.bits)
-                if not is_dtensor(p) and not is_dtensor(codes) and shards == 1 and tuple(codes.shape) == shape:
-                    continue  # saved as the parameter now needs it
-                if is_dtensor(p) and ShardLayout.unsupported_reason(p) is not None:
-                    raise NotImplementedError(
-                        f"{type(self).__name__}: cannot load quantized state into a DTensor parameter of shape "
-                        f"{tuple(p.shape)}: {ShardLayout.unsupported_reason(p)}"
-                    )
-                layout = ShardLayout.of(p)
-                codes, scales, requant = reshard_quantized(codes, scales, shards, layout, fmt.qmap, fmt.blocks)
-                if not is_dtensor(p):
-                    codes = codes.view(shape)
-                state[f"{name}_codes"], state[f"{name}_scales"] = codes, scales
-                if is_dtensor(p):
-                    state[f"{name}_shards"] = layout.shards
-                if requant:
-                    requantized.append(f"{tuple(p.shape)} {name} ({shards} -> {layout.shards} shards)")
-        if requantized:
-            warnings.warn(
-                f"{type(self).__name__}.load_state_dict: requantized {len(requantized)} moment(s) saved with "
-                f"another sharding into the current blocks ({', '.join(requantized[:4])}"
-                f"{', ...' if len(requantized) > 4 else ''}): one more rounding of those moments; see "
-                "docs/low-bit-state.md",
-                stacklevel=3,
-            )
+        """After loading: quantized moments saved with another sharding are requantized into the current blocks
+        (:func:`reshard_loaded_state`)."""
+        reshard_loaded_state(
+            self, lambda group: [(name, self._format(group, kind)) for name, kind in self._moments(group)]
+        )
 
     # -- what happened, visibly ---------------------------------------------------------------------------------
     def state_summary(self) -> str:
@@ -453,3 +414,56 @@ def adam_scalars(lr: Any, beta1: float, beta2: float, step: Any) -> tuple[Any, A
     by the inverse (torch's division by a Python scalar does too, but rounds the reciprocal its own way): every
     path gets this one number."""
     return lr / (1 - beta1**step), 1.0 / scalar_sqrt(1 - beta2**step)
+
+
+def reshard_loaded_state(
+    optimizer: Any, formats_of: Callable[[dict[str, Any]], Iterable[tuple[str, MomentFormat | None]]]
+) -> None:
+    """After ``load_state_dict``: quantized moments saved with another number of shards than the parameter now has
+    (another world size, or unsharded <-> FSDP2) are requantized into the current per-shard blocks (with a
+    warning: one more rounding of those moments); full-precision entries are sliced or gathered to the
+    parameter's form, so plain and DTensor state never mix.
+
+    ``formats_of(group)`` names each moment of the group's parameters with its format (None or an unquantized
+    format: nothing to re-block). Shared by the low-bit Adam family and the quantized first moment of CAME /
+    Adafactor.
+    """
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    requantized = []
+    for p in (p for group in optimizer.param_groups for p in group["params"] if p in optimizer.state):
+        state = optimizer.state[p]
+        for name, value in list(state.items()):  # full-precision entries: in the parameter's form
+            if isinstance(value, Tensor) and not is_quantized_entry(name):
+                state[name] = to_layout_of(value, p)
+        for name, fmt in formats_of(groups[id(p)]):
+            if f"{name}_codes" not in state or fmt is None or not fmt.quantized:
+                continue
+            codes, scales = state[f"{name}_codes"], state[f"{name}_scales"]
+            shards = int(state.get(f"{name}_shards", 1))
+            if not is_dtensor(p):  # plain parameters keep no shard count
+                state.pop(f"{name}_shards", None)
+            shape = codes_shape(tuple(p.shape), fmt.bits)
+            if not is_dtensor(p) and not is_dtensor(codes) and shards == 1 and tuple(codes.shape) == shape:
+                continue  # saved as the parameter now needs it
+            if is_dtensor(p) and ShardLayout.unsupported_reason(p) is not None:
+                raise NotImplementedError(
+                    f"{type(optimizer).__name__}: cannot load quantized state into a DTensor parameter of shape "
+                    f"{tuple(p.shape)}: {ShardLayout.unsupported_reason(p)}"
+                )
+            layout = ShardLayout.of(p)
+            codes, scales, requant = reshard_quantized(codes, scales, shards, layout, fmt.qmap, fmt.blocks)
+            if not is_dtensor(p):
+                codes = codes.view(shape)
+            state[f"{name}_codes"], state[f"{name}_scales"] = codes, scales
+            if is_dtensor(p):
+                state[f"{name}_shards"] = layout.shards
+            if requant:
+                requantized.append(f"{tuple(p.shape)} {name} ({shards} -> {layout.shards} shards)")
+    if requantized:
+        warnings.warn(
+            f"{type(optimizer).__name__}.load_state_dict: requantized {len(requantized)} moment(s) saved with "
+            f"another sharding into the current blocks ({', '.join(requantized[:4])}"
+            f"{', ...' if len(requantized) > 4 else ''}): one more rounding of those moments; see "
+            "docs/low-bit-state.md",
+            stacklevel=4,
+        )

@@ -57,6 +57,7 @@ from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
 from ._dispatch import BLOCK_ELEMENTS, blockable, math_dtype, resolve_implementation, row_blocks
 from ._impl import copy_back, ema_, run_on, scalar_min, scalar_sqrt, traced_lr, traced_step, upcast
 from ._momentum import (
+    QuantizedMomentumLoading,
     init_momentum,
     momentum_state,
     momentum_summary,
@@ -373,7 +374,7 @@ def check_eps_pair(name: str, eps: Any) -> None:
         check_nonnegative(f"{name}[{k}]", e)
 
 
-class Adafactor(LmoptOptimizer):
+class Adafactor(QuantizedMomentumLoading, LmoptOptimizer):
     """Adafactor: factored second moment (rows + columns), RMS update clipping, optional relative steps.
 
     Args:

@@ -45,6 +45,7 @@ from ..spec import STATE_PRECISIONS, OptimizerSpec, StateTensor, Translation
 from ._dispatch import blockable, math_dtype, resolve_implementation
 from ._impl import copy_back, ema_, run_on, traced_lr, upcast
 from ._momentum import (
+    QuantizedMomentumLoading,
     init_momentum,
     momentum_state,
     momentum_summary,
@@ -204,7 +205,7 @@ def came(
     return implementation
 
 
-class CAME(LmoptOptimizer):
+class CAME(QuantizedMomentumLoading, LmoptOptimizer):
     """CAME: confidence-guided adaptive memory-efficient optimization (Adafactor + factored residual).
 
     Args:

@@ -5,6 +5,8 @@
 * :func:`z_loss`, :func:`cross_entropy_with_z_loss` -- PaLM's z-loss
 * :class:`HealthMonitor` -- loss spikes, gradient norms, clip rate, update ratios, NaN/inf, with suggestions
 * :func:`save_checkpoint`, :func:`load_checkpoint`, :class:`CheckpointManager`, :class:`PreemptionHandler`
+* :func:`save_sharded_checkpoint`, :func:`load_sharded_checkpoint`, :func:`convert_checkpoint` -- sharded
+  checkpoints through torch.distributed.checkpoint (torchrun, FSDP2), resumable at another world size
 * :func:`optimizer_step` -- one update after the backward pass: clip, non-finite policy, step, zero, schedule
 * :func:`fit` -- the reference training loop that uses all of the above
 * :func:`zero_optimizer` -- a registry optimizer inside ZeroRedundancyOptimizer (DDP, state partitioned)
@@ -26,6 +28,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .clip import ClipResult, clip_grad_norm
+from .dcp import convert_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from .distributed import ZERO_UNSUPPORTED, is_main_process, zero_optimizer
 from .fit import FitResult, StepInfo, fit, lm_loss
 from .monitor import SUGGESTIONS, HealthEvent, HealthMonitor
@@ -50,14 +53,17 @@ __all__ = [
     "ZERO_UNSUPPORTED",
     "capture_rng_state",
     "clip_grad_norm",
+    "convert_checkpoint",
     "cross_entropy_with_z_loss",
     "fit",
     "is_main_process",
     "lm_loss",
     "load_checkpoint",
+    "load_sharded_checkpoint",
     "optimizer_step",
     "restore_rng_state",
     "save_checkpoint",
+    "save_sharded_checkpoint",
     "z_loss",
     "zero_optimizer",
 ]

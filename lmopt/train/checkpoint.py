@@ -38,6 +38,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import threading
 from collections.abc import Iterable
@@ -69,6 +70,7 @@ FORMAT_NAME = "lmopt-checkpoint"
 #: the checkpoint layout version this lmopt writes (and the newest it reads)
 FORMAT_VERSION = 2
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -365,12 +367,22 @@ def save_checkpoint(
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
         payload["optimizer_signature"] = _optimizer_signature(optimizer)
+        names = {id(p): n for n, p in model.named_parameters()}
+        # parameter names per group: what a conversion to the sharded layout (keys by name) needs
+        payload["optimizer_signature"]["group_params"] = [
+            [names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups
+        ]
     if scheduler is not None:
         payload["scheduler"] = scheduler.state_dict()
     if scaler is not None:
         payload["scaler"] = scaler.state_dict()
     if rng:
         payload["rng"] = capture_rng_state()
+    return _commit_payload(path, payload)
+
+
+def _commit_payload(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as a combined checkpoint at ``path``: temporary name, fsync, read back, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -675,6 +687,41 @@ def _restore(obj: Any, snapshot: Any) -> None:
         obj.load_state_dict(snapshot)
 
 
+def _load_full_into_shards(
+    name: str, obj: Any, source: dict[str, Any], model: nn.Module, payload: dict[str, Any], path: Path
+) -> None:
+    """A single file's full tensors into a model with DTensor (FSDP2) parameters and its optimizer, through
+    torch.distributed.checkpoint.state_dict (each rank keeps its shards; quantized state is re-blocked)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    if name == "model":
+        set_model_state_dict(model, source, options=options)
+        return
+    names = (payload.get("optimizer_signature") or {}).get("group_params")
+    if not isinstance(names, list) or any(n is None for g in names for n in g):
+        raise CheckpointError(
+            f"checkpoint {path} does not record its optimizer's parameter names, which loading into sharded "
+            f"(FSDP2) parameters needs; load it in one process and save it again with this lmopt"
+        )
+    index_to_name = {}
+    groups = []
+    for group, group_names in zip(source["param_groups"], names, strict=True):
+        index_to_name.update(zip(group["params"], group_names, strict=True))
+        groups.append({**group, "params": list(group_names)})
+    by_name = {"state": {index_to_name[k]: v for k, v in source["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, obj, by_name, options=options)
+    skipped = source.get("lmopt", {}).get("skipped_steps") if isinstance(source.get("lmopt"), dict) else None
+    if isinstance(skipped, int) and hasattr(obj, "skipped_steps"):
+        from .dcp import _set_skipped_steps
+
+        _set_skipped_steps(obj, skipped)
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -705,6 +752,18 @@ def load_checkpoint(
             shape; another optimizer; malformed state; a scheduler or scaler state the checkpoint lacks.
     """
     path = Path(path)
+    if path.is_dir():
+        from .dcp import load_sharded_checkpoint
+
+        return load_sharded_checkpoint(
+            path,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            restore_rng=restore_rng,
+            verify=verify,
+        )
     payload = _read(path, map_location, verify)
     _check_payload(payload, path)
     if model is not None:
@@ -725,11 +784,15 @@ def load_checkpoint(
     sources = {"optimizer": payload.get("optimizer"), "model": weights}
     sources.update({k: payload.get(k) for k in ("scheduler", "scaler")})
     loaded = []
+    into_shards = model is not None and any(hasattr(p, "device_mesh") for p in model.parameters())
     try:
         for name, obj in objects.items():
             if obj is not None:
                 loaded.append(name)
-                obj.load_state_dict(sources[name])
+                if into_shards and name in ("optimizer", "model"):  # FSDP2: full tensors distributed to the shards
+                    _load_full_into_shards(name, obj, sources[name], model, payload, path)
+                else:
+                    obj.load_state_dict(sources[name])
     except Exception as err:
         for done in reversed([n for n in loaded if n in before]):
             try:
@@ -742,7 +805,13 @@ def load_checkpoint(
         ) from err
     warnings: list[str] = []
     restored = False
-    if restore_rng and "rng" in payload:
+    rank = (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
+    if restore_rng and "rng" in payload and rank != 0:
+        # one process's streams: rank 0 takes them; copying them to every rank would make the ranks draw alike
+        warnings = [f"a single-file checkpoint holds one process's random streams: rank {rank} keeps its own"]
+    elif restore_rng and "rng" in payload:
         warnings = restore_rng_state(payload["rng"])
         restored = True
     return TrainState(
@@ -761,49 +830,83 @@ def load_checkpoint(
 # a directory of checkpoints
 # --------------------------------------------------------------------------------------------------------
 class CheckpointManager:
-    """Numbered checkpoints (``step-00000100.pt``) in a directory, keeping the last ``keep_last``.
+    """Numbered checkpoints in a directory, keeping the last ``keep_last``: one file per checkpoint
+    (``step-00000100.pt``) or, for a sharded run, one directory (``step-00000100/``, written through
+    ``torch.distributed.checkpoint`` by every rank; :mod:`lmopt.train.dcp`).
 
     Args:
         directory: where checkpoints live (created on the first save).
         keep_last: how many to keep (>= 1; older ones are deleted after each successful save).
+        sharded: the layout to write. ``None`` (default) picks the sharded one when a process group of more than
+            one rank is initialised or the model holds DTensor parameters (FSDP2), else one file. Under a process
+            group every rank calls :meth:`save` and :meth:`load_latest` in the sharded layout; the single file is
+            written by the calling process alone (call it on rank 0).
+
+    :meth:`load_latest` finds the newest checkpoint of either layout.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3, sharded: bool | None = None) -> None:
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
+        if sharded is not None and not isinstance(sharded, bool):
+            raise ValueError(f"sharded must be True, False or None (pick by the run), got {sharded!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.sharded = sharded
 
-    def path_for(self, step: int) -> Path:
-        return self.directory / f"step-{step:08d}.pt"
+    def path_for(self, step: int, *, sharded: bool = False) -> Path:
+        return self.directory / (f"step-{step:08d}" if sharded else f"step-{step:08d}.pt")
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (temporary files of interrupted saves are not listed)."""
+        """Complete checkpoints of both layouts, oldest first (temporaries of interrupted saves are not listed)."""
         if not self.directory.is_dir():
             return []
         found = []
         for p in self.directory.iterdir():
             m = _STEP_FILE.match(p.name)
             if m and p.is_file():
-                found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
+                found.append((int(m.group(1)), 0, p))
+            m = _STEP_DIR.match(p.name)
+            if m and (p / "manifest.json").is_file():
+                found.append((int(m.group(1)), 1, p))
+        return [p for *_, p in sorted(found)]
 
     def latest(self) -> Path | None:
-        """The newest checkpoint, or None."""
+        """The newest checkpoint, or None (a local listing: no collective; a sharded load checks that every rank
+        found the same one)."""
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def uses_sharded(self, model: nn.Module | None) -> bool:
+        """The layout :meth:`save` writes for ``model``."""
+        from .dcp import uses_sharded_checkpoints
+
+        if self.sharded is not None:
+            return self.sharded
+        return model is not None and uses_sharded_checkpoints(model)
+
     def save(self, step: int, **kwargs: Any) -> Path:
-        """:func:`save_checkpoint` to ``step-<step>.pt``, then delete all but the last ``keep_last``."""
-        self._remove_stale_temporaries()
-        path = save_checkpoint(self.path_for(step), step=step, **kwargs)
-        for old in self.checkpoints()[: -self.keep_last]:
-            old.unlink(missing_ok=True)
-            _manifest_path(old).unlink(missing_ok=True)
+        """:func:`save_checkpoint` (or :func:`~lmopt.train.dcp.save_sharded_checkpoint`) to the step's name,
+        then delete all but the last ``keep_last``."""
+        from .dcp import _barrier, _rank, remove_checkpoint, save_sharded_checkpoint
+
+        if not self.uses_sharded(kwargs.get("model")):
+            self._remove_stale_temporaries()
+            path = save_checkpoint(self.path_for(step), step=step, **kwargs)
+            for old in self.checkpoints()[: -self.keep_last]:
+                remove_checkpoint(old)
+            return path
+        if _rank() == 0:
+            self._remove_stale_temporaries()
+        path = save_sharded_checkpoint(self.path_for(step, sharded=True), step=step, **kwargs)
+        if _rank() == 0:
+            for old in self.checkpoints()[: -self.keep_last]:
+                remove_checkpoint(old)
+        _barrier()
         return path
 
     def load_latest(self, **kwargs: Any) -> TrainState | None:
-        """:func:`load_checkpoint` from the newest checkpoint; None when there is none."""
+        """:func:`load_checkpoint` from the newest checkpoint of either layout; None when there is none."""
         path = self.latest()
         return None if path is None else load_checkpoint(path, **kwargs)
 
@@ -811,8 +914,10 @@ class CheckpointManager:
         if not self.directory.is_dir():
             return
         mine = f".tmp-{os.getpid()}"
-        for p in self.directory.glob(".step-*.tmp-*"):
-            if not p.name.endswith(mine):
+        for p in [*self.directory.glob(".step-*.tmp-*"), *self.directory.glob(".step-*.old-*")]:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif not p.name.endswith(mine):
                 p.unlink(missing_ok=True)
 
 

@@ -46,8 +46,12 @@ class ClipResult:
 
 
 def params_with_grads(optimizer_or_params: Optimizer | Iterable[Tensor]) -> list[Tensor]:
-    """Every parameter of every group (or of the given parameters) that has a gradient."""
+    """Every parameter of every group (or of the given parameters) that has a gradient. An offloaded optimizer
+    (:func:`lmopt.offload`) first makes its host gradients, the ones its step uses, current."""
     if isinstance(optimizer_or_params, Optimizer):
+        synchronize = getattr(type(optimizer_or_params), "synchronize", None)
+        if synchronize is not None:
+            synchronize(optimizer_or_params)
         params = [p for group in optimizer_or_params.param_groups for p in group["params"]]
     else:
         params = list(optimizer_or_params)
