@@ -5,8 +5,9 @@ Public API (everything else is internal):
 * optimizers (everything in ``lmopt.optim.__all__``, re-exported here): :class:`AdamW`, :class:`Adam`,
   :class:`Adafactor`, :class:`CAME`, :class:`AdamMini`, :class:`Lion`, :class:`Sophia`, :class:`AdamW8bit`,
   :class:`AdamW4bit`, :class:`Adam8bit`, :class:`Lion8bit`, :class:`StableAdamW`, :class:`AdEMAMix`,
-  :class:`ScheduleFreeAdamW`, :class:`Muon`, :class:`NorMuon`, :class:`AdaBound`, :class:`Lookahead`,
-  :class:`GradientRelease`, :class:`SOAP`, :func:`offload` (and every registry entry via :func:`create_optimizer`)
+  :class:`ScheduleFreeAdamW` (also SGD, RAdam), :class:`Muon`, :class:`NorMuon`, :class:`AdaBound`,
+  :class:`Lookahead`, :class:`GradientRelease`, :class:`SOAP`, :func:`offload` (and every registry entry via
+  :func:`create_optimizer`)
 * registry: :func:`create_optimizer`, :func:`list_optimizers`, :func:`get_spec`, :class:`OptimizerSpec`
 * parameter groups: :func:`param_groups`, :func:`classify_parameters`
 * recipes and schedules: :func:`recipe`, :mod:`lmopt.schedules`

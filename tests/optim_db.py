@@ -565,6 +565,12 @@ def _ademamix_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer
     from bitsandbytes.optim import AdEMAMix8bit as PeerAdEMAMix8bit
 
     h = _full("ademamix", kw)
+    if h["cautious"] or h["cautious_weight_decay"]:  # bitsandbytes has no cautious AdEMAMix: the transcription
+        from .reference.cautious import ReferenceCautiousAdEMAMix
+
+        assert not (h["t_alpha"] or h["t_beta3"]) and h["state_precision"] in (None, "fp32")
+        keys = ("lr", "betas", "alpha", "eps", "weight_decay", "cautious", "cautious_weight_decay")
+        return ReferenceCautiousAdEMAMix(model.parameters(), **{k: h[k] for k in keys})
     keys = ("lr", "betas", "alpha", "t_alpha", "t_beta3", "eps", "weight_decay")
     if h["state_precision"] in (None, "fp32"):
         return PeerAdEMAMix(model.parameters(), **{k: h[k] for k in keys})
@@ -945,6 +951,8 @@ OPTIM_DB: list[OptimSpec] = [
                 "min_quantized_numel": 16,
                 "block_size": 256,
             },
+            {"lr": 1e-3, "cautious": True},
+            {"lr": 3e-3, "weight_decay": 0.1, "cautious": True, "cautious_weight_decay": True},
         ],
         reference=_ademamix_ref,
         reference_tol=(2e-5, 2e-5),
@@ -1024,4 +1032,133 @@ OPTIM_DB: list[OptimSpec] = [
     ),
 ]
 
+
+# ------------------------------------------------------------------ cautious masking (issue 15 item 2)
+def _cautious_ref(reference: str, keys: tuple[str, ...]) -> Builder:
+    """C-Optim's cautious AdamW / Lion, transcribed in tests/reference/cautious.py (fp64 here)."""
+
+    def build(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+        from .reference import cautious
+
+        h = _full(f"cautious_{reference.lower()}", kw)
+        return getattr(cautious, f"ReferenceCautious{reference}")(model.parameters(), **{k: h[k] for k in keys})
+
+    return build
+
+
+_CAUTIOUS_KEYS = ("lr", "betas", "weight_decay", "cautious", "cautious_weight_decay")
+_CAUTIOUS_INVALID = [
+    ({"cautious": 1}, "cautious"),
+    ({"cautious_weight_decay": "yes"}, "cautious_weight_decay"),
+]
+# no state of their own: the generic tests check that the planner's state (the plain optimizer's) is exact
+OPTIM_DB += [
+    OptimSpec(
+        name="cautious_adamw",
+        variants=[
+            {"lr": 1e-2},
+            {"lr": 3e-3, "betas": (0.8, 0.95), "weight_decay": 0.1, "eps": 1e-6, "cautious_weight_decay": True},
+            {"lr": 1e-2, "weight_decay": 0.0},
+            {"lr": 1e-2, "cautious": False, "cautious_weight_decay": True, "weight_decay": 0.2},
+        ],
+        reference=_cautious_ref("AdamW", (*_CAUTIOUS_KEYS, "eps")),
+        implementations=("for_loop", "foreach", "blocked"),
+        invalid=[
+            *_ADAM_INVALID,
+            *_CAUTIOUS_INVALID,
+            ({"implementation": "fused"}, "implementation"),
+            ({"implementation": "kernel", "state_precision": "8bit"}, "implementation"),
+        ],
+    ),
+    OptimSpec(
+        name="cautious_lion",
+        variants=[
+            {"lr": 1e-3},
+            {"lr": 3e-4, "betas": (0.95, 0.98), "weight_decay": 0.5, "cautious_weight_decay": True},
+        ],
+        reference=_cautious_ref("Lion", _CAUTIOUS_KEYS),
+        implementations=("for_loop", "foreach", "blocked"),
+        invalid=[
+            ({"lr": -1.0}, "lr"),
+            ({"betas": (0.9, 1.0)}, "betas"),
+            ({"weight_decay": -1.0}, "weight_decay"),
+            ({"implementation": "kernel"}, "implementation"),
+            *_CAUTIOUS_INVALID,
+        ],
+    ),
+]
+
+BY_NAME = {spec.name: spec for spec in OPTIM_DB}
+
+
+# --------------------------------------------------- Schedule-Free SGD and RAdam (issue 15 item 6)
+def _schedule_free_package_ref(cls_name: str, name: str, keys: tuple[str, ...]) -> Builder:
+    """The schedulefree package's ``SGDScheduleFree`` / ``RAdamScheduleFree`` (its foreach path), in train mode."""
+
+    def build(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+        import schedulefree
+
+        h = _full(name, kw)
+        opt = getattr(schedulefree, cls_name)(model.parameters(), **{k: h[k] for k in keys})
+        opt.train()
+        return opt
+
+    return build
+
+
+_SF_SGD_INVALID = [
+    ({"lr": -1.0}, "lr"),
+    ({"momentum": 0.0}, "momentum"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"r": -1.0}, "r"),
+    ({"weight_lr_power": 17.0}, "weight_lr_power"),
+    ({"implementation": "fused"}, "implementation"),
+]
+_SF_RADAM_INVALID = [
+    ({"lr": -1.0}, "lr"),
+    ({"betas": (0.9, 1.0)}, "betas"),
+    ({"betas": (0.0, 0.999)}, "betas"),
+    ({"eps": 0.0}, "eps"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"silent_sgd_phase": 1}, "silent_sgd_phase"),
+    ({"r": -1.0}, "r"),
+    ({"implementation": "fused"}, "implementation"),
+]
+# the package's foreach path in float64 runs the same operations in the same order: bit-identical (tolerance 0)
+OPTIM_DB += [
+    OptimSpec(
+        name="schedule_free_sgd",
+        variants=[
+            {"lr": 0.05},
+            {"lr": 0.02, "momentum": 0.8, "weight_decay": 0.01, "warmup_steps": 10},
+            {"lr": 0.05, "r": 1.0, "weight_lr_power": 1.0, "warmup_steps": 3},
+        ],
+        reference=_schedule_free_package_ref(
+            "SGDScheduleFree",
+            "schedule_free_sgd",
+            ("lr", "momentum", "weight_decay", "warmup_steps", "r", "weight_lr_power"),
+        ),
+        reference_tol=(0.0, 0.0),
+        implementations=("for_loop", "foreach", "blocked"),
+        invalid=_SF_SGD_INVALID,
+    ),
+    OptimSpec(
+        name="schedule_free_radam",
+        variants=[
+            {"lr": 1e-2},
+            {"lr": 5e-3, "weight_decay": 0.1, "betas": (0.95, 0.99), "eps": 1e-6},
+            {"lr": 1e-2, "r": 1.0, "weight_lr_power": 1.0, "silent_sgd_phase": False},
+        ],
+        reference=_schedule_free_package_ref(
+            "RAdamScheduleFree",
+            "schedule_free_radam",
+            ("lr", "betas", "eps", "weight_decay", "r", "weight_lr_power", "silent_sgd_phase"),
+        ),
+        reference_tol=(0.0, 0.0),
+        implementations=("for_loop", "foreach", "blocked"),
+        invalid=_SF_RADAM_INVALID,
+    ),
+]
 BY_NAME = {spec.name: spec for spec in OPTIM_DB}

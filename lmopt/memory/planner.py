@@ -375,7 +375,16 @@ def _step_implementation(spec: OptimizerSpec, hyper: Mapping[str, Any], fused_ok
     quantized = hyper.get("state_precision") in ("8bit", "4bit")
     if quantized and requested in ("fused", "blocked"):  # the low-bit classes' old name for their kernel
         requested = "kernel"
-    applies = {"fused": fused_ok and not quantized, "blocked": device == "cpu" and not quantized, "kernel": quantized}
+    # cautious masks (a whole-tensor mean) run in none of the one-pass paths: foreach, or the per-tensor rule
+    masked = _cautious(hyper)
+    if quantized and masked:
+        return "for_loop"
+    applies = {
+        "fused": fused_ok and not quantized and not masked,
+        # where an optimizer has both, blocked needs what fused needs (AdamW's blocked path is for the masks)
+        "blocked": device == "cpu" and not quantized and (fused_ok or "fused" not in available),
+        "kernel": quantized,
+    }
     if requested != "auto" and not applies.get(requested, True):
         return str(requested)
     return resolve_implementation(
@@ -416,9 +425,16 @@ def _step_buffers(
     impl = _step_implementation(spec, hyper, fused_ok, device)
     if impl in ("fused", "kernel", "blocked"):  # one pass over memory: no temporaries beyond an upcast gradient
         return (4 * max((math.prod(s) for s in local), default=0) if upcast_grads else 0), impl
+    if _cautious(hyper):  # the masked update direction, one more fp32 tensor per parameter
+        per_param = [(extra + 4 * math.prod(shape), count) for (extra, count), shape in zip(per_param, Counter(local))]
     if impl == "foreach":
         return sum(extra * count for extra, count in per_param), impl
     return max((extra for extra, _ in per_param), default=0), impl
+
+
+def _cautious(hyper: Mapping[str, Any]) -> bool:
+    """Cautious masking (or cautious weight decay with decay to mask) is on."""
+    return bool(hyper.get("cautious")) or bool(hyper.get("cautious_weight_decay") and hyper.get("weight_decay"))
 
 
 def plan(

@@ -15,7 +15,7 @@ from .mapped import map_state
 from .muon import Muon, NorMuon, muon, normuon
 from .offload import OffloadOptimizer, offload
 from .release import GradientRelease
-from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
+from .schedule_free import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD, recompute_batchnorm_statistics
 from .soap import SOAP, soap
 from .sophia import Sophia, sampled_label_loss, sophia
 from .stable_adamw import StableAdamW, stable_adamw
@@ -65,6 +65,8 @@ __all__ = [
     "muon",
     "normuon",
     "ScheduleFreeAdamW",
+    "ScheduleFreeRAdam",
+    "ScheduleFreeSGD",
     "recompute_batchnorm_statistics",
     "with_lookahead",
     # SOAP: Adam in Shampoo's eigenbasis (docs/optimizers-soap.md)

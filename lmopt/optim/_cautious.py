@@ -25,6 +25,7 @@ toward zero):
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 __all__ = ["CAUTIOUS_MIN_FRACTION", "apply_cautious_", "cautious_decay_mask", "cautious_mask"]
@@ -35,7 +36,7 @@ CAUTIOUS_MIN_FRACTION = 1e-3
 
 def cautious_mask(update: Tensor, grad: Tensor) -> Tensor:
     """The rescaled mask ``1[update * grad > 0] / max(mean, 1e-3)`` in ``update``'s dtype (a new tensor)."""
-    mask = (update * grad > 0).to(update.dtype)
+    mask = torch.mul(update, grad).gt_(0)  # 1.0 / 0.0 in update's dtype: one temporary, not three
     # out of place: on a DTensor the mean is a pending partial value until it is reduced
     return mask.div_(mask.mean().clamp(min=CAUTIOUS_MIN_FRACTION))
 

@@ -15,6 +15,12 @@ Update rule (Pagliardini, Ablin & Grangier 2024, Algorithm 1, as bitsandbytes' `
     p  <- p * (1 - lr * weight_decay)             (decoupled decay)
     p  <- p - lr * (m1 / (1 - beta1^t) + alpha_t * m2) / (sqrt(nu) / sqrt(1 - beta2^t) + eps)
 
+Cautious masking (``cautious=True``; Liang et al. 2024, :mod:`lmopt.optim._cautious`): the whole update direction
+``d = m1 / (1 - beta1^t) + alpha_t * m2`` is kept where it agrees in sign with ``g`` and rescaled by the kept
+fraction of the tensor, ``d * 1[d * g > 0] / max(mean, 1e-3)``, before the division by the denominator
+(pytorch_optimizer's ``cautious`` masks ``m1`` alone); cautious weight decay (``cautious_weight_decay=True``;
+Chen et al. 2025) decays only where ``d`` and ``p`` agree in sign. No state.
+
 State per parameter (torch's names): ``step`` (fp32 scalar), ``exp_avg``, ``exp_avg_slow`` and ``exp_avg_sq``,
 at ``state_precision``: ``None`` (the parameter's dtype), ``"fp32"`` (fp64 for fp64 parameters), ``"bf16"``,
 ``"8bit"`` or ``"4bit"`` (blockwise quantized with :mod:`lmopt.quant.moments`: ``<name>_codes`` and
@@ -40,11 +46,12 @@ import torch
 from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor
+from ._cautious import cautious_decay_mask, cautious_mask
 from ._dispatch import math_dtype, resolve_implementation
 from ._impl import scalar_min, scalar_sqrt, traced_lr, traced_step
 from ._precision import MomentPrecision, moments_state, validate_state_precision
 from .adamw import _copy_back, _upcast, step_tensor
-from .base import LmoptOptimizer, check_nonnegative, constructor_defaults
+from .base import LmoptOptimizer, check_flag, check_nonnegative, constructor_defaults, is_dtensor
 
 __all__ = ["AdEMAMix", "ademamix", "ademamix_delta"]
 
@@ -96,6 +103,8 @@ def ademamix_delta(
     weight_decay: float,
     t_alpha: int | None = None,
     t_beta3: int | None = None,
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
 ) -> Tensor:
     """The AdEMAMix rule for one tensor (see the module docstring): updates the three moments in place (math
     dtype) and returns the parameter's update. The ``for_loop`` path and every state precision run this."""
@@ -106,10 +115,15 @@ def ademamix_delta(
     exp_avg_slow.lerp_(g32, weight3)
     exp_avg_sq.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
     mixed = torch.mul(exp_avg_slow, alpha_t).add_(torch.div(exp_avg, bias_correction1))
+    if cautious:
+        mixed.mul_(cautious_mask(mixed, g32))
+    decay = p32 * (lr * weight_decay) if weight_decay != 0 else None
+    if decay is not None and cautious_weight_decay:
+        decay.mul_(cautious_decay_mask(mixed, p32))
     denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
     delta = mixed.div_(denom).mul_(-lr)
-    if weight_decay != 0:
-        delta.sub_(p32 * (lr * weight_decay))
+    if decay is not None:
+        delta.sub_(decay)
     return delta
 
 
@@ -124,10 +138,11 @@ def _single_tensor_ademamix(params, grads, m1s, m2s, nus, state_steps, *, maximi
 
 
 def _multi_tensor_ademamix(params, grads, m1s, m2s, nus, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-                           maximize, **schedule):  # fmt: skip
+                           maximize, cautious=False, cautious_weight_decay=False, **schedule):  # fmt: skip
     if torch.compiler.is_compiling():  # per tensor with 0-d tensor scalars; Inductor fuses across tensors itself
         return _single_tensor_ademamix(params, grads, m1s, m2s, nus, state_steps, lr=lr, beta1=beta1, beta2=beta2,
-                                       eps=eps, weight_decay=weight_decay, maximize=maximize, **schedule)  # fmt: skip
+                                       eps=eps, weight_decay=weight_decay, maximize=maximize, cautious=cautious,
+                                       cautious_weight_decay=cautious_weight_decay, **schedule)  # fmt: skip
     scalars = _scalars(state_steps, beta1=beta1, beta2=beta2, **schedule)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -144,11 +159,17 @@ def _multi_tensor_ademamix(params, grads, m1s, m2s, nus, state_steps, *, lr, bet
         torch._foreach_lerp_(m2, g, weight3)
         torch._foreach_mul_(nu, beta2)
         torch._foreach_addcmul_(nu, g, g, 1 - beta2)
-        del g
-        if weight_decay != 0:
-            torch._foreach_mul_(p32, 1 - lr * weight_decay)
         mixed = torch._foreach_mul(m2, alpha_t)
         torch._foreach_add_(mixed, torch._foreach_div(m1, bias_correction1))
+        if cautious:  # per tensor: the kept fraction is each whole tensor's
+            torch._foreach_mul_(mixed, [cautious_mask(d, gi) for d, gi in zip(mixed, g, strict=True)])
+        del g
+        if weight_decay != 0 and cautious_weight_decay:
+            decay = [pi.mul(cautious_decay_mask(d, pi)) for pi, d in zip(p32, mixed, strict=True)]
+            torch._foreach_add_(p32, decay, alpha=-lr * weight_decay)
+            del decay
+        elif weight_decay != 0:
+            torch._foreach_mul_(p32, 1 - lr * weight_decay)
         denom = torch._foreach_sqrt(nu)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
@@ -179,6 +200,8 @@ def ademamix(
     t_alpha: int | None = None,
     t_beta3: int | None = None,
     maximize: bool = False,
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
     implementation: Implementation = "auto",
 ) -> str:
     """Functional AdEMAMix step over lists of tensors (see the module docstring for the rule).
@@ -204,6 +227,8 @@ def ademamix(
         t_alpha=t_alpha,
         t_beta3=t_beta3,
         maximize=maximize,
+        cautious=cautious,
+        cautious_weight_decay=cautious_weight_decay,
     )
     return implementation
 
@@ -230,6 +255,10 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
         block_size: elements per absmax block of quantized moments (default 256 for 8-bit, 128 for 4-bit).
         min_quantized_numel: smaller tensors keep fp32 moments (default 4096, as bitsandbytes' min_8bit_size).
         implementation: ``"auto"`` (default, ``"foreach"``), ``"for_loop"`` or ``"foreach"``.
+        cautious: mask the update where its sign disagrees with the gradient, rescaled by the kept fraction
+            (default False; Liang et al. 2024).
+        cautious_weight_decay: decay only where the update and the parameter agree in sign (default False;
+            Chen et al. 2025, arXiv:2510.12402).
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
 
     Example:
@@ -262,6 +291,8 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
         implementation: Implementation = "auto",
         nonfinite: str = "raise",
         check_finite: bool = True,
+        cautious: bool = False,
+        cautious_weight_decay: bool = False,
     ) -> None:
         super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
@@ -274,6 +305,17 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
         if group["t_beta3"] and min(group["betas"][0], group["betas"][2]) == 0:
             raise ValueError(f"betas[0] and betas[2] must be > 0 with t_beta3 (log-space warmup), got {group['betas']}")
         validate_state_precision(group)
+        group.setdefault("cautious", False)
+        group.setdefault("cautious_weight_decay", False)
+        check_flag("cautious", group["cautious"])
+        check_flag("cautious_weight_decay", group["cautious_weight_decay"])
+        masked = group["cautious"] or (group["cautious_weight_decay"] and group["weight_decay"])
+        if masked and self._quantized_group(group) and any(is_dtensor(p) for p in group["params"]):
+            raise NotImplementedError(
+                "cautious masking with 8/4-bit state steps each local shard of a DTensor (FSDP2) parameter alone, "
+                "so the kept fraction would be a shard's, not the tensor's; use state_precision='bf16' / 'fp32' "
+                "with cautious=True under FSDP2"
+            )
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
@@ -295,6 +337,8 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
             weight_decay=group["weight_decay"],
             t_alpha=group["t_alpha"],
             t_beta3=group["t_beta3"],
+            cautious=group["cautious"],
+            cautious_weight_decay=group["cautious_weight_decay"],
         )
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
@@ -322,6 +366,8 @@ class AdEMAMix(MomentPrecision, LmoptOptimizer):
                 t_alpha=group["t_alpha"],
                 t_beta3=group["t_beta3"],
                 maximize=group["maximize"],
+                cautious=group["cautious"],
+                cautious_weight_decay=group["cautious_weight_decay"],
                 implementation=impl,
             )
         self._implementation_used[id(group)] = used
@@ -347,6 +393,7 @@ SPECS = [
             "ademamix_8bit": {"state_precision": "8bit"},
             "ademamix_32bit": {"state_precision": "fp32"},
             "ademamix4bit": {"state_precision": "4bit"},
+            "cautious_ademamix": {"cautious": True},
         },
     ),
 ]

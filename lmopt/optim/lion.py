@@ -8,6 +8,14 @@ Update rule (Chen et al. 2023, Algorithm 2), for gradient ``g`` (negated when ``
     p <- p - lr * sign(c) - lr * weight_decay * p     (decoupled decay, from the p before the step)
     m <- beta2 * m + (1 - beta2) * g
 
+Cautious masking (``cautious=True``; Liang et al. 2024, C-Optim's ``c_lion.py``, with the normalisation of
+:mod:`lmopt.optim._cautious`): ``sign(c)`` is kept where it agrees with ``g`` and rescaled by the kept fraction of
+the whole tensor, ``sign(c) * 1[sign(c) * g > 0] / max(mean, 1e-3)``; cautious weight decay
+(``cautious_weight_decay=True``; Chen et al. 2025) decays only where that update and ``p`` agree in sign. No
+state. The masks need a whole-tensor mean: ``blocked`` takes two passes over a masked tensor (count, then update:
+28 B per fp32 parameter instead of 20), and masked groups with 8/4-bit state take the per-tensor rule where
+``auto`` would take the kernel (``repr`` says which ran).
+
 State per parameter: ``exp_avg`` (``m``) -- 4 bytes per fp32 parameter, half of AdamW's -- at the group's
 ``state_precision`` (None: the parameter's dtype; ``"bf16"``; ``"8bit"``: ~1 byte, blockwise-quantized as in
 :mod:`lmopt.optim._precision`). No step counter is kept for full-precision state (the rule does not use one);
@@ -37,23 +45,42 @@ import torch
 from torch import Tensor
 
 from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor, Translation
-from ._dispatch import as_math, blockable, resolve_implementation
+from . import _dispatch
+from ._cautious import CAUTIOUS_MIN_FRACTION, cautious_decay_mask, cautious_mask
+from ._dispatch import as_math, blockable, flat_blocks, resolve_implementation
 from ._impl import foreach_copy_back, run_flat_blocks, run_on
 from ._precision import ROUNDING_CODES, MomentPrecision, kahan_state, moments_state, validate_state_precision
-from .base import LmoptOptimizer, constructor_defaults
+from .base import LmoptOptimizer, check_flag, constructor_defaults, is_dtensor
 
 __all__ = ["Lion", "Lion8bit", "lion", "lion_delta"]
 
 
 def lion_delta(
-    p32: Tensor, g32: Tensor, exp_avg: Tensor, *, lr: float, beta1: float, beta2: float, weight_decay: float
+    p32: Tensor,
+    g32: Tensor,
+    exp_avg: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
 ) -> Tensor:
     """The Lion rule for one tensor (see the module docstring): updates ``exp_avg`` in place (math dtype) and
-    returns the parameter's update; the kernels compute the same operations in the same order."""
+    returns the parameter's update; the kernels compute the same operations in the same order (without the
+    cautious masks, which no kernel computes)."""
     scratch = torch.mul(g32, 1 - beta1)  # one scratch tensor for the temporaries
-    delta = torch.mul(exp_avg, beta1).add_(scratch).sign_().mul_(-lr)  # -(sign * lr): negation is exact
+    direction = torch.mul(exp_avg, beta1).add_(scratch).sign_()
+    if cautious:
+        direction.mul_(cautious_mask(direction, g32))
     if weight_decay != 0:
-        delta.sub_(torch.mul(p32, lr * weight_decay, out=scratch))
+        decay = torch.mul(p32, lr * weight_decay, out=scratch)
+        if cautious_weight_decay:
+            decay.mul_(cautious_decay_mask(direction, p32))
+    delta = direction.mul_(-lr)  # -(sign * lr): negation is exact
+    if weight_decay != 0:
+        delta.sub_(decay)
     exp_avg.mul_(beta2).add_(torch.mul(g32, 1 - beta2, out=scratch))
     return delta
 
@@ -66,6 +93,8 @@ class LionHyper(NamedTuple):
     beta2: float
     weight_decay: float
     maximize: bool
+    cautious: bool = False
+    cautious_weight_decay: bool = False
 
 
 def _lion_block(
@@ -78,7 +107,7 @@ def _lion_block(
 ) -> None:
     """One Lion update of same-shaped math-dtype tensors; ``buf`` is scratch of the same shape; ``decay`` is
     ``1 - lr * weight_decay``."""
-    lr, beta1, beta2, _weight_decay, maximize = hp
+    lr, beta1, beta2, _weight_decay, maximize, _, _ = hp
     if maximize:
         g = torch.neg(g)
     c = torch.lerp(m, g, 1 - beta1, out=buf)
@@ -90,12 +119,13 @@ def _lion_block(
 
 
 def _single_tensor_lion(params, grads, exp_avgs, hp):
-    lr, beta1, beta2, weight_decay, maximize = hp
+    lr, beta1, beta2, weight_decay, maximize, cautious, cautious_wd = hp
+    masks = dict(cautious=cautious, cautious_weight_decay=cautious_wd)
     for p, g, m in zip(params, grads, exp_avgs, strict=False):
         p32, g32, m32 = as_math(p), as_math(g), as_math(m)
         if maximize:
             g32 = -g32
-        p32.add_(lion_delta(p32, g32, m32, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay))
+        p32.add_(lion_delta(p32, g32, m32, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, **masks))
         if m32 is not m:
             m.copy_(m32)
         if p32 is not p:
@@ -103,7 +133,7 @@ def _single_tensor_lion(params, grads, exp_avgs, hp):
 
 
 def _multi_tensor_lion(params, grads, exp_avgs, hp):
-    lr, beta1, beta2, weight_decay, maximize = hp
+    lr, beta1, beta2, weight_decay, maximize, cautious, cautious_wd = hp
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype)].append(i)
@@ -118,7 +148,13 @@ def _multi_tensor_lion(params, grads, exp_avgs, hp):
         c = torch._foreach_lerp(m32, g32, 1 - beta1)
         torch._foreach_lerp_(m32, g32, 1 - beta2)
         torch._foreach_sign_(c)
-        if weight_decay != 0:
+        if cautious:  # per tensor: the kept fraction is each whole tensor's
+            torch._foreach_mul_(c, [cautious_mask(ci, gi) for ci, gi in zip(c, g32, strict=True)])
+        if weight_decay != 0 and cautious_wd:
+            decay = [pi.mul(cautious_decay_mask(ci, pi)) for pi, ci in zip(p32, c, strict=True)]
+            torch._foreach_add_(p32, decay, alpha=-lr * weight_decay)
+            del decay
+        elif weight_decay != 0:
             torch._foreach_mul_(p32, 1 - lr * weight_decay)
         torch._foreach_add_(p32, c, alpha=-lr)
         del c
@@ -127,13 +163,56 @@ def _multi_tensor_lion(params, grads, exp_avgs, hp):
 
 def _blocked_lion(params, grads, exp_avgs, hp):
     decay = 1 - hp.lr * hp.weight_decay
+    masked = hp.cautious or (hp.cautious_weight_decay and hp.weight_decay != 0)
     rest = []
+    scratch: dict[torch.dtype, Tensor] = {}
     for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=False)):
-        if not blockable(p, g, m):
+        if not blockable(p, g, m) or (masked and not (p.dtype == g.dtype == m.dtype and p.dtype.itemsize >= 4)):
             rest.append(i)
             continue
-        run_flat_blocks((p, m, g), 2, lambda p, m, g, buf: _lion_block(p, g, m, buf, hp, decay))
+        if not masked:
+            run_flat_blocks((p, m, g), 2, lambda p, m, g, buf: _lion_block(p, g, m, buf, hp, decay))
+            continue
+        if p.numel() == 0:
+            continue
+        size = min(p.numel(), _dispatch.BLOCK_ELEMENTS)
+        if p.dtype not in scratch or scratch[p.dtype].shape[1] < size:
+            scratch[p.dtype] = torch.empty((3, size), dtype=p.dtype, device=p.device)
+        _blocked_masked_lion(p, g, m, hp, scratch[p.dtype])
     run_on(_multi_tensor_lion, rest, (params, grads, exp_avgs), hp)
+
+
+def _blocked_masked_lion(p: Tensor, g: Tensor, m: Tensor, hp: LionHyper, scratch: Tensor) -> None:
+    """Cautious Lion on one fp32/fp64 tensor in two passes over blocks (the kept fraction is a whole-tensor mean):
+    count where sign(c) agrees with g, then the foreach rule's operations (the same values); ``scratch``: 3 rows
+    of at least one block. 28 B per fp32 parameter from memory."""
+    lr, beta1, beta2, weight_decay, maximize, cautious, cautious_wd = hp
+    flat = [t.view(-1) for t in (p, g, m)]
+    blocks = list(flat_blocks(p.numel()))
+
+    def views(start, stop):
+        pb, gb, mb = (t[start:stop] for t in flat)
+        gbuf, c, buf = (row[: stop - start] for row in scratch)
+        return pb, (torch.neg(gb, out=gbuf) if maximize else gb), mb, c, buf
+
+    kept = 0.0
+    if cautious:
+        for start, stop in blocks:
+            _pb, gb, mb, c, _buf = views(start, stop)
+            kept += float(torch.lerp(mb, gb, 1 - beta1, out=c).sign_().mul_(gb).gt_(0).sum())
+    fraction = max(kept / p.numel(), CAUTIOUS_MIN_FRACTION)  # mean(mask) of lmopt.optim._cautious
+    for start, stop in blocks:
+        pb, gb, mb, c, buf = views(start, stop)
+        torch.lerp(mb, gb, 1 - beta1, out=c)
+        mb.lerp_(gb, 1 - beta2)
+        c.sign_()
+        if cautious:
+            c.mul_(torch.mul(c, gb, out=buf).gt_(0).div_(fraction))
+        if weight_decay != 0 and cautious_wd:
+            pb.add_(torch.mul(c, pb, out=buf).ge_(0).mul_(pb), alpha=-lr * weight_decay)
+        elif weight_decay != 0:
+            pb.mul_(1 - lr * weight_decay)
+        pb.add_(c, alpha=-lr)
 
 
 _IMPLEMENTATIONS = {"for_loop": _single_tensor_lion, "foreach": _multi_tensor_lion, "blocked": _blocked_lion}
@@ -149,18 +228,23 @@ def lion(
     beta2: float,
     weight_decay: float,
     maximize: bool = False,
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
     implementation: Implementation = "auto",
 ) -> str:
     """Functional Lion step over lists of tensors (see the module docstring for the rule); updates in
-    place."""
+    place. ``cautious`` / ``cautious_weight_decay``: the masks of the module docstring (``blocked`` takes two
+    passes over a masked tensor). Returns the implementation that ran."""
+    masked = cautious or (cautious_weight_decay and weight_decay != 0)
     blocked = all(p.device.type == "cpu" and blockable(p) and m.dtype == p.dtype for p, m in zip(params, exp_avgs))
     implementation = resolve_implementation(
         {"fused": "blocked"}.get(implementation, implementation),
         tuple(_IMPLEMENTATIONS),
         {"blocked": blocked},
-        owner="Lion",
+        owner="cautious Lion" if masked else "Lion",
     )
-    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, LionHyper(lr, beta1, beta2, weight_decay, maximize))
+    hp = LionHyper(lr, beta1, beta2, weight_decay, maximize, cautious, cautious_weight_decay)
+    _IMPLEMENTATIONS[implementation](params, grads, exp_avgs, hp)
     return implementation
 
 
@@ -183,6 +267,11 @@ class Lion(MomentPrecision, LmoptOptimizer):
         implementation: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"blocked"`` (old name
             ``"fused"``) or ``"kernel"`` (8/4-bit state).
         nonfinite: ``"raise"`` (default) or ``"skip"``; see :class:`lmopt.optim.base.LmoptOptimizer`.
+        cautious: mask the update where its sign disagrees with the gradient, rescaled by the kept fraction
+            (default False; Liang et al. 2024; registry ``cautious_lion``). The 8/4-bit kernel cannot mask:
+            ``"auto"`` takes the per-tensor rule instead and an explicit ``"kernel"`` is refused.
+        cautious_weight_decay: decay only where the update and the parameter agree in sign (default False;
+            Chen et al. 2025, arXiv:2510.12402).
 
     State: ``exp_avg``; with quantized state or a rounding mode also ``step`` (and ``kahan_comp``).
 
@@ -213,6 +302,8 @@ class Lion(MomentPrecision, LmoptOptimizer):
         implementation: Implementation = "auto",
         nonfinite: str = "raise",
         check_finite: bool = True,
+        cautious: bool = False,
+        cautious_weight_decay: bool = False,
     ) -> None:
         super().__init__(params, constructor_defaults(locals()), nonfinite=nonfinite, check_finite=check_finite)
 
@@ -228,6 +319,26 @@ class Lion(MomentPrecision, LmoptOptimizer):
             raise ValueError(
                 f"implementation={impl!r} does not run state_precision={group['state_precision']!r}; use {need}"
             )
+        group.setdefault("cautious", False)
+        group.setdefault("cautious_weight_decay", False)
+        check_flag("cautious", group["cautious"])
+        check_flag("cautious_weight_decay", group["cautious_weight_decay"])
+        if _masks(group) and impl == "kernel":
+            raise ValueError(
+                "implementation='kernel' (lmopt's 8/4-bit kernel) cannot mask updates (the kept fraction is a "
+                "whole-tensor mean), which "
+                "cautious=True / cautious_weight_decay=True need; use implementation='auto' (it picks "
+                "the per-tensor rule) or 'for_loop'"
+            )
+        if _masks(group) and quantized and any(is_dtensor(p) for p in group["params"]):
+            raise NotImplementedError(
+                "cautious masking with 8/4-bit state steps each local shard of a DTensor (FSDP2) parameter alone, "
+                "so the kept fraction would be a shard's, not the tensor's; use state_precision='bf16' / 'fp32' "
+                "with cautious=True under FSDP2"
+            )
+
+    def _kernel_applies_to_group(self, group: dict[str, Any]) -> bool:
+        return not _masks(group)  # the kernel has no (whole-tensor) masks
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         if _counts_steps(group):
@@ -238,7 +349,8 @@ class Lion(MomentPrecision, LmoptOptimizer):
     def _update(self, group, p32, g32, values, step):
         beta1, beta2 = group["betas"]
         lr, wd = float(group["lr"]), float(group["weight_decay"])
-        return lion_delta(p32, g32, values["exp_avg"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd)
+        masks = dict(cautious=group["cautious"], cautious_weight_decay=group["cautious_weight_decay"])
+        return lion_delta(p32, g32, values["exp_avg"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, **masks)
 
     def _kernel_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
@@ -256,6 +368,8 @@ class Lion(MomentPrecision, LmoptOptimizer):
         impl = group["implementation"]
         if self._quantized_group(group):
             used = self._step_quantized(group, params, grads, impl != "for_loop")
+            if impl != "for_loop" and _masks(group):
+                used += " (cautious: lmopt's 8/4-bit kernel cannot mask; the per-tensor rule ran)"
         elif impl == "for_loop" or _counts_steps(group):
             used = self._step_per_tensor(group, params, grads)
         else:
@@ -269,6 +383,8 @@ class Lion(MomentPrecision, LmoptOptimizer):
                 beta2=beta2,
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
+                cautious=group["cautious"],
+                cautious_weight_decay=group["cautious_weight_decay"],
                 implementation=impl,
             )
         self._implementation_used[id(group)] = used
@@ -294,6 +410,11 @@ class Lion8bit(Lion):
     """
 
     __init__ = partialmethod(Lion.__init__, state_precision="8bit")  # type: ignore[assignment]
+
+
+def _masks(group: Mapping[str, Any]) -> bool:
+    """The group masks its updates (cautious, or cautious weight decay with decay to mask)."""
+    return bool(group.get("cautious")) or bool(group.get("cautious_weight_decay") and group.get("weight_decay"))
 
 
 def _counts_steps(hyper: Mapping[str, Any]) -> bool:
@@ -340,6 +461,18 @@ SPECS = [
         compare_default=4,  # compare=None: AdamW's compare hyperparameters through the translation
         recommend_tier=2,
         recommend_reason="Lion: one moment (Chen et al. 2023)",
+    ),
+    OptimizerSpec(
+        name="cautious_lion",
+        cls=Lion,
+        summary="Lion with cautious masking (sign kept where it agrees with the gradient); no extra state",
+        paper=_LION_PAPER + "; Liang et al., Cautious Optimizers, arXiv:2411.16085, 2024",
+        state=lion_state,
+        defaults={"lr": 1e-4, "weight_decay": 0.3, "cautious": True},
+        family="sign",
+        aliases={"c_lion": {}, "lion_cautious": {}, "cautious_lion_cwd": {"cautious_weight_decay": True}},
+        state_precisions=STATE_PRECISIONS,
+        translation=_LION_TRANSLATION,
     ),
     OptimizerSpec(
         name="lion8bit",
