@@ -32,20 +32,13 @@ KNOWN_GAPS: dict[str, str] = {}
 
 #: entries whose traced step still reads a tensor lr on the host (``float(group["lr"])``): they compile without a
 #: break with a float lr, and a tensor lr (what keeps Inductor from recompiling) still breaks the graph
-TENSOR_LR_GAPS: dict[str, str] = dict.fromkeys(
-    (
-        "lion",
-        "schedule_free_adamw",
-        "adamw8bit",
-        "adam8bit",
-        "adamw4bit",
-        "lion8bit",
-        "adamw_8bit",
-        "adam_8bit",
-        "lion_8bit",
+TENSOR_LR_GAPS: dict[str, str] = {
+    **dict.fromkeys(
+        ("schedule_free_adamw", "schedule_free_sgd", "schedule_free_radam"),
+        "Schedule-Free's lr_max / weight-sum bookkeeping compares the lr on the host",
     ),
-    "the step reads a tensor lr as a float (Tensor.item() graph break)",
-)
+    "soap": "SOAP's traced step breaks and recompiles its per-shape helpers with a tensor lr",
+}
 
 #: the default run; the rest of the database runs with ``-m slow``
 DEFAULT = ("adamw", "adam", "sgd", "came", "lion", "lookahead_adamw")

@@ -18,8 +18,10 @@ from . import _dispatch
 from ._dispatch import flat_blocks
 
 __all__ = [
+    "add_scaled_",
     "copy_back",
     "ema_",
+    "foreach_add_scaled_",
     "foreach_copy_back",
     "run_flat_blocks",
     "run_on",
@@ -63,6 +65,22 @@ def traced_lr(lr: Any) -> float | Tensor:
     """A group's lr: a float, except a tensor lr while torch.compile traces (reading it is a graph break; a tensor
     lr is what keeps Inductor from recompiling when a scheduler changes it, as in torch.optim)."""
     return lr if isinstance(lr, Tensor) and torch.compiler.is_compiling() else float(lr)
+
+
+def add_scaled_(t: Tensor, u: Tensor, scale: float | Tensor) -> Tensor:
+    """``t += scale * u`` in place: ``alpha=scale`` for a float, a product for a 0-d tensor (a traced step's lr;
+    ``alpha`` takes Python numbers only)."""
+    if isinstance(scale, Tensor):
+        return t.add_(u * scale)
+    return t.add_(u, alpha=scale)
+
+
+def foreach_add_scaled_(ts: list[Tensor], us: list[Tensor], scale: float | Tensor) -> None:
+    """:func:`add_scaled_` over lists (one foreach op)."""
+    if isinstance(scale, Tensor):
+        torch._foreach_add_(ts, torch._foreach_mul(us, scale))
+    else:
+        torch._foreach_add_(ts, us, alpha=scale)
 
 
 def scalar_sqrt(x: float | Tensor) -> float | Tensor:

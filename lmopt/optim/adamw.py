@@ -52,7 +52,7 @@ from ..spec import SAME_AS_ADAMW, STATE_PRECISIONS, Implementation, OptimizerSpe
 from . import _dispatch
 from ._cautious import CAUTIOUS_MIN_FRACTION, cautious_decay_mask, cautious_mask
 from ._dispatch import blockable, blocked_applies, flat_blocks, resolve_implementation
-from ._impl import run_on
+from ._impl import run_on, traced_lr
 from ._precision import (
     ROUNDING_CODES,
     MomentPrecision,
@@ -570,7 +570,7 @@ class AdamW(MomentPrecision, LmoptOptimizer):
             values["exp_avg_sq"],
             values.get("max_exp_avg_sq"),
             step=step,
-            lr=float(group["lr"]),
+            lr=traced_lr(group["lr"]),
             beta1=beta1,
             beta2=beta2,
             eps=float(group["eps"]),
@@ -772,6 +772,8 @@ SPECS = [
             "adamw_hf": {},
             "adamw_torch_fused": {"implementation": "fused"},
             "adamw_bf16": {"state_precision": "bf16"},
+            "paged_adamw_32bit": {"offload": True},  # the offload path (docs/offload.md)
+            "paged_adamw": {"offload": True},
         },
         lookahead=True,
         translation=SAME_AS_ADAMW,
@@ -827,7 +829,7 @@ SPECS = [
             "adamw_bnb_8bit": {},
             "adamw_8bit": {},
             "adamw_torch_8bit": {},
-            "paged_adamw_8bit": {},
+            "paged_adamw_8bit": {"offload": True},  # the offload path (docs/offload.md), never the plain one
             "adamw_8bit_sr": {"param_rounding": "stochastic"},
             "adamw_8bit_kahan": {"param_rounding": "kahan"},
         },
@@ -843,7 +845,7 @@ SPECS = [
         cls=Adam8bit,
         summary="Adam (coupled L2) with 8-bit blockwise-quantized moments",
         paper=_DETTMERS,
-        aliases={"adam_8bit": {}, "adam_bnb_8bit": {}, "paged_adam_8bit": {}},
+        aliases={"adam_8bit": {}, "adam_bnb_8bit": {}, "paged_adam_8bit": {"offload": True}},
         translation=_LOW_BIT,
         compare=_ADAM_COMPARE,
         **_ADAM_FAMILY,

@@ -392,6 +392,8 @@ SPECS = [
             "ademamix8bit": {"state_precision": "8bit"},
             "ademamix_8bit": {"state_precision": "8bit"},
             "ademamix_32bit": {"state_precision": "fp32"},
+            "paged_ademamix_8bit": {"state_precision": "8bit", "offload": True},
+            "paged_ademamix_32bit": {"state_precision": "fp32", "offload": True},
             "ademamix4bit": {"state_precision": "4bit"},
             "cautious_ademamix": {"cautious": True},
         },

@@ -48,7 +48,7 @@ from ..spec import STATE_PRECISIONS, Implementation, OptimizerSpec, StateTensor,
 from . import _dispatch
 from ._cautious import CAUTIOUS_MIN_FRACTION, cautious_decay_mask, cautious_mask
 from ._dispatch import as_math, blockable, flat_blocks, resolve_implementation
-from ._impl import foreach_copy_back, run_flat_blocks, run_on
+from ._impl import foreach_add_scaled_, foreach_copy_back, run_flat_blocks, run_on, traced_lr
 from ._precision import ROUNDING_CODES, MomentPrecision, kahan_state, moments_state, validate_state_precision
 from .base import LmoptOptimizer, check_flag, constructor_defaults, is_dtensor
 
@@ -152,11 +152,11 @@ def _multi_tensor_lion(params, grads, exp_avgs, hp):
             torch._foreach_mul_(c, [cautious_mask(ci, gi) for ci, gi in zip(c, g32, strict=True)])
         if weight_decay != 0 and cautious_wd:
             decay = [pi.mul(cautious_decay_mask(ci, pi)) for pi, ci in zip(p32, c, strict=True)]
-            torch._foreach_add_(p32, decay, alpha=-lr * weight_decay)
+            foreach_add_scaled_(p32, decay, -lr * weight_decay)
             del decay
         elif weight_decay != 0:
             torch._foreach_mul_(p32, 1 - lr * weight_decay)
-        torch._foreach_add_(p32, c, alpha=-lr)
+        foreach_add_scaled_(p32, c, -lr)
         del c
         foreach_copy_back((p_, p32), (m_, m32))
 
@@ -348,7 +348,7 @@ class Lion(MomentPrecision, LmoptOptimizer):
 
     def _update(self, group, p32, g32, values, step):
         beta1, beta2 = group["betas"]
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        lr, wd = traced_lr(group["lr"]), float(group["weight_decay"])
         masks = dict(cautious=group["cautious"], cautious_weight_decay=group["cautious_weight_decay"])
         return lion_delta(p32, g32, values["exp_avg"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, **masks)
 
@@ -378,7 +378,7 @@ class Lion(MomentPrecision, LmoptOptimizer):
                 params,
                 grads,
                 [self.state[p]["exp_avg"] for p in params],
-                lr=float(group["lr"]),
+                lr=traced_lr(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 weight_decay=group["weight_decay"],
@@ -455,7 +455,7 @@ SPECS = [
         state=lion_state,
         defaults={"lr": 1e-4, "weight_decay": 0.3},
         family="sign",
-        aliases={"lion_32bit": {}, "lion_torch": {}},
+        aliases={"lion_32bit": {}, "lion_torch": {}, "paged_lion_32bit": {"offload": True}},
         state_precisions=STATE_PRECISIONS,
         translation=_LION_TRANSLATION,
         compare_default=4,  # compare=None: AdamW's compare hyperparameters through the translation
@@ -481,7 +481,7 @@ SPECS = [
         paper=_LION_PAPER + "; Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022",
         state=lion_state,
         family="sign",
-        aliases={"lion_8bit": {}, "paged_lion_8bit": {}},
+        aliases={"lion_8bit": {}, "paged_lion_8bit": {"offload": True}},
         state_precisions=STATE_PRECISIONS,
         translation=_LION_TRANSLATION,
     ),

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from ..spec import OptimizerSpec, StateTensor, Translation
 from . import _dispatch
 from ._dispatch import blockable, blocked_applies, resolve_implementation
-from ._impl import run_flat_blocks
+from ._impl import add_scaled_, foreach_add_scaled_, run_flat_blocks, traced_lr
 from .base import (
     Implementation,
     LmoptOptimizer,
@@ -91,7 +91,7 @@ def _single_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay,
             u.add_(y, alpha=weight_decay)
         y.lerp_(z, ckp1)
         y.add_(u, alpha=adaptive_y_lr)
-        z.sub_(u, alpha=lr)
+        add_scaled_(z, u, -lr)
         for dst, src in ((y_, y), (z_, z), (v_, v)):
             if dst is not src:
                 dst.copy_(src)
@@ -123,7 +123,7 @@ def _multi_tensor_sf(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, 
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, eps * s)
         if weight_decay != 0:
-            torch._foreach_add_(z, y, alpha=-lr * weight_decay)
+            foreach_add_scaled_(z, y, -lr * weight_decay)
             torch._foreach_mul_(y, c_y)
             torch._foreach_add_(y, z, alpha=ckp1)
         else:
@@ -226,8 +226,8 @@ def _single_tensor_sf_sgd(ys, grads, zs, *, lr, momentum, weight_decay, ckp1):
         y, g, z = _upcast_all([y_, g_, z_])
         u = g.add(y, alpha=weight_decay) if weight_decay != 0 else g
         y.lerp_(z, ckp1)
-        y.add_(u, alpha=lr * (momentum * (1 - ckp1) - 1))
-        z.sub_(u, alpha=lr)
+        add_scaled_(y, u, lr * (momentum * (1 - ckp1) - 1))
+        add_scaled_(z, u, -lr)
         _copy_back_all([y_, z_], [y, z])
 
 
@@ -240,8 +240,8 @@ def _multi_tensor_sf_sgd(ys, grads, zs, *, lr, momentum, weight_decay, ckp1):
         y, z, g = _upcast_all(y_), _upcast_all(z_), _upcast_all([grads[i] for i in idx])
         u = torch._foreach_add(g, y, alpha=weight_decay) if weight_decay != 0 else g
         torch._foreach_lerp_(y, z, ckp1)
-        torch._foreach_add_(y, u, alpha=lr * (momentum * (1 - ckp1) - 1))
-        torch._foreach_sub_(z, u, alpha=lr)
+        foreach_add_scaled_(y, u, lr * (momentum * (1 - ckp1) - 1))
+        foreach_add_scaled_(z, u, -lr)
         _copy_back_all(y_ + z_, y + z)
 
 
@@ -267,7 +267,7 @@ def _blocked_sf_sgd(ys, grads, zs, *, lr, momentum, weight_decay, ckp1):
         u = torch.add(g, y, alpha=weight_decay, out=buf) if weight_decay != 0 else g
         y.lerp_(z, ckp1)
         y.add_(u, alpha=a)
-        z.sub_(u, alpha=lr)
+        add_scaled_(z, u, -lr)
 
     for i in large:
         run_flat_blocks((ys[i], zs[i], grads[i]), 2, block)
@@ -307,8 +307,8 @@ def _single_tensor_sf_radam(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_
         if weight_decay != 0:
             u = u.add(y, alpha=weight_decay)
         y.lerp_(z, ckp1)
-        y.add_(u, alpha=lr * (beta1 * (1 - ckp1) - 1))
-        z.sub_(u, alpha=lr)
+        add_scaled_(y, u, lr * (beta1 * (1 - ckp1) - 1))
+        add_scaled_(z, u, -lr)
         _copy_back_all([y_, z_, v_], [y, z, v])
 
 
@@ -333,8 +333,8 @@ def _multi_tensor_sf_radam(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_d
         if weight_decay != 0:
             u = torch._foreach_add(u, y, alpha=weight_decay)
         torch._foreach_lerp_(y, z, ckp1)
-        torch._foreach_add_(y, u, alpha=lr * (beta1 * (1 - ckp1) - 1))
-        torch._foreach_sub_(z, u, alpha=lr)
+        foreach_add_scaled_(y, u, lr * (beta1 * (1 - ckp1) - 1))
+        foreach_add_scaled_(z, u, -lr)
         _copy_back_all(y_ + z_ + v_, y + z + v)
 
 
@@ -360,7 +360,7 @@ def _blocked_sf_radam(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay,
             u = torch.add(g, y, alpha=weight_decay, out=buf) if weight_decay != 0 else g
         y.lerp_(z, ckp1)
         y.add_(u, alpha=a)
-        z.sub_(u, alpha=lr)
+        add_scaled_(z, u, -lr)
 
     for i in large:
         run_flat_blocks((ys[i], zs[i], vs[i], grads[i]), 3, block)
@@ -599,7 +599,7 @@ class ScheduleFreeAdamW(ScheduleFree):
         k = group["k"]
         warmup = group["warmup_steps"]
         sched = (k + 1) / warmup if k < warmup else 1.0
-        lr = float(group["lr"]) * sched
+        lr = traced_lr(group["lr"]) * sched
         group["scheduled_lr"] = lr
         ckp1 = _averaging_weight(group, lr, k + 1)
         states = [self.state[p] for p in params]
@@ -697,7 +697,7 @@ class ScheduleFreeSGD(ScheduleFree):
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         k, warmup = group["k"], group["warmup_steps"]
-        lr = float(group["lr"]) * ((k + 1) / warmup if k < warmup else 1.0)
+        lr = traced_lr(group["lr"]) * ((k + 1) / warmup if k < warmup else 1.0)
         group["scheduled_lr"] = lr
         ckp1 = _averaging_weight(group, lr, k + 1)
         used = schedule_free_sgd(
@@ -800,7 +800,7 @@ class ScheduleFreeRAdam(ScheduleFree):
             rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
         else:
             rect = float(not group["silent_sgd_phase"])
-        lr = float(group["lr"]) * rect
+        lr = traced_lr(group["lr"]) * rect
         group["scheduled_lr"] = lr
         ckp1 = _averaging_weight(group, lr, step)
         states = [self.state[p] for p in params]

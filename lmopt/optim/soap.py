@@ -75,6 +75,7 @@ from torch import Tensor
 from ..spec import OptimizerSpec, StateTensor, Translation
 from ._cautious import apply_cautious_, cautious_decay_mask
 from ._dispatch import math_dtype, resolve_implementation
+from ._impl import add_scaled_, traced_lr
 from .base import LmoptOptimizer, check_choice, check_flag, check_range, constructor_defaults, is_dtensor
 
 __all__ = ["SOAP", "soap", "soap_layout"]
@@ -236,7 +237,7 @@ def soap_tensor(
     p.add_(update, alpha=-step_size)
     if hp.weight_decay > 0:
         decayed = p * cautious_decay_mask(update, p) if hp.cautious_weight_decay else p
-        p.add_(decayed, alpha=-hp.lr * hp.weight_decay)
+        add_scaled_(p, decayed, -hp.lr * hp.weight_decay)
     _accumulate(g, statistics, hp.shampoo_beta)
     if t % hp.precondition_frequency == 0 and any(q is not None for q in bases):
         original = _rotate(exp_avg, bases, back=True)  # the first moment in W's space, by the old basis
@@ -601,7 +602,7 @@ class SOAP(LmoptOptimizer):
             statistics,
             bases,
             steps,
-            lr=float(group["lr"]),
+            lr=traced_lr(group["lr"]),
             beta1=beta1,
             beta2=beta2,
             shampoo_beta=group["shampoo_beta"],
