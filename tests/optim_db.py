@@ -560,6 +560,50 @@ _LOWBIT_VARIANTS = [
     {"lr": 1e-3, "maximize": True, "min_quantized_numel": 0, "block_size": 64},
 ]
 
+
+# ------------------------------------------------------------------- Prodigy and APOLLO (issue 15 items 4, 5)
+def _prodigy_ref(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+    """The authors' prodigyopt package, with the same hyperparameters."""
+    from prodigyopt import Prodigy as PeerProdigy
+
+    h = _full("prodigy", kw)
+    keys = ("lr", "betas", "beta3", "eps", "weight_decay", "decouple", "use_bias_correction", "safeguard_warmup")
+    keys += ("d0", "d_coef", "growth_rate", "slice_p")
+    return PeerProdigy(model.parameters(), **{k: h[k] for k in keys})
+
+
+_PRODIGY_INVALID = [
+    ({"lr": -1.0}, "lr"),
+    ({"betas": (0.9, 1.0)}, "betas"),
+    ({"beta3": 1.0}, "beta3"),
+    ({"eps": 0.0}, "eps"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"d0": 0.0}, "d0"),
+    ({"d_coef": -1.0}, "d_coef"),
+    ({"growth_rate": 0.5}, "growth_rate"),
+    ({"slice_p": 0}, "slice_p"),
+    ({"decouple": 1}, "decouple"),
+    ({"implementation": "fused"}, "implementation"),
+]
+#: prodigyopt in float64, same operations: measured max relative difference ~1e-14 after 200 steps (the sums over
+#: parameters are added in another order); the default (1e-6, 1e-9) is ample
+_PRODIGY_SPECS = [
+    OptimSpec(
+        name="prodigy",
+        variants=[
+            {},
+            {"weight_decay": 0.1, "betas": (0.9, 0.95)},
+            {"weight_decay": 0.05, "decouple": False, "use_bias_correction": True, "safeguard_warmup": True},
+            {"growth_rate": 1.02, "d_coef": 0.5, "beta3": 0.9, "d0": 1e-4, "lr": 0.5},
+            {"betas": (0.0, 0.99), "eps": 1e-6},
+            {"slice_p": 3},
+        ],
+        reference=_prodigy_ref,
+        implementations=("for_loop", "blocked"),
+        invalid=_PRODIGY_INVALID,
+    ),
+]
+
 OPTIM_DB: list[OptimSpec] = [
     # ---------------------------------------------------------------------------------------- Adam family
     OptimSpec(
@@ -902,6 +946,7 @@ OPTIM_DB: list[OptimSpec] = [
             ({"implementation": "fused"}, "implementation"),
         ],
     ),
+    *_PRODIGY_SPECS,
 ]
 
 BY_NAME = {spec.name: spec for spec in OPTIM_DB}

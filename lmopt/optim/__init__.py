@@ -12,6 +12,7 @@ from .convert import convert_state
 from .lion import Lion, Lion8bit, lion
 from .lookahead import Lookahead, with_lookahead
 from .muon import Muon
+from .prodigy import Prodigy
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, recompute_batchnorm_statistics
 from .sophia import Sophia, sampled_label_loss, sophia
@@ -57,4 +58,6 @@ __all__ = [
     "ScheduleFreeAdamW",
     "recompute_batchnorm_statistics",
     "with_lookahead",
+    # learning-rate free and low-rank-projected (docs/optimizers-prodigy-apollo.md)
+    "Prodigy",
 ]

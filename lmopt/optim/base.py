@@ -431,6 +431,12 @@ class LmoptOptimizer(Optimizer):
                 )
             self.skipped_steps += 1
             return loss
+        self._step_groups(collected)
+        return loss
+
+    def _step_groups(self, collected) -> None:
+        """Create missing state and step every group (after the non-finite check). An algorithm whose update
+        couples the groups (Prodigy's one step size estimated from every parameter) overrides this."""
         for _gi, group, params, grads, _indices in collected:
             if not params:
                 continue
@@ -439,7 +445,6 @@ class LmoptOptimizer(Optimizer):
                 if len(state) == 0:
                     self._init_state(group, p, state)
             self._step_group(group, params, grads)
-        return loss
 
     # -- state dicts that keep dtypes ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
