@@ -604,6 +604,62 @@ _PRODIGY_SPECS = [
     ),
 ]
 
+
+def _apollo_ref_for(name: str) -> Builder:
+    """The authors' apollo-torch package (``APOLLOAdamW``), with the 2-D tensors in a projected group first and
+    the rest in a plain one: lmopt's split, so the parameters' positions (the projections' seeds) agree."""
+
+    def build(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
+        from apollo_torch import APOLLOAdamW
+
+        h = _full(name, kw)
+        projected = {k: h[k] for k in ("rank", "proj", "scale_type", "scale", "update_proj_gap", "proj_type")}
+        matrices = [p for p in model.parameters() if p.ndim == 2]
+        rest = [p for p in model.parameters() if p.ndim != 2]
+        flags = {k: h[k] for k in ("lr", "betas", "eps", "weight_decay", "correct_bias", "scale_front", "disable_nl")}
+        return APOLLOAdamW([{"params": matrices, **projected}, {"params": rest}], **flags)
+
+    return build
+
+
+_APOLLO_INVALID = [
+    ({"lr": -1.0}, "lr"),
+    ({"betas": (0.9, 1.0)}, "betas"),
+    ({"eps": 0.0}, "eps"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"rank": 0}, "rank"),
+    ({"rank": 2.5}, "rank"),
+    ({"update_proj_gap": 0}, "update_proj_gap"),
+    ({"scale": 0.0}, "scale"),
+    ({"scale_type": "row"}, "scale_type"),
+    ({"proj_type": "full"}, "proj_type"),
+    ({"proj": "svd"}, "proj"),
+    ({"scale_front": 1}, "scale_front"),
+    ({"implementation": "foreach"}, "implementation"),
+]
+#: apollo-torch in float64: the same operations in the same order and the same projections (fp32 draws from the
+#: same seeds): measured bit-identical over 200 steps, so the default tolerance is ample
+_APOLLO_SPECS = [
+    OptimSpec(
+        name="apollo_adamw",
+        variants=[
+            {"rank": 4, "update_proj_gap": 7},
+            {"rank": 2, "update_proj_gap": 5, "weight_decay": 0.1, "lr": 3e-3, "scale": 2.0, "scale_front": True},
+            {"rank": 3, "disable_nl": True, "correct_bias": False, "betas": (0.8, 0.95)},
+            {"rank": 3, "cache_projection": True, "update_proj_gap": 10},
+            {"rank": 2, "scale_type": "tensor", "proj_type": "reverse_std"},
+        ],
+        reference=_apollo_ref_for("apollo_adamw"),
+        invalid=_APOLLO_INVALID,
+    ),
+    OptimSpec(
+        name="apollo_mini",
+        variants=[{"update_proj_gap": 10}, {"lr": 3e-3, "weight_decay": 0.1, "update_proj_gap": 3}],
+        reference=_apollo_ref_for("apollo_mini"),
+        invalid=_APOLLO_INVALID,
+    ),
+]
+
 OPTIM_DB: list[OptimSpec] = [
     # ---------------------------------------------------------------------------------------- Adam family
     OptimSpec(
@@ -947,6 +1003,7 @@ OPTIM_DB: list[OptimSpec] = [
         ],
     ),
     *_PRODIGY_SPECS,
+    *_APOLLO_SPECS,
 ]
 
 BY_NAME = {spec.name: spec for spec in OPTIM_DB}

@@ -6,6 +6,7 @@ from .adafactor import Adafactor, adafactor
 from .adam_mini import AdamMini, adam_mini, find_partitions
 from .adamw import Adam, Adam8bit, AdamW, AdamW4bit, AdamW8bit, adamw
 from .ademamix import AdEMAMix, ademamix
+from .apollo import APOLLO, APOLLOMini
 from .base import LmoptOptimizer, NonFiniteGradientError
 from .came import CAME, came
 from .convert import convert_state
@@ -59,5 +60,7 @@ __all__ = [
     "recompute_batchnorm_statistics",
     "with_lookahead",
     # learning-rate free and low-rank-projected (docs/optimizers-prodigy-apollo.md)
+    "APOLLO",
+    "APOLLOMini",
     "Prodigy",
 ]

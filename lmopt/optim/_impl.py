@@ -8,6 +8,7 @@ Each family passes its scalar hyperparameters to its implementations as one ``Na
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,7 +16,7 @@ from torch import Tensor
 from . import _dispatch
 from ._dispatch import flat_blocks
 
-__all__ = ["copy_back", "ema_", "foreach_copy_back", "run_flat_blocks", "run_on", "upcast"]
+__all__ = ["copy_back", "ema_", "foreach_copy_back", "reduce_over_mesh", "run_flat_blocks", "run_on", "upcast"]
 
 
 def upcast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -69,3 +70,15 @@ def foreach_copy_back(*pairs: tuple[list[Tensor], list[Tensor]]) -> None:
         todo = [(d, s) for d, s in zip(dst, src, strict=False) if d is not s]
         if todo:
             torch._foreach_copy_([d for d, _ in todo], [s for _, s in todo])
+
+
+def reduce_over_mesh(local: Tensor, mesh: Any, placements: tuple[Any, ...]) -> Tensor:
+    """The sum over the shards of a value computed from local shards of DTensors placed ``placements`` on ``mesh``
+    (summed over the sharded mesh dimensions, not the replicated ones): a plain tensor, the same on every rank.
+    Used for the sums an update needs over a whole sharded tensor (Prodigy's estimate, APOLLO's projections)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    partial = [Partial() if isinstance(pl, Shard) else Replicate() for pl in placements]
+    if not any(isinstance(pl, Partial) for pl in partial):
+        return local
+    return DTensor.from_local(local, mesh, partial, run_check=False).full_tensor()

@@ -65,6 +65,7 @@ from torch import Tensor
 
 from ..spec import Implementation, OptimizerSpec, StateTensor, Translation
 from ._dispatch import blockable, blocked_applies, flat_blocks, math_dtype, resolve_implementation
+from ._impl import reduce_over_mesh
 from .base import (
     LmoptOptimizer,
     _as_float,
@@ -401,7 +402,7 @@ class Prodigy(LmoptOptimizer):
         if numerators:
             totals += torch.stack((torch.stack(numerators).sum(), torch.stack(denominators).sum())).cpu()
         for (mesh, placements), parts in sharded.items():
-            totals += _reduce_over_mesh(torch.stack(parts).sum(0), mesh, placements).cpu()
+            totals += reduce_over_mesh(torch.stack(parts).sum(0), mesh, placements).cpu()
         if fsdp_in_use and dist.is_available() and dist.is_initialized():
             device = next((p.device for _g, ps, _gr, _i in todo for p in ps), torch.device("cpu"))
             if dist.get_backend() == "nccl":
@@ -453,17 +454,6 @@ class Prodigy(LmoptOptimizer):
                 _store(lp, p32)
         for group in self.param_groups:
             group["k"] = group["k"] + 1
-
-
-def _reduce_over_mesh(local: Tensor, mesh: Any, placements: tuple[Any, ...]) -> Tensor:
-    """The sum over the shards of local partial sums of DTensor parameters placed ``placements`` on ``mesh``
-    (summed over the sharded mesh dimensions, not over the replicated ones)."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-
-    partial = [Partial() if isinstance(pl, Shard) else Replicate() for pl in placements]
-    if not any(isinstance(pl, Partial) for pl in partial):
-        return local
-    return DTensor.from_local(local, mesh, partial, run_check=False).full_tensor()
 
 
 # ------------------------------------------------------------------------------------------------------------
