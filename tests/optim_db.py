@@ -607,7 +607,8 @@ _PRODIGY_SPECS = [
 
 def _apollo_ref_for(name: str) -> Builder:
     """The authors' apollo-torch package (``APOLLOAdamW``), with the 2-D tensors in a projected group first and
-    the rest in a plain one: lmopt's split, so the parameters' positions (the projections' seeds) agree."""
+    the rest in a plain one without decay: lmopt's groups, so the parameters' positions (the projections' seeds)
+    agree."""
 
     def build(model: nn.Module, kw: dict[str, Any]) -> torch.optim.Optimizer:
         from apollo_torch import APOLLOAdamW
@@ -617,9 +618,16 @@ def _apollo_ref_for(name: str) -> Builder:
         matrices = [p for p in model.parameters() if p.ndim == 2]
         rest = [p for p in model.parameters() if p.ndim != 2]
         flags = {k: h[k] for k in ("lr", "betas", "eps", "weight_decay", "correct_bias", "scale_front", "disable_nl")}
-        return APOLLOAdamW([{"params": matrices, **projected}, {"params": rest}], **flags)
+        # lmopt's structural groups decay only matrices (create_optimizer with the model)
+        return APOLLOAdamW([{"params": matrices, **projected}, {"params": rest, "weight_decay": 0.0}], **flags)
 
     return build
+
+
+def _apollo_build(name: str) -> Builder:
+    """With the model, as ``create_optimizer`` is meant to be called: the hidden matrices (role "matrix") are
+    projected; on the test model every Linear weight is one, the reference's 2-D tensors."""
+    return lambda model, kw: lmopt.create_optimizer(name, model, **kw)
 
 
 _APOLLO_INVALID = [
@@ -651,12 +659,14 @@ _APOLLO_SPECS = [
         ],
         reference=_apollo_ref_for("apollo_adamw"),
         invalid=_APOLLO_INVALID,
+        build=_apollo_build("apollo_adamw"),
     ),
     OptimSpec(
         name="apollo_mini",
         variants=[{"update_proj_gap": 10}, {"lr": 3e-3, "weight_decay": 0.1, "update_proj_gap": 3}],
         reference=_apollo_ref_for("apollo_mini"),
         invalid=_APOLLO_INVALID,
+        build=_apollo_build("apollo_mini"),
     ),
 ]
 

@@ -49,6 +49,12 @@ KNOWN_GAPS: dict[str, str] = {
         ("adafactor", "adafactor_bf16", "adam_mini", "stable_adamw"),
         "per-tensor step reads the step counter / a scalar on the host (Tensor.item() graph breaks)",
     ),
+    "prodigy": "the step-size estimate d is a Python float per group (prodigyopt's form, exact in state_dict): "
+    "its sums are read on the host every step (graph break)",
+    **dict.fromkeys(
+        ("apollo_adamw", "apollo_mini"),
+        "the projection is drawn from a seeded torch.Generator (not traceable) and the seed / step are host ints",
+    ),
     **dict.fromkeys(
         ("adamw_8bit", "adam_8bit", "lion_8bit"),
         "precision path reads the step counter on the host (Tensor.item() graph breaks) even for fp32 tensors",

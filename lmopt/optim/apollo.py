@@ -495,6 +495,13 @@ def apollo_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str,
     return out
 
 
+def planned_projection(param: Any, architecture: Any) -> Mapping[str, Any]:
+    """The planner's view of the routing (the spec's ``structure_state``): the hidden matrices (role
+    ``"matrix"``) are projected, embeddings, the head and vectors are AdamW's -- what ``create_optimizer`` with
+    the model does."""
+    return {"use_apollo": len(param.shape) == 2 and param.role == "matrix"}
+
+
 _APOLLO_PAPER = "Zhu et al., APOLLO: SGD-like Memory, AdamW-level Performance, MLSys 2025 (arXiv:2412.05270)"
 _APOLLO_TRANSLATION = Translation(
     label="APOLLO paper: as AdamW (lr, betas, weight decay)",
@@ -512,6 +519,7 @@ SPECS = [
         state=apollo_state,
         family="adam",
         accepts_model=True,
+        structure_state=planned_projection,
         aliases={"apollo": {}, "apollo_adamw_layerwise": {}},
         translation=_APOLLO_TRANSLATION,
         compare={"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
@@ -525,6 +533,7 @@ SPECS = [
         state=apollo_state,
         family="adam",
         accepts_model=True,
+        structure_state=planned_projection,
         aliases={"apollo_mini_adamw": {}},
         translation=_APOLLO_TRANSLATION,
         compare={"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
