@@ -184,3 +184,18 @@ def test_apollo_memory_at_the_reference_shape():
     assert mini * 2000 < sgd_momentum
     cached = lmopt.get_spec("apollo_adamw").state_bytes(shape, cache_projection=True)
     assert cached == apollo + 4 * 128 * 4096
+
+
+@pytest.mark.parametrize("name", ["apollo_adamw", "apollo_mini"])
+def test_apollo_for_loop_is_bit_identical_to_apollo_torch(name):
+    """The reference path runs apollo-torch's operations in its order, on the same projections: equal bits."""
+    pytest.importorskip("apollo_torch")
+    from .optim_db import BY_NAME
+
+    spec = BY_NAME[name]
+    kw = {**spec.variants[-1], "implementation": "for_loop"}
+    ours, theirs = make_model(torch.float64), make_model(torch.float64)
+    opt_ours, opt_theirs = spec.make(ours, kw), spec.reference(theirs, dict(kw))
+    _train(ours, opt_ours, 60)
+    _train(theirs, opt_theirs, 60)
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters()))

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 from ..param_groups import classify_parameters
 from ..spec import Implementation, OptimizerSpec, StateTensor, Translation
-from ._dispatch import math_dtype
+from ._dispatch import blocked_applies, math_dtype, resolve_implementation, row_blocks
 from ._impl import reduce_over_mesh
 from .base import (
     LmoptOptimizer,
@@ -195,8 +195,10 @@ class APOLLO(LmoptOptimizer):
         cache_projection: keep each ``P`` in the state between regenerations instead of drawing it every step
             (default False: the seed only, the paper's memory).
         model: the model, to project only the hidden matrices (``create_optimizer`` passes it).
-        implementation: ``"auto"`` or ``"for_loop"`` (one tensor at a time; the projection is a matmul per
-            matrix).
+        implementation: ``"auto"`` (default: ``"blocked"`` for plain fp32/fp64 CPU matrices, else
+            ``"for_loop"``), ``"for_loop"`` (apollo-torch's operations, the reference) or ``"blocked"`` (the
+            scaled gradient is never materialised: the limiter's norm from the gradient's row / column norms, the
+            update and the decay in one cache-blocked pass over rows).
         nonfinite, check_finite: see :class:`lmopt.optim.base.LmoptOptimizer`.
 
     State per parameter: projected matrices keep ``step``, ``seed`` (int), ``exp_avg`` and ``exp_avg_sq``
@@ -210,7 +212,7 @@ class APOLLO(LmoptOptimizer):
     Reference: Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys 2025 (arXiv:2412.05270).
     """
 
-    implementations = ("for_loop",)
+    implementations = ("for_loop", "blocked")
 
     def __init__(
         self,
@@ -298,13 +300,20 @@ class APOLLO(LmoptOptimizer):
 
     # -- the step ------------------------------------------------------------------------------------------------
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        self._implementation_used[id(group)] = "for_loop"
+        impl = "for_loop"
+        if group["use_apollo"]:
+            locals_ = [_local(p) for p in params]
+            applies = blocked_applies(locals_) and all(t.dtype in (torch.float32, torch.float64) for t in locals_)
+            impl = resolve_implementation(
+                group["implementation"], self.implementations, {"blocked": applies}, owner=type(self).__name__
+            )
+        self._implementation_used[id(group)] = impl
         for p, g in zip(params, grads, strict=True):
             if p.numel() == 0:
                 self.state[p]["step"] += 1
                 continue
             if group["use_apollo"]:
-                self._step_projected(group, p, g, self.state[p])
+                self._step_projected(group, p, g, self.state[p], impl == "blocked")
             else:
                 self._step_adamw(group, p, g, self.state[p])
 
@@ -344,7 +353,9 @@ class APOLLO(LmoptOptimizer):
             return state["proj"]
         return draw_projection(shape, rank, proj_type, state["seed"], p.device, dtype)
 
-    def _step_projected(self, group: dict[str, Any], p: Tensor, g: Tensor, state: dict[str, Any]) -> None:
+    def _step_projected(
+        self, group: dict[str, Any], p: Tensor, g: Tensor, state: dict[str, Any], blocked: bool = False
+    ) -> None:
         beta1, beta2 = group["betas"]
         step = int(state["step"].item())  # before this step (apollo-torch's ``iter``)
         side = projection_side(tuple(p.shape), group["proj_type"])
@@ -375,8 +386,14 @@ class APOLLO(LmoptOptimizer):
                 factor = factor.unsqueeze(1)
         else:
             factor = _norm(normalized, p, low_sharded) / (_norm(low, p, low_sharded) + 1e-8)
-        scaled = g32 * factor
         root_scale = math.sqrt(group["scale"])
+        if blocked:
+            self._apply_blocked(group, p, g32, p32, factor, side, state, step, step_size, root_scale)
+            for low_t, exact in ((lm, m32), (lv, v32)):
+                if exact is not low_t:
+                    low_t.copy_(exact)
+            return
+        scaled = g32 * factor
         if group["scale_front"]:
             scaled *= root_scale
         if not group["disable_nl"]:
@@ -395,6 +412,38 @@ class APOLLO(LmoptOptimizer):
         for low_t, exact in ((lp, p32), (lm, m32), (lv, v32)):
             if exact is not low_t:
                 low_t.copy_(exact)
+
+    def _apply_blocked(self, group, p, g32, p32, factor, side, state, step, step_size, root_scale) -> None:
+        """The update ``p <- (p - step_size * c * g) * (1 - lr * weight_decay)`` with ``c = factor * sqrt(scale) /
+        limiter`` in one cache-blocked pass over rows (fp32/fp64 contiguous ``p``), without materialising the
+        scaled gradient: the limiter's norm ``||g * factor||`` comes from the gradient's row (or column) norms."""
+        if not group["disable_nl"]:
+            if factor.ndim == 0:
+                square = factor.square() * g32.square().sum()
+            elif side == "right":  # per row
+                square = (factor.squeeze(1).square() * g32.square().sum(dim=1)).sum()
+            else:  # per column
+                square = (factor.square() * g32.square().sum(dim=0)).sum()
+            if is_dtensor(p):
+                square = reduce_over_mesh(square, p.device_mesh, tuple(p.placements))
+            norm = square.sqrt()
+            if group["scale_front"]:
+                norm = norm * root_scale
+            if step > 0:
+                limiter = torch.clamp(norm / (state["scaled_grad"] + 1e-8), min=1.01) / 1.01
+                state["scaled_grad"].copy_(norm / limiter)
+                factor = factor / limiter
+            else:
+                state["scaled_grad"].copy_(norm)
+        coefficient = factor * (-step_size * root_scale)
+        decay = 1.0 - float(group["lr"]) * group["weight_decay"] if group["weight_decay"] > 0.0 else 1.0
+        rows, cols = p32.shape
+        for start, stop in row_blocks(rows, cols):
+            block = p32[start:stop]
+            c = coefficient[start:stop] if coefficient.ndim == 2 else coefficient  # per row, or broadcast
+            block.addcmul_(g32[start:stop], c)
+            if decay != 1.0:
+                block.mul_(decay)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (nonfinite={self.nonfinite!r}, skipped_steps={self.skipped_steps})"]
