@@ -199,3 +199,20 @@ def test_apollo_for_loop_is_bit_identical_to_apollo_torch(name):
     _train(ours, opt_ours, 60)
     _train(theirs, opt_theirs, 60)
     assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters()))
+
+
+def test_prodigy_refuses_an_estimate_beyond_float32_before_changing_anything():
+    model = make_model()
+    opt = lmopt.Prodigy(model.parameters())
+    _train(model, opt, 2, dtype=torch.float32)
+    for group in opt.param_groups:
+        group["d"] = group["d_max"] = 1e20
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+    x, y = make_batch()
+    opt.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+    with pytest.raises(FloatingPointError, match="growth_rate"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(torch.equal(v, opt.state[next(model.parameters())][k]) for k, v in state.items())

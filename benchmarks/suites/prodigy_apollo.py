@@ -24,7 +24,8 @@ from harness import Case
 from lmopt.optim.apollo import APOLLO, APOLLOMini
 from lmopt.optim.prodigy import Prodigy
 
-_PRODIGY = dict(lr=1.0, betas=(0.9, 0.999), weight_decay=0.01)
+#: growth_rate bounds d: the harness's gradients never change (a linear objective), on which d grows without limit
+_PRODIGY = dict(lr=1.0, betas=(0.9, 0.999), weight_decay=0.01, growth_rate=1.02)
 _APOLLO = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 _PROJECTED = dict(rank=128, proj="random", scale_type="channel", scale=1.0, update_proj_gap=200, proj_type="std")
 _MINI = dict(rank=1, proj="random", scale_type="tensor", scale=128.0, update_proj_gap=200, proj_type="std")
@@ -41,8 +42,8 @@ def lmopt_prodigy(params):
     return Prodigy(params, **_PRODIGY)
 
 
-def lmopt_prodigy_for_loop(params):
-    return Prodigy(params, implementation="for_loop", **_PRODIGY)
+def lmopt_prodigy_blocked(params):
+    return Prodigy(params, implementation="blocked", **_PRODIGY)
 
 
 # ---------------------------------------------------------------------------------------------------- APOLLO
@@ -84,8 +85,8 @@ def lmopt_apollo_mini_cached(params):
 
 CASES = [
     Case("prodigyopt Prodigy", "prodigy", "prodigyopt_peer", peer=True, bytes_per_param=52.0),
-    Case("lmopt prodigy auto (blocked)", "prodigy", "lmopt_prodigy", bytes_per_param=52.0),
-    Case("lmopt prodigy for_loop", "prodigy", "lmopt_prodigy_for_loop", bytes_per_param=52.0),
+    Case("lmopt prodigy auto (for_loop)", "prodigy", "lmopt_prodigy", bytes_per_param=52.0),
+    Case("lmopt prodigy blocked", "prodigy", "lmopt_prodigy_blocked", bytes_per_param=52.0),
     Case("apollo-torch APOLLOAdamW rank 128", "apollo", "apollo_torch_peer", peer=True, bytes_per_param=12.0),
     Case("lmopt apollo (seed: draws P every step)", "apollo", "lmopt_apollo", bytes_per_param=12.0),
     Case("lmopt apollo cache_projection", "apollo", "lmopt_apollo_cached", bytes_per_param=12.0),
