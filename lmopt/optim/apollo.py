@@ -571,8 +571,8 @@ SPECS = [
         structure_state=planned_projection,
         aliases={"apollo": {}, "apollo_adamw_layerwise": {}},
         translation=_APOLLO_TRANSLATION,
-        compare={"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
-        recommend_tier=None,
+        # AdamW's compare hyperparameters; rank a quarter of compare's default model width (128), the paper's ratio
+        compare={"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1, "rank": 32},
     ),
     OptimizerSpec(
         name="apollo_mini",
