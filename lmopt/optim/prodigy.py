@@ -78,8 +78,6 @@ from .base import (
 
 __all__ = ["Prodigy", "prodigy_state"]
 
-#: the per-optimizer estimate, kept in every group (group 0's is read), as in prodigyopt
-_ESTIMATE_KEYS = ("d", "d_max", "d_numerator", "d_hat", "d_denom", "k")
 #: the largest d0 and d_coef accepted (typical: d0 1e-6, d_coef 0.1 .. 10)
 _D_MAX = 1e3
 _FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -94,7 +92,6 @@ class _Phase1(NamedTuple):
 
     beta1: float
     beta2: float
-    beta3: float
     m_scale: float  # d * (1 - beta1)
     v_scale: float  # d^2 * (1 - beta2)
     s_decay: float  # beta3
@@ -109,7 +106,6 @@ class _Phase3(NamedTuple):
     dlr: float
     eps_d: float  # d * eps
     decoupled_decay: float  # weight_decay * dlr when decouple=True, else 0
-    beta1_zero: bool
     d: float
 
 
@@ -377,7 +373,6 @@ class Prodigy(LmoptOptimizer):
             hp = _Phase1(
                 beta1=beta1,
                 beta2=beta2,
-                beta3=beta3,
                 m_scale=d * (1 - beta1),
                 v_scale=d * d * (1 - beta2),
                 s_decay=beta3,
@@ -446,7 +441,6 @@ class Prodigy(LmoptOptimizer):
                 dlr=dlr,
                 eps_d=d * float(group["eps"]),
                 decoupled_decay=decay * dlr if group["decouple"] else 0.0,
-                beta1_zero=beta1 == 0,
                 d=d,
             )
             coupled = 0.0 if group["decouple"] else decay
