@@ -216,3 +216,22 @@ def test_prodigy_refuses_an_estimate_beyond_float32_before_changing_anything():
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(torch.equal(v, opt.state[next(model.parameters())][k]) for k, v in state.items())
+
+
+def test_gradient_release_runs_apollo_and_refuses_prodigy():
+    """APOLLO's update needs only its own gradient: released during backward it equals the plain step; Prodigy's
+    estimate couples every parameter, so gradient release refuses it."""
+    plain, released = make_model(), make_model()
+    opt_plain = lmopt.create_optimizer("apollo_adamw", plain, rank=3)
+    release = lmopt.GradientRelease(lmopt.create_optimizer("apollo_adamw", released, rank=3))
+    for k in range(4):
+        x, y = make_batch(seed=1 + k)
+        opt_plain.zero_grad(set_to_none=True)
+        (plain(x) - y).pow(2).mean().backward()
+        opt_plain.step()
+        (released(x) - y).pow(2).mean().backward()
+        release.step()
+    for p, q in zip(plain.parameters(), released.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="per_parameter=False"):
+        lmopt.GradientRelease(lmopt.Prodigy(make_model().parameters()))
