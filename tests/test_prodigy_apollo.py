@@ -235,3 +235,26 @@ def test_gradient_release_runs_apollo_and_refuses_prodigy():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="per_parameter=False"):
         lmopt.GradientRelease(lmopt.Prodigy(make_model().parameters()))
+
+
+@pytest.mark.slow
+def test_prodigy_fsdp_in_use_all_reduces_plain_local_shards(tmp_path):
+    """FSDP1-style flat local shards (plain tensors): ``fsdp_in_use=True`` sums the estimate over the process group,
+    so each rank's shard moves as the whole parameter does unsharded (float64)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .test_distributed import _free_port, clean_environment
+
+    out = tmp_path / "result.json"
+    worker = Path(__file__).with_name("prodigy_fsdp1_worker.py")
+    env = {**clean_environment(), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}"]
+    proc = subprocess.run([*cmd, str(worker), str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["d"] > 1e-3  # the estimate grew
+    assert result["d_sharded"] == pytest.approx(result["d"], rel=1e-12)
+    assert result["max_diff"] < 1e-10
