@@ -28,16 +28,24 @@ WARM_UP = 4  # dynamo makes the LR dynamic at its first change
 
 #: entries whose compiled step still breaks the graph in lmopt code or recompiles (known gaps, docs/compile.md);
 #: strict xfail: fixing one makes its test pass and asks for the entry to leave this table
-KNOWN_GAPS: dict[str, str] = {}
+KNOWN_GAPS: dict[str, str] = {
+    "prodigy": "the step-size estimate d is a Python float per group (prodigyopt's form, exact in state_dict): "
+    "its sums are read on the host every step (graph break)",
+    **dict.fromkeys(
+        ("apollo_adamw", "apollo_mini"),
+        "the projection is drawn from a seeded torch.Generator (not traceable) and the seed / step are host ints",
+    ),
+}
 
-#: entries whose traced step still reads a tensor lr on the host (``float(group["lr"])``): they compile without a
-#: break with a float lr, and a tensor lr (what keeps Inductor from recompiling) still breaks the graph
+#: entries whose traced step still reads a tensor lr on the host: they compile without a break with a float lr,
+#: and a tensor lr (what keeps Inductor from recompiling) still breaks the graph
 TENSOR_LR_GAPS: dict[str, str] = {
     **dict.fromkeys(
         ("schedule_free_adamw", "schedule_free_sgd", "schedule_free_radam"),
         "Schedule-Free's lr_max / weight-sum bookkeeping compares the lr on the host",
     ),
     "soap": "SOAP's traced step breaks and recompiles its per-shape helpers with a tensor lr",
+    **dict.fromkeys(("prodigy", "apollo_adamw", "apollo_mini"), "see KNOWN_GAPS"),
 }
 
 #: the default run; the rest of the database runs with ``-m slow``

@@ -6,6 +6,7 @@ from .adafactor import Adafactor, adafactor
 from .adam_mini import AdamMini, adam_mini, find_partitions
 from .adamw import Adam, Adam8bit, AdamW, AdamW4bit, AdamW8bit, adamw
 from .ademamix import AdEMAMix, ademamix
+from .apollo import APOLLO, APOLLOMini
 from .base import LmoptOptimizer, NonFiniteGradientError
 from .came import CAME, came
 from .convert import convert_state
@@ -14,6 +15,7 @@ from .lookahead import Lookahead, with_lookahead
 from .mapped import map_state
 from .muon import Muon, NorMuon, muon, normuon
 from .offload import OffloadOptimizer, offload
+from .prodigy import Prodigy
 from .release import GradientRelease
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeRAdam, ScheduleFreeSGD, recompute_batchnorm_statistics
 from .soap import SOAP, soap
@@ -72,4 +74,8 @@ __all__ = [
     # SOAP: Adam in Shampoo's eigenbasis (docs/optimizers-soap.md)
     "SOAP",
     "soap",
+    # learning-rate free and low-rank-projected (docs/optimizers-prodigy-apollo.md)
+    "APOLLO",
+    "APOLLOMini",
+    "Prodigy",
 ]

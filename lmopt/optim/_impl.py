@@ -23,6 +23,7 @@ __all__ = [
     "ema_",
     "foreach_add_scaled_",
     "foreach_copy_back",
+    "reduce_over_mesh",
     "run_flat_blocks",
     "run_on",
     "scalar_min",
@@ -130,3 +131,15 @@ def foreach_copy_back(*pairs: tuple[list[Tensor], list[Tensor]]) -> None:
         todo = [(d, s) for d, s in zip(dst, src, strict=False) if d is not s]
         if todo:
             torch._foreach_copy_([d for d, _ in todo], [s for _, s in todo])
+
+
+def reduce_over_mesh(local: Tensor, mesh: Any, placements: tuple[Any, ...]) -> Tensor:
+    """The sum over the shards of a value computed from local shards of DTensors placed ``placements`` on ``mesh``
+    (summed over the sharded mesh dimensions, not the replicated ones): a plain tensor, the same on every rank.
+    Used for the sums an update needs over a whole sharded tensor (Prodigy's estimate, APOLLO's projections)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    partial = [Partial() if isinstance(pl, Shard) else Replicate() for pl in placements]
+    if not any(isinstance(pl, Partial) for pl in partial):
+        return local
+    return DTensor.from_local(local, mesh, partial, run_check=False).full_tensor()

@@ -441,6 +441,12 @@ class LmoptOptimizer(Optimizer):
                 )
             self.skipped_steps += 1
             return loss
+        self._step_groups(collected)
+        return loss
+
+    def _step_groups(self, collected) -> None:
+        """Create missing state and step every group (after the non-finite check). An algorithm whose update
+        couples the groups (Prodigy's one step size estimated from every parameter) overrides this."""
         for _gi, group, params, grads, _indices in collected:
             if not params:
                 continue
@@ -452,7 +458,6 @@ class LmoptOptimizer(Optimizer):
                 self._compiled_step_group(group, params, grads)
             else:
                 self._step_group(group, params, grads)
-        return loss
 
     def _compiled_step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """``implementation="compiled"``: the group's step through ``torch.compile`` (one graph per group, compiled
