@@ -371,7 +371,7 @@ def snapshot(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
 
 
 def _bits(t: Tensor) -> Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+    return t.detach().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)
 
 
 def same(a: Any, b: Any) -> bool:

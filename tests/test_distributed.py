@@ -49,8 +49,15 @@ def _launch(worker_name: str, tmp_path_factory) -> dict:
         str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, worker_failure(proc.stderr)
     return json.loads(out.read_text())
+
+
+def worker_failure(stderr: str) -> str:
+    """The lines of a failed launch that say why: the first traceback or fatal message of a rank, then the end."""
+    lines = [line for line in stderr.splitlines() if not line.startswith(("W1", "I1"))]
+    start = next((i for i, line in enumerate(lines) if "Traceback" in line or "terminate" in line), 0)
+    return "\n".join(lines[start : start + 40] + ["..."] + lines[-15:])
 
 
 @pytest.fixture(scope="module")

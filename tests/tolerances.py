@@ -120,6 +120,14 @@ def within(per_param, *, precision: str, steps: int, n: int) -> tuple[bool, floa
     return worst < 1.0, worst
 
 
+def loss_tol(precision: str, steps: int, n: int = 4096) -> float:
+    """Largest relative difference of the losses of two correct continuations of one checkpoint on other world sizes
+    after ``steps`` steps: each step's update may carry the precision's unit (quantized state requantized into other
+    blocks, a bf16 moment rounded to a neighbour) plus reordered fp32 sums of up to ``n`` terms, and the loss moves
+    by at most the relative change of the updates that made it (summed over the steps, with the safety factor)."""
+    return SAFETY * steps * (UNIT.get(precision, 0.0) + reorder_unit(n))
+
+
 def roundtrip_tol(precision: str, kind: str) -> float:
     """Largest error of one store / load of a moment, relative to the tensor's largest magnitude: 0 for fp32,
     the bf16 unit roundoff ``2**-8`` (relative to each value, so to the largest too), one code step of the

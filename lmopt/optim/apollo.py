@@ -212,6 +212,9 @@ class APOLLO(LmoptOptimizer):
     Reference: Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys 2025 (arXiv:2412.05270).
     """
 
+    #: no implementation="compiled": its projections come from a seeded torch.Generator (docs/compile.md)
+    compilable = False
+
     implementations = ("for_loop", "blocked")
 
     def __init__(

@@ -233,6 +233,9 @@ class Prodigy(LmoptOptimizer):
     Reference: Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner", ICML 2024.
     """
 
+    #: no implementation="compiled": its step-size estimate d is read on the host every step (docs/compile.md)
+    compilable = False
+
     implementations = ("for_loop", "blocked")
     #: measured (benchmarks/results/step_speed_prodigy_apollo.md, 2 AMD EPYC vCPUs): the per-tensor path is faster
     #: than the blocked pass here, so auto runs it; ``implementation="blocked"`` still selects the blocked pass
