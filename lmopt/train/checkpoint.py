@@ -41,7 +41,7 @@ import re
 import shutil
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -593,9 +593,12 @@ def _check_rng(rng: Any, path: Path) -> None:
         raise bad("cuda")
 
 
-def _check_model(payload: dict[str, Any], model: nn.Module, path: Path) -> None:
-    saved = payload.get("model_shapes", {})
-    current = {k: list(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+def check_model_shapes(saved_payload: Mapping[str, Any], live: Mapping[str, Any], path: Path) -> dict[str, list[int]]:
+    """Refuse a checkpoint whose ``model_shapes`` differ from the live model state ``live`` (missing, unexpected or
+    differently shaped tensors, named), pointing at the run config it was saved with; returns the live shapes.
+    Both layouts use it."""
+    saved = saved_payload.get("model_shapes", {})
+    current = {k: list(v.shape) for k, v in live.items() if isinstance(v, torch.Tensor)}
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
     mismatched = [
@@ -614,8 +617,13 @@ def _check_model(payload: dict[str, Any], model: nn.Module, path: Path) -> None:
         raise CheckpointError(
             f"checkpoint {path} is of another model shape: {'; '.join(parts)}. Build the model "
             f"with the configuration it was saved with (its run config: "
-            f"{payload.get('config') or 'not saved'})"
+            f"{saved_payload.get('config') or 'not saved'})"
         )
+    return current
+
+
+def _check_model(payload: dict[str, Any], model: nn.Module, path: Path) -> None:
+    current = check_model_shapes(payload, model.state_dict(), path)
     for key in ("model", "model_train_point"):
         state = payload.get(key)
         if state is None:

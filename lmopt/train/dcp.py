@@ -61,6 +61,7 @@ from .checkpoint import (
     _fsync_dir,
     _plain,
     capture_rng_state,
+    check_model_shapes,
     restore_rng_state,
 )
 
@@ -592,7 +593,7 @@ def load_sharded_checkpoint(
         _check_common(common, path)
         live_model, live_optim = _state_dicts(model, optimizer) if model is not None else ({}, None)
         if model is not None:
-            _check_model(common, live_model, path)
+            check_model_shapes(common, live_model, path)
         if optimizer is not None:
             if model is None:
                 raise CheckpointError("loading an optimizer from a sharded checkpoint needs its model too")
@@ -708,30 +709,6 @@ def _check_common(common: Any, path: Path) -> None:
     for key in ("scheduler", "scaler", "config", "extra", "model_shapes"):
         if key in common and not isinstance(common[key], dict):
             raise CheckpointError(f"sharded checkpoint {path}: {key} must be a dict")
-
-
-def _check_model(common: dict[str, Any], live: dict[str, Any], path: Path) -> None:
-    saved = common.get("model_shapes", {})
-    current = {k: list(v.shape) for k, v in live.items() if isinstance(v, torch.Tensor)}
-    missing = sorted(set(current) - set(saved))
-    unexpected = sorted(set(saved) - set(current))
-    mismatched = [
-        f"{k}: checkpoint {tuple(saved[k])}, model {tuple(current[k])}"
-        for k in current
-        if k in saved and saved[k] != current[k]
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} tensors differ in shape ({'; '.join(mismatched[:3])})")
-        if missing:
-            parts.append(f"{len(missing)} model tensors are not in the checkpoint ({', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} checkpoint tensors are not in the model ({', '.join(unexpected[:3])})")
-        raise CheckpointError(
-            f"checkpoint {path} is of another model shape: {'; '.join(parts)}. Build the model with the "
-            f"configuration it was saved with (its run config: {common.get('config') or 'not saved'})"
-        )
 
 
 def _check_optimizer(common: dict[str, Any], live: dict[str, Any] | None, optimizer: Optimizer, path: Path) -> None:
