@@ -161,12 +161,6 @@ def _upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
-def _traced_lr(lr: Any) -> Any:
-    """The group's lr for the step: a float, except a tensor lr while torch.compile traces (reading it is a graph
-    break; a tensor lr is what keeps Inductor from recompiling when a scheduler changes it, as in torch.optim)."""
-    return lr if isinstance(lr, Tensor) and torch.compiler.is_compiling() else float(lr)
-
-
 def _copy_back(dst: list[Tensor], src: list[Tensor]) -> None:
     pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
     if pairs and not is_dtensor(pairs[0][0]):
@@ -627,7 +621,7 @@ class AdamW(MomentPrecision, LmoptOptimizer):
                     [s["exp_avg_sq"] for s in states],
                     [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
                     [s["step"] for s in states],
-                    lr=_traced_lr(group["lr"]),
+                    lr=traced_lr(group["lr"]),
                     beta1=beta1,
                     beta2=beta2,
                     eps=group["eps"],

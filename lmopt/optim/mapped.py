@@ -71,6 +71,7 @@ class _Mapper:
     def move(self) -> None:
         """Move every state tensor not yet in a file into one (in place in the state dicts)."""
         index = self._index()
+        moved = False
         for p, state in self.optimizer.state.items():
             i = index.get(id(p))
             if i is None:
@@ -85,9 +86,11 @@ class _Mapper:
                 mapped = _file_tensor(path, value.detach())
                 self.files[mapped.untyped_storage().data_ptr()] = str(path)
                 state[key] = mapped
-        live = {v.untyped_storage().data_ptr() for st in self.optimizer.state.values() for v in st.values()
-                if isinstance(v, Tensor)}  # fmt: skip
-        self.files = {ptr: f for ptr, f in self.files.items() if ptr in live}
+                moved = True
+        if moved:  # forget files whose tensors were replaced (a load): only when something new was mapped
+            live = {v.untyped_storage().data_ptr() for st in self.optimizer.state.values() for v in st.values()
+                    if isinstance(v, Tensor)}  # fmt: skip
+            self.files = {ptr: f for ptr, f in self.files.items() if ptr in live}
 
     def pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         init = getattr(optimizer, "_init_state", None)

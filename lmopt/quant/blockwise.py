@@ -109,9 +109,10 @@ def quantize_blockwise(
     n = flat.numel()
     chunk = _chunk(block_size)
     traced = torch.compiler.is_compiling()
-    for start in range(0 if not traced else n, n, chunk):  # checked before anything is written
-        if not bool(torch.isfinite(flat[start : start + chunk]).all()):
-            raise ValueError("quantize_blockwise: input holds inf or NaN; blockwise scales need finite values")
+    if not traced:  # checked before anything is written (a traced step reads nothing on the host)
+        for start in range(0, n, chunk):
+            if not bool(torch.isfinite(flat[start : start + chunk]).all()):
+                raise ValueError("quantize_blockwise: input holds inf or NaN; blockwise scales need finite values")
     code_count = n if cm.bits == 8 else (n + 1) // 2
     out_codes = torch.empty(code_count, dtype=torch.uint8, device=flat.device) if codes is None else codes.view(-1)
     out_scales = (
