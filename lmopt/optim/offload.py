@@ -58,6 +58,12 @@ def _resolve_pin(pin_memory: bool | None, params: Iterable[Tensor]) -> bool:
     return pin_memory
 
 
+def _host_copies(device_params: list[Tensor], pin_memory: bool | None) -> dict[int, nn.Parameter]:
+    """id(device parameter) -> its host copy (pinned as :func:`offload`'s ``pin_memory`` resolves)."""
+    pin = _resolve_pin(pin_memory, device_params)
+    return {id(p): _host_copy(p, pin) for p in device_params}
+
+
 class OffloadOptimizer(Optimizer):
     """A torch Optimizer whose state and step live on the host (see the module docstring); build it with
     :func:`offload`.
@@ -306,8 +312,7 @@ def offload(
 
     if isinstance(model_or_params, nn.Module):
         device_params = list(dict.fromkeys(model_or_params.parameters()))
-        pin = _resolve_pin(pin_memory, device_params)
-        host = {id(p): _host_copy(p, pin) for p in device_params}
+        host = _host_copies(device_params, pin_memory)
         # the structure without the device tensors: deepcopy with every parameter mapped to its host copy
         # (buffers are copied where they are; the optimizer never reads them)
         host_model = copy.deepcopy(model_or_params, memo={id(p): host[id(p)] for p in device_params})
@@ -316,8 +321,7 @@ def offload(
         items = list(model_or_params)
         groups = items if items and isinstance(items[0], dict) else [{"params": items}]
         device_params = list(dict.fromkeys(p for g in groups for p in g["params"]))
-        pin = _resolve_pin(pin_memory, device_params)
-        host = {id(p): _host_copy(p, pin) for p in device_params}
+        host = _host_copies(device_params, pin_memory)
         host_groups = [{**g, "params": [host[id(p)] for p in g["params"]]} for g in groups]
         inner = create_optimizer(optimizer_or_name, host_groups, **hyperparameters)
     _refuse_wrappers(inner)
@@ -338,8 +342,7 @@ def _refuse_wrappers(inner: Optimizer) -> None:
 
 def _rehome(optimizer: Optimizer, pin_memory: bool | None, overlap: bool) -> OffloadOptimizer:
     device_params = list(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"]))
-    pin = _resolve_pin(pin_memory, device_params)
-    host = {id(p): _host_copy(p, pin) for p in device_params}
+    host = _host_copies(device_params, pin_memory)
     groups = [{**g, "params": [host[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
     try:
         inner = type(optimizer)(groups)
