@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..registry import OptimizerSpec, get_spec, list_optimizers, resolve_name
-from ..schedules import LinearWarmup, Schedule, ShapedDecay, join
-from .workload import MODEL_SIZES
+from ..schedules import Constant, LinearWarmup, Schedule, ShapedDecay, join
+from .workload import MODEL_SIZES, ModelSize
 
 if TYPE_CHECKING:  # defined in the run loop, re-exported here on first use (see __getattr__ at the end)
     from .run import (
@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # defined in the run loop, re-exported here on first use (see
         CompareCallbacks,
         MemoryMeter,
         StepResult,
+        TrainingRun,
         optimizer_state_bytes,
         run_compare,
         train_step,
@@ -69,9 +70,13 @@ __all__ = [
     "FINAL_LOSS_WINDOW",
     "MAX_CONSECUTIVE_SKIPS",
     "MemoryMeter",
+    "PARAMETRIZATIONS",
+    "SCHEDULES",
     "StepResult",
+    "TrainingRun",
     "default_optimizer_names",
     "lr_schedule",
+    "lr_source",
     "optimizer_state_bytes",
     "resolve_config",
     "run_compare",
@@ -115,6 +120,11 @@ DEFAULT_OPTIMIZERS: tuple[str, ...] = _default_set()
 #: published 100M+ recipes). Keys an optimizer's constructor does not take are left out and listed in the
 #: results (``ignored_recipe_keys``); names without an entry use their registry defaults. ``--set
 #: NAME.KEY=VALUE`` overrides any of them.
+#: the LR schedule shapes (``CompareConfig.schedule``)
+SCHEDULES: tuple[str, ...] = ("cosine", "wsd")
+#: the parametrizations (``CompareConfig.parametrization``)
+PARAMETRIZATIONS: tuple[str, ...] = ("sp", "mup")
+
 COMPARE_RECIPES: dict[str, dict[str, Any]] = {s.name: h for s in list_optimizers() if (h := compare_hyperparameters(s))}
 
 
@@ -145,6 +155,22 @@ class CompareConfig:
         threads: CPU threads for torch during the comparison (restored afterwards); ``None`` leaves torch's
             setting. On a machine shared with other jobs, fewer threads than cores avoids OpenMP threads
             waiting on each other (measured here: 2 threads on 2 busy cores ran 3x slower than 1).
+        seeds: run every optimizer with seeds ``seed, seed + 1, ...`` (initial weights and data order); the
+            results report the mean and standard deviation over seeds.
+        schedule: ``"cosine"`` (warmup, cosine decay to ``min_lr_ratio``) or ``"wsd"`` (warmup, a constant peak,
+            then a ``1-sqrt`` decay to ``min_lr_ratio`` over the last ``decay_fraction`` of the steps; Hägele et
+            al. 2024).
+        warmup_fraction: warmup length as a fraction of ``steps`` when ``warmup_steps`` is ``None``.
+        decay_fraction: WSD's decay share of the steps.
+        width: the model's hidden size instead of the named size's (the intermediate size scales with it, the
+            head count stays); ``lmopt tune --widths`` sets it.
+        parametrization: ``"sp"`` (the standard parametrization: transformers' init, one learning rate) or
+            ``"mup"`` (:func:`lmopt.mup` from ``base_width``: per-role learning-rate multipliers, init scales and
+            1/d attention).
+        base_width: muP's base width (default: the named size's hidden size).
+        baseline: the optimizer whose final training loss is the target of the "steps to target" column.
+        lr_sources: where each optimizer's learning rate came from, for the report (``lmopt compare --tuned``
+            fills it; others read "recipe" or "--set").
     """
 
     optimizers: list[str] | None = None
@@ -163,6 +189,15 @@ class CompareConfig:
     eval_every: int = 0
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
     threads: int | None = None
+    seeds: int = 1
+    schedule: str = "cosine"
+    warmup_fraction: float = 0.1
+    decay_fraction: float = 0.2
+    width: int | None = None
+    parametrization: str = "sp"
+    base_width: int | None = None
+    baseline: str = "adamw"
+    lr_sources: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -180,6 +215,32 @@ class CompareConfig:
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be an integer >= 1, got {self.seeds!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("warmup_fraction", "decay_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        if self.schedule == "wsd" and self.resolved_warmup_steps + self.decay_steps > self.steps:
+            raise ValueError(
+                f"the warmup ({self.resolved_warmup_steps} steps) and the WSD decay ({self.decay_steps} steps) "
+                f"do not fit in steps={self.steps}: lower warmup_fraction or decay_fraction"
+            )
+        for name in ("width", "base_width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if self.width is not None and self.width % MODEL_SIZES.get(self.model, MODEL_SIZES["tiny"]).heads:
+            heads = MODEL_SIZES.get(self.model, MODEL_SIZES["tiny"]).heads
+            raise ValueError(f"width must be a multiple of the {self.model} model's {heads} heads, got {self.width}")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization must be one of {list(PARAMETRIZATIONS)}, got {self.parametrization!r}")
+        if not isinstance(self.baseline, str) or not self.baseline:
+            raise ValueError(f"baseline must be an optimizer name, got {self.baseline!r}")
+        if not isinstance(self.lr_sources, dict) or not all(isinstance(v, str) for v in self.lr_sources.values()):
+            raise ValueError("lr_sources must map optimizer names to strings")
         if self.model not in MODEL_SIZES:
             raise ValueError(f"model must be one of {list(MODEL_SIZES)}, got {self.model!r}")
         if self.warmup_steps is not None and (
@@ -207,7 +268,41 @@ class CompareConfig:
     def resolved_warmup_steps(self) -> int:
         if self.warmup_steps is not None:
             return self.warmup_steps
-        return max(1, round(0.1 * self.steps)) if self.steps > 1 else 0
+        if self.steps <= 1 or self.warmup_fraction == 0:
+            return 0
+        return min(self.steps - 1, max(1, round(self.warmup_fraction * self.steps)))
+
+    @property
+    def decay_steps(self) -> int:
+        """WSD's decay length (at least one step)."""
+        return max(1, round(self.decay_fraction * self.steps))
+
+    def model_size(self) -> ModelSize:
+        """The named size, at ``width`` when one is given (intermediate size scaled, head count kept)."""
+        size = MODEL_SIZES[self.model]
+        if self.width is None or self.width == size.hidden:
+            return size
+        intermediate = max(8, round(size.intermediate * self.width / size.hidden / 8) * 8)
+        return ModelSize(hidden=self.width, layers=size.layers, heads=size.heads, intermediate=intermediate)
+
+    def lr_schedule(self) -> Schedule:
+        """The LR multiplier schedule of this configuration (:func:`lr_schedule`)."""
+        return lr_schedule(
+            self.steps,
+            self.resolved_warmup_steps,
+            self.min_lr_ratio,
+            shape=self.schedule,
+            decay_steps=self.decay_steps,
+        )
+
+    def schedule_description(self) -> str:
+        warmup = self.resolved_warmup_steps
+        if self.schedule == "wsd":
+            return (
+                f"linear warmup {warmup} steps, constant, 1-sqrt decay over the last {self.decay_steps} steps to "
+                f"{self.min_lr_ratio:g} x peak"
+            )
+        return f"linear warmup {warmup} steps, cosine to {self.min_lr_ratio:g} x peak at step {self.steps}"
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -332,7 +427,14 @@ def resolve_config(config: CompareConfig) -> tuple[CompareConfig, list[dict[str,
 # ------------------------------------------------------------------------------------------------------------
 # the LR schedule
 # ------------------------------------------------------------------------------------------------------------
-def lr_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Schedule:
+def lr_schedule(
+    total_steps: int,
+    warmup_steps: int,
+    min_lr_ratio: float,
+    *,
+    shape: str = "cosine",
+    decay_steps: int | None = None,
+) -> Schedule:
     """This workload's schedule, built from :mod:`lmopt.schedules` pieces: linear warmup, then cosine to a floor.
 
     Step ``s`` (0-based) gets ``(s + 1) / warmup_steps`` during the warmup (the last warmup step already uses
@@ -341,11 +443,40 @@ def lr_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Sch
     the last step (``total_steps - 1``; a one-step decay stays at the peak). Unlike
     :func:`lmopt.schedules.warmup_cosine`, whose warmup reaches the peak one step later, this keeps the numbers
     ``lmopt compare`` has always used, so results stay comparable.
+
+    ``shape="wsd"``: the same warmup, then the peak held until the last ``decay_steps`` steps (default 20% of
+    the run), which decay with the ``1-sqrt`` shape (Hägele et al. 2024) to ``min_lr_ratio`` x peak at the last
+    step.
     """
+    if shape not in SCHEDULES:
+        raise ValueError(f"shape must be one of {list(SCHEDULES)}, got {shape!r}")
+    if shape == "wsd":
+        decay_steps = max(1, round(0.2 * total_steps)) if decay_steps is None else decay_steps
+        stable_end = max(warmup_steps, total_steps - decay_steps)
+        pieces: list[Schedule] = []
+        boundaries: list[int] = []
+        for start, piece in (
+            (0, LinearWarmup(warmup_steps - 1) if warmup_steps else None),
+            (warmup_steps, Constant(1.0) if stable_end > warmup_steps else None),
+            (stable_end, ShapedDecay(max(2, decay_steps), "1-sqrt", min_lr_ratio)),
+        ):
+            if piece is not None:
+                if pieces:
+                    boundaries.append(start)
+                pieces.append(piece)
+        return join(pieces, boundaries) if boundaries else pieces[-1]
     decay = ShapedDecay(max(2, total_steps - warmup_steps), "cosine", min_lr_ratio)
     if warmup_steps == 0:
         return decay
     return join([LinearWarmup(warmup_steps - 1), decay], [warmup_steps])
+
+
+def lr_source(config: CompareConfig, name: str) -> str:
+    """Where ``name``'s learning rate comes from: ``config.lr_sources``, else ``"--set"`` when overridden,
+    else ``"recipe"`` (the spec's compare hyperparameters)."""
+    if name in config.lr_sources:
+        return config.lr_sources[name]
+    return "--set" if "lr" in config.hyperparameters.get(name, {}) else "recipe"
 
 
 def warmup_cosine(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

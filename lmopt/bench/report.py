@@ -22,6 +22,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .metrics import trailing_mean
+
 __all__ = [
     "FILES",
     "SMOOTHING",
@@ -46,8 +48,12 @@ SMOOTHING = 10
 TABLE_COLUMNS: tuple[str, ...] = (
     "optimizer",
     "status",
+    "lr",
+    "lr from",
     "final train loss",
     "val loss",
+    "steps to target",
+    "speed-up",
     "tokens/s",
     "state",
     "peak mem",
@@ -67,24 +73,48 @@ def format_bytes(value: int | float | None) -> str:
     return f"{value:.1f} GiB"  # pragma: no cover
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _fmt(value: float | None, digits: int = 3, std: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def _lr(run: dict[str, Any]) -> str:
+    lr = run.get("hyperparameters", {}).get("lr")
+    return f"{lr:.3g}" if isinstance(lr, (int, float)) else "-"
+
+
+def _to_target(run: dict[str, Any], seeds: int) -> str:
+    steps = run.get("steps_to_target")
+    if steps is None:
+        return "not reached" if "steps_to_target" in run else "-"
+    reached = run.get("steps_to_target_reached", 1)
+    return f"{steps:.0f}" + (f" ({reached}/{seeds})" if seeds > 1 else "")
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     """One row per optimizer with the :data:`TABLE_COLUMNS`, formatted for display."""
     rows = []
+    seeds = len(results.get("seeds") or [0])
     for run in results["runs"]:
         status = run["status"]
         if status == "diverged":
             status = f"diverged at step {run['steps_completed'] + 1}"
         tokens = run.get("tokens_per_second")
+        spread = seeds > 1
+        speedup = run.get("speedup")
         rows.append(
             {
                 "optimizer": run["name"],
                 "status": status,
-                "final train loss": _fmt(run.get("final_train_loss")),
-                "val loss": _fmt(run.get("validation_loss")),
+                "lr": _lr(run),
+                "lr from": run.get("lr_source", "recipe"),
+                "final train loss": _fmt(
+                    run.get("final_train_loss"), std=run.get("final_train_loss_std") if spread else None
+                ),
+                "val loss": _fmt(run.get("validation_loss"), std=run.get("validation_loss_std") if spread else None),
+                "steps to target": _to_target(run, seeds),
+                "speed-up": "-" if speedup is None else f"{speedup:.2f}x",
                 "tokens/s": "-" if tokens is None else f"{tokens:,.0f}",
                 "state": format_bytes(run.get("optimizer_state_bytes")),
                 "peak mem": format_bytes(run.get("peak_memory_bytes")),
@@ -92,16 +122,6 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             }
         )
     return rows
-
-
-def _moving_average(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -> Path:
@@ -128,8 +148,11 @@ def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -
         color = colors[i % len(colors)]
         label = run["name"] if run["status"] == "ok" else f"{run['name']} ({run['status']})"
         axes.plot(xs, losses, color=color, alpha=0.25, linewidth=0.8)
-        smooth = _moving_average(losses, SMOOTHING)
+        smooth = trailing_mean(losses, SMOOTHING)
         axes.plot(xs, smooth, color=color, linewidth=1.8, label=label)
+        band = _seed_band(run, x)
+        if band is not None:
+            axes.fill_between(*band, color=color, alpha=0.18, linewidth=0)
         low, high = min(low, min(losses)), max(high, max(smooth[len(smooth) // 10 :] or smooth))
         if run["status"] != "ok":
             axes.plot([xs[-1]], [losses[-1]], marker="x", markersize=9, color=color)
@@ -164,19 +187,35 @@ def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -
         fontsize=10,
     )
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, title=f"bold: mean of {SMOOTHING} steps; o: validation", title_fontsize=8)
+    seeds = len(results.get("seeds") or [0])
+    band = f"; band: range over {seeds} seeds" if seeds > 1 else ""
+    axes.legend(fontsize=8, title=f"bold: mean of {SMOOTHING} steps; o: validation{band}", title_fontsize=8)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, format="png")
     return path
 
 
-def _markdown_table(rows: list[dict[str, str]]) -> str:
+def _seed_band(run: dict[str, Any], x: str) -> tuple[list[float], list[float], list[float]] | None:
+    """``(x, low, high)``: the smallest and largest smoothed loss over the seeds at each step (None: one seed)."""
+    curves = [r["history"] for r in run.get("seed_runs", []) if r["history"]["loss"]]
+    if len(curves) < 2:
+        return None
+    length = min(len(c["loss"]) for c in curves)
+    smooth = [trailing_mean(c["loss"][:length], SMOOTHING) for c in curves]
+    if x == "step":
+        xs = [float(s) for s in curves[0]["step"][:length]]
+    else:  # the mean wall time over the seeds at each step
+        xs = [sum(c["time_s"][i] for c in curves) / len(curves) for i in range(length)]
+    return xs, [min(v) for v in zip(*smooth, strict=True)], [max(v) for v in zip(*smooth, strict=True)]
+
+
+def _markdown_table(rows: list[dict[str, str]], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
     lines = [
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|" + "|".join("---" if c in ("optimizer", "status") else "---:" for c in TABLE_COLUMNS) + "|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c in ("optimizer", "status", "lr from") else "---:" for c in columns) + "|",
     ]
-    lines += ["| " + " | ".join(row[c] for c in TABLE_COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -189,8 +228,8 @@ def _notes(results: dict[str, Any]) -> list[str]:
         f"Data: {data['source']}; tokenizer `{data['tokenizer']}`; {data['tokens_train']:,} training and "
         f"{data['tokens_validation']:,} validation tokens; split {data['split']}; "
         f"validation loss over {data['validation_windows']} windows of {config['seq_len']} tokens.",
-        f"Training: {config['steps']} steps of {config['batch_size']} x {config['seq_len']} tokens, seed "
-        f"{config['seed']}, same initial weights and data order for every optimizer; {schedule['kind']} "
+        f"Training: {config['steps']} steps of {config['batch_size']} x {config['seq_len']} tokens, "
+        f"{_seeds_text(results)}, same initial weights and data order for every optimizer; {schedule['kind']} "
         f"(warmup {schedule['warmup_steps']} steps, floor {schedule['min_lr_ratio']:g} x peak); gradient "
         f"clipping at {schedule['max_grad_norm']:g}; fp32.",
         f"Final train loss: mean of the last {results['final_train_loss_window']} steps. tokens/s: training "
@@ -207,6 +246,17 @@ def _notes(results: dict[str, Any]) -> list[str]:
         )
         + f". Total time {results['total_time_s']:.0f} s.",
     ]
+    target = results.get("target")
+    if target:
+        notes.append(f"Steps to target: {target['definition']}.")
+    parametrization = model.get("parametrization") or {}
+    if parametrization.get("parametrization") == "mup":
+        notes.append(
+            f"Parametrization: muP (lmopt.mup) at width {parametrization['width']} from base width "
+            f"{parametrization['base_width']}."
+        )
+    sources = sorted({run.get("lr_source", "recipe") for run in results["runs"]})
+    notes.append(f"Learning rates from: {', '.join(sources)} (column `lr from`).")
     for skipped in results["skipped_optimizers"]:
         notes.append(f"Skipped `{skipped['name']}`: {skipped['reason']}.")
     for run in results["runs"]:
@@ -218,6 +268,13 @@ def _notes(results: dict[str, Any]) -> list[str]:
                 f"{', '.join(run['ignored_recipe_keys'])}."
             )
     return notes
+
+
+def _seeds_text(results: dict[str, Any]) -> str:
+    seeds = results.get("seeds") or [results["config"]["seed"]]
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return f"seeds {seeds[0]}-{seeds[-1]} (figures: mean ± sample standard deviation over {len(seeds)} seeds)"
 
 
 def _hyperparameter_lines(results: dict[str, Any]) -> list[str]:

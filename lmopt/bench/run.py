@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -34,12 +34,13 @@ from .compare import (
     CompareConfig,
     _jsonable,
     is_schedule_free,
-    lr_schedule,
+    lr_source,
     optimizer_hyperparameters,
     resolve_config,
     resolve_device,
 )
 from .corpus import Corpus, gather_windows, load_corpus, train_batch_offsets, validation_windows
+from .metrics import aggregate_seeds, steps_to_target
 from .workload import MODEL_SIZES, build_model, count_parameters
 
 __all__ = [
@@ -49,6 +50,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "MemoryMeter",
     "StepResult",
+    "TrainingRun",
+    "build_template",
     "environment",
     "evaluate",
     "optimizer_state_bytes",
@@ -241,129 +244,198 @@ class _Silent:
         pass
 
 
-def _run_one(
-    name: str,
-    template: nn.Module,
-    config: CompareConfig,
-    device: torch.device,
-    offsets: torch.Tensor,
-    corpus: Corpus,
-    val_windows: torch.Tensor,
-    meter: MemoryMeter,
-    callbacks: CompareCallbacks,
-) -> dict[str, Any]:
-    warmup = config.resolved_warmup_steps
-    spec, hyper, ignored = optimizer_hyperparameters(name, config.hyperparameters.get(name, {}), warmup_steps=warmup)
-    schedule_free = is_schedule_free(spec.cls)
-    result: dict[str, Any] = {
-        "name": name,
-        "optimizer": spec.name,
-        "class": f"{spec.cls.__module__}.{spec.cls.__qualname__}",
-        "hyperparameters": _jsonable(hyper),
-        "ignored_recipe_keys": ignored,
-        "schedule": None,
-        "status": "ok",
-        "message": None,
-        "steps_completed": 0,
-        "final_train_loss": None,
-        "validation_loss": None,
-        "tokens_per_second": None,
-        "train_time_s": 0.0,
-        "optimizer_state_bytes": None,
-        "peak_memory_bytes": None,
-        "peak_memory_absolute_bytes": None,
-        "skipped_steps": 0,
-        "history": {"step": [], "loss": [], "time_s": [], "lr": [], "grad_norm": []},
-        "validation_history": {"step": [], "loss": []},
-    }
-    callbacks.on_run_start(name, config.steps)
-    tokens_per_step = config.batch_size * config.seq_len
-    history = result["history"]
-    model = optimizer = None
-    try:
-        meter.start()
-        torch.manual_seed(config.seed)
-        model = copy.deepcopy(template).to(device)
-        model.train()
-        optimizer = create_optimizer(name, model, **hyper)
-        lrs_ok = all(
-            isinstance(g.get("lr"), (int, float)) and not isinstance(g.get("lr"), bool) and g["lr"] > 0
-            for g in optimizer.param_groups
+class TrainingRun:
+    """One optimizer's training run on the compare workload, advanced in pieces (:meth:`advance`) and closed once
+    (:meth:`finish`): ``lmopt compare`` runs it to the end in one go; ``lmopt tune``'s successive halving stops
+    it at a rung and resumes it later, bit-identical to an uninterrupted run (the model, the optimizer, the
+    scheduler and the step counter stay in memory; nothing is re-seeded between pieces).
+
+    A run that raises, diverges or skips :data:`MAX_CONSECUTIVE_SKIPS` steps in a row stops; its ``result``
+    says why (``status`` ``"error"`` / ``"diverged"``) and :meth:`advance` does nothing more.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        template: nn.Module,
+        config: CompareConfig,
+        device: torch.device,
+        offsets: torch.Tensor,
+        corpus: Corpus,
+        val_windows: torch.Tensor,
+        meter: MemoryMeter | None,
+        callbacks: CompareCallbacks,
+        *,
+        extras: dict[str, Any] | None = None,
+    ) -> None:
+        self.name, self.config, self.device = name, config, device
+        self.offsets, self.corpus, self.val_windows = offsets, corpus, val_windows
+        self.meter, self.callbacks = meter, callbacks
+        warmup = config.resolved_warmup_steps
+        spec, hyper, ignored = optimizer_hyperparameters(
+            name, config.hyperparameters.get(name, {}), warmup_steps=warmup
         )
-        scheduler = None
-        if schedule_free:
-            result["schedule"] = f"none (Schedule-Free; its own warmup of {warmup} steps where it takes one)"
-            optimizer.train()
-        elif not lrs_ok:
-            result["schedule"] = "none (the optimizer sets its own step size)"
-        else:
-            result["schedule"] = (
-                f"linear warmup {warmup} steps, cosine to {config.min_lr_ratio:g} x peak at step {config.steps}"
+        self.schedule_free = is_schedule_free(spec.cls)
+        self.result: dict[str, Any] = {
+            "name": name,
+            "optimizer": spec.name,
+            "class": f"{spec.cls.__module__}.{spec.cls.__qualname__}",
+            "hyperparameters": _jsonable(hyper),
+            "lr_source": lr_source(config, name),
+            "seed": config.seed,
+            "ignored_recipe_keys": ignored,
+            "schedule": None,
+            "status": "ok",
+            "message": None,
+            "steps_completed": 0,
+            "final_train_loss": None,
+            "validation_loss": None,
+            "tokens_per_second": None,
+            "train_time_s": 0.0,
+            "optimizer_state_bytes": None,
+            "peak_memory_bytes": None,
+            "peak_memory_absolute_bytes": None,
+            "skipped_steps": 0,
+            "history": {"step": [], "loss": [], "time_s": [], "lr": [], "grad_norm": []},
+            "validation_history": {"step": [], "loss": []},
+        }
+        self.model: nn.Module | None = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.elapsed = 0.0
+        self.consecutive_skips = 0
+        callbacks.on_run_start(name, config.steps)
+        try:
+            if meter is not None:
+                meter.start()
+            torch.manual_seed(config.seed)
+            self.model = copy.deepcopy(template).to(device)
+            self.model.train()
+            self.optimizer = create_optimizer(name, self.model, **hyper, **(extras or {}))
+            base_lr = self.optimizer.defaults.get("lr") if isinstance(self.optimizer.defaults, dict) else None
+            if isinstance(base_lr, (int, float)) and not isinstance(base_lr, bool):
+                self.result["hyperparameters"].setdefault("lr", float(base_lr))  # the constructor's default
+            lrs_ok = all(
+                isinstance(g.get("lr"), (int, float)) and not isinstance(g.get("lr"), bool) and g["lr"] > 0
+                for g in self.optimizer.param_groups
             )
-            scheduler = lr_scheduler(optimizer, lr_schedule(config.steps, warmup, config.min_lr_ratio))
-        elapsed = 0.0
-        consecutive_skips = 0
-        for step in range(config.steps):
-            batch = gather_windows(corpus.train, offsets[step], config.seq_len)
-            lr = optimizer.param_groups[0].get("lr")
-            started = time.perf_counter()
-            outcome = train_step(
-                model, optimizer, batch.to(device), max_grad_norm=config.max_grad_norm, scheduler=scheduler
-            )
-            elapsed += time.perf_counter() - started
-            if not math.isfinite(outcome.loss):
-                result["status"] = "diverged"
-                result["message"] = f"training loss became {outcome.loss} at step {step + 1}"
-                break
-            history["step"].append(step + 1)
-            history["loss"].append(outcome.loss)
-            history["time_s"].append(elapsed)
-            history["lr"].append(float(lr) if isinstance(lr, (int, float)) else None)
-            history["grad_norm"].append(outcome.grad_norm)
-            result["steps_completed"] = step + 1
-            consecutive_skips = consecutive_skips + 1 if outcome.skipped else 0
-            result["skipped_steps"] += int(outcome.skipped)
-            callbacks.on_step(name, step + 1, outcome.loss, tokens_per_step * (step + 1) / max(elapsed, 1e-9))
-            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                result["status"] = "diverged"
-                result["message"] = (
-                    f"{MAX_CONSECUTIVE_SKIPS} steps in a row had non-finite gradients (last at step {step + 1})"
-                )
-                break
-            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-                val = _evaluate_run(model, optimizer, schedule_free, val_windows, config.batch_size, device)
-                result["validation_history"]["step"].append(step + 1)
-                result["validation_history"]["loss"].append(val)
-        result["train_time_s"] = elapsed
-        done = result["steps_completed"]
-        if done:
-            result["tokens_per_second"] = tokens_per_step * done / max(elapsed, 1e-9)
-            tail = history["loss"][-FINAL_LOSS_WINDOW:]
-            result["final_train_loss"] = sum(tail) / len(tail)
-        if result["status"] == "ok":
-            val = _evaluate_run(model, optimizer, schedule_free, val_windows, config.batch_size, device)
-            result["validation_history"]["step"].append(done)
-            result["validation_history"]["loss"].append(val)
-            if math.isfinite(val):
-                result["validation_loss"] = val
+            if self.schedule_free:
+                self.result["schedule"] = f"none (Schedule-Free; its own warmup of {warmup} steps where it takes one)"
+                self.optimizer.train()
+            elif not lrs_ok:
+                self.result["schedule"] = "none (the optimizer sets its own step size)"
             else:
-                result["status"] = "diverged"
-                result["message"] = f"validation loss is {val} after training"
-        result["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
-    except Exception as err:  # one optimizer failing must not stop the comparison
-        result["status"] = "error"
-        result["message"] = f"{type(err).__name__}: {err}"
-        result["traceback"] = traceback.format_exc()
-        if optimizer is not None:
-            result["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
-    finally:
-        if optimizer is not None and hasattr(optimizer, "skipped_steps"):
-            result["skipped_steps"] = max(result["skipped_steps"], int(optimizer.skipped_steps))
-        result["peak_memory_bytes"], result["peak_memory_absolute_bytes"] = meter.peak()
-        del model, optimizer
-    result = _jsonable(result)
-    callbacks.on_run_end(name, result)
-    return result
+                self.result["schedule"] = config.schedule_description()
+                self.scheduler = lr_scheduler(self.optimizer, config.lr_schedule())
+        except Exception as err:  # one optimizer failing must not stop the comparison
+            self._fail(err)
+
+    @property
+    def active(self) -> bool:
+        """Still training (neither stopped by a failure or divergence nor finished)."""
+        return self.result["status"] == "ok" and self.result["steps_completed"] < self.config.steps
+
+    def _fail(self, err: Exception) -> None:
+        self.result["status"] = "error"
+        self.result["message"] = f"{type(err).__name__}: {err}"
+        self.result["traceback"] = traceback.format_exc()
+
+    def advance(self, until_step: int) -> None:
+        """Train up to step ``until_step`` (1-based, at most ``config.steps``); stops early on failure."""
+        config, result, history = self.config, self.result, self.result["history"]
+        tokens_per_step = config.batch_size * config.seq_len
+        try:
+            for step in range(result["steps_completed"], min(until_step, config.steps)):
+                if result["status"] != "ok":
+                    break
+                batch = gather_windows(self.corpus.train, self.offsets[step], config.seq_len)
+                lr = self.optimizer.param_groups[0].get("lr")
+                started = time.perf_counter()
+                outcome = train_step(
+                    self.model,
+                    self.optimizer,
+                    batch.to(self.device),
+                    max_grad_norm=config.max_grad_norm,
+                    scheduler=self.scheduler,
+                )
+                self.elapsed += time.perf_counter() - started
+                result["train_time_s"] = self.elapsed
+                if not math.isfinite(outcome.loss):
+                    result["status"] = "diverged"
+                    result["message"] = f"training loss became {outcome.loss} at step {step + 1}"
+                    break
+                history["step"].append(step + 1)
+                history["loss"].append(outcome.loss)
+                history["time_s"].append(self.elapsed)
+                history["lr"].append(float(lr) if isinstance(lr, (int, float)) else None)
+                history["grad_norm"].append(outcome.grad_norm)
+                result["steps_completed"] = step + 1
+                self.consecutive_skips = self.consecutive_skips + 1 if outcome.skipped else 0
+                result["skipped_steps"] += int(outcome.skipped)
+                self.callbacks.on_step(
+                    self.name, step + 1, outcome.loss, tokens_per_step * (step + 1) / max(self.elapsed, 1e-9)
+                )
+                if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    result["status"] = "diverged"
+                    result["message"] = (
+                        f"{MAX_CONSECUTIVE_SKIPS} steps in a row had non-finite gradients (last at step {step + 1})"
+                    )
+                    break
+                if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+                    val = self.evaluate()
+                    result["validation_history"]["step"].append(step + 1)
+                    result["validation_history"]["loss"].append(val)
+        except Exception as err:  # one optimizer failing must not stop the comparison
+            self._fail(err)
+
+    def recent_train_loss(self) -> float:
+        """Mean training loss of the last :data:`FINAL_LOSS_WINDOW` steps (inf when stopped or none yet)."""
+        tail = self.result["history"]["loss"][-FINAL_LOSS_WINDOW:]
+        if self.result["status"] != "ok" or not tail:
+            return math.inf
+        return sum(tail) / len(tail)
+
+    def evaluate(self) -> float:
+        """Validation loss now (Schedule-Free at its averaged point)."""
+        return _evaluate_run(
+            self.model, self.optimizer, self.schedule_free, self.val_windows, self.config.batch_size, self.device
+        )
+
+    def finish(self) -> dict[str, Any]:
+        """Final measurements (validation loss when the run is ok, state bytes, peak memory); the JSON-ready
+        result. The model and optimizer are released."""
+        result = self.result
+        try:
+            done = result["steps_completed"]
+            if done:
+                result["tokens_per_second"] = (
+                    self.config.batch_size * self.config.seq_len * done / max(self.elapsed, 1e-9)
+                )
+                if result["status"] != "error":
+                    tail = result["history"]["loss"][-FINAL_LOSS_WINDOW:]
+                    result["final_train_loss"] = sum(tail) / len(tail)
+            if result["status"] == "ok":
+                val = self.evaluate()
+                result["validation_history"]["step"].append(done)
+                result["validation_history"]["loss"].append(val)
+                if math.isfinite(val):
+                    result["validation_loss"] = val
+                else:
+                    result["status"] = "diverged"
+                    result["message"] = f"validation loss is {val} after training"
+        except Exception as err:
+            self._fail(err)
+        finally:
+            if self.optimizer is not None:
+                result["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)
+                if hasattr(self.optimizer, "skipped_steps"):
+                    result["skipped_steps"] = max(result["skipped_steps"], int(self.optimizer.skipped_steps))
+            if self.meter is not None:
+                result["peak_memory_bytes"], result["peak_memory_absolute_bytes"] = self.meter.peak()
+            self.model = self.optimizer = self.scheduler = None
+        self.result = _jsonable(result)
+        self.callbacks.on_run_end(self.name, self.result)
+        return self.result
 
 
 def _evaluate_run(
@@ -453,6 +525,21 @@ def run_compare(config: CompareConfig, callbacks: CompareCallbacks | None = None
         torch.set_num_threads(previous)
 
 
+def build_template(config: CompareConfig, vocab_size: int) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None]:
+    """The initial model of ``config`` (its size at ``config.width``, seeded by ``config.seed``), the keyword
+    arguments every optimizer gets on top of its hyperparameters (muP's per-parameter LR multipliers), and a
+    description of the parametrization (None for the standard one)."""
+    template = build_model(config.model_size(), vocab_size=vocab_size, seq_len=config.seq_len, seed=config.seed)
+    if config.parametrization != "mup":
+        return template, {}, None
+    from ..mup import mup
+
+    base_width = config.base_width or MODEL_SIZES[config.model].hidden
+    plan = mup(template, base_width=base_width)
+    described = {"parametrization": "mup", "base_width": base_width, "width": plan.width, "roles": plan.describe()}
+    return template, {"lr_multipliers": dict(plan.lr_multipliers)}, described
+
+
 def _run_compare(config: CompareConfig, callbacks: CompareCallbacks) -> dict[str, Any]:
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -460,20 +547,28 @@ def _run_compare(config: CompareConfig, callbacks: CompareCallbacks) -> dict[str
     names = resolved.optimizers or []
 
     corpus = load_corpus(config.data, config.tokenizer)
-    offsets = train_batch_offsets(
-        corpus.train,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        seq_len=config.seq_len,
-        seed=config.seed,
-    )
     val_windows = validation_windows(corpus.validation, seq_len=config.seq_len, max_windows=config.eval_windows)
-    template = build_model(config.model, vocab_size=corpus.vocab_size, seq_len=config.seq_len, seed=config.seed)
     meter = MemoryMeter(device)
-    _warm_up(template, device, corpus, offsets[0], config.seq_len)
-    runs = [
-        _run_one(name, template, resolved, device, offsets, corpus, val_windows, meter, callbacks) for name in names
-    ]
+    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for seed in range(config.seed, config.seed + config.seeds):
+        seeded = replace(resolved, seed=seed)
+        offsets = train_batch_offsets(
+            corpus.train, steps=config.steps, batch_size=config.batch_size, seq_len=config.seq_len, seed=seed
+        )
+        template, extras, parametrization = build_template(seeded, corpus.vocab_size)
+        if seed == config.seed:
+            _warm_up(template, device, corpus, offsets[0], config.seq_len)
+            first_template = template
+        for name in names:
+            run = TrainingRun(
+                name, template, seeded, device, offsets, corpus, val_windows, meter, callbacks, extras=extras
+            )
+            run.advance(config.steps)
+            per_seed[name].append(run.finish())
+    runs = [aggregate_seeds(per_seed[name]) for name in names]
+    target = steps_to_target(
+        runs, resolved.baseline, window=FINAL_LOSS_WINDOW, tokens_per_step=config.batch_size * config.seq_len
+    )
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "lmopt compare",
@@ -483,18 +578,22 @@ def _run_compare(config: CompareConfig, callbacks: CompareCallbacks) -> dict[str
         "data": corpus.describe() | {"validation_windows": int(val_windows.shape[0])},
         "model": {
             "architecture": "LlamaForCausalLM (RMSNorm, rotary embeddings, SwiGLU), random init, fp32",
-            "name": config.model,
-            "size": MODEL_SIZES[config.model].to_dict(),
+            "name": config.model if config.width is None else f"{config.model} at width {config.width}",
+            "size": config.model_size().to_dict(),
             "vocab_size": corpus.vocab_size,
-            "parameters": count_parameters(template),
+            "parameters": count_parameters(first_template),
+            "parametrization": parametrization or {"parametrization": "sp"},
         },
         "schedule": {
-            "kind": "linear warmup then cosine decay (none for Schedule-Free)",
+            "kind": f"{config.schedule_description()} (none for Schedule-Free)",
+            "shape": config.schedule,
             "warmup_steps": resolved.resolved_warmup_steps,
             "min_lr_ratio": config.min_lr_ratio,
             "max_grad_norm": config.max_grad_norm,
         },
         "final_train_loss_window": FINAL_LOSS_WINDOW,
+        "seeds": list(range(config.seed, config.seed + config.seeds)),
+        "target": target,
         "memory_method": meter.method,
         "memory_label": meter.label,
         "skipped_optimizers": skipped,

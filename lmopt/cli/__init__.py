@@ -20,6 +20,7 @@ __all__ = ["main", "SUBCOMMANDS"]
 SUBCOMMANDS: tuple[str, ...] = (
     "lmopt.cli.list_cmd",
     "lmopt.cli.compare_cmd",
+    "lmopt.cli.tune_cmd",
     "lmopt.cli.schedule_cmd",
     "lmopt.cli.recipe_cmd",
     "lmopt.cli.plan_cmd",

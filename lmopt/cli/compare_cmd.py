@@ -43,19 +43,46 @@ _FIELDS = (
     "eval_every",
     "max_grad_norm",
     "threads",
+    "seeds",
+    "schedule",
+    "warmup_fraction",
+    "decay_fraction",
+    "width",
+    "base_width",
+    "baseline",
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..bench.compare import DEFAULT_OPTIMIZERS, CompareConfig
-    from ..bench.workload import MODEL_SIZES
+    from ..bench.compare import DEFAULT_OPTIMIZERS
 
-    d = CompareConfig()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         f"default optimizers (those registered): {', '.join(DEFAULT_OPTIMIZERS)}\n"
         "outputs: results.json, loss_vs_step.png, loss_vs_time.png, report.md, report.html"
     )
+    add_workload_arguments(parser)
+    parser.add_argument(
+        "--parametrization",
+        choices=["sp", "mup"],
+        help="sp: the standard parametrization (default); mup: lmopt.mup from --base-width",
+    )
+    parser.add_argument(
+        "--tuned",
+        nargs="?",
+        const="",
+        metavar="TUNE_JSON",
+        help="each optimizer at its tuned learning rate: from a tune.json of lmopt tune, or, without a file, "
+        "from an lmopt tune search run first on this workload (written under OUT/tune)",
+    )
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that define the compare workload (``lmopt compare`` and ``lmopt tune`` share them)."""
+    from ..bench.compare import SCHEDULES, CompareConfig
+    from ..bench.workload import MODEL_SIZES
+
+    d = CompareConfig()
     parser.add_argument(
         "--optimizers",
         nargs="+",
@@ -93,6 +120,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-grad-norm", type=number(0), help=f"clipping threshold, 0 = off (default {d.max_grad_norm})"
     )
+    parser.add_argument(
+        "--seeds",
+        type=integer(1),
+        help="run every optimizer over N seeds (weights and data order: --seed, --seed + 1, ...); "
+        "figures as mean ± std (default 1)",
+    )
+    parser.add_argument("--schedule", choices=list(SCHEDULES), help=f"LR schedule shape (default {d.schedule})")
+    parser.add_argument(
+        "--warmup-fraction",
+        type=number(0, above=None, maximum=0.99),
+        help=f"warmup as a fraction of --steps when --warmup-steps is not given (default {d.warmup_fraction})",
+    )
+    parser.add_argument(
+        "--decay-fraction",
+        type=number(0, maximum=0.99),
+        help=f"WSD: the decay's fraction of the steps (default {d.decay_fraction})",
+    )
+    parser.add_argument("--width", type=integer(1), help="the model's hidden size (default: the named size's)")
+    parser.add_argument(
+        "--base-width", type=integer(1), help="muP's base width (default: the named size's hidden size)"
+    )
+    parser.add_argument(
+        "--baseline",
+        help=f"the optimizer whose final train loss is the steps-to-target target (default {d.baseline})",
+    )
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
@@ -113,17 +165,13 @@ def build_config(args: argparse.Namespace):
 
     values: dict[str, Any] = {}
     if args.config:
-        try:
-            loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read --config {args.config!r}: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config {args.config!r} must hold a JSON object")
-        values = dict(CompareConfig.from_dict(loaded).__dict__)
+        values = dict(CompareConfig.from_dict(_read_json(args.config, "--config")).__dict__)
     for name in _FIELDS:
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         if value is not None:
             values[name] = value
+    if getattr(args, "parametrization", None) in ("sp", "mup"):
+        values["parametrization"] = args.parametrization
     if args.optimizers:
         values["optimizers"] = [n for item in args.optimizers for n in item.split(",") if n.strip()]
     hyper = {k: dict(v) for k, v in values.get("hyperparameters", {}).items()}
@@ -186,16 +234,67 @@ def _table(results: dict[str, Any]) -> Table:
     return table
 
 
+def apply_tuned(config: Any, tune_result: dict[str, Any], source: str) -> tuple[Any, list[str]]:
+    """``config`` with every optimizer's learning rate from ``tune_result`` (a ``--set NAME.lr`` still wins), its
+    ``lr_sources`` saying where each came from, and warnings where the search's workload differs."""
+    from dataclasses import replace
+
+    from ..bench.compare import resolve_optimizer_names
+    from ..bench.tune import tuned_learning_rates
+
+    tuned = tuned_learning_rates(tune_result, config)
+    names, _ = resolve_optimizer_names(config.optimizers)
+    hyper = {k: dict(v) for k, v in config.hyperparameters.items()}
+    sources = dict(config.lr_sources)
+    for name in names:
+        if "lr" in hyper.get(name, {}):
+            sources[name] = "--set"
+        elif name in tuned:
+            hyper.setdefault(name, {})["lr"] = tuned[name]
+            sources[name] = f"tuned ({source})"
+        else:
+            sources[name] = f"recipe (not in {source})"
+    searched = tune_result.get("config", {}).get("compare", {})
+    mine = config.to_dict()
+    warnings = [
+        f"{source} was tuned with {key}={searched[key]!r}, this comparison uses {mine[key]!r}"
+        for key in ("model", "steps", "batch_size", "seq_len", "schedule", "data", "tokenizer", "min_lr_ratio")
+        if key in searched and searched[key] != mine[key]
+    ]
+    return replace(config, hyperparameters=hyper, lr_sources=sources), warnings
+
+
+def _read_json(path: str, option: str) -> dict[str, Any]:
+    try:
+        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {option} {path!r}: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{option} {path!r} must hold a JSON object")
+    return loaded
+
+
 def run(args: argparse.Namespace) -> int:
     from ..bench.compare import resolve_optimizer_names, run_compare
     from ..bench.report import write_outputs
 
     config = build_config(args)
     out = Path(args.out) if args.out else Path("lmopt-compare") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     names, skipped = resolve_optimizer_names(config.optimizers)
     for item in skipped:
         console.print(f"[yellow]skipping {item['name']}: {item['reason']}[/yellow]")
+    if args.tuned is not None:
+        if args.tuned:
+            tune_result, source = _read_json(args.tuned, "--tuned"), Path(args.tuned).name
+        else:
+            from .tune_cmd import search
+
+            tune_result = search(config, out / "tune", console)
+            source = "tune/tune.json"
+        config, warnings = apply_tuned(config, tune_result, source)
+        for warning in warnings:
+            console.print(f"[yellow]warning: {warning}[/yellow]")
     console.print(f"lmopt compare: {', '.join(names)} on the {config.model} model, {config.steps} steps each")
     progress = Progress(
         TextColumn("[bold cyan]{task.description:<22}"),
