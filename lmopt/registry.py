@@ -128,7 +128,9 @@ def create_optimizer(
     norms and embeddings); ``weight_decay`` and ``lr_multipliers`` go to that split and ``no_decay=False``
     turns it off. Given parameters or param groups, they are used as they are. ``lookahead=True`` (or
     ``{"k": 5, "alpha": 0.5}``) wraps the result in :class:`lmopt.Lookahead`; ``offload=True`` (implied by the
-    ``paged_*`` aliases) builds it with :func:`lmopt.offload`: state and step on the host.
+    ``paged_*`` aliases) builds it with :func:`lmopt.offload`: state and step on the host. ``compile_mode``
+    (``"reduce-overhead"``: CUDA graphs) sets torch.compile's mode of the optimizer's compiled steps
+    (``implementation="compiled"``, and ``auto`` on CUDA).
 
     Example:
         >>> opt = lmopt.create_optimizer("adamw", model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
@@ -146,12 +148,20 @@ def create_optimizer(
     lr_multipliers = hyper.pop("lr_multipliers", None)
     lookahead = hyper.pop("lookahead", None)
     offloaded = hyper.pop("offload", False)
+    compile_mode = hyper.pop("compile_mode", None)
     if offloaded:  # state and step on the host (the paged_* aliases imply it): lmopt.offload
         from .optim.offload import offload
 
         if not isinstance(offloaded, bool):
             raise ValueError(f"offload must be True or False, got {offloaded!r}")
         return offload(name, model_or_params, **{**hyperparameters, "offload": False})
+    if compile_mode is not None:
+        from .optim.base import COMPILE_MODES, LmoptOptimizer
+
+        if not issubclass(spec.cls, LmoptOptimizer) or not spec.cls.compilable:
+            raise ValueError(f"compile_mode applies to lmopt optimizers with a compiled step; {spec.name} has none")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {compile_mode!r}")
     accepted = {k for k in inspect.signature(spec.cls.__init__).parameters if k not in ("self", "params")}
     unknown = sorted(set(hyper) - accepted - {"model"})
     if unknown:
@@ -179,6 +189,8 @@ def create_optimizer(
             raise ValueError("lr_multipliers needs a model (names come from named_parameters); pass the model")
         params = model_or_params
     optimizer = spec.cls(params, **hyper)
+    if compile_mode is not None:
+        optimizer.compile_mode = compile_mode
     if lookahead:
         from .optim.lookahead import Lookahead
 

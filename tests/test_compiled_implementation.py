@@ -169,3 +169,97 @@ def test_compiled_functional_call_is_refused_outside_the_step():
     with pytest.raises(ValueError, match="runs through the optimizer's step"):
         lmopt.optim.lion([p], [torch.ones(3)], [torch.zeros(3)], lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0,
                          maximize=False, implementation="compiled")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ``auto`` on CUDA compiles the steps that have no native GPU kernel; compile_mode (CUDA graphs) passes through.
+# No GPU here: the device test (base._on_cuda) is patched to say "CUDA" for CPU tensors, and the compile backend is
+# aot_eager (the same ops as eager, without Inductor's code generation), so the selection rule itself is checked.
+def _tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def _steps(opt, model, n=3):
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        model(torch.randn(5, 8)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "compiles"),
+    [
+        ("lion", {}, True),  # no native GPU path for fp32 Lion: compiled
+        ("adafactor", {}, True),
+        ("came", {}, True),
+        ("adamw", {}, False),  # torch's fused CUDA kernel
+        ("adamw8bit", {}, False),  # lmopt's Triton kernel
+        ("prodigy", {}, False),  # not compilable
+    ],
+)
+def test_auto_compiles_on_cuda_unless_a_native_kernel_applies(monkeypatch, name, kw, compiles):
+    from lmopt.optim import base
+
+    model = _tiny_model()
+    reference_model = copy.deepcopy(model)
+    opt = lmopt.create_optimizer(name, model.parameters(), lr=1e-2, **kw)
+    reference = lmopt.create_optimizer(name, reference_model.parameters(), lr=1e-2, **kw)
+    monkeypatch.setattr(type(opt), "compile_backend", "aot_eager", raising=False)
+    monkeypatch.setattr(base, "_on_cuda", lambda params: True)
+    calls = []
+    real_compile = torch.compile
+
+    def spy(fn, **options):
+        calls.append(options)
+        return real_compile(fn, **options)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    torch._dynamo.reset()
+    _steps(opt, model)
+    assert bool(calls) == compiles, name
+    used = " ".join(getattr(opt, "_implementation_used", {}).values())
+    assert ("compiled (auto on CUDA)" in used) == compiles, used
+    monkeypatch.setattr(base, "_on_cuda", lambda params: False)
+    _steps(reference, reference_model)
+    for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+        # aot_eager runs the eager ops after functionalization: fp32 results agree to a few ulps
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_compile_switch_and_cpu(monkeypatch):
+    from lmopt.optim import base
+
+    model = _tiny_model()
+    opt = lmopt.create_optimizer("lion", model.parameters(), lr=1e-2)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled on CPU under auto"))
+    _steps(opt, model, 1)  # CPU: auto keeps the eager paths
+    monkeypatch.setattr(base, "_on_cuda", lambda params: True)
+    monkeypatch.setattr(base, "AUTO_COMPILE", False)
+    _steps(opt, model, 1)  # LMOPT_AUTO_COMPILE=0
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    model = _tiny_model()
+    opt = lmopt.create_optimizer(
+        "lion", model.parameters(), lr=1e-2, implementation="compiled", compile_mode="reduce-overhead"
+    )
+    assert opt.compile_mode == "reduce-overhead"
+    seen = []
+    real_compile = torch.compile
+
+    def spy(fn, **options):
+        seen.append(options)
+        return real_compile(fn, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    torch._dynamo.reset()
+    _steps(opt, model, 2)
+    assert seen == [{"backend": "inductor", "mode": "reduce-overhead"}]
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        lmopt.create_optimizer("lion", model.parameters(), compile_mode="fast")
+    with pytest.raises(ValueError, match="compile_mode applies"):
+        lmopt.create_optimizer("sgd", model.parameters(), compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="compile_mode applies"):
+        lmopt.create_optimizer("prodigy", model.parameters(), compile_mode="reduce-overhead")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -213,6 +214,23 @@ def check_common_hyperparameters(group: dict[str, Any], defaults: Mapping[str, A
 # --------------------------------------------------------------------------------------------------------------
 # the base class
 # --------------------------------------------------------------------------------------------------------------
+#: torch.compile modes a compiled step takes (:attr:`LmoptOptimizer.compile_mode`)
+COMPILE_MODES: tuple[str | None, ...] = (
+    None,
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)
+#: whether ``implementation="auto"`` compiles steps on CUDA (:meth:`LmoptOptimizer._auto_compiles`)
+AUTO_COMPILE = os.environ.get("LMOPT_AUTO_COMPILE", "1") not in ("0", "false", "False")
+
+
+def _on_cuda(params: Sequence[Tensor]) -> bool:
+    """All on a CUDA device, none a DTensor (FSDP2 shards keep their eager paths)."""
+    return bool(params) and all(p.device.type == "cuda" and not is_dtensor(p) for p in params)
+
+
 class LmoptOptimizer(Optimizer):
     """Base class of lmopt's optimizers (see the module docstring for the contract).
 
@@ -240,6 +258,11 @@ class LmoptOptimizer(Optimizer):
     compilable: ClassVar[bool] = True
     #: the torch.compile backend of ``implementation="compiled"`` (Inductor: C++ on CPU, Triton on CUDA)
     compile_backend: ClassVar[str] = "inductor"
+    #: torch.compile's ``mode`` for compiled steps: None (Inductor's default), ``"reduce-overhead"`` (CUDA graphs:
+    #: the whole step replays as one graph launch, for small models that are launch-bound), ``"max-autotune"``,
+    #: ``"max-autotune-no-cudagraphs"``; set per optimizer (``opt.compile_mode = ...``, or
+    #: ``create_optimizer(..., compile_mode=...)``) before its first step
+    compile_mode: str | None = None
 
     def __init__(
         self,
@@ -454,24 +477,60 @@ class LmoptOptimizer(Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(group, p, state)
-            if group.get("implementation") == "compiled" and not torch.compiler.is_compiling():
+            if (group.get("implementation") == "compiled" and not torch.compiler.is_compiling()) or self._auto_compiles(
+                group, params
+            ):
                 self._compiled_step_group(group, params, grads)
             else:
                 self._step_group(group, params, grads)
+
+    def _native_accelerator_path(self, group: dict[str, Any]) -> bool:
+        """Whether the group has a hand-written GPU path that ``auto`` keeps on CUDA instead of compiling the step:
+        torch's fused kernel (full-precision state, where the class has ``fused``) or lmopt's Triton kernel (8/4-bit
+        state, where the class has ``kernel`` and it applies to the group)."""
+        quantized = getattr(self, "_quantized_group", None)
+        if quantized is not None and quantized(group):
+            applies = getattr(self, "_kernel_applies_to_group", None)
+            return "kernel" in self.implementations and (applies is None or bool(applies(group)))
+        return "fused" in self.implementations
+
+    def _auto_compiles(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """``implementation="auto"`` on CUDA compiles the group's step (Inductor writes Triton kernels: one or a few
+        launches instead of one per torch op) unless the group has a native GPU path
+        (:meth:`_native_accelerator_path`) or the class cannot be compiled. On CPU ``auto`` keeps the eager paths
+        (the C kernel, torch's fused and the cache-blocked passes; benchmarks/compiled_vs_eager.py).
+        ``LMOPT_AUTO_COMPILE=0`` turns it off."""
+        return (
+            group.get("implementation") == "auto"
+            and type(self).compilable
+            and AUTO_COMPILE
+            and not torch.compiler.is_compiling()
+            and _on_cuda(params)
+            and not self._native_accelerator_path(group)
+        )
 
     def _compiled_step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """``implementation="compiled"``: the group's step through ``torch.compile`` (one graph per group, compiled
         at its first step). The non-finite check above stays eager, so the policy holds; a float lr is handed to
         the graph as a 0-d tensor (filled each step), so LR schedules never recompile it."""
         compiled = self.__dict__.get("_compiled_step")
+        mode = self.compile_mode
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
         if compiled is None:
-            compiled = self._compiled_step = torch.compile(type(self)._step_group, backend=self.compile_backend)
+            options = {"mode": mode} if mode is not None and self.compile_backend == "inductor" else {}
+            compiled = self._compiled_step = torch.compile(
+                type(self)._step_group, backend=self.compile_backend, **options
+            )
         lr = group["lr"]
         holders: dict[int, Tensor] = self.__dict__.setdefault("_compiled_lr", {})
         if not isinstance(lr, Tensor):
             holder = holders.get(id(group))
             if holder is None:
-                holder = holders[id(group)] = torch.zeros((), dtype=torch.float64)
+                # CUDA graphs replay device memory only: their lr lives on the parameters' device
+                graphs = mode in ("reduce-overhead", "max-autotune") and _on_cuda(params)
+                device = params[0].device if graphs else "cpu"
+                holder = holders[id(group)] = torch.zeros((), dtype=torch.float64, device=device)
             holder.fill_(lr)
             group["lr"] = holder
         try:
@@ -479,7 +538,8 @@ class LmoptOptimizer(Optimizer):
         finally:
             group["lr"] = lr
         used = self._implementation_used.get(id(group))
-        self._implementation_used[id(group)] = f"compiled ({used})" if used else "compiled"
+        label = "compiled" if group.get("implementation") == "compiled" else "compiled (auto on CUDA)"
+        self._implementation_used[id(group)] = f"{label} ({used})" if used else label
 
     # -- state dicts that keep dtypes ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
