@@ -46,7 +46,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=integer(1), default=1, help="data-parallel devices (default 1)")
     parser.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GB or 24GiB")
     parser.add_argument("--sharding", default="none", choices=list(SHARDING), help="ZeRO stage / FSDP")
-    parser.add_argument("--offload", default="none", choices=list(OFFLOAD))
+    parser.add_argument(
+        "--offload",
+        default="none",
+        choices=list(OFFLOAD),
+        help="lmopt: lmopt.offload, counted as it allocates; optimizer / optimizer+params: DeepSpeed ZeRO-Offload / "
+        "ZeRO-Infinity",
+    )
+    parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="--offload lmopt with overlap=False: the device keeps every gradient until the step",
+    )
+    parser.add_argument(
+        "--mapped-state",
+        action="store_true",
+        help="state in lmopt.map_state's files (needs --offload lmopt, or --device cpu)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="where the step runs without offload: picks torch's default implementation (default cuda)",
+    )
     parser.add_argument("--micro-batch", type=integer(1), default=1)
     parser.add_argument("--seq-len", type=integer(1), default=None, help="default: the model's context, at most 4096")
     parser.add_argument("--grad-accumulation", type=integer(1), default=1)
@@ -110,7 +132,18 @@ def render(plans: list[MemoryPlan], console: Console) -> None:
     table.add_row("[bold]peak[/bold]", *[f"[bold]{p.peak / 1e9:,.2f} GB[/bold]" for p in plans])
     table.add_row("peak phase", *[p.peak_phase for p in plans])
     if any(p.host_memory for p in plans):
+        table.add_section()
         table.add_row("host memory (offload)", *[format_bytes(p.host_memory) for p in plans])
+        for part in dict.fromkeys(k for p in plans for k, v in p.host.items() if v):
+            table.add_row(f"  {part}", *[format_bytes(p.host.get(part, 0)) for p in plans])
+        if any(p.host_pinned for p in plans):
+            table.add_row("  of it pinned", *[format_bytes(p.host_pinned) for p in plans])
+    if any(p.file_backed for p in plans):
+        table.add_row("file-backed state (map_state)", *[format_bytes(p.file_backed) for p in plans])
+    if any(p.pcie_bytes_per_step is not None for p in plans):
+        table.add_row("PCIe per step", *[format_bytes(p.pcie_bytes_per_step or 0) for p in plans])
+        table.add_row("  gradients to host", *[format_bytes(p.pcie_gradient_bytes_per_step or 0) for p in plans])
+        table.add_row("  parameters to device", *[format_bytes(p.pcie_parameter_bytes_per_step or 0) for p in plans])
     if first.device_memory:
         table.add_row(
             f"fits {format_bytes(first.device_memory)}?",
@@ -152,7 +185,10 @@ def run(args: argparse.Namespace) -> int:
             devices=args.devices,
             sharding=args.sharding,
             offload=args.offload,
+            device=args.device,
             device_memory=args.device_memory,
+            offload_overlap=not args.no_overlap,
+            mapped_state=args.mapped_state,
         )
         for name in names
     ]

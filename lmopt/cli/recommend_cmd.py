@@ -59,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
         for col in columns:
             kw = {"overflow": "fold", "ratio": 1} if col == "why" else {"no_wrap": True}
             table.add_column(col, justify="right" if col in ("#", "mb", "peak") else "left", **kw)
-        short = {"none": "-", "optimizer": "optimizer", "optimizer+params": "opt+params", "full": "full"}
+        short = {
+            "none": "-",
+            "lmopt": "lmopt",
+            "optimizer": "optimizer",
+            "optimizer+params": "opt+params",
+            "full": "full",
+        }
         for r in report:
             table.add_row(
                 str(r.rank),

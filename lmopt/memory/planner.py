@@ -34,8 +34,14 @@ Data parallelism (``devices=N``, ``sharding=``): ``zero1`` shards master weights
 as FSDP2 does it, per tensor along dimension 0 (device 0 holds ``ceil(d0 / N)`` rows), and the optimizer's
 state rule is applied to the local shard's shape -- the bytes that device's optimizer allocates. Gradient
 reduce-scatter buckets and ZeRO-3's gathered layers (current + prefetched) are counted as temporaries.
-``offload="optimizer"`` keeps master weights, optimizer state, gradients and the step on the host
-(ZeRO-Offload, Ren et al. 2021); ``"optimizer+params"`` also the parameters (ZeRO-Infinity).
+``offload="lmopt"`` counts what :func:`lmopt.offload` allocates: on the device the parameters and, with ``overlap``
+(``offload_overlap``), only the gradients autograd is producing (one block's, or the largest tensor's, plus a tied
+head's until the embedding's half is added); on the host a copy of every parameter in its dtype, a gradient buffer
+per trainable parameter, the optimizer state and the step's buffers; over PCIe each gradient per micro-batch and
+each parameter per step. ``mapped_state=True`` moves the state tensors :func:`lmopt.map_state` maps (>= 4096
+elements) to ``file_backed``. ``offload="optimizer"`` models DeepSpeed's ZeRO-Offload: master weights, optimizer
+state, fp32 gradients and the step on the host (Ren et al. 2021); ``"optimizer+params"`` also the parameters
+(ZeRO-Infinity).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..optim.mapped import DEFAULT_MIN_NUMEL
 from ..registry import OptimizerSpec, list_optimizers, resolve_name
 from ..spec import IMPLEMENTATIONS
 from .activations import ACTIVATION_MODELS, CHECKPOINTING, ActivationEstimate, estimate_activations
@@ -123,7 +130,9 @@ SHARDING: dict[str, int] = {
     "fsdp": 3,
     "fsdp-grad-op": 2,
 }
-OFFLOAD = ("none", "optimizer", "optimizer+params")
+#: ``"lmopt"``: :func:`lmopt.offload`, counted as it allocates; ``"optimizer"`` / ``"optimizer+params"``: DeepSpeed's
+#: ZeRO-Offload / ZeRO-Infinity
+OFFLOAD = ("none", "lmopt", "optimizer", "optimizer+params")
 TRAINABLE = ("full", "lora")
 
 
@@ -171,6 +180,18 @@ class MemoryPlan:
     ``at_peak`` says what is live at that moment. ``static`` is parameters + master + gradients + state (the
     figure published tables quote). With offload, master weights and state are counted in their components
     and in ``host_memory``, not in ``peak`` (device memory).
+
+    Host and transfers (offload, mapped state):
+        host_memory: every byte the host holds for the run (the sum of ``host``); host: it by part --
+            ``offload="lmopt"``: parameter copies (every parameter, its dtype), gradient buffers (trainable
+            parameters, the gradient dtype), accumulation staging (CUDA with accumulation), optimizer state (less
+            what is file-backed), step temporaries (the host step's buffers); host_pinned: the page-locked part
+            (copies, gradient buffers and staging; 0 on ``device="cpu"``, where nothing is pinned);
+            file_backed: state bytes in :func:`lmopt.map_state`'s files (``mapped_state=True``: tensors of >=
+            4096 elements; page cache, not resident between steps); pcie_bytes_per_step: gradients to the host
+            (``pcie_gradient_bytes_per_step``: once per micro-batch with overlap, so ``/ grad_accumulation`` per
+            micro-batch) plus parameters back to the device (``pcie_parameter_bytes_per_step``); None where not
+            modelled (no offload, ``"optimizer+params"``).
     """
 
     model: str
@@ -201,6 +222,14 @@ class MemoryPlan:
     flash_attention: bool
     device_memory: int | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    host_pinned: int = 0
+    host: Mapping[str, int] = field(default_factory=dict)
+    file_backed: int = 0
+    pcie_bytes_per_step: int | None = None
+    pcie_gradient_bytes_per_step: int | None = None
+    pcie_parameter_bytes_per_step: int | None = None
+    offload_overlap: bool = True
+    mapped_state: bool = False
 
     @property
     def static(self) -> int:
@@ -240,7 +269,17 @@ class MemoryPlan:
             f"  static {format_bytes(self.static)}, peak {format_bytes(self.peak)} ({self.peak_phase}){fits}",
         ]
         if self.host_memory:
-            lines.append(f"  host (offloaded) {format_bytes(self.host_memory)}")
+            parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.host.items() if v)
+            pinned = f", {format_bytes(self.host_pinned)} pinned" if self.host_pinned else ""
+            lines.append(f"  host (offloaded) {format_bytes(self.host_memory)}{pinned}: {parts}")
+        if self.file_backed:
+            lines.append(f"  file-backed state (lmopt.map_state) {format_bytes(self.file_backed)}")
+        if self.pcie_bytes_per_step is not None:
+            lines.append(
+                f"  PCIe per step {format_bytes(self.pcie_bytes_per_step)}: gradients to the host "
+                f"{format_bytes(self.pcie_gradient_bytes_per_step or 0)}, parameters to the device "
+                f"{format_bytes(self.pcie_parameter_bytes_per_step or 0)}"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -338,8 +377,11 @@ def _state(
     hyper: Mapping[str, Any],
     shapes: list[tuple[tuple[int, ...], torch.dtype]],
     extras: list[Mapping[str, Any]] | None = None,
-) -> tuple[int, dict[str, int]]:
-    total, by_name = 0, {}
+    min_numel: int | None = None,
+) -> tuple[int, dict[str, int], int]:
+    """Total state bytes, bytes by state name, and the bytes in tensors of at least ``min_numel`` elements (those
+    :func:`lmopt.map_state` puts in files; 0 when ``min_numel`` is None)."""
+    total, by_name, large = 0, {}, 0
     extras = extras or [{} for _ in shapes]
     groups = Counter(
         (shape, dtype, tuple(sorted(extra.items()))) for (shape, dtype), extra in zip(shapes, extras, strict=True)
@@ -349,10 +391,12 @@ def _state(
         h = {**hyper, **dict(extra)} if extra else hyper
         if extra not in keys:
             keys[extra] = _hyper_key(spec, h)
-        for name, _, _, nbytes in _state_tensors(spec, h, keys[extra], shape, dtype):
+        for name, t_shape, _, nbytes in _state_tensors(spec, h, keys[extra], shape, dtype):
             total += nbytes * count
             by_name[name] = by_name.get(name, 0) + nbytes * count
-    return total, by_name
+            if min_numel is not None and math.prod(t_shape) >= min_numel:
+                large += nbytes * count
+    return total, by_name, large
 
 
 def _step_implementation(spec: OptimizerSpec, hyper: Mapping[str, Any], fused_ok: bool, device: str) -> str:
@@ -457,6 +501,8 @@ def plan(
     offload: str = "none",
     device: str = "cuda",
     device_memory: str | int | None = None,
+    offload_overlap: bool = True,
+    mapped_state: bool = False,
 ) -> MemoryPlan:
     """Plan the memory of one training step, per device.
 
@@ -480,10 +526,18 @@ def plan(
         grad_accumulation: micro-batches per optimizer step; > 1 keeps gradients alive through every forward.
         devices, sharding: data-parallel devices and ``"none"``, ``"zero1"``, ``"zero2"``, ``"zero3"``/
             ``"fsdp"`` (``"fsdp-grad-op"`` = zero2).
-        offload: ``"none"``, ``"optimizer"`` (master weights, state and the step on the host) or
-            ``"optimizer+params"`` (also the sharded parameters; needs zero3).
+        offload: ``"none"``; ``"lmopt"``: :func:`lmopt.offload`, counted as it allocates (parameters on the device,
+            gradients only while autograd produces them; host copies of the parameters, gradient buffers, state and
+            the step on the host; no sharding, no fp32 master: use a precision without one); ``"optimizer"``:
+            DeepSpeed's ZeRO-Offload (master weights, state, fp32 gradients and the step on the host); or
+            ``"optimizer+params"`` (ZeRO-Infinity: also the sharded parameters; needs zero3).
         device: ``"cuda"`` or ``"cpu"``: which implementation torch.optim picks by default (foreach on CUDA).
         device_memory: memory per device (``"80GB"``), to say whether the plan fits.
+        offload_overlap: ``offload="lmopt"``'s ``overlap`` (default True: each gradient moves to the host as autograd
+            finishes it; False: the device keeps every gradient until the step).
+        mapped_state: the state is in :func:`lmopt.map_state`'s files (tensors of >= 4096 elements counted in
+            ``file_backed``, not in host or device memory); needs the state on the host: ``offload="lmopt"``, or
+            ``offload="none"`` with ``device="cpu"``.
 
     Returns:
         :class:`MemoryPlan`.
@@ -496,6 +550,12 @@ def plan(
     shape = model_shape(model)
     spec, implied = resolve_optimizer(optimizer)
     prec = _precision(precision, shape)
+    if offload == "lmopt" and prec.master:
+        raise ValueError(
+            f"offload='lmopt' steps host copies in the parameters' own dtype and keeps no fp32 master copy, so "
+            f"precision={prec.name!r} does not apply; plan precision='bf16' or 'bf16-sr' (a bf16 model), or 'fp32' "
+            f"/ 'amp-bf16' (an fp32 model)"
+        )
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {list(TRAINABLE)}, got {trainable!r}")
     for name, value in (
@@ -523,6 +583,21 @@ def plan(
     stage = SHARDING[sharding]
     if offload == "optimizer+params" and stage != 3:
         raise ValueError("offload='optimizer+params' needs sharding='zero3' (or 'fsdp')")
+    for name, value in (("offload_overlap", offload_overlap), ("mapped_state", mapped_state)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if offload == "lmopt" and stage:
+        raise ValueError(
+            f"offload='lmopt' (lmopt.offload) keeps whole host copies per process and does not shard; use "
+            f"sharding='none' or 'ddp' with it, or offload='optimizer' (DeepSpeed ZeRO-Offload) with {sharding!r}"
+        )
+    if offload_overlap is False and offload != "lmopt":
+        raise ValueError("offload_overlap applies to offload='lmopt' only (lmopt.offload's overlap); leave it True")
+    if mapped_state and not (offload == "lmopt" or (offload == "none" and device == "cpu")):
+        raise ValueError(
+            "mapped_state=True needs the optimizer state on the host (lmopt.map_state maps CPU tensors): use "
+            "offload='lmopt', or offload='none' with device='cpu'"
+        )
     memory_limit = None if device_memory is None else parse_bytes(device_memory)
     hyper = spec.hyperparameters(**{**implied, **dict(optimizer_kwargs or {})})
     notes: list[str] = list(shape.notes)
@@ -546,21 +621,58 @@ def plan(
     master = sum(math.prod(s) * 4 for s in local) if prec.master else 0
     per_tensor = spec.structure_state
     extras = [dict(per_tensor(p, shape.architecture)) for p in train] if per_tensor else None
-    state, state_by_name = _state(spec, hyper, [(s, o_dtype) for s in local], extras)
-    host = 0
-    if offload != "none":
-        host = master + state + sum(math.prod(s) * 4 for s in local)  # + fp32 gradients for the host step
+    state, state_by_name, mappable = _state(
+        spec, hyper, [(s, o_dtype) for s in local], extras, DEFAULT_MIN_NUMEL if mapped_state else None
+    )
+    file_backed = mappable  # lmopt.map_state: the state tensors of >= 4096 elements live in files
+    host_parts: dict[str, int] = {}
+    pcie_grads = pcie_params = 0
+    if offload == "lmopt":
+        # lmopt.offload: a host copy of every parameter (frozen ones too) in its dtype, a host gradient buffer per
+        # trainable parameter in the gradient dtype (pinned on CUDA), the inner optimizer's state (pageable: it
+        # creates it with zeros_like) and, on CUDA with accumulation, a pinned staging buffer per gradient
+        staging = gradients if device == "cuda" and grad_accumulation > 1 and offload_overlap else 0
+        host_parts = {
+            "parameter copies": parameters,
+            "gradient buffers": gradients,
+            "accumulation staging": staging,
+            "optimizer state": state - file_backed,
+        }
+        # PCIe: each gradient down (per micro-batch with overlap: the hook moves every backward's gradient; without,
+        # the device accumulates and step() moves it once), every parameter up after the step
+        pcie_grads = gradients * (grad_accumulation if offload_overlap else 1)
+        pcie_params = parameters
+        master_dev, state_dev = 0, 0
+        notes.append(
+            "offload lmopt (lmopt.offload): state and step on the host; "
+            + (
+                "each gradient moves to the host as autograd finishes it and is released on the device"
+                if offload_overlap
+                else "the device keeps every gradient until step() moves them (overlap=False)"
+            )
+        )
+    elif offload != "none":
+        host_parts = {"master weights": master, "optimizer state": state}
+        host_parts["gradients (fp32)"] = sum(math.prod(s) * 4 for s in local)  # for the host step
+        # ZeRO-Offload's traffic: the device's gradient partition down per micro-batch, its 16-bit parameters up
+        pcie_grads = sum(math.prod(s) for s in local) * g_bytes * grad_accumulation
+        pcie_params = sum(math.prod(s) for s in local) * p_bytes
         master_dev, state_dev = 0, 0
         notes.append(
             "offload: gradients stream to the host, where master weights, optimizer state and the step "
             "live (ZeRO-Offload); the device keeps one block's gradients at a time"
         )
     else:
-        master_dev, state_dev = master, state
+        master_dev, state_dev = master, state - file_backed
     params_dev = parameters
     if offload == "optimizer+params":
-        host += parameters
+        host_parts["parameters"] = parameters
         params_dev = 0
+    if mapped_state:
+        notes.append(
+            f"mapped state (lmopt.map_state): {format_bytes(file_backed)} of state tensors with >= "
+            f"{DEFAULT_MIN_NUMEL} elements in files (page cache, paged in by each step, released after it)"
+        )
 
     # ---- activations
     arch = shape.architecture
@@ -609,11 +721,16 @@ def plan(
 
     resident = params_dev + master_dev + state_dev
     grads_dev = gradients
-    if offload != "none":  # only the block being reduced is on the device
+    streamed = offload == "lmopt" and offload_overlap
+    if offload in ("optimizer", "optimizer+params"):  # only the block being reduced is on the device
         grads_dev = layer_grads_full
         head_grads = min(head_grads, grads_dev)
         layer_grads = 0
-    kept_grads = grads_dev if grad_accumulation > 1 else 0
+    elif streamed:
+        # each gradient is released once moved: autograd's gradients of the block in backward, and a tied head's
+        # gradient, which autograd holds until the embedding's half is added (one post-accumulate-grad call)
+        grads_dev = max(layer_grads_full, max((math.prod(p.shape) * g_bytes for p in train), default=0))
+    kept_grads = grads_dev if grad_accumulation > 1 and not streamed else 0
     fwd_extra = 0
     if prec.autocast:  # autocast keeps a 16-bit copy of each matmul weight for the forward and backward
         fwd_extra += sum(p.numel for p in params if p.role in ("matrix", "head") and len(p.shape) == 2) * 2
@@ -652,12 +769,16 @@ def plan(
     step_device = "cpu" if offload != "none" else device
     step_buffers, impl = _step_buffers(spec, hyper, local, o_dtype, prec.master, step_device)
     events["optimizer step"] = {
-        "gradients": grads_dev,
+        "gradients": 0 if streamed else grads_dev,
         "activations": 0,
         "temporaries": 0 if offload != "none" else step_buffers,
     }
+    if streamed:  # the block's gradients only, plus a tied head's gradient held until the embedding's is added
+        events["block backward"]["gradients"] = layer_grads_full + (head_grads if tied else 0)
     if offload != "none":
-        host += step_buffers
+        host_parts["step temporaries"] = step_buffers
+    host = sum(host_parts.values())
+    pcie = pcie_grads + pcie_params if offload in ("lmopt", "optimizer") else None
     phases = {k: resident + sum(v.values()) for k, v in events.items()}
     peak_phase = max(phases, key=phases.get)
     temporaries = max(v["temporaries"] for v in events.values())
@@ -689,6 +810,18 @@ def plan(
         at_peak=at_peak,
         phases=phases,
         host_memory=host,
+        host_pinned=(
+            host_parts["parameter copies"] + host_parts["gradient buffers"] + host_parts["accumulation staging"]
+            if offload == "lmopt" and device == "cuda"
+            else 0
+        ),
+        host=host_parts,
+        file_backed=file_backed,
+        pcie_bytes_per_step=pcie,
+        pcie_gradient_bytes_per_step=None if pcie is None else pcie_grads,
+        pcie_parameter_bytes_per_step=None if pcie is None else pcie_params,
+        offload_overlap=offload_overlap,
+        mapped_state=mapped_state,
         state_by_name=state_by_name,
         devices=devices,
         sharding=sharding,

@@ -9,7 +9,9 @@ Ranking (a lexicographic key, stated in each result's ``reason``):
 
 1. the cost of the memory saving in speed: none / ZeRO-1 / ZeRO-2 first (they move as many bytes as plain data
    parallelism: all-reduce = reduce-scatter + all-gather; Rajbhandari et al. 2020), then ZeRO-3 (1.5x the
-   traffic), then optimizer offload (the step runs on the host, gradients cross PCIe), then parameter offload;
+   traffic), then optimizer offload (the step runs on the host, gradients cross PCIe) -- lmopt's own
+   (:func:`lmopt.offload`, ``offload="lmopt"``: one line, no other framework; pure bf16 or fp32, since it keeps
+   no fp32 master) before DeepSpeed's ZeRO-Offload (``"optimizer"``) -- then parameter offload;
 2. the optimizer's tier: full-precision AdamW (the reference), then 8-bit AdamW (Dettmers et al. 2022: matches
    AdamW), then the factored / block / 4-bit / sign optimizers (Adafactor, CAME, Adam-mini, 4-bit AdamW,
    Lion);
@@ -186,8 +188,11 @@ def recommend(
     for opt, tier, why in ladder:
         for prec, prec_tier, prec_why in precisions:
             for sharding in _shardings(devices):
-                for offload in ("none", "optimizer") + (("optimizer+params",) if sharding == "zero3" else ()):
+                offloads = ("none", "lmopt", "optimizer") if sharding == "none" else ("none", "optimizer")
+                for offload in offloads + (("optimizer+params",) if sharding == "zero3" else ()):
                     if devices == 1 and sharding == "zero3" and offload != "optimizer+params":
+                        continue
+                    if offload == "lmopt" and prec == "mixed-bf16":  # lmopt.offload keeps no fp32 master
                         continue
                     for ckpt in ("none", "full"):
                         for mb in batches:  # largest micro-batch that fits
@@ -209,10 +214,10 @@ def recommend(
                             if closest is None or rank_closest < closest_key:
                                 closest, closest_key = p, rank_closest
                             if p.peak <= limit and (host_limit is None or p.host_memory <= host_limit):
-                                heavy = {"none": 0, "optimizer": 2, "optimizer+params": 3}[offload] or int(
+                                heavy = {"none": 0, "lmopt": 2, "optimizer": 2, "optimizer+params": 3}[offload] or int(
                                     sharding == "zero3"
                                 )
-                                key = (heavy, tier, prec_tier, ckpt != "none", -mb, p.peak)
+                                key = (heavy, offload == "optimizer", tier, prec_tier, ckpt != "none", -mb, p.peak)
                                 parts = [why] + ([prec_why] if prec_why else [])
                                 light = (
                                     "no sharding or offload"
@@ -223,14 +228,19 @@ def recommend(
                                     (
                                         light,
                                         "ZeRO-3: 1.5x the traffic",
-                                        "offload: the step runs on the host",
+                                        "lmopt.offload: state and step on the host"
+                                        if offload == "lmopt"
+                                        else "offload (DeepSpeed ZeRO-Offload): the step runs on the host",
                                         "offload of parameters and state: slowest",
                                     )[heavy]
                                 )
                                 if ckpt != "none":
                                     parts.append("recompute: ~1/3 more compute")
                                 if p.host_memory:
-                                    parts.append(f"host needs {format_bytes(p.host_memory)}")
+                                    pinned = f" ({format_bytes(p.host_pinned)} pinned)" if p.host_pinned else ""
+                                    parts.append(f"host needs {format_bytes(p.host_memory)}{pinned}")
+                                if p.pcie_bytes_per_step:
+                                    parts.append(f"PCIe {format_bytes(p.pcie_bytes_per_step)} per step")
                                 rec = Recommendation(0, opt, prec, sharding, offload, ckpt, mb, p, "; ".join(parts))
                                 found.append((key, rec))
                                 break

@@ -29,7 +29,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["map_state", "mapped_bytes", "mapped_resident_bytes", "release_mapped_pages"]
+__all__ = ["DEFAULT_MIN_NUMEL", "map_state", "mapped_bytes", "mapped_resident_bytes", "release_mapped_pages"]
+
+#: state tensors with fewer elements stay in memory (step counters, small vectors); the memory planner's
+#: ``mapped_state`` uses the same threshold
+DEFAULT_MIN_NUMEL = 4096
 
 _MADV_DONTNEED = 4
 _libc: Any = None
@@ -116,7 +120,9 @@ class _Mapper:
         return [v for state in self.optimizer.state.values() for v in state.values() if self.is_mapped(v)]
 
 
-def map_state(optimizer: Optimizer, directory: str | os.PathLike[str], *, min_numel: int = 4096) -> Optimizer:
+def map_state(
+    optimizer: Optimizer, directory: str | os.PathLike[str], *, min_numel: int = DEFAULT_MIN_NUMEL
+) -> Optimizer:
     """Keep ``optimizer``'s state in files under ``directory`` (created if missing; see the module docstring).
 
     Args:
