@@ -9,19 +9,22 @@ Public API (everything else is internal):
   :class:`Lookahead`, :class:`GradientRelease`, :class:`SOAP`, :func:`offload` (and every registry entry via
   :func:`create_optimizer`)
 * registry: :func:`create_optimizer`, :func:`list_optimizers`, :func:`get_spec`, :class:`OptimizerSpec`
-* parameter groups: :func:`param_groups`, :func:`classify_parameters`
+* parameter groups: :func:`param_groups`, :func:`classify_parameters`; muP width scaling: :func:`mup`
+  (:class:`MupPlan`)
 * recipes and schedules: :func:`recipe`, :mod:`lmopt.schedules`
 * training loop practice: :mod:`lmopt.train`; memory planning: :mod:`lmopt.memory`
 """
 
 from . import memory, optim, schedules, train
 from ._version import __version__  # noqa: E402
+from .mup import MupPlan, mup
 from .optim import *  # noqa: F403 (the optimizers: lmopt.optim.__all__ is the one list)
 from .param_groups import ParamGroups, ParamInfo, classify_parameters, param_groups
 from .recipes import Recipe, recipe
 from .registry import OptimizerSpec, StateTensor, create_optimizer, get_spec, list_optimizers
 
 __all__ = [
+    "MupPlan",
     "OptimizerSpec",
     "ParamGroups",
     "ParamInfo",
@@ -33,6 +36,7 @@ __all__ = [
     "get_spec",
     "list_optimizers",
     "memory",
+    "mup",
     "param_groups",
     "recipe",
     "schedules",

@@ -137,6 +137,8 @@ def _is_regex(pattern: str) -> bool:
 
 
 def _matches(name: str, pattern: str) -> bool:
+    if name == pattern:
+        return True
     if _is_regex(pattern):
         return re.search(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
@@ -156,8 +158,10 @@ def param_groups(
         model: the model.
         weight_decay: decay for the "decay" groups (no-decay groups get 0).
         lr_multipliers: ``{pattern: multiplier}``; a pattern is a glob over the qualified parameter name
-            (``"lm_head.*"``, ``"*.classifier.*"``) or a regular expression prefixed with ``"re:"``. The first
-            matching pattern wins. Needs ``base_lr``.
+            (``"lm_head.*"``, ``"*.classifier.*"``) or a regular expression prefixed with ``"re:"``. A key equal
+            to a parameter's name wins for that parameter (so exact names with ``[``, ``*`` or ``?`` in them, as
+            :func:`lmopt.mup` gives, are never read as globs); otherwise the first matching pattern wins. Needs
+            ``base_lr``.
         base_lr: the learning rate multipliers scale (each group's ``lr`` = base_lr x multiplier; LR schedulers
             then scale every group alike).
         decay_only_matrices: False puts every parameter in the decay groups (no structural split).
@@ -194,7 +198,10 @@ def param_groups(
 
     buckets: dict[tuple[bool, float], dict[str, Any]] = {}
     for info in infos:
-        mult = next((float(m) for p, m in lr_multipliers.items() if _matches(info.name, p)), 1.0)
+        if info.name in lr_multipliers:
+            mult = float(lr_multipliers[info.name])
+        else:
+            mult = next((float(m) for p, m in lr_multipliers.items() if _matches(info.name, p)), 1.0)
         decay = info.decay or not decay_only_matrices
         key = (decay, mult)
         if key not in buckets:
