@@ -57,7 +57,9 @@ __all__ = [
     "ModularConfig",
     "ModularDataset",
     "ModularTransformer",
+    "build_modular_model",
     "modular_dataset",
+    "resolve_modular_config",
     "run_modular",
     "run_name",
 ]
@@ -379,9 +381,7 @@ def _run_one(
             if schedule_free:
                 optimizer.train()
             train_acc = float((logits.detach().argmax(-1) == train_y).float().mean())
-            for key, value in zip(
-                history, (step, elapsed, loss_value, train_acc, val_loss, val_acc), strict=True
-            ):
+            for key, value in zip(history, (step, elapsed, loss_value, train_acc, val_loss, val_acc), strict=True):
                 history[key].append(value)
             callbacks.on_step(name, step, loss_value, train_acc, val_acc)
         result["train_time_s"] = elapsed
@@ -401,6 +401,19 @@ def _run_one(
     return result
 
 
+def resolve_modular_config(config: ModularConfig) -> ModularConfig:
+    """``config`` validated, with its optimizer names resolved; raises ValueError, before any training, on an
+    unknown name, hyperparameters for an optimizer that is not run, or one an optimizer does not take."""
+    config.validate()
+    names, _ = resolve_optimizer_names(config.optimizers)
+    for key in config.hyperparameters:
+        if key not in names:
+            raise ValueError(f"hyperparameters given for {key!r}, which is not among the optimizers {names}")
+    for name in names:
+        create_optimizer(name, [nn.Parameter(torch.zeros(1))], **_hyperparameters(config, name, 0.0))
+    return ModularConfig(**{**asdict(config), "optimizers": names})
+
+
 def run_modular(config: ModularConfig, callbacks: ModularCallbacks | None = None) -> dict[str, Any]:
     """Train every optimizer x weight decay of ``config`` on modular addition; return the results (JSON-ready).
 
@@ -412,14 +425,8 @@ def run_modular(config: ModularConfig, callbacks: ModularCallbacks | None = None
     """
     from .run import environment
 
-    config.validate()
-    names, _ = resolve_optimizer_names(config.optimizers)
-    for key in config.hyperparameters:
-        if key not in names:
-            raise ValueError(f"hyperparameters given for {key!r}, which is not among the optimizers {names}")
-    for name in names:  # fail on hyperparameter typos before any training
-        create_optimizer(name, [nn.Parameter(torch.zeros(1))], **_hyperparameters(config, name, 0.0))
-    config = ModularConfig(**{**asdict(config), "optimizers": names})
+    config = resolve_modular_config(config)
+    names = config.optimizers
     previous = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
