@@ -11,6 +11,10 @@ Files written under the output folder:
 ``report.html``     the same page for a browser
 =================== ===============================================================================
 
+``--workload modular`` (:mod:`lmopt.bench.modular`) writes ``results.json``, ``accuracy_vs_step.png`` (train
+dashed, validation solid, one colour per run), ``loss_vs_step.png`` and ``report.md`` (:data:`MODULAR_FILES`,
+:func:`write_modular_outputs`).
+
 The plots are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend change).
 """
 
