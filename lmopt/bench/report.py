@@ -308,16 +308,21 @@ Re-run with <code>lmopt compare --config {FILES["results_json"]}</code>.</p>
 
 def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write the JSON, both plots and both reports under ``out_dir`` (created); return their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {key: out / name for key, name in FILES.items()}
-    results["files"] = dict(FILES)
+    paths = _output_paths(results, out_dir, FILES)
     plot_losses(results, paths["loss_vs_step"], x="step")
     plot_losses(results, paths["loss_vs_time"], x="time")
     _write_markdown(results, paths["report_md"])
     _write_html(results, paths["report_html"])
     _write_json(results, paths["results_json"])
     return paths
+
+
+def _output_paths(results: dict[str, Any], out_dir: str | Path, files: dict[str, str]) -> dict[str, Path]:
+    """The paths of ``files`` under ``out_dir`` (created), also named in ``results["files"]``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results["files"] = dict(files)
+    return {key: out / name for key, name in files.items()}
 
 
 def _write_json(results: dict[str, Any], path: Path) -> None:
@@ -434,10 +439,7 @@ def _write_modular_markdown(results: dict[str, Any], path: Path) -> None:
 
 def write_modular_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write the grokking workload's JSON, accuracy and loss plots and report under ``out_dir`` (created)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {key: out / name for key, name in MODULAR_FILES.items()}
-    results["files"] = dict(MODULAR_FILES)
+    paths = _output_paths(results, out_dir, MODULAR_FILES)
     plot_modular(results, paths["accuracy_vs_step"], metric="accuracy")
     plot_modular(results, paths["loss_vs_step"], metric="loss")
     _write_modular_markdown(results, paths["report_md"])

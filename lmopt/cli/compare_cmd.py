@@ -285,6 +285,12 @@ def _out_and_console(args: argparse.Namespace) -> tuple[Path, Console]:
     return out, Console(width=None if sys.stdout.isatty() else 140)
 
 
+def _print_failures(console: Console, results: dict[str, Any]) -> None:
+    for r in results["runs"]:
+        if r["status"] != "ok":
+            console.print(f"[red]{r['name']} {r['status']}:[/red] {r['message']}")
+
+
 def _run_modular(args: argparse.Namespace) -> int:
     from ..bench.modular import run_modular, run_name
     from ..bench.report import MODULAR_COLUMNS, modular_summary_rows, write_modular_outputs
@@ -315,9 +321,7 @@ def _run_modular(args: argparse.Namespace) -> int:
     for row in modular_summary_rows(results):
         table.add_row(*(row[c] for c in MODULAR_COLUMNS), style=None if row["status"] == "ok" else "red")
     console.print(table)
-    for r in results["runs"]:
-        if r["status"] != "ok":
-            console.print(f"[red]{r['name']} {r['status']}:[/red] {r['message']}")
+    _print_failures(console, results)
     console.print(
         f"report: {paths['report_md']}; plots: {paths['accuracy_vs_step'].name}, {paths['loss_vs_step'].name}; "
         f"every figure: {paths['results_json']}"
@@ -354,9 +358,7 @@ def run(args: argparse.Namespace) -> int:
         results = run_compare(config, _ProgressCallbacks(progress, tasks))
     paths = write_outputs(results, out)
     console.print(_table(results))
-    for r in results["runs"]:
-        if r["status"] != "ok":
-            console.print(f"[red]{r['name']} {r['status']}:[/red] {r['message']}")
+    _print_failures(console, results)
     console.print(
         f"report: {paths['report_md']} (and {paths['report_html'].name}); plots: "
         f"{paths['loss_vs_step'].name}, {paths['loss_vs_time'].name}; every figure: {paths['results_json']}"
