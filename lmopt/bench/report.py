@@ -11,6 +11,10 @@ Files written under the output folder:
 ``report.html``     the same page for a browser
 =================== ===============================================================================
 
+``--workload modular`` (:mod:`lmopt.bench.modular`) writes ``results.json``, ``accuracy_vs_step.png`` (train
+dashed, validation solid, one colour per run), ``loss_vs_step.png`` and ``report.md`` (:data:`MODULAR_FILES`,
+:func:`write_modular_outputs`).
+
 The plots are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend change).
 """
 
@@ -26,11 +30,16 @@ from .metrics import trailing_mean
 
 __all__ = [
     "FILES",
+    "MODULAR_COLUMNS",
+    "MODULAR_FILES",
     "SMOOTHING",
     "TABLE_COLUMNS",
     "format_bytes",
+    "modular_summary_rows",
+    "plot_modular",
     "plot_losses",
     "summary_rows",
+    "write_modular_outputs",
     "write_outputs",
 ]
 
@@ -128,14 +137,7 @@ def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -
     """Draw training (and validation) loss per optimizer against ``x`` (``"step"`` or ``"time"``) to a PNG."""
     if x not in ("step", "time"):
         raise ValueError(f"x must be 'step' or 'time', got {x!r}")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ValueError("lmopt compare's plots need matplotlib: pip install 'lmopt[compare]'") from err
-    figure = Figure(figsize=(8.0, 5.0), dpi=110)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
+    figure, axes = _new_axes()
     colors = [f"C{i}" for i in range(10)]
     low, high = math.inf, -math.inf
     for i, run in enumerate(results["runs"]):
@@ -190,6 +192,22 @@ def plot_losses(results: dict[str, Any], path: str | Path, *, x: str = "step") -
     seeds = len(results.get("seeds") or [0])
     band = f"; band: range over {seeds} seeds" if seeds > 1 else ""
     axes.legend(fontsize=8, title=f"bold: mean of {SMOOTHING} steps; o: validation{band}", title_fontsize=8)
+    return _save(figure, path)
+
+
+def _new_axes() -> tuple[Any, Any]:
+    """A figure on matplotlib's Agg canvas (no pyplot, no global backend change) and its one set of axes."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ValueError("lmopt compare's plots need matplotlib: pip install 'lmopt[compare]'") from err
+    figure = Figure(figsize=(8.0, 5.0), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot(1, 1, 1)
+
+
+def _save(figure: Any, path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, format="png")
@@ -211,9 +229,10 @@ def _seed_band(run: dict[str, Any], x: str) -> tuple[list[float], list[float], l
 
 
 def _markdown_table(rows: list[dict[str, str]], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
+    """A Markdown table of ``rows``; the first two columns (the name and the status) left-aligned."""
     lines = [
         "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" if c in ("optimizer", "status", "lr from") else "---:" for c in columns) + "|",
+        "|" + "|".join("---" if i < 2 or c == "lr from" else "---:" for i, c in enumerate(columns)) + "|",
     ]
     lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -346,15 +365,140 @@ Re-run with <code>lmopt compare --config {FILES["results_json"]}</code>.</p>
 
 def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write the JSON, both plots and both reports under ``out_dir`` (created); return their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {key: out / name for key, name in FILES.items()}
-    results["files"] = dict(FILES)
+    paths = _output_paths(results, out_dir, FILES)
     plot_losses(results, paths["loss_vs_step"], x="step")
     plot_losses(results, paths["loss_vs_time"], x="time")
     _write_markdown(results, paths["report_md"])
     _write_html(results, paths["report_html"])
-    with open(paths["results_json"], "w", encoding="utf-8") as f:
+    _write_json(results, paths["results_json"])
+    return paths
+
+
+def _output_paths(results: dict[str, Any], out_dir: str | Path, files: dict[str, str]) -> dict[str, Path]:
+    """The paths of ``files`` under ``out_dir`` (created), also named in ``results["files"]``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results["files"] = dict(files)
+    return {key: out / name for key, name in files.items()}
+
+
+def _write_json(results: dict[str, Any], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, allow_nan=False)
         f.write("\n")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the grokking workload (lmopt compare --workload modular)
+# ------------------------------------------------------------------------------------------------------------
+#: file names under the output folder of ``lmopt compare --workload modular``
+MODULAR_FILES: dict[str, str] = {
+    "results_json": "results.json",
+    "accuracy_vs_step": "accuracy_vs_step.png",
+    "loss_vs_step": "loss_vs_step.png",
+    "report_md": "report.md",
+}
+#: the columns of the grokking workload's terminal table and report table
+MODULAR_COLUMNS: tuple[str, ...] = (
+    "run",
+    "status",
+    "final train acc",
+    "final val acc",
+    "step train acc >= 99%",
+    "step val acc >= 99%",
+    "time",
+)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def modular_summary_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per run of the grokking workload with the :data:`MODULAR_COLUMNS`, formatted for display."""
+    return [
+        {
+            "run": run["name"],
+            "status": run["status"],
+            "final train acc": _percent(run["final_train_accuracy"]),
+            "final val acc": _percent(run["final_validation_accuracy"]),
+            "step train acc >= 99%": str(run["step_train_accuracy_reached"] or "never"),
+            "step val acc >= 99%": str(run["step_validation_accuracy_reached"] or "never"),
+            "time": f"{run['train_time_s']:.0f} s",
+        }
+        for run in results["runs"]
+    ]
+
+
+def plot_modular(results: dict[str, Any], path: str | Path, *, metric: str = "accuracy") -> Path:
+    """Train (dashed) and validation (solid) ``metric`` (``"accuracy"`` or ``"loss"``) against step, one colour
+    per run, to a PNG."""
+    if metric not in ("accuracy", "loss"):
+        raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+    figure, axes = _new_axes()
+    for i, run in enumerate(results["runs"]):
+        history = run["history"]
+        for split, style in (("train", "--"), ("validation", "-")):
+            values = history[f"{split}_{metric}"]
+            if metric == "accuracy":
+                values = [100 * v for v in values]
+            axes.plot(history["step"], values, linestyle=style, color=f"C{i % 10}", label=f"{run['name']} {split}")
+    config, model = results["config"], results["model"]
+    if metric == "loss":
+        axes.set_yscale("log")
+    axes.set_xlabel("optimizer step (full batch)")
+    axes.set_ylabel("accuracy (%)" if metric == "accuracy" else "cross-entropy loss")
+    axes.set_title(
+        f"(a + b) mod {config['modulus']}, {100 * config['train_fraction']:.0f}% of pairs for training; "
+        f"{model['layers']}-layer transformer ({model['parameters']:,} params)",
+        fontsize=10,
+    )
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, title="dashed: train; solid: validation", title_fontsize=8)
+    return _save(figure, path)
+
+
+def _write_modular_markdown(results: dict[str, Any], path: Path) -> None:
+    config, data, model, env = results["config"], results["data"], results["model"], results["environment"]
+    wds = ",".join(f"{wd:g}" for wd in config["weight_decays"])
+    lines = [
+        "# lmopt compare --workload modular (grokking)",
+        "",
+        f"Created {results['created_utc']}. Re-run with `lmopt compare --workload modular --optimizers "
+        f"{','.join(config['optimizers'])} --weight-decays {wds} --modulus {config['modulus']} --train-fraction "
+        f"{config['train_fraction']:g} --steps {config['steps']} --seed {config['seed']}`.",
+        "",
+        _markdown_table(modular_summary_rows(results), MODULAR_COLUMNS),
+        "",
+        f"![train and validation accuracy against step]({MODULAR_FILES['accuracy_vs_step']})",
+        "",
+        f"![train and validation loss against step]({MODULAR_FILES['loss_vs_step']})",
+        "",
+        "## Setup",
+        "",
+        f"- Task: {data['task']}; {data['train_pairs']:,} training and {data['validation_pairs']:,} validation "
+        f"pairs (seeded split, seed {config['seed']}).",
+        f"- Model: {model['architecture']}; width {model['width']}, {model['layers']} layer(s), {model['heads']} "
+        f"heads, {model['parameters']:,} parameters; the same initial weights for every run.",
+        f"- Training: {config['steps']} full-batch steps, lr {config['lr']:g} after a linear warmup of "
+        f"{config['warmup_steps']} steps, betas {config['betas']}, weight decay on every parameter; figures every "
+        f"{config['eval_every']} steps (train accuracy from the step's own forward pass, before its update).",
+        f"- Machine: {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, device "
+        f"{env['device']}; Python {env['python']}, torch {env['torch']}, lmopt {env['lmopt']}. Total time "
+        f"{results['total_time_s']:.0f} s.",
+        *[f"- `{run['name']}` {run['status']}: {run['message']}" for run in results["runs"] if run["message"]],
+        "",
+        f"Every figure is in [{MODULAR_FILES['results_json']}]({MODULAR_FILES['results_json']}).",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_modular_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write the grokking workload's JSON, accuracy and loss plots and report under ``out_dir`` (created)."""
+    paths = _output_paths(results, out_dir, MODULAR_FILES)
+    plot_modular(results, paths["accuracy_vs_step"], metric="accuracy")
+    plot_modular(results, paths["loss_vs_step"], metric="loss")
+    _write_modular_markdown(results, paths["report_md"])
+    _write_json(results, paths["results_json"])
     return paths

@@ -536,7 +536,8 @@ def build_template(config: CompareConfig, vocab_size: int) -> tuple[nn.Module, d
 
     base_width = config.base_width or MODEL_SIZES[config.model].hidden
     plan = mup(template, base_width=base_width)
-    described = {"parametrization": "mup", "base_width": base_width, "width": plan.width, "roles": plan.describe()}
+    by_role = {role: plan.lr_multipliers[name] for name, role in plan.roles.items() if name in plan.lr_multipliers}
+    described = {"parametrization": "mup", "base_width": base_width, "width": plan.width, "lr_multipliers": by_role}
     return template, {"lr_multipliers": dict(plan.lr_multipliers)}, described
 
 

@@ -7,8 +7,12 @@ Examples::
     lmopt compare --set lion.lr=1e-4 --set adamw.betas=[0.9,0.99]
     lmopt compare --data ~/corpus/ --tokenizer ~/models/my-tokenizer
     lmopt compare --config lmopt-compare/20260101-120000/results.json   # re-run a comparison
+    lmopt compare --workload modular                 # grokking: AdamW with and without weight decay
+    lmopt compare --workload modular --optimizers adamw,lion --weight-decays 1,0.1,0 --modulus 47
 
-Options given with ``--config`` override the file's values.
+Options given with ``--config`` override the file's values. ``--workload modular`` (:mod:`lmopt.bench.modular`)
+takes ``--optimizers``, ``--steps``, ``--seed``, ``--device``, ``--out``, ``--set``, ``--warmup-steps``,
+``--eval-every``, ``--threads`` and its own ``--modulus``, ``--train-fraction``, ``--weight-decays``, ``--lr``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,35 @@ from ._args import integer, number
 
 NAME = "compare"
 HELP = "train a small Llama with several optimizers on a real corpus; compare loss, speed and memory"
+
+#: options of the Llama workload only, and of the grokking workload only (argparse dest: option)
+_LLM_ONLY = {
+    "model": "--model",
+    "batch_size": "--batch-size",
+    "seq_len": "--seq-len",
+    "data": "--data",
+    "tokenizer": "--tokenizer",
+    "config": "--config",
+    "eval_windows": "--eval-windows",
+    "max_grad_norm": "--max-grad-norm",
+}
+_MODULAR_ONLY = {
+    "modulus": "--modulus",
+    "train_fraction": "--train-fraction",
+    "weight_decays": "--weight-decays",
+    "lr": "--lr",
+}
+_MODULAR_FIELDS = (
+    "steps",
+    "seed",
+    "device",
+    "warmup_steps",
+    "eval_every",
+    "threads",
+    "modulus",
+    "train_fraction",
+    "lr",
+)
 
 _FIELDS = (
     "steps",
@@ -55,11 +88,20 @@ _FIELDS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..bench.compare import DEFAULT_OPTIMIZERS
+    from ..bench.modular import ModularConfig
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         f"default optimizers (those registered): {', '.join(DEFAULT_OPTIMIZERS)}\n"
-        "outputs: results.json, loss_vs_step.png, loss_vs_time.png, report.md, report.html"
+        "outputs: results.json, loss_vs_step.png, loss_vs_time.png, report.md, report.html\n"
+        "--workload modular outputs: results.json, accuracy_vs_step.png, loss_vs_step.png, report.md"
+    )
+    parser.add_argument(
+        "--workload",
+        choices=("llm", "modular"),
+        default="llm",
+        help="llm (default): a small Llama on a corpus; modular: grokking on (a + b) mod p with a tiny "
+        "transformer, each optimizer with each --weight-decays (default adamw with 1 and 0)",
     )
     add_workload_arguments(parser)
     parser.add_argument(
@@ -75,6 +117,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="each optimizer at its tuned learning rate: from a tune.json of lmopt tune, or, without a file, "
         "from an lmopt tune search run first on this workload (written under OUT/tune)",
     )
+    m = ModularConfig()
+    modular = parser.add_argument_group("--workload modular")
+    modular.add_argument("--modulus", type=integer(2), help=f"p of (a + b) mod p (default {m.modulus})")
+    modular.add_argument(
+        "--train-fraction",
+        type=number(above=0, maximum=1),
+        help=f"fraction of the p*p pairs used for training (default {m.train_fraction:g})",
+    )
+    modular.add_argument(
+        "--weight-decays",
+        metavar="WD[,WD...]",
+        help=f"weight decays to run each optimizer with (default {','.join(f'{w:g}' for w in m.weight_decays)})",
+    )
+    modular.add_argument("--lr", type=number(above=0), help=f"peak learning rate (default {m.lr:g})")
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,12 +222,20 @@ def build_config(args: argparse.Namespace):
     values: dict[str, Any] = {}
     if args.config:
         values = dict(CompareConfig.from_dict(_read_json(args.config, "--config")).__dict__)
-    for name in _FIELDS:
+    _set_options(args, values, _FIELDS)
+    if getattr(args, "parametrization", None) in ("sp", "mup"):
+        values["parametrization"] = args.parametrization
+    config = CompareConfig(**values)
+    config.validate()
+    return config
+
+
+def _set_options(args: argparse.Namespace, values: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Put the given options ``names``, ``--optimizers`` and the ``--set`` overrides into ``values``."""
+    for name in names:
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
-    if getattr(args, "parametrization", None) in ("sp", "mup"):
-        values["parametrization"] = args.parametrization
     if args.optimizers:
         values["optimizers"] = [n for item in args.optimizers for n in item.split(",") if n.strip()]
     hyper = {k: dict(v) for k, v in values.get("hyperparameters", {}).items()}
@@ -181,13 +245,30 @@ def build_config(args: argparse.Namespace):
         name, key, value = _parse_override(text)
         hyper.setdefault(name, {})[key] = value
     values["hyperparameters"] = hyper
-    config = CompareConfig(**values)
-    config.validate()
-    return config
+
+
+def build_modular_config(args: argparse.Namespace):
+    """The :class:`~lmopt.bench.modular.ModularConfig` of the parsed arguments (``--workload modular``)."""
+    from ..bench.modular import ModularConfig, resolve_modular_config
+
+    given = [option for dest, option in _LLM_ONLY.items() if getattr(args, dest) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} applies to --workload llm only")
+    values: dict[str, Any] = {}
+    _set_options(args, values, _MODULAR_FIELDS)
+    if args.weight_decays is not None:
+        try:
+            values["weight_decays"] = [float(w) for w in args.weight_decays.split(",") if w.strip()]
+        except ValueError:
+            raise ValueError(f"--weight-decays takes numbers separated by commas, got {args.weight_decays!r}") from None
+    return resolve_modular_config(ModularConfig(**values))
 
 
 class _ProgressCallbacks:
     """One rich progress bar per optimizer, with the live loss and tokens/s."""
+
+    #: the bar's live fields before the first step
+    blank: dict[str, str] = {"loss": "-", "tps": "-"}
 
     def __init__(self, progress: Progress, tasks: dict[str, Any]) -> None:
         self.progress = progress
@@ -195,8 +276,8 @@ class _ProgressCallbacks:
 
     def on_run_start(self, name: str, steps: int) -> None:
         if name not in self.tasks:
-            self.tasks[name] = self.progress.add_task(name, total=steps, loss="-", tps="-")
-        self.progress.reset(self.tasks[name], total=steps, loss="-", tps="-")
+            self.tasks[name] = self.progress.add_task(name, total=steps, **self.blank)
+        self.progress.reset(self.tasks[name], total=steps, **self.blank)
         self.progress.start_task(self.tasks[name])
 
     def on_step(self, name: str, step: int, loss: float, tokens_per_second: float) -> None:
@@ -208,6 +289,19 @@ class _ProgressCallbacks:
         note = f"val {final:.3f}" if final is not None else result["status"]
         self.progress.update(task, loss=note)
         self.progress.stop_task(task)
+
+
+class _ModularProgressCallbacks(_ProgressCallbacks):
+    """One rich progress bar per run of the grokking workload, with the live loss and accuracies."""
+
+    blank = {"loss": "-", "accuracy": "-"}
+
+    def on_step(self, name: str, step: int, loss: float, train_accuracy: float, validation_accuracy: float) -> None:
+        accuracy = f"train {100 * train_accuracy:5.1f}% val {100 * validation_accuracy:5.1f}%"
+        self.progress.update(self.tasks[name], completed=step, loss=f"{loss:.4f}", accuracy=accuracy)
+
+    def on_run_end(self, name: str, result: dict[str, Any]) -> None:
+        self.progress.stop_task(self.tasks[name])
 
 
 def _table(results: dict[str, Any]) -> Table:
@@ -274,13 +368,66 @@ def _read_json(path: str, option: str) -> dict[str, Any]:
     return loaded
 
 
+def _out_and_console(args: argparse.Namespace) -> tuple[Path, Console]:
+    out = Path(args.out) if args.out else Path("lmopt-compare") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return out, Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _print_failures(console: Console, results: dict[str, Any]) -> None:
+    for r in results["runs"]:
+        if r["status"] != "ok":
+            console.print(f"[red]{r['name']} {r['status']}:[/red] {r['message']}")
+
+
+def _run_modular(args: argparse.Namespace) -> int:
+    from ..bench.modular import run_modular, run_name
+    from ..bench.report import MODULAR_COLUMNS, modular_summary_rows, write_modular_outputs
+
+    config = build_modular_config(args)
+    out, console = _out_and_console(args)
+    console.print(
+        f"lmopt compare --workload modular: (a + b) mod {config.modulus}, {', '.join(config.optimizers)} with "
+        f"weight decay {', '.join(f'{w:g}' for w in config.weight_decays)}, {config.steps} full-batch steps each"
+    )
+    progress = Progress(
+        TextColumn("[bold cyan]{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:>9}"),
+        TextColumn("{task.fields[accuracy]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    names = [run_name(n, wd) for n in config.optimizers for wd in config.weight_decays]
+    with progress:
+        tasks = {n: progress.add_task(n, total=config.steps, loss="-", accuracy="-", start=False) for n in names}
+        results = run_modular(config, _ModularProgressCallbacks(progress, tasks))
+    paths = write_modular_outputs(results, out)
+    table = Table(title=f"grokking: (a + b) mod {config.modulus}, {results['model']['parameters']:,} parameters")
+    for i, column in enumerate(MODULAR_COLUMNS):
+        table.add_column(column, justify="left" if i < 2 else "right", style="bold cyan" if i == 0 else None)
+    for row in modular_summary_rows(results):
+        table.add_row(*(row[c] for c in MODULAR_COLUMNS), style=None if row["status"] == "ok" else "red")
+    console.print(table)
+    _print_failures(console, results)
+    console.print(
+        f"report: {paths['report_md']}; plots: {paths['accuracy_vs_step'].name}, {paths['loss_vs_step'].name}; "
+        f"every figure: {paths['results_json']}"
+    )
+    return 0 if any(r["status"] == "ok" for r in results["runs"]) else 1
+
+
 def run(args: argparse.Namespace) -> int:
     from ..bench.compare import resolve_optimizer_names, run_compare
     from ..bench.report import write_outputs
 
+    if args.workload == "modular":
+        return _run_modular(args)
+    given = [option for dest, option in _MODULAR_ONLY.items() if getattr(args, dest) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} applies to --workload modular only")
     config = build_config(args)
-    out = Path(args.out) if args.out else Path("lmopt-compare") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    out, console = _out_and_console(args)
     names, skipped = resolve_optimizer_names(config.optimizers)
     for item in skipped:
         console.print(f"[yellow]skipping {item['name']}: {item['reason']}[/yellow]")
@@ -310,9 +457,7 @@ def run(args: argparse.Namespace) -> int:
         results = run_compare(config, _ProgressCallbacks(progress, tasks))
     paths = write_outputs(results, out)
     console.print(_table(results))
-    for r in results["runs"]:
-        if r["status"] != "ok":
-            console.print(f"[red]{r['name']} {r['status']}:[/red] {r['message']}")
+    _print_failures(console, results)
     console.print(
         f"report: {paths['report_md']} (and {paths['report_html'].name}); plots: "
         f"{paths['loss_vs_step'].name}, {paths['loss_vs_time'].name}; every figure: {paths['results_json']}"

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ._args import integer, number
-from .compare_cmd import _read_json, add_workload_arguments, build_config
+from .compare_cmd import add_workload_arguments, build_config
 
 NAME = "tune"
 HELP = "search each optimizer's learning rate on the compare workload (log grid, successive halving, refinement)"
