@@ -118,6 +118,8 @@ def tuned(tmp_path_factory):
                 "1",
                 "--max-extensions",
                 "1",
+                "--rungs",
+                "3",
                 "--out",
                 str(root / "out"),
             ]
@@ -352,3 +354,35 @@ def test_wsd_schedule():
         CompareConfig(steps=10, warmup_steps=5, schedule="wsd", decay_fraction=0.9).validate()
     with pytest.raises(ValueError, match="schedule"):
         CompareConfig(schedule="linear").validate()
+
+
+def test_widths_under_sp_and_mup(tmp_path):
+    """--widths: one study per width and parametrization, muP through lmopt.mup, the transfer entry, the plot."""
+    from lmopt.bench.tune_report import write_tune_outputs
+
+    config = TuneConfig(
+        _tiny(tmp_path, ["adamw"], steps=6),
+        grid_points=2,
+        refine_points=0,
+        max_extensions=0,
+        widths=[16, 32],
+        parametrizations=["sp", "mup"],
+    )
+    result = tune(config)
+    keys = [(s["parametrization"], s["width"]) for s in result["studies"]]
+    assert keys == [("sp", 16), ("sp", 32), ("mup", 16), ("mup", 32)]
+    assert result["best_lr"] == {}  # no plain study: compare --tuned reads per width
+    sp32 = next(s for s in result["studies"] if s["parametrization"] == "sp" and s["width"] == 32)
+    mup32 = next(s for s in result["studies"] if s["parametrization"] == "mup" and s["width"] == 32)
+    # the same LR trains differently under muP at width 32 (base width 16: hidden LR and init scaled)
+    assert sp32["trials"][0]["history"]["loss"] != mup32["trials"][0]["history"]["loss"]
+    transfer = {t["parametrization"]: t for t in result["transfer"]}
+    assert set(transfer) == {"sp", "mup"}
+    for t in transfer.values():
+        assert t["widest_width"] == 32 and t["best_lr_spread"] >= 1.0
+        assert math.isfinite(t["transferred_validation_loss"])
+    paths = write_tune_outputs(result, tmp_path / "out")
+    assert paths["lr_vs_width"].read_bytes()[:4] == b"\x89PNG"
+    assert "Width transfer" in paths["tune_md"].read_text()
+    compare = replace(config.compare, width=32, parametrization="mup", base_width=16)
+    assert tuned_learning_rates(result, compare) == {"adamw": mup32["best_lr"]}
