@@ -6,12 +6,12 @@ algorithms. For each optimizer, :func:`tune` searches the peak learning rate the
 
 1. **Coarse grid**: ``grid_points`` learning rates spaced by ``grid_factor`` in log space around the optimizer's
    compare recipe (:func:`lmopt.bench.compare.compare_hyperparameters`), e.g. recipe x 3^-2 ... x 3^2.
-2. **Successive halving** (opt-in, ``rungs > 1``; Jamieson & Talwalkar 2016; Li et al. 2018, Hyperband):
-   every trial trains on the same workload (same initial weights and data order, the full-length LR schedule) up to the first rung
-   (``steps / eta^(rungs - 1)`` steps); only the best ``ceil(n / eta)`` by the mean training loss of their last
-   :data:`~lmopt.bench.run.FINAL_LOSS_WINDOW` steps go on to the next rung, and so on to ``steps``. A stopped
-   trial is resumed exactly where it paused (:class:`lmopt.bench.run.TrainingRun`), so the survivor's run is the
-   run ``lmopt compare`` would make.
+2. **Successive halving** (opt-in, ``rungs > 1``; Jamieson & Talwalkar 2016; Li et al. 2018, Hyperband): every trial
+   trains on the same workload (same initial weights and data order, the full-length LR schedule) up to the first
+   rung (``steps / eta^(rungs - 1)`` steps); only the best ``ceil(n / eta)`` by the mean training loss of their last
+   :data:`~lmopt.bench.run.FINAL_LOSS_WINDOW` steps go on to the next rung, and so on to ``steps``. A stopped trial
+   is resumed exactly where it paused (:class:`lmopt.bench.run.TrainingRun`), so the survivor's run is the run
+   ``lmopt compare`` would make.
 3. **Bracketing**: when the best learning rate is the grid's smallest or largest, the grid grows by one point on
    that side (at most ``max_extensions`` times), so the optimum is inside the searched range.
 4. **Refinement**: ``refine_points`` learning rates between the best and its neighbours (log-spaced, e.g. best x
