@@ -55,6 +55,7 @@ import torch
 from .compare import CompareConfig, _jsonable, optimizer_hyperparameters, resolve_config, resolve_device
 from .corpus import load_corpus, train_batch_offsets, validation_windows
 from .run import FINAL_LOSS_WINDOW, TrainingRun, _warm_up, build_template, environment
+from .run import _Silent as _SilentRun
 from .workload import count_parameters
 
 __all__ = [
@@ -233,17 +234,6 @@ class _Silent:
         pass
 
 
-class _NoRunCallbacks:
-    def on_run_start(self, name: str, steps: int) -> None:
-        pass
-
-    def on_step(self, name: str, step: int, loss: float, tokens_per_second: float) -> None:
-        pass
-
-    def on_run_end(self, name: str, result: dict[str, Any]) -> None:
-        pass
-
-
 # ------------------------------------------------------------------------------------------------------------
 # one optimizer's search
 # ------------------------------------------------------------------------------------------------------------
@@ -295,7 +285,7 @@ class _Study:
             w["corpus"],
             w["val_windows"],
             None,
-            _NoRunCallbacks(),
+            _SilentRun(),
             extras=w["extras"],
         )
         trial = {"lr": lr, "run": run, "rung_scores": [], "stopped_at": None}
@@ -601,7 +591,7 @@ def _transfer(
                     corpus,
                     val_windows,
                     None,
-                    _NoRunCallbacks(),
+                    _SilentRun(),
                     extras=w["extras"],
                 )
                 run.advance(wc.steps)

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .report import _markdown_table
+from .report import _markdown_table, _save
 
 __all__ = ["TUNE_COLUMNS", "TUNE_FILES", "plot_loss_vs_lr", "plot_lr_vs_width", "tune_rows", "write_tune_outputs"]
 
@@ -130,10 +130,7 @@ def plot_loss_vs_lr(result: dict[str, Any], path: str | Path) -> Path:
     )
     axes.grid(True, alpha=0.3, which="both")
     axes.legend(fontsize=8, title=legend_title, title_fontsize=7)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, format="png")
-    return path
+    return _save(figure, path)
 
 
 def plot_lr_vs_width(result: dict[str, Any], path: str | Path) -> Path:
@@ -166,10 +163,7 @@ def plot_lr_vs_width(result: dict[str, Any], path: str | Path) -> Path:
         axes.set_ylabel("validation loss after the full run")
         axes.grid(True, alpha=0.3, which="both")
         axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, format="png")
-    return path
+    return _save(figure, path)
 
 
 def _transfer_lines(result: dict[str, Any]) -> list[str]:
