@@ -395,6 +395,50 @@ class TrainingRun:
             return math.inf
         return sum(tail) / len(tail)
 
+    def cooldown_loss(self, decay_steps: int) -> float:
+        """Validation loss of a *branch* that decays the learning rate linearly from its current value to 0 over
+        the next ``decay_steps`` training batches, then evaluates; the run itself is left untouched.
+
+        This is the cooldown of a WSD schedule (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+        Beyond Fixed Training Durations": a short linear cooldown from any point of the run matches the loss of
+        a run scheduled to end there), so it scores a learning rate by what it reaches if training stopped
+        now, not by where its still-high learning rate holds it. The branch trains a deep copy of the model and
+        optimizer (the run's scheduler is not stepped) and restores torch's RNG state, so the run continues
+        bit-identical to one that never branched. Schedule-Free evaluates at its averaged point instead (its
+        ``x`` already is the annealed iterate). Returns inf when the run has stopped, or the branch diverges.
+        """
+        done = self.result["steps_completed"]
+        if self.result["status"] != "ok" or not done:
+            return math.inf
+        decay_steps = max(0, min(int(decay_steps), self.config.steps - done))
+        if self.schedule_free or not decay_steps:
+            return self.evaluate()
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        try:
+            model, optimizer = copy.deepcopy((self.model, self.optimizer))
+        except Exception as err:  # an optimizer that cannot be copied cannot be scored this way: say so
+            self._fail(err)
+            self.result["message"] = f"cannot branch a cooldown (deepcopy failed): {self.result['message']}"
+            return math.inf
+        try:
+            peaks = [g["lr"] for g in optimizer.param_groups]
+            for k in range(decay_steps):
+                for group, peak in zip(optimizer.param_groups, peaks):
+                    group["lr"] = peak * (1.0 - k / decay_steps)
+                batch = gather_windows(self.corpus.train, self.offsets[done + k], self.config.seq_len)
+                outcome = train_step(model, optimizer, batch.to(self.device), max_grad_norm=self.config.max_grad_norm)
+                if not math.isfinite(outcome.loss):
+                    return math.inf
+            val = evaluate(model, self.val_windows, self.config.batch_size, self.device)
+            return val if math.isfinite(val) else math.inf
+        except Exception:  # the branch diverged (a non-finite step raised): the score says so, the run goes on
+            return math.inf
+        finally:
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
     def evaluate(self) -> float:
         """Validation loss now (Schedule-Free at its averaged point)."""
         return _evaluate_run(

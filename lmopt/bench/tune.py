@@ -141,6 +141,15 @@ class TuneConfig:
             cosine schedule a high LR leads early and loses only in the decay, after the rungs have decided.
         refine_points: learning rates added between the best and its neighbours (even: half on each side).
         max_extensions: how many times the grid may grow past an edge whose point is the best.
+        rung_score: how a rung compares trials: ``"cooldown"`` (default) -- the validation loss of a branch that
+            decays the LR linearly to 0 over ``cooldown_fraction`` x the rung's steps
+            (:meth:`lmopt.bench.run.TrainingRun.cooldown_loss`), i.e. what the LR reaches if the run ended
+            there; ``"train"`` -- the mean training loss of the last steps, which favours high LRs while the
+            schedule is still near its peak.
+        cooldown_fraction: the cooldown branch's length as a fraction of the rung's step count (> 0, <= 1).
+        probes: steps at which every trial also records both rung scores (``train`` and ``cooldown``) without
+            stopping anything, so a stopping rule can be checked against the full grid on the user's own
+            workload (``benchmarks/tune_stopping_rule.py``).
         widths: tune at these model widths (``CompareConfig.width``) instead of the compare model's own.
         parametrizations: ``["sp"]``, ``["mup"]`` or both: under which parametrizations to tune each width.
         centers: a learning rate per optimizer name to centre its grid on (default: its compare recipe's).
@@ -153,6 +162,9 @@ class TuneConfig:
     rungs: int = 1
     refine_points: int = 2
     max_extensions: int = 2
+    rung_score: str = "cooldown"
+    cooldown_fraction: float = 0.25
+    probes: list[int] = field(default_factory=list)
     widths: list[int] | None = None
     parametrizations: list[str] = field(default_factory=lambda: ["sp"])
     centers: dict[str, float] = field(default_factory=dict)
@@ -184,6 +196,21 @@ class TuneConfig:
                 replace(self.compare, width=w).validate()
             if sorted(set(self.widths)) != list(self.widths):
                 raise ValueError(f"widths must increase strictly (each once), got {self.widths}")
+        if self.rung_score not in ("cooldown", "train"):
+            raise ValueError(f"rung_score must be 'cooldown' or 'train', got {self.rung_score!r}")
+        if (
+            isinstance(self.cooldown_fraction, bool)
+            or not isinstance(self.cooldown_fraction, (int, float))
+            or not 0.0 < self.cooldown_fraction <= 1.0
+        ):
+            raise ValueError(f"cooldown_fraction must be a number in (0, 1], got {self.cooldown_fraction!r}")
+        if not isinstance(self.probes, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p < self.compare.steps for p in self.probes
+        ):
+            raise ValueError(
+                f"probes must be a list of step counts in [1, steps - 1] (steps is {self.compare.steps}), "
+                f"got {self.probes!r}"
+            )
         if not self.parametrizations or not all(p in ("sp", "mup") for p in self.parametrizations):
             raise ValueError(
                 f"parametrizations must be a non-empty list of 'sp' / 'mup', got {self.parametrizations!r}"
@@ -254,14 +281,20 @@ class _Study:
         self.trials: dict[float, dict[str, Any]] = {}
         self.record: list[dict[float, float]] = [{} for _ in self.budgets]  # rung -> lr -> score
         self.steps_done = 0
+        self.probes = sorted(set(config.probes))
         self.planned = self._planned_steps(config.grid_points) + self._refine_cost()
+
+    def _cooldown_steps(self, at_step: int) -> int:
+        return max(1, min(round(self.tune.cooldown_fraction * at_step), self.compare.steps - at_step))
 
     def _planned_steps(self, n: int) -> int:
         total, alive, previous = 0, n, 0
-        for b in self.budgets:
+        for i, b in enumerate(self.budgets):
             total += alive * (b - previous)
+            if i < len(self.budgets) - 1 and self.tune.rung_score == "cooldown":
+                total += alive * self._cooldown_steps(b)
             previous, alive = b, max(1, math.ceil(alive / self.tune.eta))
-        return total
+        return total + n * sum(self._cooldown_steps(p) for p in self.probes)
 
     def _refine_cost(self) -> int:
         return self.tune.refine_points * self.budgets[0] + self.budgets[-1] - self.budgets[0]
@@ -288,17 +321,39 @@ class _Study:
             _SilentRun(),
             extras=w["extras"],
         )
-        trial = {"lr": lr, "run": run, "rung_scores": [], "stopped_at": None}
+        trial = {"lr": lr, "run": run, "rung_scores": [], "probes": [], "stopped_at": None}
         self.trials[lr] = trial
         return trial
 
-    def _advance(self, trial: dict[str, Any], rung: int) -> float:
+    def _cooldown(self, run: TrainingRun) -> float:
+        """The cooldown score now (the branch's steps count toward the search's cost)."""
+        decay = self._cooldown_steps(run.result["steps_completed"])
+        if run.active and not run.schedule_free:
+            self.steps_done += decay
+        return run.cooldown_loss(decay)
+
+    def _train_to(self, trial: dict[str, Any], step: int) -> None:
         run: TrainingRun = trial["run"]
         before = run.result["steps_completed"]
-        run.advance(self.budgets[rung])
+        run.advance(step)
         self.steps_done += run.result["steps_completed"] - before
+
+    def _advance(self, trial: dict[str, Any], rung: int) -> float:
+        run: TrainingRun = trial["run"]
+        target = self.budgets[rung]
+        probed: dict[str, float] = {}
+        for p in self.probes:
+            if run.result["steps_completed"] < p <= target:
+                self._train_to(trial, p)
+                probed = {"train": run.recent_train_loss(), "cooldown": self._cooldown(run)}
+                trial["probes"].append({"step": p, **{k: v if math.isfinite(v) else None for k, v in probed.items()}})
+        self._train_to(trial, target)
         last = rung == len(self.budgets) - 1
-        if last:
+        if not last and probed and trial["probes"][-1]["step"] == target:
+            score = probed[self.tune.rung_score]
+        elif not last and self.tune.rung_score == "cooldown":
+            score = self._cooldown(run)
+        elif last:
             result = run.finish()
             trial["result"] = result
             score = (
@@ -410,6 +465,7 @@ class _Study:
                     "message": r["message"],
                     "steps": r["steps_completed"],
                     "rung_scores": t["rung_scores"],
+                    "probes": t["probes"],
                     "final_train_loss": r["final_train_loss"] if r["status"] == "ok" else None,
                     "validation_loss": r["validation_loss"],
                     "recent_train_loss": _recent(r),

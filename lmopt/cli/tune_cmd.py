@@ -51,6 +51,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-extensions", type=integer(0), help=f"grid growth past an edge (default {d.max_extensions})"
     )
     parser.add_argument(
+        "--rung-score",
+        choices=["cooldown", "train"],
+        help=f"how a rung compares trials: the validation loss after a short linear LR cooldown branch, or the "
+        f"recent training loss (default {d.rung_score})",
+    )
+    parser.add_argument(
+        "--cooldown-fraction",
+        type=number(above=0.0, maximum=1.0),
+        help=f"the cooldown branch's length as a fraction of the rung's steps (default {d.cooldown_fraction:g})",
+    )
+    parser.add_argument(
+        "--probes",
+        help="comma-separated steps at which every trial records both rung scores without stopping anything "
+        "(to check the stopping rule: benchmarks/tune_stopping_rule.py)",
+    )
+    parser.add_argument(
         "--widths", help="comma-separated model widths: tune at each (the best LR per width, and its transfer)"
     )
     parser.add_argument(
@@ -68,16 +84,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _widths(text: str | None) -> list[int] | None:
+def _integers(text: str | None, option: str, example: str) -> list[int] | None:
     if text is None:
         return None
     try:
-        widths = [int(w) for w in text.split(",") if w.strip()]
+        values = [int(w) for w in text.split(",") if w.strip()]
     except ValueError:
-        raise ValueError(f"--widths takes comma-separated integers (e.g. 64,128,256), got {text!r}") from None
-    if not widths:
-        raise ValueError(f"--widths takes comma-separated integers (e.g. 64,128,256), got {text!r}")
-    return widths
+        values = []
+    if not values:
+        raise ValueError(f"{option} takes comma-separated integers (e.g. {example}), got {text!r}")
+    return values
 
 
 def _centers(items: list[str]) -> dict[str, float]:
@@ -99,7 +115,8 @@ def build_tune_config(args: argparse.Namespace):
     from ..bench.tune import TuneConfig
 
     compare = build_config(args)
-    widths = _widths(args.widths)
+    widths = _integers(args.widths, "--widths", "64,128,256")
+    probes = _integers(args.probes, "--probes", "20,40,60")
     parametrization = args.parametrization or ("both" if widths else "sp")
     if parametrization != "both" and not widths:
         compare = replace(compare, parametrization=parametrization)
@@ -108,8 +125,18 @@ def build_tune_config(args: argparse.Namespace):
         "widths": widths,
         "parametrizations": ["sp", "mup"] if parametrization == "both" else [parametrization],
         "centers": _centers(args.center),
+        "probes": probes or [],
     }
-    for name in ("grid_points", "grid_factor", "eta", "rungs", "refine_points", "max_extensions"):
+    for name in (
+        "grid_points",
+        "grid_factor",
+        "eta",
+        "rungs",
+        "refine_points",
+        "max_extensions",
+        "rung_score",
+        "cooldown_fraction",
+    ):
         value = getattr(args, name)
         if value is not None:
             values[name] = value
