@@ -18,7 +18,17 @@ pytest.importorskip("matplotlib")
 
 from lmopt.bench.compare import CompareConfig, lr_schedule, run_compare  # noqa: E402
 from lmopt.bench.metrics import aggregate_seeds, first_step_below, steps_to_target, trailing_mean  # noqa: E402
-from lmopt.bench.tune import TuneConfig, grid, promoted, rung_budgets, tune, tuned_learning_rates  # noqa: E402
+from lmopt.bench.run import TrainingRun, build_template  # noqa: E402
+from lmopt.bench.run import _Silent as _SilentRun  # noqa: E402
+from lmopt.bench.tune import (  # noqa: E402
+    TuneConfig,
+    grid,
+    promoted,
+    replay_halving,
+    rung_budgets,
+    tune,
+    tuned_learning_rates,
+)
 from lmopt.bench.tune_report import TUNE_FILES  # noqa: E402
 from lmopt.cli import main  # noqa: E402
 
@@ -145,7 +155,9 @@ def test_tune_cli_end_to_end(tuned):
         finished = {t["lr"]: t["validation_loss"] for t in study["trials"] if t["status"] == "ok"}
         assert study["best_lr"] == min(finished, key=finished.get)
         assert study["best_validation_loss"] == finished[study["best_lr"]]
-        assert study["steps_trained"] == sum(t["steps"] for t in study["trials"])
+        # the cost counts the cooldown branches beside the trials' own steps
+        assert study["rung_score"] == "cooldown" and study["cooldown_steps"] > 0
+        assert study["steps_trained"] == sum(t["steps"] for t in study["trials"]) + study["cooldown_steps"]
         for t in study["trials"]:
             assert t["status"] in ("ok", "stopped", "diverged")
             if t["status"] == "stopped":  # stopped exactly at a rung
@@ -270,6 +282,11 @@ def test_tune_cli_bad_input(tmp_path, capsys):
     assert "one seed" in capsys.readouterr().err
     assert main(["tune", "--center", "adamw", *WORKLOAD, "--out", str(tmp_path)]) == 2
     assert "NAME=LR" in capsys.readouterr().err
+    assert main(["tune", "--probes", "4,x", *WORKLOAD, "--out", str(tmp_path)]) == 2
+    assert "--probes" in capsys.readouterr().err
+    assert main(["tune", "--probes", "40", *WORKLOAD, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "probes must be" in err and len(err.strip().splitlines()) == 1
     assert main(["compare", "--tuned", str(tmp_path / "missing.json"), *WORKLOAD, "--out", str(tmp_path)]) == 2
     assert "--tuned" in capsys.readouterr().err
 
@@ -386,3 +403,94 @@ def test_widths_under_sp_and_mup(tmp_path):
     assert "Width transfer" in paths["tune_md"].read_text()
     compare = replace(config.compare, width=32, parametrization="mup", base_width=16)
     assert tuned_learning_rates(result, compare) == {"adamw": mup32["best_lr"]}
+
+
+# ------------------------------------------------------------------------------------------ cooldown rung scores
+def _training_run(config: CompareConfig, name: str) -> TrainingRun:
+    from lmopt.bench.corpus import load_corpus, train_batch_offsets, validation_windows
+
+    corpus = load_corpus(config.data, None)
+    offsets = train_batch_offsets(
+        corpus.train, steps=config.steps, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed
+    )
+    val = validation_windows(corpus.validation, seq_len=config.seq_len, max_windows=config.eval_windows)
+    template, extras, _ = build_template(config, corpus.vocab_size)
+    return TrainingRun(
+        name, template, config, torch.device("cpu"), offsets, corpus, val, None, _SilentRun(), extras=extras
+    )
+
+
+@pytest.mark.parametrize("name", ["adamw", "sophia", "adamw8bit", "schedule_free_adamw"])
+def test_a_cooldown_branch_leaves_the_run_untouched(tmp_path, name):
+    """The branch trains a copy (and restores the RNG: Sophia samples its Hessian estimate), so the run that
+    branched is bit-identical to one that never did; the branch's score is the annealed point's loss."""
+    config = _tiny(tmp_path, [name], steps=10)
+    plain, branched = _training_run(config, name), _training_run(config, name)
+    plain.advance(10)
+    branched.advance(5)
+    before = branched.cooldown_loss(0)  # no decay steps: just the evaluation
+    score = branched.cooldown_loss(3)
+    assert math.isfinite(score) and math.isfinite(before)
+    if name == "schedule_free_adamw":  # its averaged point x already is the annealed iterate: no branch
+        assert score == before
+    else:
+        assert score != before
+    branched.advance(10)
+    a, b = plain.finish(), branched.finish()
+    assert a["status"] == b["status"] == "ok"
+    assert a["history"]["loss"] == b["history"]["loss"]
+    assert a["validation_loss"] == b["validation_loss"]
+
+
+def test_a_cooldown_decays_the_learning_rate_to_zero(tmp_path, monkeypatch):
+    import lmopt.bench.run as run_module
+
+    config = _tiny(tmp_path, ["adamw"], steps=10)
+    run = _training_run(config, "adamw")
+    run.advance(4)
+    peak = run.optimizer.param_groups[0]["lr"]
+    seen, real = [], run_module.train_step
+
+    def spy(model, optimizer, batch, **kw):
+        seen.append((optimizer is run.optimizer, optimizer.param_groups[0]["lr"]))
+        return real(model, optimizer, batch, **kw)
+
+    monkeypatch.setattr(run_module, "train_step", spy)
+    run.cooldown_loss(4)
+    assert [own for own, _ in seen] == [False] * 4  # a copy trains, never the run's own optimizer
+    assert [lr for _, lr in seen] == pytest.approx([peak, 0.75 * peak, 0.5 * peak, 0.25 * peak])
+    assert run.optimizer.param_groups[0]["lr"] == peak
+    assert run.cooldown_loss(100) < math.inf  # clipped to the batches left (6), not past the schedule's end
+
+
+def test_probes_record_both_scores_without_changing_the_search(tmp_path):
+    compare = _tiny(tmp_path, ["adamw"], steps=12)
+    base = TuneConfig(compare, grid_points=3, refine_points=0, max_extensions=0)
+    plain = tune(base)
+    probed = tune(replace(base, probes=[4, 8]))
+    for sa, sb in zip(plain["studies"], probed["studies"], strict=True):
+        assert sa["best_lr"] == sb["best_lr"]
+        for ta, tb in zip(sa["trials"], sb["trials"], strict=True):
+            assert ta["history"]["loss"] == tb["history"]["loss"]
+            assert ta["validation_loss"] == tb["validation_loss"]
+            assert ta["probes"] == []
+            assert [p["step"] for p in tb["probes"]] == [4, 8]
+            assert all(math.isfinite(p["train"]) and math.isfinite(p["cooldown"]) for p in tb["probes"])
+        assert sb["cooldown_steps"] == 3 * (1 + 2)  # round(0.25 x 4) + round(0.25 x 8) per trial
+    study = probed["studies"][0]
+    full = replay_halving(study, 8, 3)
+    assert full["best"] == study["best_lr"] and len(full["promoted"]) == 1
+    assert full["regret"] >= 0 and 0 < full["cost"] < 1
+    scores = {t["lr"]: next(p["cooldown"] for p in t["probes"] if p["step"] == 8) for t in study["trials"]}
+    assert full["promoted"] == [min(scores, key=scores.get)]
+    assert replay_halving(study, 8, 2, "train")["cost"] < 1
+    with pytest.raises(ValueError, match="no probe at step 5"):
+        replay_halving(study, 5, 3)
+    with pytest.raises(ValueError, match="score must be"):
+        replay_halving(study, 8, 3, "loss")
+    with pytest.raises(ValueError, match="probes must be"):
+        TuneConfig(compare, probes=[12]).validate()
+    with pytest.raises(ValueError, match="rung_score must be"):
+        TuneConfig(compare, rung_score="val").validate()
+    with pytest.raises(ValueError, match="cooldown_fraction"):
+        TuneConfig(compare, cooldown_fraction=0.0).validate()

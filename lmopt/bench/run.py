@@ -404,14 +404,15 @@ class TrainingRun:
         a run scheduled to end there), so it scores a learning rate by what it reaches if training stopped
         now, not by where its still-high learning rate holds it. The branch trains a deep copy of the model and
         optimizer (the run's scheduler is not stepped) and restores torch's RNG state, so the run continues
-        bit-identical to one that never branched. Schedule-Free evaluates at its averaged point instead (its
-        ``x`` already is the annealed iterate). Returns inf when the run has stopped, or the branch diverges.
+        bit-identical to one that never branched. Schedule-Free evaluates a copy at its averaged point instead
+        (its ``x`` already is the annealed iterate). Returns inf when the run has stopped, or the branch
+        diverges.
         """
         done = self.result["steps_completed"]
         if self.result["status"] != "ok" or not done:
             return math.inf
         decay_steps = max(0, min(int(decay_steps), self.config.steps - done))
-        if self.schedule_free or not decay_steps:
+        if not decay_steps and not self.schedule_free:
             return self.evaluate()
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
@@ -422,6 +423,9 @@ class TrainingRun:
             self.result["message"] = f"cannot branch a cooldown (deepcopy failed): {self.result['message']}"
             return math.inf
         try:
+            if self.schedule_free:  # on the copy: swapping to x and back to y is not bit-exact in floating point
+                val = _evaluate_run(model, optimizer, True, self.val_windows, self.config.batch_size, self.device)
+                return val if math.isfinite(val) else math.inf
             peaks = [g["lr"] for g in optimizer.param_groups]
             for k in range(decay_steps):
                 for group, peak in zip(optimizer.param_groups, peaks):

@@ -63,6 +63,7 @@ __all__ = [
     "TuneConfig",
     "grid",
     "promoted",
+    "replay_halving",
     "rung_budgets",
     "tune",
     "tuned_learning_rates",
@@ -116,6 +117,49 @@ def grid(center: float, points: int, factor: float) -> list[float]:
     """
     low = -((points - 1) // 2)
     return [_round(center * factor**k) for k in range(low, low + points)]
+
+
+def replay_halving(study: Mapping[str, Any], at_step: int, eta: int, score: str = "cooldown") -> dict[str, Any]:
+    """Replay one rung of successive halving on a full-grid study recorded with ``probes``: at ``at_step``
+    promote the best ``ceil(n / eta)`` trials by their probe ``score`` (``"cooldown"`` or ``"train"``) and pick
+    the promoted trial with the lowest final validation loss.
+
+    Returns ``pick`` and ``best`` (the full grid's), ``regret`` (the pick's validation loss minus the best's),
+    ``promoted`` and ``cost`` (the replayed search's training and cooldown steps over the full grid's). This is
+    how docs/compare.md checks a stopping rule against the full grid from one run
+    (``benchmarks/tune_stopping_rule.py``).
+    """
+    if score not in ("cooldown", "train"):
+        raise ValueError(f"score must be 'cooldown' or 'train', got {score!r}")
+    trials = [t for t in study["trials"] if t["status"] in ("ok", "diverged")]
+    finals = {t["lr"]: t["validation_loss"] for t in trials if t["status"] == "ok" and t["validation_loss"] is not None}
+    if not finals:
+        raise ValueError(f"study {study.get('label')!r} has no finished trial to replay")
+    scores: dict[float, float] = {}
+    for t in trials:
+        probe = next((p for p in t.get("probes", []) if p["step"] == at_step), None)
+        if probe is None and t["status"] == "ok":
+            raise ValueError(f"trial lr {t['lr']} of {study.get('label')!r} has no probe at step {at_step}")
+        value = None if probe is None else probe[score]
+        scores[t["lr"]] = math.inf if value is None else float(value)
+    kept = promoted(scores, eta)
+    pick = min((lr for lr in kept if lr in finals), key=lambda lr: (finals[lr], lr), default=None)
+    best = min(finals, key=lambda lr: (finals[lr], lr))
+    steps = max(t["steps"] for t in trials)
+    decay = max(1, min(round(study.get("cooldown_fraction", 0.25) * at_step), steps - at_step))
+    cost = (len(trials) * (at_step + (decay if score == "cooldown" else 0)) + len(kept) * (steps - at_step)) / (
+        len(trials) * steps
+    )
+    return {
+        "at_step": at_step,
+        "eta": eta,
+        "score": score,
+        "promoted": kept,
+        "pick": pick,
+        "best": best,
+        "regret": math.inf if pick is None else finals[pick] - finals[best],
+        "cost": cost,
+    }
 
 
 def _round(lr: float) -> float:
@@ -281,6 +325,7 @@ class _Study:
         self.trials: dict[float, dict[str, Any]] = {}
         self.record: list[dict[float, float]] = [{} for _ in self.budgets]  # rung -> lr -> score
         self.steps_done = 0
+        self.cooldown_done = 0
         self.probes = sorted(set(config.probes))
         self.planned = self._planned_steps(config.grid_points) + self._refine_cost()
 
@@ -330,6 +375,7 @@ class _Study:
         decay = self._cooldown_steps(run.result["steps_completed"])
         if run.active and not run.schedule_free:
             self.steps_done += decay
+            self.cooldown_done += decay
         return run.cooldown_loss(decay)
 
     def _train_to(self, trial: dict[str, Any], step: int) -> None:
@@ -489,7 +535,10 @@ class _Study:
                 "bracketed": best is not None and lrs[0] < best < lrs[-1],
                 "extensions": extensions,
                 "rung_budgets": self.budgets,
+                "rung_score": self.tune.rung_score,
+                "cooldown_fraction": self.tune.cooldown_fraction,
                 "steps_trained": self.steps_done,
+                "cooldown_steps": self.cooldown_done,
                 "full_run_equivalents": self.steps_done / self.compare.steps,
                 "time_s": elapsed,
                 "trials": trials,
