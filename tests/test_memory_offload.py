@@ -111,7 +111,9 @@ def test_planned_host_file_and_pcie_bytes_equal_the_real_offload(
     assert planned.host_memory == sum(planned.host.values())
     assert planned.host_pinned == 0  # nothing is pinned without CUDA
     assert planned.pcie_gradient_bytes_per_step == pcie_grads
-    assert planned.pcie_parameter_bytes_per_step == pcie_params == tensor_bytes(list(model.parameters()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) < len(list(model.parameters()))  # the frozen bias is neither copied nor written back
+    assert planned.pcie_parameter_bytes_per_step == pcie_params == tensor_bytes(trainable)
     assert planned.pcie_bytes_per_step == pcie_grads + pcie_params
     if overlap:  # every micro-batch's gradients cross once
         assert pcie_grads == micro * tensor_bytes(host_grads)
@@ -150,8 +152,8 @@ def test_lmopt_offload_device_side():
     assert kept.phases["forward end"] >= off.phases["forward end"] + off.gradients  # all gradients kept
     assert kept.pcie_gradient_bytes_per_step == off.gradients  # moved once, at the step
     lora = plan("llama-2-7b", "adamw", precision="bf16", offload="lmopt", trainable="lora")
-    # lmopt.offload copies every parameter (frozen base weights too) to the host and back each step
-    assert lora.host["parameter copies"] == lora.parameters == lora.pcie_parameter_bytes_per_step
+    # lmopt.offload copies only the trainable parameters (the adapters) to the host and back each step
+    assert lora.host["parameter copies"] == lora.gradients == lora.pcie_parameter_bytes_per_step
     assert lora.host["gradient buffers"] == lora.gradients < lora.parameters / 50
 
 

@@ -182,3 +182,41 @@ def test_paged_aliases_build_the_offloaded_optimizer(alias):
 def test_offload_bad_arguments_name_the_argument(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         lmopt.offload(*args, **kwargs)
+
+
+@pytest.mark.parametrize("build", ["name", "params", "instance"])
+def test_offload_keeps_frozen_parameters_on_the_device_only(build):
+    """LoRA: the frozen base weights get a shape-only meta placeholder on the host, are never copied, and the
+    result equals the plain optimizer bit for bit; a gradient on a frozen parameter is refused before any change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+    model[0].weight.requires_grad_(False)
+    reference = copy.deepcopy(model)
+    plain = lmopt.create_optimizer("adamw", reference, lr=1e-2)
+    if build == "name":
+        opt = lmopt.offload("adamw", model, lr=1e-2)
+    elif build == "params":
+        opt = lmopt.offload("adamw", list(model.parameters()), lr=1e-2)
+        plain = lmopt.create_optimizer("adamw", list(reference.parameters()), lr=1e-2)  # one group, as given
+    else:
+        opt = lmopt.offload(torch.optim.AdamW(model.parameters(), lr=1e-2))
+        plain = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    assert [tuple(p.shape) for p in opt.frozen_params] == [(32, 16)]
+    assert all(not h.is_meta for h in opt.host_params) and len(opt.host_params) == 3
+    # given groups that list it, the inner optimizer holds the placeholder (never stepped); from a model,
+    # create_optimizer leaves frozen parameters out of the groups
+    assert any(p.is_meta for g in opt.param_groups for p in g["params"]) == (build != "name")
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, plain)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    model[0].weight.requires_grad_(True)  # unfrozen after the optimizer was built
+    model(x).pow(2).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="was frozen .* when lmopt.offload built"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))

@@ -183,7 +183,8 @@ class MemoryPlan:
 
     Host and transfers (offload, mapped state):
         host_memory: every byte the host holds for the run (the sum of ``host``); host: it by part --
-            ``offload="lmopt"``: parameter copies (every parameter, its dtype), gradient buffers (trainable
+            ``offload="lmopt"``: parameter copies (every trainable parameter, its dtype; frozen ones stay on the
+            device only), gradient buffers (trainable
             parameters, the gradient dtype), accumulation staging (CUDA with accumulation), optimizer state (less
             what is file-backed), step temporaries (the host step's buffers); host_pinned: the page-locked part
             (copies, gradient buffers and staging; 0 on ``device="cpu"``, where nothing is pinned);
@@ -628,20 +629,21 @@ def plan(
     host_parts: dict[str, int] = {}
     pcie_grads = pcie_params = 0
     if offload == "lmopt":
-        # lmopt.offload: a host copy of every parameter (frozen ones too) in its dtype, a host gradient buffer per
+        # lmopt.offload: a host copy of every trainable parameter in its dtype, a host gradient buffer per
         # trainable parameter in the gradient dtype (pinned on CUDA), the inner optimizer's state (pageable: it
         # creates it with zeros_like) and, on CUDA with accumulation, a pinned staging buffer per gradient
         staging = gradients if device == "cuda" and grad_accumulation > 1 and offload_overlap else 0
+        trainable_copies = sum(math.prod(p.shape) * p_bytes for p in train)
         host_parts = {
-            "parameter copies": parameters,
+            "parameter copies": trainable_copies,
             "gradient buffers": gradients,
             "accumulation staging": staging,
             "optimizer state": state - file_backed,
         }
         # PCIe: each gradient down (per micro-batch with overlap: the hook moves every backward's gradient; without,
-        # the device accumulates and step() moves it once), every parameter up after the step
+        # the device accumulates and step() moves it once), every trainable parameter up after the step
         pcie_grads = gradients * (grad_accumulation if offload_overlap else 1)
-        pcie_params = parameters
+        pcie_params = trainable_copies
         master_dev, state_dev = 0, 0
         notes.append(
             "offload lmopt (lmopt.offload): state and step on the host; "

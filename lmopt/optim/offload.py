@@ -12,8 +12,11 @@
 
 The device keeps parameters and gradients only: no optimizer state, no step temporaries (ZeRO-Offload, Ren et al.
 2021; torchao's ``CPUOffloadOptimizer``; QLoRA's paged optimizers, Dettmers et al. 2023, page state out under
-memory pressure: this keeps it out). The host holds a copy of every parameter (in its dtype), a gradient buffer
-per parameter and the state. The PCIe traffic per step is one gradient and one parameter copy per parameter.
+memory pressure: this keeps it out). The host holds a copy of every trainable parameter (in its dtype), a gradient
+buffer per trainable parameter and the state. The PCIe traffic per step is one gradient and one parameter copy per
+trainable parameter. Parameters frozen when the optimizer is built (``requires_grad=False``: LoRA's base weights)
+stay on the device only: the host holds a shape-only (``meta``) placeholder for them, and a step refuses, with the
+fix, a gradient that appears on one later.
 
 Without an accelerator the same code runs with the host as the device (the copies are plain CPU copies): the
 result equals the inner optimizer run on the parameters directly, bit for bit (tested), which is what CI checks.
@@ -42,6 +45,8 @@ __all__ = ["OffloadOptimizer", "offload"]
 
 
 def _host_copy(p: Tensor, pin: bool) -> nn.Parameter:
+    if not p.requires_grad:  # frozen (LoRA's base weights): never stepped, so a shape-only placeholder, no copy
+        return nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
     host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
     host.copy_(p.detach())
     return nn.Parameter(host, requires_grad=p.requires_grad)
@@ -87,8 +92,11 @@ class OffloadOptimizer(Optimizer):
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
         self.optimizer = optimizer
-        self.device_params = list(device_params)
-        self.host_params = list(host_params)
+        pairs = list(zip(device_params, host_params, strict=True))
+        # parameters frozen when the optimizer was built have a meta placeholder on the host: never copied
+        self.frozen_params = [d for d, h in pairs if h.is_meta]
+        self.device_params = [d for d, h in pairs if not h.is_meta]
+        self.host_params = [h for _, h in pairs if not h.is_meta]
         self.overlap = overlap
         super().__init__(optimizer.param_groups, dict(optimizer.defaults))
         self._link()
@@ -184,6 +192,13 @@ class OffloadOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for p in self.frozen_params:
+            if p.grad is not None:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} was frozen (requires_grad=False) when lmopt.offload built "
+                    "this optimizer and now has a gradient; nothing was stepped. Build the offloaded optimizer again "
+                    "after unfreezing it (lmopt.offload(name, model, ...))"
+                )
         self.synchronize()
         before = getattr(self.optimizer, "skipped_steps", None)
         self.optimizer.step()
