@@ -142,7 +142,9 @@ def test_lion_translation_has_one_source():
     compare_lion, compare_adamw = compare_hyperparameters(lion), compare_hyperparameters(adamw)
     t = lion.translation
     assert recipe_lion.lr == pytest.approx(recipe_adamw.lr * t.lr_factor, rel=1e-3)
-    assert compare_lion["lr"] == pytest.approx(compare_adamw["lr"] * t.lr_factor)
+    # the compare workload's Lion lr is declared from lmopt tune (3x tuned AdamW's, not / 3: docs/compare.md);
+    # its weight decay and betas still follow the translation
+    assert lion.compare is not None and compare_lion["lr"] == lion.compare["lr"] > compare_adamw["lr"]
     assert compare_lion["weight_decay"] == pytest.approx(compare_adamw["weight_decay"] * t.weight_decay_factor)
     assert compare_lion["betas"] == recipe_lion.betas == t.betas
     assert lmopt.get_spec("lion8bit").translation is t

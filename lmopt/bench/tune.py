@@ -6,12 +6,17 @@ algorithms. For each optimizer, :func:`tune` searches the peak learning rate the
 
 1. **Coarse grid**: ``grid_points`` learning rates spaced by ``grid_factor`` in log space around the optimizer's
    compare recipe (:func:`lmopt.bench.compare.compare_hyperparameters`), e.g. recipe x 3^-2 ... x 3^2.
-2. **Successive halving** (opt-in, ``rungs > 1``; Jamieson & Talwalkar 2016; Li et al. 2018, Hyperband): every trial
+2. **Successive halving** (``rungs > 1``; Jamieson & Talwalkar 2016; Li et al. 2018, Hyperband): every trial
    trains on the same workload (same initial weights and data order, the full-length LR schedule) up to the first
-   rung (``steps / eta^(rungs - 1)`` steps); only the best ``ceil(n / eta)`` by the mean training loss of their last
-   :data:`~lmopt.bench.run.FINAL_LOSS_WINDOW` steps go on to the next rung, and so on to ``steps``. A stopped trial
-   is resumed exactly where it paused (:class:`lmopt.bench.run.TrainingRun`), so the survivor's run is the run
-   ``lmopt compare`` would make.
+   rung (``steps / eta^(rungs - 1)`` steps); only the best ``ceil(n / eta)`` by their rung score go on to the next
+   rung, and so on to ``steps``. A stopped trial is resumed exactly where it paused
+   (:class:`lmopt.bench.run.TrainingRun`), so the survivor's run is the run ``lmopt compare`` would make. The
+   rung score (``rung_score``) is by default the validation loss of a **cooldown branch**: a copy of the trial
+   decays its LR linearly to 0 over ``cooldown_fraction`` x the rung's steps, then is evaluated
+   (:meth:`~lmopt.bench.run.TrainingRun.cooldown_loss`; Hägele et al. 2024 show such a cooldown matches a run
+   scheduled to end there). ``rung_score="train"`` uses the mean training loss of the last
+   :data:`~lmopt.bench.run.FINAL_LOSS_WINDOW` steps instead, which favours high LRs while the schedule is near its
+   peak.
 3. **Bracketing**: when the best learning rate is the grid's smallest or largest, the grid grows by one point on
    that side (at most ``max_extensions`` times), so the optimum is inside the searched range.
 4. **Refinement**: ``refine_points`` learning rates between the best and its neighbours (log-spaced, e.g. best x
@@ -203,7 +208,7 @@ class TuneConfig:
     grid_points: int = 5
     grid_factor: float = 3.0
     eta: int = 3
-    rungs: int = 1
+    rungs: int = 2
     refine_points: int = 2
     max_extensions: int = 2
     rung_score: str = "cooldown"

@@ -564,7 +564,8 @@ SPECS = [
         ),
         # an explicit learning rate (no relative step, no parameter scaling), so it follows the same warmup +
         # cosine schedule as the others (Shazeer & Stern 2018 section 8; HF's fine-tuning advice)
-        compare={"lr": 3e-3, "relative_step": False, "scale_parameter": False, "warmup_init": False},
+        # lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+        compare={"lr": 1e-3, "relative_step": False, "scale_parameter": False, "warmup_init": False},
         compare_default=3,
         recommend_tier=2,
         recommend_reason="Adafactor: factored state (Shazeer & Stern 2018)",

@@ -554,7 +554,8 @@ SPECS = [
         aliases={"adam_mini_torch": {}, "adammini": {}},
         structure_state=planned_blocks,
         translation=SAME_AS_ADAMW,  # Zhang et al. 2024: the same hyperparameters as AdamW
-        compare={"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
+        # lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+        compare={"lr": 6e-4, "betas": (0.9, 0.95), "weight_decay": 0.1},
         compare_default=6,
         recommend_tier=2,
         recommend_reason="Adam-mini: 1/2 of the state (Zhang et al. 2024)",

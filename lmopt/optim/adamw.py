@@ -746,8 +746,9 @@ _CAUTIOUS_PAPER = (
 _DETTMERS = "Dettmers, Lewis, Shleifer & Zettlemoyer, 8-bit Optimizers via Block-wise Quantization, ICLR 2022"
 #: lmopt compare's workload (a ~1M-parameter model trained for a few hundred steps tolerates a larger peak
 #: learning rate than the published 100M+ recipes)
-_ADAMW_COMPARE = {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
-_ADAM_COMPARE = {"lr": 3e-3, "betas": (0.9, 0.95)}
+# lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+_ADAMW_COMPARE = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
+_ADAM_COMPARE = {"lr": 1e-3, "betas": (0.9, 0.95)}
 _LOW_BIT = Translation(
     label="8-bit Adam paper: as AdamW",
     source="Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022: "

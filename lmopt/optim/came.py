@@ -355,7 +355,8 @@ SPECS = [
         ),
         # its confidence-scaled update takes larger steps than AdamW's at the same lr; on compare's workload lr
         # 3e-4 matched AdamW at 3e-3 after 40 steps while 1e-3 and 3e-3 trailed (small model, 4 x 128 tokens)
-        compare={"lr": 3e-4, "weight_decay": 0.1},
+        # lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+        compare={"lr": 6e-5, "weight_decay": 0.1},
         compare_default=5,
         recommend_tier=2,
         recommend_reason="CAME: factored state (Luo et al. 2023)",

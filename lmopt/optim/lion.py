@@ -435,6 +435,7 @@ _LION_PAPER = "Chen et al., Symbolic Discovery of Optimization Algorithms, NeurI
 #: 3-10x larger than AdamW's (lr x wd kept); betas (0.9, 0.99) are Lion's defaults, (0.95, 0.98) the paper's
 #: stability fix for large language models. lmopt takes the conservative end (3x) and the defaults, for
 #: recipes and for compare's short runs alike.
+_LION_COMPARE = {"lr": 3e-3, "weight_decay": 0.3, "betas": (0.9, 0.99)}
 _LION_TRANSLATION = Translation(
     label="Lion paper, Sec. 5: lr / 3, weight decay x 3, betas (0.9, 0.99)",
     lr_factor=1 / 3,
@@ -458,7 +459,10 @@ SPECS = [
         aliases={"lion_32bit": {}, "lion_torch": {}, "paged_lion_32bit": {"offload": True}},
         state_precisions=STATE_PRECISIONS,
         translation=_LION_TRANSLATION,
-        compare_default=4,  # compare=None: AdamW's compare hyperparameters through the translation
+        # not AdamW's compare lr through the translation (lr / 3): tuned Lion wants 3x tuned AdamW's lr here
+        # lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+        compare=_LION_COMPARE,
+        compare_default=4,
         recommend_tier=2,
         recommend_reason="Lion: one moment (Chen et al. 2023)",
     ),
@@ -473,6 +477,7 @@ SPECS = [
         aliases={"c_lion": {}, "lion_cautious": {}, "cautious_lion_cwd": {"cautious_weight_decay": True}},
         state_precisions=STATE_PRECISIONS,
         translation=_LION_TRANSLATION,
+        compare=_LION_COMPARE,
     ),
     OptimizerSpec(
         name="lion8bit",
@@ -484,5 +489,6 @@ SPECS = [
         aliases={"lion_8bit": {}, "paged_lion_8bit": {"offload": True}},
         state_precisions=STATE_PRECISIONS,
         translation=_LION_TRANSLATION,
+        compare=_LION_COMPARE,
     ),
 ]

@@ -945,8 +945,9 @@ SPECS = [
         lookahead=True,
         translation=_MUON_TRANSLATION,
         # with Moonlight's RMS matching Muon reuses AdamW's lr and weight decay; its non-matrix parameters use
-        # AdamW
-        compare={"lr": 3e-3, "weight_decay": 0.1},
+        # AdamW; tuned, Muon wants 15x AdamW's tuned lr at this scale
+        # lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+        compare={"lr": 1.5e-2, "weight_decay": 0.1},
         compare_default=8,
     ),
     OptimizerSpec(
