@@ -15,6 +15,7 @@ pytest.importorskip("matplotlib")
 
 from lmopt.bench import compare as compare_mod  # noqa: E402
 from lmopt.bench.compare import (  # noqa: E402
+    COMPARE_RECIPES,
     CompareConfig,
     MemoryMeter,
     optimizer_state_bytes,
@@ -199,7 +200,8 @@ def test_results_json_schema(run_dir):
     assert sgd["optimizer_state_bytes"] == 0
     assert adamw["hyperparameters"]["nonfinite"] == "skip"
     lrs, warmup = adamw["history"]["lr"], results["schedule"]["warmup_steps"]
-    assert lrs[0] == pytest.approx(3e-3 / warmup) and lrs[-1] == pytest.approx(0.1 * 3e-3)  # warmup + cosine
+    peak = COMPARE_RECIPES["adamw"]["lr"]
+    assert lrs[0] == pytest.approx(peak / warmup) and lrs[-1] == pytest.approx(0.1 * peak)  # warmup + cosine
 
 
 def test_divergence_is_reported_and_others_continue(run_dir):
