@@ -465,7 +465,7 @@ def test_a_cooldown_decays_the_learning_rate_to_zero(tmp_path, monkeypatch):
 
 def test_probes_record_both_scores_without_changing_the_search(tmp_path):
     compare = _tiny(tmp_path, ["adamw"], steps=12)
-    base = TuneConfig(compare, grid_points=3, refine_points=0, max_extensions=0)
+    base = TuneConfig(compare, grid_points=3, refine_points=0, max_extensions=0, rungs=1)
     plain = tune(base)
     probed = tune(replace(base, probes=[4, 8]))
     for sa, sb in zip(plain["studies"], probed["studies"], strict=True):
