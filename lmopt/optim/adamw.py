@@ -744,9 +744,8 @@ _CAUTIOUS_PAPER = (
     "Liang, Chen, Liu & Liu, Cautious Optimizers: Improving Training with One Line of Code, arXiv:2411.16085, 2024"
 )
 _DETTMERS = "Dettmers, Lewis, Shleifer & Zettlemoyer, 8-bit Optimizers via Block-wise Quantization, ICLR 2022"
-#: lmopt compare's workload (a ~1M-parameter model trained for a few hundred steps tolerates a larger peak
-#: learning rate than the published 100M+ recipes)
-# lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+#: lmopt compare's workload: the learning rate is lmopt tune's full-grid pick on it (docs/compare.md, "What tuning
+#: says about the recipes")
 _ADAMW_COMPARE = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
 _ADAM_COMPARE = {"lr": 1e-3, "betas": (0.9, 0.95)}
 _LOW_BIT = Translation(

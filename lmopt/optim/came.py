@@ -353,9 +353,8 @@ SPECS = [
             source="Luo et al., CAME: Confidence-guided Adaptive Memory Efficient Optimization, ACL 2023: betas "
             "(beta1, 0.999, 0.9999), eps (1e-30, 1e-16), lr and weight decay as AdamW",
         ),
-        # its confidence-scaled update takes larger steps than AdamW's at the same lr; on compare's workload lr
-        # 3e-4 matched AdamW at 3e-3 after 40 steps while 1e-3 and 3e-3 trailed (small model, 4 x 128 tokens)
-        # lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+        # its confidence-scaled update takes larger steps than AdamW's at the same lr: lmopt tune's full grid on
+        # this workload picks 5.8e-5, 1/17 of tuned AdamW's (docs/compare.md, "What tuning says about the recipes")
         compare={"lr": 6e-5, "weight_decay": 0.1},
         compare_default=5,
         recommend_tier=2,

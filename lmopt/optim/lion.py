@@ -433,8 +433,9 @@ def lion_state(shape: tuple[int, ...], dtype: torch.dtype, hyper: Mapping[str, A
 _LION_PAPER = "Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023"
 #: one translation for Lion and its low-bit entry. Chen et al. 2023, Section 5: lr 3-10x smaller and weight decay
 #: 3-10x larger than AdamW's (lr x wd kept); betas (0.9, 0.99) are Lion's defaults, (0.95, 0.98) the paper's
-#: stability fix for large language models. lmopt takes the conservative end (3x) and the defaults, for
-#: recipes and for compare's short runs alike.
+#: stability fix for large language models. lmopt's recipes take the conservative end (3x) and the defaults.
+#: compare's short runs keep the translation's weight decay and betas but not its lr: lmopt tune's full grid picks
+#: 3x tuned AdamW's there (docs/compare.md, "What tuning says about the recipes").
 _LION_COMPARE = {"lr": 3e-3, "weight_decay": 0.3, "betas": (0.9, 0.99)}
 _LION_TRANSLATION = Translation(
     label="Lion paper, Sec. 5: lr / 3, weight decay x 3, betas (0.9, 0.99)",
@@ -459,8 +460,6 @@ SPECS = [
         aliases={"lion_32bit": {}, "lion_torch": {}, "paged_lion_32bit": {"offload": True}},
         state_precisions=STATE_PRECISIONS,
         translation=_LION_TRANSLATION,
-        # not AdamW's compare lr through the translation (lr / 3): tuned Lion wants 3x tuned AdamW's lr here
-        # lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
         compare=_LION_COMPARE,
         compare_default=4,
         recommend_tier=2,

@@ -944,9 +944,9 @@ SPECS = [
         },
         lookahead=True,
         translation=_MUON_TRANSLATION,
-        # with Moonlight's RMS matching Muon reuses AdamW's lr and weight decay; its non-matrix parameters use
-        # AdamW; tuned, Muon wants 15x AdamW's tuned lr at this scale
-        # lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+        # Moonlight's RMS matching lets Muon's recipes reuse AdamW's lr (its non-matrix parameters use AdamW); on
+        # this short workload lmopt tune's full grid picks 15x tuned AdamW's (docs/compare.md, "What tuning says
+        # about the recipes")
         compare={"lr": 1.5e-2, "weight_decay": 0.1},
         compare_default=8,
     ),

@@ -926,8 +926,8 @@ SPECS = [
             source="Defazio et al., The Road Less Scheduled, NeurIPS 2024: no decay schedule (warmup only); the "
             "schedulefree README suggests lr 1x-10x AdamW's, lmopt keeps 1x",
         ),
-        # a larger lr than a scheduled AdamW (schedulefree README: 1x-10x): tuned 2x
-        # lmopt tune's full grid on this workload (docs/compare.md, "What tuning says about the recipes")
+        # a larger lr than a scheduled AdamW (schedulefree README: 1x-10x): lmopt tune's full grid picks 2x tuned
+        # AdamW's on this workload (docs/compare.md, "What tuning says about the recipes")
         compare={"lr": 2e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
         compare_default=7,
     ),
